@@ -1,0 +1,32 @@
+# medray: `make demo` sets up and runs the embedded default; `make test` sets up and runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medray-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned in every later call, so nothing upgrades it (see shared/STACK.md)
+	$(BIN)/pip install -q torch==2.9.1 torchvision==0.24.1
+	$(BIN)/pip install -q torch==2.9.1 torchvision==0.24.1 -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medray demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q --timeout=900
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/embed_pipeline.py
+
+clean:
+	rm -rf .medray

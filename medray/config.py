@@ -1,0 +1,155 @@
+"""Hydra glue shared by every job: where conf/ is, typed schemas, errors.
+
+``conf/`` lives inside the package (``medray/conf``; the repository's top-level
+``conf`` links to it), so a checkout and an installed wheel find the same
+files. Each job registers a dataclass schema in Hydra's ConfigStore, so a
+misspelt key fails during composition and Hydra names it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "CONF_DIR",
+    "EncoderConf",
+    "StorageConf",
+    "RayConf",
+    "TrackingConf",
+    "DecodeConf",
+    "ComputeConf",
+    "EmbedConf",
+    "register_schemas",
+]
+
+#: Absolute path of the Hydra config directory (works from a wheel too).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@dataclass
+class EncoderConf:
+    """Encoder spec as configured (``conf/encoder/<name>.yaml``)."""
+
+    name: str = MISSING
+    family: str = MISSING
+    checkpoint: str = MISSING
+    modality: str = "image"
+    pooling: str = "cls"
+    sha256: Optional[str] = None
+    untrained: bool = False
+    options: Dict[str, Any] = field(default_factory=dict)
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class StorageConf:
+    """fsspec storage options, flat or keyed by protocol (``{s3: {...}}``).
+
+    Secrets belong in the environment (``AWS_*``) or ``${oc.env:...}``.
+    """
+
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RayConf:
+    """Where the job runs: ``address: null`` starts a local Ray."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    include_dashboard: bool = False
+
+
+@dataclass
+class TrackingConf:
+    """Weights & Biases; offline unless ``WANDB_API_KEY`` is set or mode says so."""
+
+    enabled: bool = True
+    project: str = "medray"
+    mode: str = "auto"  # auto | offline | online | disabled
+    group: Optional[str] = None
+    name: Optional[str] = None
+    dir: Optional[str] = None
+
+
+@dataclass
+class DecodeConf:
+    """Decoding limits and the viewer pipeline's choices."""
+
+    max_bytes: int = 1 << 30
+    max_pixels: int = 1_000_000_000
+    frames: Any = "all"  # all | first | middle | [0, 2, ...]
+    prefer_file_voi: bool = True
+    windows: Dict[str, List[float]] = field(default_factory=lambda: {"CT": [-600.0, 1500.0]})
+
+
+@dataclass
+class ComputeConf:
+    """How the pipeline is sized: decode tasks and the encoder actor pool."""
+
+    read_batch_size: int = 16
+    decode_batch_size: int = 8
+    decode_concurrency: Optional[int] = None
+    decode_num_cpus: float = 1.0
+    actor_num_cpus: float = 1.0
+    batch_size: int = 32
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: Optional[float] = None  # null: 1 per actor when the cluster has GPUs
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 on GPU) | float32 | bfloat16 | float16
+    task_retries: int = 2
+
+
+@dataclass
+class EmbedConf:
+    """``medray embed``: archives in, embeddings + quarantine + summary out."""
+
+    input: str = MISSING
+    output: str = MISSING
+    encoder: EncoderConf = field(default_factory=EncoderConf)
+    decode: DecodeConf = field(default_factory=DecodeConf)
+    compute: ComputeConf = field(default_factory=ComputeConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    ray: RayConf = field(default_factory=RayConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    max_error_fraction: float = 0.05
+    patient_salt: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+def register_schemas() -> None:
+    """Register the job schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="embed_schema", node=EmbedConf)
+    cs.store(group="encoder", name="encoder_schema", node=EncoderConf)
+
+
+def patient_salt(configured: Optional[str]) -> str:
+    """The salt for patient keys: config, ``MEDRAY_PATIENT_SALT``, or a
+    per-installation random salt kept in ``~/.config/medray/patient_salt``.
+
+    The salt is never written next to the hashes it protects.
+    """
+    if configured:
+        return configured
+    env = os.environ.get("MEDRAY_PATIENT_SALT")
+    if env:
+        return env
+    path = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "medray" / "patient_salt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import secrets
+
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_hex(32))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return path.read_text().strip()

@@ -1,0 +1,56 @@
+"""Encoder registry and model families.
+
+Find an encoder by name, check its spec on the driver, then load it once per
+actor::
+
+    from medray.encoders import create_encoder, get_spec
+
+    spec = get_spec("rad_dino", checkpoint="s3://models/rad-dino")  # no torch yet
+    encoder = create_encoder(spec, device="cuda", dtype="bfloat16")
+    vectors = encoder.embed(encoder.preprocess(rgb_uint8_images))
+    metadata = encoder.describe()
+
+    # CPU decode tasks: the same preprocessing without loading weights
+    pixels = create_preprocessor(spec).preprocess(rgb_uint8_images)
+
+Importing this package registers the ``hf_image`` and ``timm_image``
+families and their presets; torch, transformers and timm are imported only
+when an encoder is built.
+"""
+
+from medray.encoders import hf as _hf  # noqa: F401  (registers hf_image)
+from medray.encoders import timm_family as _timm_family  # noqa: F401  (registers timm_image)
+from medray.encoders.checkpoint import UNTRAINED_MARKER, hash_directory, resolve_checkpoint
+from medray.encoders.registry import (
+    Encoder,
+    Preprocessor,
+    create_encoder,
+    create_preprocessor,
+    get_spec,
+    list_encoders,
+    list_families,
+    register_family,
+    register_preset,
+)
+from medray.encoders.spec import EncoderSpec, spec_from_dict, spec_to_dict
+from medray.encoders.tiny import build_tiny_checkpoint, ensure_demo_checkpoint
+
+__all__ = [
+    "UNTRAINED_MARKER",
+    "Encoder",
+    "EncoderSpec",
+    "Preprocessor",
+    "build_tiny_checkpoint",
+    "create_encoder",
+    "create_preprocessor",
+    "ensure_demo_checkpoint",
+    "get_spec",
+    "hash_directory",
+    "list_encoders",
+    "list_families",
+    "register_family",
+    "register_preset",
+    "resolve_checkpoint",
+    "spec_from_dict",
+    "spec_to_dict",
+]

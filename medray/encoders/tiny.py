@@ -1,0 +1,199 @@
+"""Tiny random checkpoints for tests and the demo, in each family's real layout.
+
+Nothing here downloads anything. :func:`build_tiny_checkpoint` writes a small
+random model and its processor config the same way real checkpoints are
+written (``save_pretrained`` / ``timm.models.save_for_hf``), plus the
+``MEDRAY_UNTRAINED`` marker, so anything built from it is flagged untrained.
+Output bytes depend only on the arguments and library versions.
+
+Example:
+    >>> import tempfile
+    >>> from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
+    >>> path = build_tiny_checkpoint("hf_image", tempfile.mkdtemp(), arch="vit")
+    >>> enc = create_encoder(get_spec("hf_image", checkpoint=path))
+    >>> enc.dim, enc.spec.untrained
+    (32, True)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from medray.encoders.checkpoint import DEMO_SCHEME, UNTRAINED_MARKER, _node_lock
+from medray.encoders.registry import register_preset
+from medray.encoders.spec import EncoderSpec, default_cache_dir
+
+__all__ = [
+    "DEMO_CHECKPOINTS",
+    "HF_ARCHS",
+    "TIMM_ARCHS",
+    "build_tiny_checkpoint",
+    "ensure_demo_checkpoint",
+]
+
+#: Architectures :func:`build_tiny_checkpoint` can write, per family.
+HF_ARCHS = ("vit", "dinov2", "dinov2_reg")
+TIMM_ARCHS = ("vit", "vit_reg")
+#: Demo checkpoints served under ``medray-demo://<name>``.
+DEMO_CHECKPOINTS = ("tiny_vit",)
+
+_HIDDEN, _LAYERS, _HEADS, _PATCH = 32, 2, 2, 8
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+_MARKER_TEXT = "Random weights written by medray.encoders.tiny; embeddings are meaningless.\n"
+
+
+def build_tiny_checkpoint(
+    family: str, out_dir: str, *, arch: str = "vit", image_size: int = 32, seed: int = 0
+) -> str:
+    """Write a tiny random checkpoint (hidden 32, 2 layers, patch 8).
+
+    Args:
+        family: ``"hf_image"`` or ``"timm_image"``.
+        out_dir: Directory to write (created if needed).
+        arch: ``hf_image``: ``"vit"`` (ViTImageProcessor, resize only),
+            ``"dinov2"``, ``"dinov2_reg"`` (4 register tokens;
+            BitImageProcessor with resize + center crop, bicubic, ImageNet
+            mean/std). ``timm_image``: ``"vit"``, ``"vit_reg"`` (4 register
+            tokens); crop_pct 0.875.
+        image_size: Model input side; a multiple of 8, at least 16.
+        seed: Seed of the random weights.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: Unknown family or arch, or a bad ``image_size``.
+    """
+    if image_size < 16 or image_size % _PATCH:
+        raise ValueError(f"image_size must be a multiple of {_PATCH} and >= 16, got {image_size}")
+    archs = {"hf_image": HF_ARCHS, "timm_image": TIMM_ARCHS}.get(family)
+    if archs is None:
+        raise ValueError(f"family must be 'hf_image' or 'timm_image', got {family!r}")
+    if arch not in archs:
+        raise ValueError(f"arch for {family} must be one of {archs}, got {arch!r}")
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+        torch.manual_seed(seed)
+        if family == "hf_image":
+            _write_hf(arch, out, image_size)
+        else:
+            _write_timm(arch, out, image_size)
+    (out / UNTRAINED_MARKER).write_text(_MARKER_TEXT)
+    return str(out)
+
+
+def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vit") -> str:
+    """Build the demo checkpoint once per node and return its directory.
+
+    Concurrent callers on one node wait on a lock; the checkpoint is written
+    to a temp directory and renamed into place.
+
+    Args:
+        cache_dir: Cache root; ``None`` means ``$MEDRAY_CACHE_DIR`` or
+            ``~/.cache/medray/checkpoints``.
+        name: One of :data:`DEMO_CHECKPOINTS`.
+
+    Returns:
+        Directory of an ``hf_image`` ViT checkpoint (32 px, untrained).
+
+    Raises:
+        ValueError: Unknown demo name.
+    """
+    if name not in DEMO_CHECKPOINTS:
+        raise ValueError(f"unknown demo checkpoint {name!r}; available: {DEMO_CHECKPOINTS}")
+    root = Path(cache_dir or default_cache_dir()).expanduser() / "demo"
+    target = root / name
+    if target.is_dir():
+        return str(target)
+    with _node_lock(root / f"{name}.lock"):
+        if not target.is_dir():
+            tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+            try:
+                build_tiny_checkpoint("hf_image", tmp, arch="vit", image_size=32, seed=0)
+                os.rename(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _write_hf(arch: str, out: Path, size: int) -> None:
+    """Save a tiny transformers model and its image processor."""
+    from transformers import utils as hf_utils
+
+    common = dict(
+        hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+        image_size=size, patch_size=_PATCH,
+    )  # fmt: skip
+    if arch == "vit":
+        from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+        model = ViTModel(ViTConfig(intermediate_size=2 * _HIDDEN, **common))
+        processor = ViTImageProcessor(size={"height": size, "width": size})
+    else:
+        from transformers import (
+            BitImageProcessor,
+            Dinov2Config,
+            Dinov2Model,
+            Dinov2WithRegistersConfig,
+            Dinov2WithRegistersModel,
+        )
+
+        if arch == "dinov2":
+            model = Dinov2Model(Dinov2Config(mlp_ratio=2, **common))
+        else:
+            config = Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **common)
+            model = Dinov2WithRegistersModel(config)
+        # DINOv2's own recipe: resize shortest edge to 256/224 of the crop, bicubic.
+        processor = BitImageProcessor(
+            size={"shortest_edge": round(size * 256 / 224)},
+            crop_size={"height": size, "width": size},
+            do_center_crop=True,
+            resample=3,
+            image_mean=_IMAGENET_MEAN,
+            image_std=_IMAGENET_STD,
+        )
+    enabled = hf_utils.logging.is_progress_bar_enabled()
+    hf_utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+    finally:
+        if enabled:
+            hf_utils.logging.enable_progress_bar()
+    processor.save_pretrained(out)
+
+
+def _write_timm(arch: str, out: Path, size: int) -> None:
+    """Save a tiny timm ViT the way ``push_to_hf_hub`` lays it out."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=size,
+        patch_size=_PATCH,
+        embed_dim=_HIDDEN,
+        depth=_LAYERS,
+        num_heads=_HEADS,
+        num_classes=5,
+        reg_tokens=4 if arch == "vit_reg" else 0,
+    )
+    save_for_hf(model, str(out), safe_serialization=True, data_config={"crop_pct": 0.875})
+
+
+register_preset(
+    EncoderSpec(
+        name="demo_tiny_vit",
+        family="hf_image",
+        checkpoint=DEMO_SCHEME + "tiny_vit",
+        pooling="cls",
+        untrained=True,
+    )
+)

@@ -1,0 +1,275 @@
+"""``medray embed``: stream medical archives through an encoder into Parquet.
+
+Usage::
+
+    medray embed input=s3://bucket/cxr/ output=s3://bucket/emb/rad-dino encoder=rad_dino
+    medray embed input=/data/manifest.parquet output=/data/emb encoder=hf_image encoder.checkpoint=s3://models/my-vit
+
+Every check that can fail runs before Ray starts (config, input, output,
+encoder checkpoint); then read → decode+preprocess (CPU tasks) → encode
+(actor pool) → write (atomic Parquet parts). A rerun skips what is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import medray
+from medray.config import EmbedConf, patient_salt
+from medray.platform.errors import ConfigError
+from medray.platform.records import RESERVED_COLUMNS
+from medray.platform.sources import InputSpec, classify_input, list_objects, resolve_member_uri
+from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
+
+__all__ = ["EmbedJob", "EmbedResult", "main"]
+
+log = logging.getLogger("medray.embed")
+
+
+@dataclass
+class EmbedResult:
+    """What a run did; also written as ``runs/<run_id>.json`` and ``summary.json``."""
+
+    run_id: str
+    output: str
+    encoder: str
+    untrained: bool
+    records_done_before: int
+    records_read: int
+    records_embedded: int
+    rows_written: int
+    quarantined: int
+    error_fraction: float
+    wall_s: float
+    pipeline_s: float
+    records_per_s: float
+    stage_seconds: dict
+    records_total_in_output: int
+    config: dict
+
+    def one_line(self) -> str:
+        """The closing one-line summary."""
+        tag = " [UNTRAINED demo weights]" if self.untrained else ""
+        return (f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
+                f"{self.quarantined} quarantined, {self.records_done_before} already done; "
+                f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
+                f"output {self.output} (now {self.records_total_in_output} records)")
+
+
+class EmbedJob:
+    """The embedding recipe: ``validate`` on construction, then ``run``.
+
+    Args:
+        cfg: the composed config (a DictConfig from Hydra or an EmbedConf).
+
+    Raises:
+        ConfigError: naming the key at fault, before any work starts.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        if isinstance(cfg, DictConfig):
+            missing = sorted(k for k in ("input", "output") if OmegaConf.is_missing(cfg, k))
+            if missing:
+                raise ConfigError(missing[0], "is required, e.g. "
+                                  "`medray embed input=s3://bucket/dicoms/ output=s3://bucket/emb`")
+            self.cfg: EmbedConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        else:
+            self.cfg = cfg
+            self.resolved = asdict(cfg)
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self) -> None:
+        from medray.encoders import EncoderSpec, get_spec, list_families
+
+        c = self.cfg
+        if not (0.0 <= c.max_error_fraction <= 1.0):
+            raise ConfigError("max_error_fraction", f"must be within [0, 1], got {c.max_error_fraction}")
+        for key in ("decode_num_cpus", "actor_num_cpus"):
+            if getattr(c.compute, key) <= 0:
+                raise ConfigError(f"compute.{key}", f"must be > 0, got {getattr(c.compute, key)}")
+        for key in ("read_batch_size", "decode_batch_size", "batch_size", "min_actors", "max_actors"):
+            if getattr(c.compute, key) < 1:
+                raise ConfigError(f"compute.{key}", f"must be >= 1, got {getattr(c.compute, key)}")
+        if c.compute.min_actors > c.compute.max_actors:
+            raise ConfigError("compute.min_actors", "must not exceed compute.max_actors")
+        if c.compute.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError("compute.dtype", "must be auto, float32, bfloat16 or float16")
+        if c.decode.max_bytes < 1 or c.decode.max_pixels < 1:
+            raise ConfigError("decode.max_bytes", "limits must be positive")
+        f = c.decode.frames
+        if not (f in ("all", "first", "middle") or isinstance(f, (list, tuple))):
+            raise ConfigError("decode.frames", f"must be all, first, middle or a list of indices, got {f!r}")
+        for mod, win in c.decode.windows.items():
+            if len(win) != 2 or float(win[1]) <= 0:
+                raise ConfigError(f"decode.windows.{mod}", "must be [center, width] with width > 0")
+        enc = c.encoder
+        if enc.family not in list_families():
+            raise ConfigError("encoder.family", f"unknown family '{enc.family}'; known: {', '.join(list_families())}")
+        if not enc.checkpoint or enc.checkpoint == "???":
+            raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local "
+                              "directory or an object-storage URI (s3://...)")
+        self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
+        if os.path.abspath(c.output.rstrip("/")) == os.path.abspath(c.input.rstrip("/")):
+            raise ConfigError("output", "must differ from input")
+        self.input: InputSpec = classify_input(c.input, c.storage.options)
+
+    # --------------------------------------------------------------- the run
+    def _check_output(self, ident: dict) -> None:
+        """Refuse to mix two encoders' embeddings in one output."""
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        marker = posixpath.join(root, "_medray.json")
+        if fs.exists(marker):
+            with fs.open(marker, "rb") as f:
+                have = json.loads(f.read())
+            for key in ("weights_hash", "preprocessing_hash"):
+                if have.get(key) != ident[key]:
+                    raise ConfigError("output", f"already holds embeddings of encoder '{have.get('encoder')}' "
+                                      f"({key} differs); choose a new output location")
+        else:
+            atomic_write_bytes(fs, marker, json.dumps(ident, indent=2).encode())
+
+    def _records(self, ray: Any) -> Any:
+        """The source dataset: one row per object / archive / manifest row."""
+        c = self.cfg
+        if self.input.kind == "manifest":
+            return _read_manifest(ray, c.input, c.storage.options)
+        # Paths only (no contents) are listed on the driver; Ray Data streams the rest.
+        rows = list(list_objects(c.input, c.storage.options))
+        if not rows:
+            raise ConfigError("input", f"no objects found under '{c.input}'")
+        return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 200)))
+
+    def run(self) -> EmbedResult:
+        """Run the pipeline and write embeddings, quarantine and the summary."""
+        from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
+        from medray.platform.pipeline import StageOptions, plan_dataset
+        from medray.platform.runtime import cluster_gpus, init_ray
+        from medray.platform.sink import existing_record_ids, make_sink
+        from medray.platform.tracking import log_run
+
+        c = self.cfg
+        t_start = time.perf_counter()
+        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        # Resolve (download once, verify) the checkpoint and its preprocessing on the driver,
+        # so a wrong checkpoint fails before Ray starts and provenance is known up front.
+        _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
+                                             cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
+        pre = create_preprocessor(self.spec)
+        ident = {"encoder": self.spec.name, "checkpoint": self.spec.checkpoint, "weights_hash": weights_hash,
+                 "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__}
+        self._check_output(ident)
+        done = existing_record_ids(c.output, c.storage.options)
+
+        ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard)
+        gpus = c.compute.num_gpus if c.compute.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+        device = c.compute.device
+        if device == "auto":
+            device = "cuda" if gpus > 0 else "cpu"
+        opts = StageOptions(
+            storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
+            frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
+            prefer_file_voi=c.decode.prefer_file_voi, salt=patient_salt(c.patient_salt),
+            encoder_spec=self.spec, done=done)
+        provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
+                      "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
+                      "untrained": bool(self.spec.untrained)}
+        ds = plan_dataset(
+            self._records(ray), opts, encoder_spec=spec_to_dict(self.spec), provenance=provenance,
+            decode_concurrency=c.compute.decode_concurrency, read_batch_size=c.compute.read_batch_size,
+            decode_batch_size=c.compute.decode_batch_size, encode_batch_size=c.compute.batch_size,
+            actors=(c.compute.min_actors, c.compute.max_actors), num_gpus=gpus, device=device,
+            dtype=c.compute.dtype, task_retries=c.compute.task_retries,
+            decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus)
+        sink = make_sink(c.output, c.storage.options, medray.__version__)
+        t_pipe = time.perf_counter()
+        ds.write_datasink(sink)
+        pipeline_s = time.perf_counter() - t_pipe
+        stats = dict(sink.result)
+        wall = time.perf_counter() - t_start
+        embedded = int(stats.get("records", 0))
+        quarantined = int(stats.get("quarantined", 0))
+        read = embedded + quarantined
+        total = len(existing_record_ids(c.output, c.storage.options))
+        config = dict(self.resolved)
+        config["storage"] = {"options": redact_options(c.storage.options)}
+        config.get("encoder", {}).pop("storage_options", None)
+        result = EmbedResult(
+            run_id=run_id, output=c.output, encoder=self.spec.name, untrained=bool(self.spec.untrained),
+            records_done_before=len(done), records_read=read, records_embedded=embedded,
+            rows_written=int(stats.get("rows", 0)), quarantined=quarantined,
+            error_fraction=(quarantined / read) if read else 0.0, wall_s=wall, pipeline_s=pipeline_s,
+            records_per_s=(read / wall) if wall > 0 else 0.0,
+            stage_seconds={k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode",
+                                                                                 "t_preprocess", "t_encode")},
+            records_total_in_output=total, config=config)
+        summary = json.dumps(asdict(result), indent=2, default=str).encode()
+        fs, root = open_fs(c.output, c.storage.options)
+        atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+        atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+        if c.tracking.enabled:
+            log_run(job="embed", config=config, summary=asdict(result), project=c.tracking.project,
+                    mode=c.tracking.mode, group=c.tracking.group, name=c.tracking.name or c.run_name,
+                    directory=c.tracking.dir)
+        return result
+
+
+def _read_manifest(ray: Any, uri: str, options: Any) -> Any:
+    """Read a CSV/JSONL/Parquet manifest as a Ray Dataset with ``uri``/``member`` columns."""
+    import pyarrow as pa
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = open_fs(uri, options)
+    pafs = PyFileSystem(FSSpecHandler(fs))
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        ds = ray.data.read_csv(path, filesystem=pafs)
+    elif lower.endswith((".jsonl", ".json")):
+        ds = ray.data.read_json(path, filesystem=pafs, lines=lower.endswith(".jsonl"))
+    else:
+        ds = ray.data.read_parquet(path, filesystem=pafs)
+    names = ds.schema().names
+    if "uri" not in names:
+        raise ConfigError("input", f"manifest has no 'uri' column (columns: {', '.join(names)})")
+    # Manifest columns named like medray's own (e.g. "modality") are kept as "manifest_<name>".
+    renames = {c: f"manifest_{c}" for c in names if c in RESERVED_COLUMNS and c not in ("uri", "member")}
+
+    def resolve(batch: pa.Table) -> pa.Table:
+        if renames:
+            batch = batch.rename_columns([renames.get(c, c) for c in batch.column_names])
+        uris = [resolve_member_uri(str(u), uri) for u in batch.column("uri").to_pylist()]
+        batch = batch.set_column(batch.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+        if "member" not in batch.column_names:
+            from medray.platform.sources import ARCHIVE_MEMBER_PENDING, is_archive
+
+            members = [ARCHIVE_MEMBER_PENDING if is_archive(u) else "" for u in uris]
+            batch = batch.append_column("member", pa.array(members, pa.string()))
+        return batch
+
+    return ds.map_batches(resolve, batch_format="pyarrow")
+
+
+def main(cfg: DictConfig) -> int:
+    """Hydra entry point body; returns the process exit code."""
+    job = EmbedJob(cfg)                   # ConfigError names the key and the fix
+    result = job.run()                    # first line that touches Ray
+    print(result.one_line(), flush=True)
+    if result.error_fraction > job.cfg.max_error_fraction:
+        print(f"error: {result.quarantined} of {result.records_read} records quarantined "
+              f"({result.error_fraction:.1%}) > max_error_fraction={job.cfg.max_error_fraction:.1%}; "
+              f"see {posixpath.join(job.cfg.output, 'quarantine')}", file=sys.stderr)
+        return 3
+    return 0
+
+

@@ -1,0 +1,285 @@
+"""Decode DICOM objects and photographs into display-ready RGB frames.
+
+Pure Python, no Ray: the same functions serve ``embed``, ``finetune`` and
+``serve``. :func:`decode_bytes` sniffs the content and hands it to
+:func:`~medray.platform.decoders.dicom.decode_dicom` or
+:func:`~medray.platform.decoders.image.decode_image`. Every failure is a
+:class:`~medray.platform.errors.RecordError` whose message carries no PHI.
+
+Example:
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("L", (4, 3), 128).save(buf, format="PNG")
+    >>> out = decode_bytes(buf.getvalue(), name="photo.png")
+    >>> out.kind, out.modality, out.frames[0].image.shape
+    ('image', 'photo', (3, 4, 3))
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medray.platform.errors import ConfigError, LimitExceeded, UnsupportedFormat
+
+__all__ = [
+    "DecodeLimits",
+    "DicomOptions",
+    "DecodedFrame",
+    "Decoded",
+    "detect_format",
+    "decode_bytes",
+    "decode_dicom",
+    "decode_image",
+    "dicom_display_frames",
+]
+
+_FRAME_CHOICES = ("all", "first", "middle")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits checked before any pixel data is decoded.
+
+    Args:
+        max_bytes: largest accepted object (and inflated deflate dataset), in
+            bytes.
+        max_pixels: largest accepted ``Rows*Columns*Frames*SamplesPerPixel``
+            (``width*height*bands`` for photos), read from the header.
+
+    Raises:
+        ConfigError: a limit is not a positive number.
+    """
+
+    max_bytes: int = 1 << 30
+    max_pixels: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        for key in ("max_bytes", "max_pixels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(
+                    f"limits.{key}", f"expected a positive number, got {value!r}"
+                )
+
+
+@dataclass(frozen=True)
+class DicomOptions:
+    """How DICOM pixel data becomes what a viewer shows.
+
+    Args:
+        frames: ``"all"``, ``"first"``, ``"middle"`` (index ``n // 2``) or a
+            tuple of 0-based frame indices.
+        windows: Modality -> ``(center, width)`` of a linear window in
+            modality units (HU for CT). Used when the file has no VOI LUT or
+            window, or first when ``prefer_file_voi`` is False.
+        prefer_file_voi: use the file's VOI LUT/window before ``windows``.
+        voi_index: which of the file's windows/VOI LUTs to use; files with
+            fewer fall back to the first.
+
+    Raises:
+        ConfigError: a value has the wrong type or range.
+    """
+
+    frames: str | tuple[int, ...] = "all"
+    windows: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    prefer_file_voi: bool = True
+    voi_index: int = 0
+
+    def __post_init__(self) -> None:
+        frames = self.frames
+        if isinstance(frames, str):
+            if frames not in _FRAME_CHOICES:
+                raise ConfigError(
+                    "dicom.frames", f"expected one of {_FRAME_CHOICES} or a tuple of indices"
+                )
+        else:
+            try:
+                indices = tuple(int(i) for i in frames)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    "dicom.frames", "expected 'all', 'first', 'middle' or a tuple of ints"
+                ) from None
+            if not indices or min(indices) < 0:
+                raise ConfigError("dicom.frames", "indices must be a non-empty tuple of ints >= 0")
+            object.__setattr__(self, "frames", indices)
+        windows: dict[str, tuple[float, float]] = {}
+        for modality, window in dict(self.windows).items():
+            try:
+                center, width = (float(v) for v in window)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"dicom.windows.{modality}", "expected [center, width], e.g. [-600, 1500]"
+                ) from None
+            if width < 1:
+                raise ConfigError(f"dicom.windows.{modality}", f"width must be >= 1, got {width}")
+            windows[str(modality).strip().upper()] = (center, width)
+        object.__setattr__(self, "windows", windows)
+        if not isinstance(self.voi_index, int) or self.voi_index < 0:
+            raise ConfigError("dicom.voi_index", f"expected an int >= 0, got {self.voi_index!r}")
+
+
+@dataclass
+class DecodedFrame:
+    """One display-ready frame.
+
+    Args:
+        image: ``uint8`` array of shape ``(H, W, 3)``, RGB, as a viewer shows it.
+        frame: 0-based frame index in the source (0 for single frames/photos).
+    """
+
+    image: np.ndarray
+    frame: int
+
+
+@dataclass
+class Decoded:
+    """A decoded object: frames plus what may leave the file.
+
+    Args:
+        kind: ``"dicom"`` or ``"image"``.
+        modality: DICOM Modality (``"CT"``, ``"DX"``, ...; ``"OT"`` if absent)
+            or ``"photo"``.
+        frames: the selected frames, in selection order.
+        metadata: allow-listed, JSON-serialisable metadata only.
+        patient_key: salted hash of the patient identity, or ``None``.
+    """
+
+    kind: str
+    modality: str
+    frames: list[DecodedFrame]
+    metadata: dict[str, Any]
+    patient_key: str | None
+
+
+# Explicit VRs whose length field is 4 bytes after 2 reserved bytes.
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SHORT_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+    b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+}
+_DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+
+
+def _check_size(data: bytes, limits: DecodeLimits) -> None:
+    """Reject empty and oversize inputs before anything parses them."""
+    if len(data) == 0:
+        raise UnsupportedFormat("empty input (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise LimitExceeded(
+            f"object is {len(data)} bytes, over max_bytes = {limits.max_bytes}; "
+            "raise DecodeLimits.max_bytes to accept it"
+        )
+
+
+def _is_image(head: bytes) -> bool:
+    """True when `head` starts with a PNG, JPEG, TIFF, BMP or WebP signature."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    # "BM" alone is too weak; also require a known DIB header size.
+    return head[:2] == b"BM" and len(head) >= 18 and struct.unpack_from("<I", head, 14)[0] in {
+        12, 40, 52, 56, 64, 108, 124,
+    }
+
+
+def _is_raw_dataset(head: bytes, size: int, any_group: bool) -> bool:
+    """True when `head` starts like a DICOM dataset with no preamble.
+
+    Args:
+        head: the first bytes of the object.
+        size: the object's length, to bound element lengths.
+        any_group: accept any even group (the name hints DICOM), not only the
+            file meta (0x0002) and identification (0x0008) groups.
+    """
+    if len(head) < 8:
+        return False
+    for order in ("<", ">"):
+        group = struct.unpack_from(f"{order}H", head, 0)[0]
+        plausible = group in (0x0002, 0x0008) or (any_group and group % 2 == 0 and 0 < group < 0x7FE1)
+        if not plausible:
+            continue
+        vr = head[4:6]
+        if vr in _SHORT_VRS:
+            length = struct.unpack_from(f"{order}H", head, 6)[0]
+            return 8 + length <= size
+        if vr in _LONG_VRS and len(head) >= 12 and head[6:8] == b"\x00\x00":
+            length = struct.unpack_from(f"{order}I", head, 8)[0]
+            return length == 0xFFFFFFFF or 12 + length <= size
+        if order == "<":  # implicit VR is little endian only
+            length = struct.unpack_from("<I", head, 4)[0]
+            if length == 0xFFFFFFFF or 8 + length <= size:
+                return True
+    return False
+
+
+def detect_format(data: bytes, name: str = "") -> str:
+    """Tell DICOM from photographs by content; the name is only a hint.
+
+    Args:
+        data: the object's bytes.
+        name: file name or key; a DICOM extension lets a preamble-less dataset
+            start with any group, nothing more. It never appears in errors.
+
+    Returns:
+        ``"dicom"`` or ``"image"``.
+
+    Raises:
+        UnsupportedFormat: empty input or content that is neither.
+    """
+    if len(data) == 0:
+        raise UnsupportedFormat("empty input (0 bytes)")
+    head = bytes(data[:132])
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if _is_image(head):
+        return "image"
+    hinted = name.lower().endswith(_DICOM_EXTENSIONS)
+    if _is_raw_dataset(head, len(data), any_group=hinted):
+        return "dicom"
+    raise UnsupportedFormat(
+        f"content of {len(data)} bytes is neither DICOM (no 'DICM' at offset 128, no "
+        "plausible dataset start) nor a PNG/JPEG/TIFF/BMP/WebP image"
+    )
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "",
+    dicom: DicomOptions = DicomOptions(),
+    limits: DecodeLimits = DecodeLimits(),
+    salt: str = "",
+) -> Decoded:
+    """Decode a DICOM object or a photograph into display-ready RGB frames.
+
+    Args:
+        data: the object's bytes.
+        name: file name or key, used only as a format hint.
+        dicom: how to window and select DICOM frames.
+        limits: size and pixel-count limits, checked before decoding.
+        salt: secret salt for :func:`~medray.platform.deid.patient_key`.
+
+    Returns:
+        The :class:`Decoded` object.
+
+    Raises:
+        UnsupportedFormat: empty or unrecognised content.
+        LimitExceeded: the object or its pixel count is over `limits`.
+        DecodeError: the content is damaged or cannot be decoded.
+    """
+    _check_size(data, limits)
+    if detect_format(data, name) == "dicom":
+        return decode_dicom(data, options=dicom, limits=limits, salt=salt)
+    return decode_image(data, limits=limits)
+
+
+# Imported last: the submodules import the types defined above.
+from medray.platform.decoders.dicom import decode_dicom, dicom_display_frames  # noqa: E402
+from medray.platform.decoders.image import decode_image  # noqa: E402

@@ -1,0 +1,143 @@
+"""Decode photographs (PNG, JPEG, TIFF, BMP, WebP) into 8-bit RGB.
+
+Pillow reads the header lazily, so the size limits are checked before any
+pixel is decoded. EXIF orientation is applied (a phone photo shows upright, as
+in any viewer), transparency is composited on white, 16-bit grayscale is
+scaled by its bit depth, and EXIF never reaches the metadata.
+
+Example:
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGBA", (5, 2), (255, 0, 0, 255)).save(buf, format="PNG")
+    >>> out = decode_image(buf.getvalue())
+    >>> out.metadata
+    {'width': 5, 'height': 2, 'mode': 'RGBA', 'format': 'PNG'}
+"""
+
+from __future__ import annotations
+
+import warnings
+from io import BytesIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medray.platform.decoders import Decoded, DecodedFrame, DecodeLimits, _check_size
+from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
+
+__all__ = ["decode_image"]
+
+# Only these plugins may open input: others (EPS runs Ghostscript, for one)
+# are attack surface a photo pipeline does not need. The JPEG opener also
+# returns MPO, as many phone cameras write.
+_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Open lazily and check the header against `limits`."""
+    Image.init()  # registers TIFF, WebP, MPO...: `formats` names only registered ones
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we check below
+            image = Image.open(BytesIO(data), formats=_FORMATS)
+    except Image.DecompressionBombError:
+        raise LimitExceeded(
+            f"image header declares more pixels than Pillow's limit "
+            f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
+        ) from None
+    except UnidentifiedImageError:
+        raise UnsupportedFormat(
+            f"not a {'/'.join(_FORMATS)} image Pillow can identify"
+        ) from None
+    except Exception as exc:
+        raise DecodeError(f"unreadable image header ({type(exc).__name__})") from None
+    width, height = image.size
+    bands = len(image.getbands())
+    pixels = width * height * bands
+    if pixels > limits.max_pixels:
+        raise LimitExceeded(
+            f"width*height*bands = {width}*{height}*{bands} = {pixels:.3g} exceeds "
+            f"max_pixels = {limits.max_pixels:.3g}; raise DecodeLimits.max_pixels to accept it"
+        )
+    return image
+
+
+def _scaled_gray(image: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float grayscale -> uint8, by bit depth where known."""
+    values = np.asarray(image).astype(np.float64)
+    values = np.nan_to_num(values)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scale_low, scale_high = 0.0, 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale_low, scale_high = 0.0, 1.0
+    else:  # unknown range: stretch what is there
+        scale_low, scale_high = low, max(high, low + 1e-12)
+    gray = np.rint((values - scale_low) * (255.0 / (scale_high - scale_low)))
+    return np.clip(gray, 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 ``(H, W, 3)`` as a viewer shows it."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        gray = _scaled_gray(image)
+        return np.repeat(gray[..., np.newaxis], 3, axis=2)
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Decode a photograph into one display-ready RGB frame.
+
+    Multi-page files (TIFF, MPO) give their first page.
+
+    Args:
+        data: the file's bytes.
+        limits: checked against the byte size and the header's
+            ``width*height*bands`` before decoding. Pillow's own
+            ``Image.MAX_IMAGE_PIXELS`` bomb check also applies.
+
+    Returns:
+        A :class:`Decoded` with ``kind="image"``, ``modality="photo"``, one
+        frame, metadata ``{width, height, mode, format}`` (size after EXIF
+        orientation, mode and format of the source) and no patient key.
+
+    Raises:
+        UnsupportedFormat: empty input or not a supported image format.
+        LimitExceeded: over ``limits.max_bytes`` or ``limits.max_pixels``.
+        DecodeError: truncated or corrupt image data.
+    """
+    _check_size(data, limits)
+    image = _open(data, limits)
+    source_mode, source_format = image.mode, image.format or "unknown"
+    try:
+        image.load()
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError...
+        raise DecodeError(
+            f"could not decode {source_format} image data ({type(exc).__name__}); "
+            "the file may be truncated"
+        ) from None
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # a broken EXIF block must not lose the picture
+        pass
+    try:
+        rgb = np.ascontiguousarray(_to_rgb(image))
+    except Exception as exc:
+        raise DecodeError(
+            f"could not convert {source_format} mode {source_mode} to RGB ({type(exc).__name__})"
+        ) from None
+    height, width = rgb.shape[:2]
+    return Decoded(
+        kind="image",
+        modality="photo",
+        frames=[DecodedFrame(image=rgb, frame=0)],
+        metadata={"width": width, "height": height, "mode": source_mode, "format": source_format},
+        patient_key=None,
+    )

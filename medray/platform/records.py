@@ -1,0 +1,102 @@
+"""Record keys and the Arrow schemas of medray's outputs.
+
+Every output row points back to exactly what it came from: ``uri`` (the
+object), ``member`` (archive member, ``""`` otherwise) and ``frame``.
+``record_id`` is a stable digest of ``(uri, member)`` used for resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from medray.platform.errors import RecordError
+
+__all__ = [
+    "record_id",
+    "embedding_schema",
+    "QUARANTINE_SCHEMA",
+    "quarantine_fields",
+    "CORE_COLUMNS",
+    "RESERVED_COLUMNS",
+]
+
+#: Columns every embedding row has before the carried manifest columns.
+CORE_COLUMNS = (
+    "record_id", "uri", "member", "frame", "n_frames", "content_sha256", "modality", "patient_key",
+    "metadata", "embedding", "encoder", "weights_hash", "preprocessing_hash", "medray_version", "untrained",
+)
+#: Columns a manifest may not carry because medray writes them.
+RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
+    "status", "stage", "error_class", "message", "pixel_values", "pixel_shape", "data", "frames",
+    "t_read", "t_decode", "t_preprocess", "t_encode"}
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("uri", pa.string()),
+        ("member", pa.string()),
+        ("stage", pa.string()),
+        ("error_class", pa.string()),
+        ("message", pa.string()),
+        ("medray_version", pa.string()),
+    ]
+)
+
+
+def record_id(uri: str, member: str = "") -> str:
+    """Stable id of a record: first 32 hex chars of sha256(uri NUL member)."""
+    return hashlib.sha256(f"{uri}\x00{member}".encode()).hexdigest()[:32]
+
+
+def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
+    """Arrow schema of the embeddings table for an encoder of size ``dim``.
+
+    Args:
+        dim: embedding size; stored as ``fixed_size_list<float32>[dim]``.
+        carried: manifest columns carried through, appended at the end.
+    """
+    fields = [
+        ("record_id", pa.string()),
+        ("uri", pa.string()),
+        ("member", pa.string()),
+        ("frame", pa.int32()),
+        ("n_frames", pa.int32()),
+        ("content_sha256", pa.string()),
+        ("modality", pa.string()),
+        ("patient_key", pa.string()),
+        ("metadata", pa.string()),  # JSON of the allow-listed fields
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("encoder", pa.string()),
+        ("weights_hash", pa.string()),
+        ("preprocessing_hash", pa.string()),
+        ("medray_version", pa.string()),
+        ("untrained", pa.bool_()),
+    ]
+    schema = pa.schema(fields)
+    for field in carried or []:
+        schema = schema.append(field)
+    return schema
+
+
+def quarantine_fields(err: BaseException, stage: str | None = None) -> dict[str, Any]:
+    """Columns of a quarantine row for ``err`` (message is PHI-free by contract).
+
+    Library exceptions that are not :class:`RecordError` contribute their
+    class name only: their messages may quote header values.
+    """
+    if isinstance(err, RecordError):
+        return {"status": "error", "stage": stage or err.stage, "error_class": type(err).__name__, "message": str(err)}
+    return {
+        "status": "error",
+        "stage": stage or "unknown",
+        "error_class": type(err).__name__,
+        "message": f"unexpected {type(err).__name__}; message withheld (may contain PHI)",
+    }
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """``(uri, member)`` of a row."""
+    return str(row["uri"]), str(row.get("member") or "")
