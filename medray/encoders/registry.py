@@ -121,7 +121,7 @@ class Preprocessor:
 
     @staticmethod
     def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Return the images as C-contiguous uint8 ``(H, W, 3)`` arrays."""
+        """Return the images as writable, C-contiguous uint8 ``(H, W, 3)`` arrays."""
         out = []
         for i, image in enumerate(images):
             arr = np.asarray(image)
@@ -130,7 +130,9 @@ class Preprocessor:
                     f"image {i}: expected uint8 RGB (H, W, 3), got {arr.dtype} {arr.shape}; "
                     "convert to 8-bit RGB before preprocess()"
                 )
-            out.append(np.ascontiguousarray(arr))
+            if not (arr.flags.c_contiguous and arr.flags.writeable):
+                arr = np.array(arr, order="C")  # torch warns on read-only buffers
+            out.append(arr)
         return out
 
 

@@ -6,13 +6,13 @@ written (``save_pretrained`` / ``timm.models.save_for_hf``), plus the
 ``MEDRAY_UNTRAINED`` marker, so anything built from it is flagged untrained.
 Output bytes depend only on the arguments and library versions.
 
-Example:
-    >>> import tempfile
-    >>> from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
-    >>> path = build_tiny_checkpoint("hf_image", tempfile.mkdtemp(), arch="vit")
-    >>> enc = create_encoder(get_spec("hf_image", checkpoint=path))
-    >>> enc.dim, enc.spec.untrained
-    (32, True)
+Example (not a doctest: importing transformers may print to stdout)::
+
+    from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
+
+    path = build_tiny_checkpoint("hf_image", "/tmp/tiny-vit", arch="vit")
+    encoder = create_encoder(get_spec("hf_image", checkpoint=path))
+    assert encoder.dim == 32 and encoder.spec.untrained
 """
 
 from __future__ import annotations

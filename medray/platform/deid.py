@@ -87,10 +87,22 @@ def safe_uid(value: object) -> str | None:
     return uid
 
 
+def _get(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``, or None when a damaged element cannot be converted.
+
+    pydicom converts values lazily, so reading one bad element may raise
+    anything; one bad element must not cost the other fields.
+    """
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
 def _first(ds: Dataset, *keywords: str) -> Any:
     """Return the first present, non-empty value among `keywords` (or None)."""
     for keyword in keywords:
-        value = ds.get(keyword)
+        value = _get(ds, keyword)
         if value not in (None, "", b""):
             return value
     return None
@@ -158,7 +170,7 @@ def _functional_group_value(ds: Dataset, macro: str, keyword: str) -> Any:
             inner = shared[0].get(macro)
             if inner:
                 return inner[0].get(keyword)
-    except (AttributeError, IndexError, TypeError):
+    except Exception:  # damaged sequence: as for _get
         pass
     return None
 
@@ -175,33 +187,33 @@ def extract_metadata(ds: Dataset) -> dict[str, Any]:
         ``str``, ``int``, ``float`` or ``list[float]``.
     """
     file_meta = getattr(ds, "file_meta", None)
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    transfer_syntax = _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
     spacing = _first(ds, "PixelSpacing", "ImagerPixelSpacing")
     if spacing is None:
         spacing = _functional_group_value(ds, "PixelMeasuresSequence", "PixelSpacing")
-    thickness = ds.get("SliceThickness")
+    thickness = _get(ds, "SliceThickness")
     if thickness in (None, ""):
         thickness = _functional_group_value(ds, "PixelMeasuresSequence", "SliceThickness")
-    sop_class = ds.get("SOPClassUID")
+    sop_class = _get(ds, "SOPClassUID")
     if sop_class is None and file_meta is not None:
-        sop_class = file_meta.get("MediaStorageSOPClassUID")
+        sop_class = _get(file_meta, "MediaStorageSOPClassUID")
 
     meta: dict[str, Any] = {
-        "modality": _code(ds.get("Modality")),
-        "body_part": _code(ds.get("BodyPartExamined")),
-        "view_position": _code(ds.get("ViewPosition")),
+        "modality": _code(_get(ds, "Modality")),
+        "body_part": _code(_get(ds, "BodyPartExamined")),
+        "view_position": _code(_get(ds, "ViewPosition")),
         "laterality": _code(_first(ds, "ImageLaterality", "Laterality")),
-        "manufacturer": _code(ds.get("Manufacturer")),
-        "manufacturer_model": _code(ds.get("ManufacturerModelName")),
+        "manufacturer": _code(_get(ds, "Manufacturer")),
+        "manufacturer_model": _code(_get(ds, "ManufacturerModelName")),
         "pixel_spacing": _floats(spacing),
         "slice_thickness": _number(thickness, float),
-        "photometric": _code(ds.get("PhotometricInterpretation")),
-        "rows": _number(ds.get("Rows"), int),
-        "columns": _number(ds.get("Columns"), int),
-        "number_of_frames": _number(ds.get("NumberOfFrames"), int),
-        "bits_stored": _number(ds.get("BitsStored"), int),
+        "photometric": _code(_get(ds, "PhotometricInterpretation")),
+        "rows": _number(_get(ds, "Rows"), int),
+        "columns": _number(_get(ds, "Columns"), int),
+        "number_of_frames": _number(_get(ds, "NumberOfFrames"), int),
+        "bits_stored": _number(_get(ds, "BitsStored"), int),
         "transfer_syntax": safe_uid(transfer_syntax),
-        "study_year": _study_year(ds.get("StudyDate")),
+        "study_year": _study_year(_get(ds, "StudyDate")),
         "sop_class": safe_uid(sop_class),
     }
     assert tuple(meta) == ALLOWED_FIELDS  # the allow-list is the contract
@@ -223,10 +235,10 @@ def patient_key(ds: Dataset, salt: str) -> str | None:
     Returns:
         32 lowercase hex characters, or ``None`` when PatientID is empty.
     """
-    patient_id = str(ds.get("PatientID") or "").strip()
+    patient_id = str(_get(ds, "PatientID") or "").strip()
     if not patient_id:
         return None
-    issuer = str(ds.get("IssuerOfPatientID") or "").strip()
+    issuer = str(_get(ds, "IssuerOfPatientID") or "").strip()
     digest = hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode("utf-8"))
     return digest.hexdigest()[:32]
 

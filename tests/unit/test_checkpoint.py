@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec, hash_directory, resolve_checkpoint
+from medray.encoders import (
+    build_tiny_checkpoint,
+    create_encoder,
+    get_spec,
+    hash_directory,
+    resolve_checkpoint,
+)
 from medray.platform.errors import ConfigError
+from medray.platform.testing import SeaweedS3
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +36,7 @@ print(json.dumps(resolve_checkpoint(sys.argv[1], cache_dir=sys.argv[2])))
 
 
 @pytest.fixture(scope="module")
-def s3_checkpoint(s3, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:  # noqa: ANN001
+def s3_checkpoint(s3: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A tiny timm checkpoint uploaded to the test bucket: (uri, sha256)."""
     local = build_tiny_checkpoint("timm_image", str(tmp_path_factory.mktemp("s3ckpt") / "vit"))
     fs = s3.filesystem()
@@ -39,10 +46,12 @@ def s3_checkpoint(s3, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, st
     return f"s3://{prefix}", hash_directory(local)
 
 
-def test_s3_checkpoint_loads_and_is_pinned(s3, s3_checkpoint: tuple[str, str], tmp_path: Path) -> None:  # noqa: ANN001
+def test_s3_checkpoint_loads_and_is_pinned(
+    s3: SeaweedS3, s3_checkpoint: tuple[str, str], tmp_path: Path
+) -> None:
     uri, sha = s3_checkpoint
     spec = get_spec("timm_image", checkpoint=uri, sha256=sha, cache_dir=str(tmp_path),
-                    storage_options={"s3": s3.storage_options})  # keyed by protocol, like storage.options
+                    storage_options={"s3": s3.storage_options()})  # keyed by protocol, like storage.options
     encoder = create_encoder(spec)
     info = encoder.describe()
     assert info["checkpoint"] == uri and info["weights_hash"] == sha and info["untrained"] is True

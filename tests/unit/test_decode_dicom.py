@@ -8,7 +8,7 @@ independent of medray's own windowing arithmetic.
 
 from __future__ import annotations
 
-import copy
+import pickle
 import time
 from io import BytesIO
 from pathlib import Path
@@ -470,7 +470,31 @@ def test_missing_plugin_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
     assert "JPEG 2000" in str(info.value)
 
 
-def test_copy_of_options_default_is_shared_safely() -> None:
-    options = DicomOptions(windows={"ct": [-600, 1500]})
+def test_options_normalise_and_pickle() -> None:
+    # Hydra hands lists and lower-case keys; Ray pickles options to workers.
+    options = DicomOptions(frames=[0, 2], windows={"ct": [-600, 1500]})
+    assert options.frames == (0, 2)
     assert dict(options.windows) == {"CT": (-600.0, 1500.0)}
-    assert copy.deepcopy(options) == options
+    assert pickle.loads(pickle.dumps(options)) == options
+    assert pickle.loads(pickle.dumps(DecodeLimits(max_pixels=10))) == DecodeLimits(max_pixels=10)
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_gdcm.dcm"]
+)
+def test_mutated_files_raise_only_record_errors(name: str) -> None:
+    # Damaged headers make pydicom raise anything (NotImplementedError for an
+    # unknown VR, TypeError, codec panics); all must surface as DecodeError.
+    original = Path(_bundled(name)).read_bytes()
+    rng = np.random.default_rng(7)
+    for case in range(40):
+        data = bytearray(original)
+        if case % 3 == 0:
+            data = data[: rng.integers(0, len(data))]
+        else:
+            for _ in range(rng.integers(1, 20)):
+                data[rng.integers(0, len(data))] = rng.integers(0, 256)
+        try:
+            decode_bytes(bytes(data), limits=DecodeLimits(max_pixels=50_000_000))
+        except DecodeError:
+            pass

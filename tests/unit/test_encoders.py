@@ -9,6 +9,7 @@ forward_head) and compare with ``Encoder.embed(Encoder.preprocess(...))``.
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -168,6 +169,11 @@ def test_bad_inputs_and_empty_batches(ckpts: dict[str, str]) -> None:
         encoder.preprocess([np.zeros((8, 8), dtype=np.uint8)])
     with pytest.raises(PreprocessError, match="image 1"):
         encoder.preprocess([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)])
+    read_only = _images()[0]
+    read_only.flags.writeable = False  # e.g. np.frombuffer over decoder output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encoder.preprocess([read_only]).shape == (1, 3, 32, 32)
     assert encoder.preprocess([]).shape == (0, 3, 32, 32)
     assert encoder.embed(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 32)
 

@@ -115,6 +115,24 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    """Run quietly and turn any library failure into a PHI-free DecodeError.
+
+    pydicom converts elements lazily, so a damaged header can raise anything
+    (NotImplementedError for an unknown VR, TypeError, ...) wherever a value is
+    first read; Rust codecs even panic with a non-``Exception``. Only the
+    exception's class name is kept: its text may quote header values.
+    """
+    try:
+        with _quiet():
+            yield
+    except (RecordError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        raise DecodeError(f"{what} ({type(exc).__name__})") from None
+
+
 def _ts_label(uid: object) -> str:
     """Name and UID of a transfer syntax, or a placeholder for odd values."""
     safe = safe_uid(uid)
@@ -128,7 +146,7 @@ def _meta_transfer_syntax(data: bytes) -> tuple[str, int]:
     inflates it; returns ``("", offset)`` when the UID is not found.
     """
     pos, uid = 132, ""
-    while pos + 8 <= len(data):
+    while pos + 12 <= len(data):  # the longest element header is 12 bytes
         group, element = struct.unpack_from("<HH", data, pos)
         if group != 0x0002:
             break
@@ -175,14 +193,8 @@ def _read_dataset(data: bytes, limits: DecodeLimits) -> Dataset:
     """Parse `data` with pydicom, making sure a transfer syntax is known."""
     _check_inflated_size(data, limits)
     has_preamble = bytes(data[128:132]) == b"DICM"
-    try:
-        with _quiet():
-            ds = pydicom.dcmread(BytesIO(data), force=not has_preamble)
-    except Exception as exc:  # pydicom raises many types; messages may hold PHI
-        raise DecodeError(
-            f"not a readable DICOM dataset ({type(exc).__name__}); the file may be "
-            "truncated or not DICOM"
-        ) from None
+    with _guarded("not a readable DICOM dataset; the file may be truncated or not DICOM"):
+        ds = pydicom.dcmread(BytesIO(data), force=not has_preamble)
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is None:
         ds.file_meta = file_meta = FileMetaDataset()
@@ -231,8 +243,8 @@ def _check_header(ds: Dataset, limits: DecodeLimits) -> tuple[int, str]:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedFormat("float pixel data (e.g. parametric maps) is not supported")
         sop = safe_uid(ds.get("SOPClassUID"))
-        what = f"SOP class {sop} ({UID(sop).name})" if sop else "this object"
-        raise DecodeError(f"no Pixel Data element: {what} is not an image")
+        what = f"SOP class {sop} ({UID(sop).name})" if sop else "SOP class unknown"
+        raise DecodeError(f"no Pixel Data element: a truncated file or a non-image object ({what})")
     rows = _header_int(ds, "Rows")
     columns = _header_int(ds, "Columns")
     frames = _header_int(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") else 1
@@ -449,7 +461,7 @@ def dicom_display_frames(
             transfer syntax (the message says what to install), bad frame
             index, or a codec failure.
     """
-    with _quiet():  # pydicom converts values lazily and warns with them
+    with _guarded("malformed DICOM header or pixel data"):
         return _display_frames(ds, options, limits)
 
 
@@ -484,9 +496,9 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
                 image = _color_rgb(arr, ds, decoded_as.upper(), bits)
             frames.append(DecodedFrame(image=np.ascontiguousarray(image), frame=index))
             position += 1
-    except RecordError:
+    except (RecordError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:  # codec and numpy errors; their text may quote values
+    except BaseException as exc:  # as in _guarded, but naming the frame
         raise DecodeError(
             f"could not decode frame {indices[min(position, len(indices) - 1)]} of "
             f"{_ts_label(uid)}, {photometric} ({type(exc).__name__})"
@@ -520,7 +532,7 @@ def decode_dicom(
         DecodeError: unreadable, truncated or undecodable content.
     """
     _check_size(data, limits)
-    with _quiet():  # pydicom converts values lazily and warns with them
+    with _guarded("malformed DICOM header"):
         ds = _read_dataset(data, limits)
         frames = dicom_display_frames(ds, options, limits=limits)
         metadata = extract_metadata(ds)
