@@ -1,25 +1,19 @@
 """``medray <job> [hydra overrides]``: the one console entry point.
 
-Each job is a Hydra app (``conf/<job>.yaml``); ``medray <job> --help`` and
-``--cfg job`` show its composed config, and any key can be overridden as
-``key=value``.
+Jobs are found by name in :mod:`medray.jobs` (each module declares ``JOB``).
+A job with a Hydra config is a Hydra app: ``medray <job> --help`` and
+``--cfg job`` show the composed config and any key can be overridden as
+``key=value``; a misspelt key or a wrong value stops before any work starts
+and names the key.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["main", "JOBS"]
-
-#: job name -> (config name or None, one-line description)
-JOBS: dict[str, tuple[str | None, str]] = {
-    "embed": ("embed", "stream DICOM/images from a prefix, manifest or archive into embeddings (Parquet)"),
-    "demo": ("embed", "generate sample DICOMs locally and embed them with the tiny (untrained) demo encoder"),
-    "samples": (None, "write synthetic sample DICOMs, photos, archives and a manifest: medray samples <dir>"),
-    "encoders": (None, "list registered encoder presets and families: medray encoders [pattern]"),
-}
+__all__ = ["main", "run_hydra"]
 
 _USAGE = """usage: medray <job> [key=value ...] [--help] [--cfg job]
 
@@ -36,12 +30,18 @@ examples:
 """
 
 
-def _usage() -> str:
-    width = max(len(j) for j in JOBS)
-    return _USAGE.format(jobs="\n".join(f"  {j.ljust(width)}  {d}" for j, (_, d) in JOBS.items()))
+def _usage(jobs: dict) -> str:
+    width = max(len(j) for j in jobs)
+    return _USAGE.format(jobs="\n".join(f"  {n.ljust(width)}  {info.description}" for n, (info, _) in jobs.items()))
 
 
-def _run_hydra(job: str, config_name: str, body: Callable, argv: Sequence[str]) -> None:
+def run_hydra(job: str, config_name: str, body: Callable[[Any], int], argv: Sequence[str],
+              register: Callable[[], None] | None = None) -> None:
+    """Run ``body(cfg)`` as a Hydra app on ``conf/<config_name>.yaml`` with ``argv`` overrides.
+
+    A :class:`~medray.platform.errors.ConfigError` raised by ``body`` prints one
+    line naming the key and exits with status 2 (no stack trace).
+    """
     import hydra
     from omegaconf import DictConfig
 
@@ -49,6 +49,8 @@ def _run_hydra(job: str, config_name: str, body: Callable, argv: Sequence[str]) 
     from medray.platform.errors import ConfigError
 
     register_schemas()
+    if register is not None:
+        register()
 
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
     def _app(cfg: DictConfig) -> None:
@@ -67,71 +69,29 @@ def _run_hydra(job: str, config_name: str, body: Callable, argv: Sequence[str]) 
     _app()
 
 
-def _embed(cfg: object) -> int:
-    from medray.jobs.embed import main as embed_main
-
-    return embed_main(cfg)  # type: ignore[arg-type]
-
-
-def _demo(argv: list[str]) -> None:
-    import shutil
-
-    from medray.platform.samples import generate_samples
-
-    home = os.path.abspath(os.environ.get("MEDRAY_HOME", ".medray"))
-    samples = os.path.join(home, "demo", "samples")
-    output = os.path.join(home, "demo", "embeddings")
-    if not os.path.exists(os.path.join(home, "demo", "samples.json")):
-        info = generate_samples(samples)
-        # The manifests and the index describe the samples; they are not inputs of the demo run.
-        for name in ("samples.json", "manifest.csv", "manifest.parquet"):
-            if os.path.exists(os.path.join(samples, name)):
-                shutil.move(os.path.join(samples, name), os.path.join(home, "demo", name))
-        exp = info.get("expected", {})
-        print(f"medray demo: generated {exp.get('dicom_files', '?')} DICOMs, {exp.get('photos', '?')} photos, "
-              f"2 archives and {exp.get('hostile_files', '?')} hostile files in {samples}", flush=True)
-    defaults = [f"input={samples}", f"output={output}", "encoder=demo_tiny_vit", "max_error_fraction=0.5"]
-    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
-    argv = [d for d in defaults if d.split("=", 1)[0] not in given] + list(argv)
-    _run_hydra("demo", "embed", _embed, argv)
-
-
-def _samples(argv: list[str]) -> None:
-    from medray.platform.samples import generate_samples
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: medray samples <out_dir> [n]")
-        return
-    n = int(argv[1]) if len(argv) > 1 else 24
-    info = generate_samples(argv[0], n=n)
-    print(f"wrote samples to {argv[0]}: {', '.join(sorted(info))}")
-
-
-def _encoders(argv: list[str]) -> None:
-    from medray.encoders import list_encoders
-
-    for name in list_encoders(argv[0] if argv else "*"):
-        print(name)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: dispatch to a job."""
+    from medray.jobs import discover_jobs
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    jobs = discover_jobs()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(_usage(jobs))
         return
-    job, rest = argv[0], argv[1:]
-    if job not in JOBS:
-        print(f"error: unknown job '{job}'\n\n{_usage()}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in jobs:
+        print(f"error: unknown job '{name}'\n\n{_usage(jobs)}", file=sys.stderr)
         sys.exit(2)
-    if job == "embed":
-        _run_hydra("embed", "embed", _embed, rest)
-    elif job == "demo":
-        _demo(rest)
-    elif job == "samples":
-        _samples(rest)
-    elif job == "encoders":
-        _encoders(rest)
+    info, module_name = jobs[name]
+    module = importlib.import_module(module_name)
+    if info.config_name is None:
+        code = module.main(rest)
+        if code:
+            sys.exit(code)
+        return
+    if hasattr(module, "prepare_argv"):
+        rest = module.prepare_argv(rest)
+    run_hydra(name, info.config_name, module.main, rest, info.register)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,6 @@ def register_schemas() -> None:
     """Register the job schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="embed_schema", node=EmbedConf)
-    cs.store(group="encoder", name="encoder_schema", node=EncoderConf)
 
 
 def patient_salt(configured: Optional[str]) -> str:

@@ -31,7 +31,12 @@ from medray.platform.records import RESERVED_COLUMNS
 from medray.platform.sources import InputSpec, classify_input, list_objects, resolve_member_uri
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
 
-__all__ = ["EmbedJob", "EmbedResult", "main"]
+from medray.jobs import JobInfo
+
+__all__ = ["JOB", "EmbedJob", "EmbedResult", "main"]
+
+JOB = JobInfo("embed", "stream DICOM/images from a prefix, manifest or archive into embeddings (Parquet)",
+              config_name="embed", order=10)
 
 log = logging.getLogger("medray.embed")
 
