@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 import medray
 from medray.config import EmbedConf, patient_salt
@@ -87,7 +88,12 @@ class EmbedJob:
             if missing:
                 raise ConfigError(missing[0], "is required, e.g. "
                                   "`medray embed input=s3://bucket/dicoms/ output=s3://bucket/emb`")
-            self.cfg: EmbedConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            try:
+                self.cfg: EmbedConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            except MissingMandatoryValue as err:
+                hint = (" (a hub id, a local directory or an s3:// URI)"
+                        if err.full_key == "encoder.checkpoint" else "")
+                raise ConfigError(str(err.full_key), f"is required{hint}") from None
             self.resolved = OmegaConf.to_container(cfg, resolve=True)
         else:
             self.cfg = cfg

@@ -123,6 +123,12 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     assert "medray embed:" in prefix_run["proc"].stdout
 
 
+def test_run_is_tracked_in_wandb_offline(corpus, prefix_run):
+    runs = list(Path(corpus["home"]).glob("wandb/offline-run-*"))
+    assert runs, "no offline W&B run directory"
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for r in runs for p in r.iterdir())
+
+
 def test_hostile_inputs_are_quarantined_with_reasons(corpus, prefix_run):
     q = read_parts(corpus["fs"], prefix_run["out"] + "/quarantine").to_pylist()
     by_name = {(r["member"] or r["uri"].rsplit("/", 1)[-1]): r for r in q}
@@ -249,7 +255,8 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
             "tracking.enabled=false"]
     env = dict(os.environ, MEDRAY_HOME=str(corpus["home"]), MEDRAY_CACHE_DIR=str(corpus["home"] / "cache"),
                MEDRAY_PATIENT_SALT="test-salt", MEDRAY_PROGRESS="0")
-    proc = subprocess.Popen([MEDRAY, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = open(tmp_path / "killed-run.log", "wb")
+    proc = subprocess.Popen([MEDRAY, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     parts = out / "embeddings"
     deadline = time.time() + 300
@@ -261,6 +268,9 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
+    log.close()
+    if not killed:
+        print((tmp_path / "killed-run.log").read_text()[-3000:])
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
     first = pq.read_table(parts).num_rows if parts.exists() else 0
     done = run_medray(corpus, *args[0:], timeout=600)
@@ -270,6 +280,7 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     assert len(keys) == len(set(keys)), "duplicated rows after resume"
     exp = corpus["info"]["expected"]
     assert len({k for k, _ in keys}) == exp["dicom_files"] and len(keys) == exp["dicom_frames"]
+    print(f"killed={killed} rows_before_resume={first}")
     if killed:
         assert 0 < first < exp["dicom_frames"], "the kill should have landed mid-run"
         summary = json.loads((out / "summary.json").read_text())

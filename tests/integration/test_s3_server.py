@@ -10,7 +10,7 @@ import s3fs
 
 from medray.platform.testing import SeaweedS3
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _env_only_fs() -> s3fs.S3FileSystem:

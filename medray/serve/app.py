@@ -1,0 +1,136 @@
+"""Build the medray Serve application from typed arguments.
+
+One builder for every way of running it::
+
+    medray serve encoder=rad_dino heads=[s3://b/runs/cxr-v1]        # the CLI calls build_app
+    serve run medray.serve.app:build_app --args ...                  # or a YAML with args:
+    serve deploy app.yaml        # app.yaml from `medray serve ... emit_config=app.yaml`
+    # KubeRay: the same applications: block under RayService.spec.serveConfigV2
+
+The graph: ``Ingress`` (FastAPI) -> ``Encoder`` (batched) and ``Heads``
+(multiplexed, which asks ``Encoder`` for embeddings). Autoscaling, admission
+limits, graceful shutdown and resources of each deployment come from
+``args.serve``.
+"""
+
+# No `from __future__ import annotations` here: Ray Serve reads build_app's
+# annotation at runtime to turn the config's `args:` into ServeArgs.
+
+import dataclasses
+from typing import Any, Dict, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from medray.config import DecodeConf, EncoderConf, StorageConf
+from medray.serve.config import (
+    DeploymentConf,
+    ServeOptions,
+    check_options,
+    max_ongoing_for,
+    resolve_heads,
+)
+from medray.serve.encoder import DecodeSettings, EncoderDeployment
+from medray.serve.heads import HeadsDeployment
+from medray.serve.ingress import Ingress, IngressSettings
+
+__all__ = ["ServeArgs", "build_app"]
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments: what ``args:`` holds in a Serve config file.
+
+    Attributes:
+        encoder: the encoder spec (as in ``conf/encoder/*.yaml``).
+        heads: ``{head id: artifact uri}``, or a list of artifact URIs whose
+            model cards give the ids.
+        serve: deployments, autoscaling, limits, inputs, auth.
+        decode: DICOM windows, frame selection and size limits (as ``medray embed``).
+        storage: fsspec options for ``uri`` inputs and artifacts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: EncoderConf
+    heads: Union[Dict[str, str], list] = Field(default_factory=dict)
+    serve: ServeOptions = Field(default_factory=ServeOptions)
+    decode: DecodeConf = Field(default_factory=DecodeConf)
+    storage: StorageConf = Field(default_factory=StorageConf)
+
+
+def _deployment_options(d: DeploymentConf, serve_opts: ServeOptions, *, max_ongoing: int,
+                        num_gpus: float = 0.0) -> Dict[str, Any]:
+    a = d.autoscaling
+    autoscaling = {k: v for k, v in dataclasses.asdict(a).items() if v is not None}
+    actor: Dict[str, Any] = {"num_cpus": float(d.num_cpus)}
+    if num_gpus:
+        actor["num_gpus"] = float(num_gpus)
+    return {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": int(max_ongoing),
+        "max_queued_requests": int(d.max_queued_requests),
+        "autoscaling_config": autoscaling,
+        "graceful_shutdown_wait_loop_s": serve_opts.graceful_shutdown_wait_loop_s,
+        "graceful_shutdown_timeout_s": serve_opts.graceful_shutdown_timeout_s,
+        "health_check_period_s": serve_opts.health_check_period_s,
+        "health_check_timeout_s": serve_opts.health_check_timeout_s,
+    }
+
+
+def _encoder_gpus(requested: Any) -> float:
+    """``serve.encoder.num_gpus``, or 1 when it is null and the cluster has GPUs."""
+    if requested is not None:
+        return float(requested)
+    import ray
+
+    try:
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    except Exception:  # noqa: BLE001 - no cluster view: stay on CPU
+        return 0.0
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Build the Serve application: ingress, encoder and (if any heads) the heads deployment.
+
+    Args:
+        args: :class:`ServeArgs` (or its dict, as a Serve config's ``args:``).
+
+    Returns:
+        The bound application, for ``serve.run`` / ``serve deploy``.
+
+    Raises:
+        ConfigError: a setting is wrong (the key is named).
+    """
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    s = args.serve
+    check_options(s, args.decode, args.encoder)
+    heads = resolve_heads(args.heads, args.storage.options)
+    settings = DecodeSettings.from_conf(dataclasses.asdict(args.decode), max_frames=s.limits.max_frames,
+                                        storage_options=args.storage.options,
+                                        allowed_uri_prefixes=s.inputs.allowed_uri_prefixes)
+    enc = s.encoder
+    gpus = _encoder_gpus(enc.num_gpus)
+    encoder = serve.deployment(EncoderDeployment).options(
+        name="Encoder",
+        user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+        **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
+    ).bind(dataclasses.asdict(args.encoder), settings, device=enc.device, dtype=enc.dtype,
+           torch_threads=enc.torch_threads, decode_threads=enc.decode_threads, num_cpus=enc.num_cpus)
+    head_app = None
+    if heads:
+        h = s.heads
+        head_app = serve.deployment(HeadsDeployment).options(
+            name="Heads", **_deployment_options(h, s, max_ongoing=h.max_ongoing_requests or 32,
+                                                num_gpus=h.num_gpus or 0.0),
+        ).bind(heads, encoder, settings, max_loaded=h.max_loaded, storage_options=args.storage.options,
+               cache_dir=args.encoder.cache_dir, device=enc.device)
+    ing = s.ingress
+    ingress_settings = IngressSettings(
+        heads=sorted(heads), max_body_bytes=s.limits.max_body_bytes, request_timeout_s=s.limits.request_timeout_s,
+        allowed_uri_prefixes=list(s.inputs.allowed_uri_prefixes), auth_enabled=s.auth.enabled,
+        token_env=s.auth.token_env, token_file=s.auth.token_file)
+    return serve.deployment(Ingress).options(
+        name="Ingress", **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
+    ).bind(encoder, head_app, ingress_settings)

@@ -1,0 +1,421 @@
+"""What ``medray serve`` is configured with, checked before Ray starts.
+
+Plain dataclasses (the Hydra schema of ``conf/serve.yaml`` and the fields of
+:class:`medray.serve.app.ServeArgs`), the checks that turn a bad value into a
+:class:`~medray.platform.errors.ConfigError` naming the key, and the pieces
+both the CLI and the application builder need: head ids from model cards,
+the URI allow-list, the Serve deploy config. No ray, torch or fastapi here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf
+from medray.platform.errors import ConfigError
+
+__all__ = [
+    "AutoscalingConf",
+    "DeploymentConf",
+    "EncoderDeploymentConf",
+    "HeadsDeploymentConf",
+    "HttpConf",
+    "LimitsConf",
+    "InputsConf",
+    "AuthConf",
+    "ServeOptions",
+    "ServeJobConf",
+    "HEAD_ID_PATTERN",
+    "IMPORT_PATH",
+    "check_options",
+    "resolve_heads",
+    "read_model_card",
+    "uri_allowed",
+    "max_ongoing_for",
+    "deploy_config",
+]
+
+#: What a head id (the ``{head}`` of ``/v1/predict/{head}``) may look like.
+HEAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: The builder ``serve deploy`` / a RayService imports.
+IMPORT_PATH = "medray.serve.app:build_app"
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+_SECRET_HINTS = ("secret", "token", "password", "key", "credential")
+
+
+@dataclass
+class AutoscalingConf:
+    """Ray Serve autoscaling of one deployment (see ``ray.serve.config.AutoscalingConfig``)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+
+
+@dataclass
+class DeploymentConf:
+    """Resources, admission and scaling of one deployment.
+
+    ``max_queued_requests`` bounds the queue at each caller: past it, the
+    request is answered 503 at once instead of waiting without end.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: Optional[int] = None
+    max_queued_requests: int = -1
+    autoscaling: AutoscalingConf = field(default_factory=AutoscalingConf)
+
+
+@dataclass
+class EncoderDeploymentConf(DeploymentConf):
+    """The batched encoder deployment.
+
+    ``num_gpus: null`` asks for one GPU per replica when the cluster has
+    GPUs; ``max_ongoing_requests: null`` is two batches' worth (one running,
+    one filling).
+    """
+
+    num_gpus: Optional[float] = None  # type: ignore[assignment]
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: Optional[int] = None
+    decode_threads: int = 2
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    max_queued_requests: int = 64
+
+
+@dataclass
+class HeadsDeploymentConf(DeploymentConf):
+    """Task heads multiplexed by id; ``max_loaded`` heads per replica (LRU)."""
+
+    num_cpus: float = 0.5
+    max_loaded: int = 8
+    max_ongoing_requests: Optional[int] = 32
+    max_queued_requests: int = 128
+
+
+@dataclass
+class IngressConf(DeploymentConf):
+    """The FastAPI ingress: cheap, async; queues at the HTTP proxy."""
+
+    num_cpus: float = 0.25
+    max_ongoing_requests: Optional[int] = 256
+    max_queued_requests: int = 512
+
+
+@dataclass
+class HttpConf:
+    """The Serve HTTP proxy (fixed once Serve runs on a cluster)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_timeout_s: Optional[float] = None
+    keep_alive_timeout_s: int = 5
+
+
+@dataclass
+class LimitsConf:
+    """Per-request limits enforced by the ingress.
+
+    Attributes:
+        max_body_bytes: largest request body; checked from Content-Length
+            before the body is read, and while it streams otherwise (413).
+        max_frames: most frames one input may yield (413).
+        request_timeout_s: deadline of one request inside the app (504).
+    """
+
+    max_body_bytes: int = 64 << 20
+    max_frames: int = 256
+    request_timeout_s: float = 60.0
+
+
+@dataclass
+class InputsConf:
+    """Where ``{"uri": ...}`` inputs may come from: URI prefixes such as ``s3://bucket/`` or
+    ``s3://bucket/cxr/``. Empty: URI inputs are refused (403). Local paths never are allowed."""
+
+    allowed_uri_prefixes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class AuthConf:
+    """Bearer-token auth on every ``/v1`` route.
+
+    The token comes from the file ``token_file`` when set, else from the
+    environment variable ``token_env`` of the replica process; never from YAML.
+    """
+
+    enabled: bool = False
+    token_env: str = "MEDRAY_SERVE_TOKEN"
+    token_file: Optional[str] = None
+
+
+@dataclass
+class ServeOptions:
+    """The ``serve:`` section: the application, its deployments and limits."""
+
+    name: str = "medray"
+    route_prefix: str = "/"
+    http: HttpConf = field(default_factory=HttpConf)
+    ingress: IngressConf = field(default_factory=IngressConf)
+    encoder: EncoderDeploymentConf = field(default_factory=EncoderDeploymentConf)
+    heads: HeadsDeploymentConf = field(default_factory=HeadsDeploymentConf)
+    limits: LimitsConf = field(default_factory=LimitsConf)
+    inputs: InputsConf = field(default_factory=InputsConf)
+    auth: AuthConf = field(default_factory=AuthConf)
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 30.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    log_level: str = "INFO"
+    log_encoding: str = "TEXT"
+
+
+@dataclass
+class ServeJobConf:
+    """``medray serve``: the Hydra schema of ``conf/serve.yaml``."""
+
+    encoder: EncoderConf = field(default_factory=EncoderConf)
+    heads: Any = field(default_factory=list)  # [uri, ...] (ids from model cards) or {id: uri}
+    serve: ServeOptions = field(default_factory=ServeOptions)
+    decode: DecodeConf = field(default_factory=DecodeConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    ray: RayConf = field(default_factory=RayConf)
+    emit_config: Optional[str] = None
+    check_artifacts: bool = True
+
+
+def max_ongoing_for(enc: EncoderDeploymentConf) -> int:
+    """``max_ongoing_requests`` of the encoder: as configured, or two batches' worth."""
+    if enc.max_ongoing_requests is not None:
+        return int(enc.max_ongoing_requests)
+    return 2 * int(enc.max_batch_size)
+
+
+def _positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_deployment(prefix: str, d: DeploymentConf) -> None:
+    _positive(f"{prefix}.num_cpus", d.num_cpus, allow_zero=True)
+    if d.num_gpus is not None:
+        _positive(f"{prefix}.num_gpus", d.num_gpus, allow_zero=True)
+    if d.max_ongoing_requests is not None:
+        _positive(f"{prefix}.max_ongoing_requests", d.max_ongoing_requests)
+    if d.max_queued_requests != -1 and not (isinstance(d.max_queued_requests, int) and d.max_queued_requests > 0):
+        raise ConfigError(f"{prefix}.max_queued_requests", f"must be -1 (no limit) or > 0, got "
+                          f"{d.max_queued_requests!r}; a bound answers overload with 503 instead of queueing")
+    a = d.autoscaling
+    if not (isinstance(a.min_replicas, int) and a.min_replicas >= 0):
+        raise ConfigError(f"{prefix}.autoscaling.min_replicas", f"must be an int >= 0, got {a.min_replicas!r}")
+    if not (isinstance(a.max_replicas, int) and a.max_replicas >= max(1, a.min_replicas)):
+        raise ConfigError(f"{prefix}.autoscaling.max_replicas",
+                          f"must be >= max(1, min_replicas={a.min_replicas}), got {a.max_replicas!r}")
+    if a.initial_replicas is not None and not (a.min_replicas <= a.initial_replicas <= a.max_replicas):
+        raise ConfigError(f"{prefix}.autoscaling.initial_replicas", "must lie within [min_replicas, max_replicas]")
+    _positive(f"{prefix}.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
+    for key in ("upscale_delay_s", "downscale_delay_s"):
+        _positive(f"{prefix}.autoscaling.{key}", getattr(a, key), allow_zero=True)
+    for key in ("metrics_interval_s", "look_back_period_s"):
+        _positive(f"{prefix}.autoscaling.{key}", getattr(a, key))
+
+
+def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf) -> None:
+    """Check the ``serve:``, ``decode:`` and ``encoder:`` sections; no I/O, no Ray.
+
+    Raises:
+        ConfigError: naming the first key at fault and what to change.
+    """
+    if not isinstance(serve.name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", serve.name):
+        raise ConfigError("serve.name", f"must be letters, digits, '-' or '_', got {serve.name!r}")
+    if not isinstance(serve.route_prefix, str) or not serve.route_prefix.startswith("/"):
+        raise ConfigError("serve.route_prefix", f"must start with '/', got {serve.route_prefix!r}")
+    if not (isinstance(serve.http.port, int) and 0 < serve.http.port < 65536):
+        raise ConfigError("serve.http.port", f"must be a TCP port, got {serve.http.port!r}")
+    if serve.http.request_timeout_s is not None:
+        _positive("serve.http.request_timeout_s", serve.http.request_timeout_s)
+    for name in ("ingress", "encoder", "heads"):
+        _check_deployment(f"serve.{name}", getattr(serve, name))
+    enc = serve.encoder
+    for key in ("max_batch_size", "decode_threads"):
+        value = getattr(enc, key)
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"serve.encoder.{key}", f"must be an int >= 1, got {value!r}")
+    _positive("serve.encoder.batch_wait_timeout_s", enc.batch_wait_timeout_s, allow_zero=True)
+    if max_ongoing_for(enc) < enc.max_batch_size:
+        raise ConfigError("serve.encoder.max_ongoing_requests",
+                          f"{enc.max_ongoing_requests} cannot fill a batch of max_batch_size={enc.max_batch_size}; "
+                          "set it >= max_batch_size (or null for 2 x max_batch_size)")
+    if enc.torch_threads is not None and not (isinstance(enc.torch_threads, int) and enc.torch_threads >= 1):
+        raise ConfigError("serve.encoder.torch_threads", f"must be null or an int >= 1, got {enc.torch_threads!r}")
+    if enc.device not in ("auto", "cpu") and not str(enc.device).startswith("cuda"):
+        raise ConfigError("serve.encoder.device", f"must be auto, cpu or cuda[:N], got {enc.device!r}")
+    if enc.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError("serve.encoder.dtype", f"must be auto, float32, bfloat16 or float16, got {enc.dtype!r}")
+    if not (isinstance(serve.heads.max_loaded, int) and serve.heads.max_loaded >= 1):
+        raise ConfigError("serve.heads.max_loaded", f"must be an int >= 1, got {serve.heads.max_loaded!r}")
+    lim = serve.limits
+    for key in ("max_body_bytes", "max_frames", "request_timeout_s"):
+        _positive(f"serve.limits.{key}", getattr(lim, key))
+    for prefix in serve.inputs.allowed_uri_prefixes:
+        if not isinstance(prefix, str) or not prefix.startswith(_URI_SCHEMES) or len(prefix.split("://", 1)[1]) < 1:
+            raise ConfigError("serve.inputs.allowed_uri_prefixes",
+                              f"entries must be object-storage prefixes such as s3://bucket/ or "
+                              f"s3://bucket/cxr/, got {prefix!r} (local paths are never served)")
+    if serve.auth.enabled and not (serve.auth.token_file or serve.auth.token_env):
+        raise ConfigError("serve.auth.token_env", "auth is enabled but neither token_env nor token_file is set")
+    for key in ("graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s", "health_check_period_s",
+                "health_check_timeout_s"):
+        _positive(f"serve.{key}", getattr(serve, key))
+    if serve.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("serve.log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {serve.log_level!r}")
+    if serve.log_encoding.upper() not in ("TEXT", "JSON"):
+        raise ConfigError("serve.log_encoding", f"must be TEXT or JSON, got {serve.log_encoding!r}")
+    if decode.max_bytes < 1 or decode.max_pixels < 1:
+        raise ConfigError("decode.max_bytes", "limits must be positive")
+    f = decode.frames
+    if not (f in ("all", "first", "middle") or isinstance(f, (list, tuple))):
+        raise ConfigError("decode.frames", f"must be all, first, middle or a list of indices, got {f!r}")
+    for mod, win in decode.windows.items():
+        if len(win) != 2 or float(win[1]) <= 0:
+            raise ConfigError(f"decode.windows.{mod}", "must be [center, width] with width > 0")
+    if not encoder.checkpoint or encoder.checkpoint == "???":
+        raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory or an "
+                          "object-storage URI (s3://...)")
+
+
+def uri_allowed(uri: str, prefixes: List[str]) -> bool:
+    """True when ``uri`` is an object-storage URI under one of ``prefixes``.
+
+    ``..`` segments are refused outright, so a prefix cannot be escaped.
+    """
+    if not isinstance(uri, str) or not uri.startswith(_URI_SCHEMES):
+        return False
+    rest = uri.split("://", 1)[1]
+    if any(part in ("..", ".") for part in rest.split("/")):
+        return False
+    for prefix in prefixes:
+        p = prefix if prefix.endswith("/") else prefix + "/"
+        if uri.startswith(p) or uri == prefix.rstrip("/"):
+            return True
+    return False
+
+
+def read_model_card(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict:
+    """Read an artifact's ``model_card.json`` (not its weights).
+
+    Raises:
+        ConfigError: ``heads``: the URI holds no model card.
+    """
+    from medray.encoders.heads import CARD_FILE
+    from medray.platform.storage import open_fs
+
+    try:
+        fs, root = open_fs(uri, storage_options)
+        with fs.open(f"{root.rstrip('/')}/{CARD_FILE}", "rb") as f:
+            return json.loads(f.read())
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any storage/JSON error means "not a usable artifact"
+        raise ConfigError("heads", f"cannot read {CARD_FILE} under '{uri}' ({type(err).__name__}); give the "
+                          "output directory of `medray finetune`") from None
+
+
+def resolve_heads(heads: Any, storage_options: Mapping[str, Any] | None = None) -> Dict[str, str]:
+    """Turn the ``heads`` setting into ``{head id: artifact uri}``.
+
+    Args:
+        heads: a list of artifact URIs (each id is its model card's ``id``)
+            or a mapping ``{id: uri}``.
+        storage_options: fsspec options for reading the cards.
+
+    Raises:
+        ConfigError: ``heads``: not a list/mapping, a bad or duplicate id, or
+            a URI without a model card.
+    """
+    if heads is None:
+        return {}
+    out: Dict[str, str] = {}
+    if isinstance(heads, Mapping):
+        items = [(str(k), v) for k, v in heads.items()]
+    elif isinstance(heads, (list, tuple)):
+        items = []
+        for uri in heads:
+            if not isinstance(uri, str) or not uri:
+                raise ConfigError("heads", f"entries must be artifact URIs, got {uri!r}")
+            items.append((str(read_model_card(uri, storage_options).get("id") or ""), uri))
+    else:
+        raise ConfigError("heads", f"must be a list of artifact URIs or a mapping id -> URI, got "
+                          f"{type(heads).__name__}")
+    for head_id, uri in items:
+        if not isinstance(uri, str) or not uri:
+            raise ConfigError(f"heads.{head_id}", f"must be an artifact URI, got {uri!r}")
+        if not HEAD_ID_PATTERN.match(head_id):
+            raise ConfigError("heads", f"head id {head_id!r} (of {uri}) must match {HEAD_ID_PATTERN.pattern}; "
+                              "give the heads as a mapping {id: uri} to choose ids")
+        if head_id in out:
+            raise ConfigError("heads", f"two heads have the id {head_id!r}; give the heads as a mapping "
+                              "{id: uri} to tell them apart")
+        out[head_id] = uri
+    return out
+
+
+def _drop_secrets(options: Any) -> Any:
+    if isinstance(options, Mapping):
+        return {k: _drop_secrets(v) for k, v in options.items()
+                if not any(h in str(k).lower() for h in _SECRET_HINTS)}
+    return options
+
+
+def deploy_config(args: Mapping[str, Any], serve: ServeOptions) -> dict:
+    """The Serve deploy config (``serve deploy`` file, RayService ``serveConfigV2``).
+
+    Secret-looking storage options (keys, tokens, passwords) are left out:
+    give credentials to the cluster through its environment or IAM.
+
+    Args:
+        args: :class:`medray.serve.app.ServeArgs` as a JSON-ready dict.
+        serve: the ``serve:`` section (HTTP options, logging).
+
+    Returns:
+        A dict that ``ray.serve.schema.ServeDeploySchema`` accepts.
+    """
+    clean = json.loads(json.dumps(args))
+    for section in ("storage",):
+        if isinstance(clean.get(section), dict):
+            clean[section]["options"] = _drop_secrets(clean[section].get("options") or {})
+    if isinstance(clean.get("encoder"), dict):
+        clean["encoder"]["storage_options"] = _drop_secrets(clean["encoder"].get("storage_options") or {})
+    http = {"host": serve.http.host, "port": serve.http.port, "keep_alive_timeout_s": serve.http.keep_alive_timeout_s}
+    if serve.http.request_timeout_s is not None:
+        http["request_timeout_s"] = serve.http.request_timeout_s
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": http,
+        "logging_config": {"encoding": serve.log_encoding.upper(), "log_level": serve.log_level.upper(),
+                           "enable_access_log": True},
+        "applications": [{
+            "name": serve.name,
+            "route_prefix": serve.route_prefix,
+            "import_path": IMPORT_PATH,
+            "runtime_env": {},
+            "args": clean,
+        }],
+    }
+
+
+def options_dict(obj: Any) -> dict:
+    """A dataclass as a plain dict (for JSON and pydantic)."""
+    return asdict(obj)

@@ -1,0 +1,273 @@
+"""The encoder deployment: decode off the event loop, embed frames in dynamic batches.
+
+One replica loads one encoder (GPU when the replica has one). A request is
+raw bytes or an allowed object-storage URI; it is decoded and preprocessed
+with the functions the batch job uses (:func:`decode_input`), in a thread
+pool, and its frames join a ``@serve.batch`` queue shared by every request
+on the replica. The forward pass runs in its own thread, so the event loop
+keeps accepting and decoding while the model works.
+
+Bad input never raises out of a handle call: :meth:`EncoderDeployment.embed`
+returns ``{"error": {...}}`` with the :class:`~medray.platform.errors.RecordError`
+class and its PHI-free message, and the ingress maps it to an HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from ray import serve
+
+from medray.platform.errors import EncodeError, LimitExceeded, RecordError, ReadError
+
+__all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
+
+log = logging.getLogger("ray.serve.medray.encoder")  # a "ray.serve" child: lines carry the request id
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a request becomes frames; the ``decode:`` section plus serving limits."""
+
+    frames: Any = "all"
+    windows: Mapping[str, Any] = field(default_factory=dict)
+    prefer_file_voi: bool = True
+    max_bytes: int = 1 << 30
+    max_pixels: int = 1_000_000_000
+    max_frames: int = 256
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    allowed_uri_prefixes: tuple = ()
+
+    @classmethod
+    def from_conf(cls, decode: Any, *, max_frames: int, storage_options: Mapping[str, Any],
+                  allowed_uri_prefixes: Any) -> "DecodeSettings":
+        """Build from a :class:`medray.config.DecodeConf` (or its dict)."""
+        d = decode if isinstance(decode, Mapping) else decode.__dict__
+        return cls(frames=d.get("frames", "all"), windows=dict(d.get("windows") or {}),
+                   prefer_file_voi=bool(d.get("prefer_file_voi", True)), max_bytes=int(d.get("max_bytes", 1 << 30)),
+                   max_pixels=int(d.get("max_pixels", 1_000_000_000)), max_frames=int(max_frames),
+                   storage_options=dict(storage_options or {}), allowed_uri_prefixes=tuple(allowed_uri_prefixes or ()))
+
+
+@dataclass
+class DecodedInput:
+    """Preprocessed frames of one input: ``pixels`` float32 ``(F, C, H, W)``."""
+
+    pixels: np.ndarray
+    frames: list
+    modality: str
+
+
+def _fetch(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes, str]:
+    """The request's bytes and a format hint (an extension only: file names may hold PHI)."""
+    from medray.serve.config import uri_allowed
+
+    if payload.get("uri") is not None:
+        uri = str(payload["uri"])
+        if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
+            raise ReadError("URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)")
+        from medray.platform.storage import open_fs, read_bytes
+
+        try:
+            fs, path = open_fs(uri, settings.storage_options)
+        except Exception as err:  # noqa: BLE001 - a malformed URI is the caller's error
+            raise ReadError(f"cannot open URI ({type(err).__name__})") from None
+        return read_bytes(fs, path, settings.max_bytes), _extension(uri)
+    data = payload.get("data")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ReadError("request carries no bytes")
+    return bytes(data), _extension(str(payload.get("name") or ""))
+
+
+def _extension(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return "input" + (base[base.rfind("."):].lower()[:8] if "." in base else "")
+
+
+def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *,
+                 salt: str = "") -> DecodedInput:
+    """Decode and preprocess one request exactly as ``medray embed`` does.
+
+    Args:
+        payload: ``{"data": bytes, "name": str}`` or ``{"uri": "s3://..."}``.
+        settings: decode options and limits.
+        preprocessor: the encoder (or its :class:`~medray.encoders.Preprocessor`).
+        salt: patient-key salt (the key is never returned by the server).
+
+    Returns:
+        The preprocessed frames.
+
+    Raises:
+        RecordError: unreadable, undecodable or over a limit; the message carries no PHI.
+    """
+    from medray.platform.decoders import decode_bytes
+    # The batch job's own StageOptions -> (DicomOptions, DecodeLimits) mapping, so that
+    # windows, frame selection and limits are read exactly as `medray embed` reads them.
+    from medray.platform.pipeline import StageOptions, _decode_options
+
+    data, name = _fetch(payload, settings)
+    dicom, limits = _decode_options(StageOptions(
+        max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, frames=settings.frames,
+        windows={k: list(v) for k, v in settings.windows.items()}, prefer_file_voi=settings.prefer_file_voi))
+    decoded = decode_bytes(data, name=name, dicom=dicom, limits=limits, salt=salt)
+    if not decoded.frames:
+        raise RecordError("no frames selected", stage="decode")
+    if len(decoded.frames) > settings.max_frames:
+        raise LimitExceeded(f"input has {len(decoded.frames)} frames, over serve.limits.max_frames="
+                            f"{settings.max_frames}; select frames with decode.frames or raise the limit")
+    try:
+        pixels = preprocessor.preprocess([f.image for f in decoded.frames])
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), [int(f.frame) for f in decoded.frames],
+                        decoded.modality)
+
+
+def error_result(err: BaseException) -> dict:
+    """``{"error": {class, stage, message}}`` for a failed input (message PHI-free)."""
+    if isinstance(err, RecordError):
+        return {"error": {"class": type(err).__name__, "stage": err.stage, "message": str(err)}}
+    # Library messages may quote header values: keep only the exception type.
+    return {"error": {"class": "DecodeError", "stage": "decode",
+                      "message": f"input could not be decoded ({type(err).__name__})"}}
+
+
+def replica_tag() -> str:
+    """This replica's unique id (``"local"`` outside Serve)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001
+        return "local"
+
+
+class EncoderDeployment:
+    """Serve deployment body: one encoder, dynamic batches of frames.
+
+    Args:
+        encoder: the encoder spec (``encoder:`` section as a dict).
+        settings: decode options and limits.
+        device: ``auto`` (CUDA when this replica got a GPU), ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bf16 autocast on GPU), ``float32``, ``bfloat16`` or ``float16``.
+        torch_threads: intra-op threads; ``None``: the replica's CPUs.
+        decode_threads: threads decoding requests.
+        num_cpus: the replica's CPU reservation (sizes ``torch_threads``).
+
+    ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) is applied
+    by :meth:`reconfigure`, so batching can change without a restart.
+    """
+
+    def __init__(self, encoder: dict, settings: DecodeSettings, *, device: str = "auto", dtype: str = "auto",
+                 torch_threads: Optional[int] = None, decode_threads: int = 2, num_cpus: float = 1.0) -> None:
+        import torch
+
+        from medray.encoders import create_encoder, get_spec
+
+        threads = torch_threads or max(1, int(round(num_cpus)))
+        torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._encoder = create_encoder(get_spec(dict(encoder)), device=device, dtype=dtype)
+        self._settings = settings
+        self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
+        self._ident["device"] = device
+        self._replica = replica_tag()
+        self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="medray-decode")
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medray-model")
+        self._batches = 0
+        self._frames = 0
+        log.info("encoder %s ready on %s (dim %d, %d torch threads)", self._ident["name"], device,
+                 self._encoder.dim, threads)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Apply ``user_config``: ``max_batch_size``, ``batch_wait_timeout_s``."""
+        if "max_batch_size" in config:
+            self._embed_frames.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._embed_frames.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def describe(self) -> dict:
+        """What identifies this encoder's output (name, dim, weights and preprocessing hashes)."""
+        return dict(self._ident)
+
+    async def stats(self) -> dict:
+        """Batches and frames embedded by this replica so far."""
+        return {"replica": self._replica, "batches": self._batches, "frames": self._frames,
+                "max_batch_size": self._embed_frames.get_max_batch_size()}
+
+    async def embed(self, payload: dict) -> dict:
+        """Embed one input.
+
+        Args:
+            payload: ``{"data": bytes, "name": str}`` or ``{"uri": "s3://..."}``.
+
+        Returns:
+            ``{"embeddings": float32 (F, dim), "frames", "modality", "encoder", "batch_size",
+            "replica", "timings"}``, or ``{"error": {"class", "stage", "message"}}``.
+        """
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            decoded = await loop.run_in_executor(self._decode_pool, decode_input, payload, self._settings,
+                                                 self._encoder, self._salt)
+        except Exception as err:  # noqa: BLE001 - bad input is an answer, not a crash
+            out = error_result(err)
+            log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])
+            return out
+        t1 = time.perf_counter()
+        results = await asyncio.gather(*(self._embed_frames(frame) for frame in decoded.pixels))
+        for res in results:
+            if isinstance(res[0], BaseException):
+                out = error_result(res[0])
+                log.warning("encode failed: %s", out["error"]["message"])
+                return out
+        emb = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
+        return {"embeddings": emb, "frames": decoded.frames, "modality": decoded.modality,
+                "encoder": dict(self._ident), "batch_size": max(r[1] for r in results), "replica": self._replica,
+                "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1}}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _embed_frames(self, frames: list) -> list:
+        """One forward pass over frames from many requests: ``[(embedding | error, batch size)]``."""
+        n = len(frames)
+        loop = asyncio.get_running_loop()
+        try:
+            emb = await loop.run_in_executor(self._model_pool, self._forward, np.stack(frames))
+            out = [(emb[i], n) for i in range(n)]
+        except Exception:  # noqa: BLE001 - isolate a poison frame instead of failing the whole batch
+            out = []
+            for frame in frames:
+                try:
+                    one = await loop.run_in_executor(self._model_pool, self._forward, frame[None])
+                    out.append((one[0], n))
+                except Exception as err:  # noqa: BLE001
+                    out.append((err if isinstance(err, RecordError) else
+                                EncodeError(f"model failed ({type(err).__name__})"), n))
+        self._batches += 1
+        self._frames += n
+        return out
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        emb = self._encoder.embed(batch)
+        if not np.all(np.isfinite(emb)):
+            raise EncodeError("model produced non-finite values")
+        return emb
+
+    def check_health(self) -> None:
+        """Serve's health check: the pools must still accept work."""
+        if self._model_pool._shutdown or self._decode_pool._shutdown:  # noqa: SLF001
+            raise RuntimeError("encoder replica is shutting down")
+
+    def __del__(self) -> None:
+        for pool in (getattr(self, "_decode_pool", None), getattr(self, "_model_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,189 @@
+"""Task heads, loaded on demand by id with ``@serve.multiplexed`` (LRU per replica).
+
+A head is an artifact of ``medray finetune`` (:mod:`medray.encoders.heads`).
+
+* A linear probe (no backbone) applies to the served encoder's embeddings:
+  the replica asks the encoder deployment to embed the input, then applies
+  the head. It is refused (409) unless its card's ``encoder.weights_hash``
+  equals the served encoder's, since the numbers would otherwise be
+  meaningless.
+* An artifact that carries its fine-tuned backbone is served with that
+  backbone, loaded with the head, on this replica.
+
+Requests reach the replica that already holds the head when one does
+(Serve routes by multiplexed model id); at most ``max_loaded`` heads stay
+loaded per replica, the least recently used is dropped first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from ray import serve
+
+from medray.serve.encoder import DecodeSettings, decode_input, error_result, replica_tag
+
+__all__ = ["HeadRefused", "LoadedHead", "HeadsDeployment", "check_head_card"]
+
+log = logging.getLogger("ray.serve.medray.heads")
+
+
+class HeadRefused(Exception):
+    """The head cannot be applied to the served encoder (hash or size differ)."""
+
+
+@dataclass
+class LoadedHead:
+    """A head ready to predict: the numpy head, its card and, if it has one, its own backbone."""
+
+    head: Any
+    card: Any
+    encoder: Optional[Any] = None
+
+
+def check_head_card(card: Any, head_dim: int, served: Mapping[str, Any]) -> None:
+    """Refuse a linear-probe head whose base encoder is not the served one.
+
+    Args:
+        card: the head's :class:`~medray.encoders.heads.ModelCard`.
+        head_dim: the embedding size the head expects.
+        served: the served encoder's ``describe()`` (``weights_hash``, ``dim``, ``name``).
+
+    Raises:
+        HeadRefused: different weights hash or embedding size.
+    """
+    want = (card.encoder or {}).get("weights_hash")
+    if not want or want != served.get("weights_hash"):
+        raise HeadRefused(f"head '{card.id}' was trained on encoder weights {str(want)[:12] or '?'}..., but this "
+                          f"server runs '{served.get('name')}' with weights {str(served.get('weights_hash'))[:12]}...; "
+                          "serve it with its own encoder")
+    if head_dim != int(served.get("dim") or -1):
+        raise HeadRefused(f"head '{card.id}' expects {head_dim}-d embeddings, the encoder gives {served.get('dim')}")
+
+
+class HeadsDeployment:
+    """Serve deployment body: predictions of many heads over one encoder.
+
+    Args:
+        heads: ``{head id: artifact uri}``.
+        encoder: handle of the encoder deployment.
+        settings: decode options (for heads that bring their own backbone).
+        max_loaded: heads kept per replica (LRU beyond).
+        storage_options: fsspec options for the artifacts.
+        cache_dir: node-local artifact cache (``None``: the default).
+        device: ``auto``, ``cpu`` or ``cuda`` for heads with a backbone.
+    """
+
+    def __init__(self, heads: Mapping[str, str], encoder: Any, settings: DecodeSettings, *, max_loaded: int = 8,
+                 storage_options: Optional[Mapping[str, Any]] = None, cache_dir: Optional[str] = None,
+                 device: str = "auto") -> None:
+        self._heads = dict(heads)
+        self._encoder = encoder
+        self._settings = settings
+        self._storage_options = dict(storage_options or {})
+        self._cache_dir = cache_dir
+        self._device = device
+        self._served: Optional[dict] = None
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="medray-heads")
+        self._salt = secrets.token_hex(16)
+        self._replica = replica_tag()
+
+        async def load_head(head_id: str) -> LoadedHead:
+            return await self._load(head_id)
+
+        # Wrapped here, not at class level, so that max_loaded comes from config.
+        self._get_head = serve.multiplexed(max_num_models_per_replica=int(max_loaded))(load_head)
+
+    async def _served_encoder(self) -> dict:
+        if self._served is None:
+            self._served = await self._encoder.describe.remote()
+        return self._served
+
+    async def _load(self, head_id: str) -> LoadedHead:
+        from medray.encoders.heads import load_artifact
+
+        loop = asyncio.get_running_loop()
+        head, card, local, _ = await loop.run_in_executor(
+            self._pool, lambda: load_artifact(self._heads[head_id], storage_options=self._storage_options,
+                                              cache_dir=self._cache_dir))
+        if card.backbone_included:
+            encoder = await loop.run_in_executor(self._pool, self._backbone, card, local)
+            if encoder.dim != head.dim:
+                raise HeadRefused(f"head '{card.id}' expects {head.dim}-d embeddings, its backbone gives {encoder.dim}")
+            log.info("loaded head %s with its own backbone", head_id)
+            return LoadedHead(head, card, encoder)
+        check_head_card(card, head.dim, await self._served_encoder())
+        log.info("loaded head %s", head_id)
+        return LoadedHead(head, card)
+
+    def _backbone(self, card: Any, local_dir: str) -> Any:
+        import torch
+
+        from medray.encoders import create_encoder, get_spec
+
+        enc = dict(card.encoder or {})
+        device = self._device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        spec = get_spec({"name": f"{card.id}-backbone", "family": enc.get("family", "hf_image"),
+                         "checkpoint": local_dir, "pooling": enc.get("pooling", "cls"),
+                         "options": dict(enc.get("options") or {})})
+        return create_encoder(spec, device=device)
+
+    async def models(self) -> dict:
+        """Ids of the heads this replica holds now (most recently used last)."""
+        wrapper = getattr(self._get_head, "__serve_multiplex_wrapper", None)
+        return {"replica": self._replica, "loaded": list(getattr(wrapper, "models", {}) or {})}
+
+    async def predict(self, payload: dict) -> dict:
+        """Predict with the head named by the request's multiplexed model id.
+
+        Args:
+            payload: the input, as for :meth:`EncoderDeployment.embed`.
+
+        Returns:
+            ``{"head", "model_card_id", "task", "labels", "probabilities" (F, outputs), "frames",
+            "encoder", "replica"}``, or ``{"error": {...}}`` (``UnknownHead``, ``HeadRefused``,
+            ``HeadUnavailable`` or an input error).
+        """
+        head_id = serve.get_multiplexed_model_id()
+        if head_id not in self._heads:
+            return {"error": {"class": "UnknownHead", "stage": "route", "message": f"no head '{head_id}'"}}
+        try:
+            loaded = await self._get_head(head_id)
+        except HeadRefused as err:
+            log.warning("head %s refused: %s", head_id, err)
+            return {"error": {"class": "HeadRefused", "stage": "load", "message": str(err)}}
+        except Exception as err:  # noqa: BLE001 - storage down, damaged artifact: not the caller's fault
+            log.error("head %s could not be loaded (%s)", head_id, type(err).__name__)
+            return {"error": {"class": "HeadUnavailable", "stage": "load",
+                              "message": f"head '{head_id}' could not be loaded ({type(err).__name__})"}}
+        if loaded.encoder is None:
+            res = await self._encoder.embed.remote(payload)
+            if "error" in res:
+                return res
+            if res["encoder"].get("weights_hash") != (loaded.card.encoder or {}).get("weights_hash"):
+                # The encoder deployment was redeployed with other weights since the head loaded.
+                return {"error": {"class": "HeadRefused", "stage": "predict",
+                                  "message": f"head '{head_id}' does not match the encoder now served"}}
+            emb, frames, ident = res["embeddings"], res["frames"], res["encoder"]
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                decoded = await loop.run_in_executor(self._pool, decode_input, payload, self._settings,
+                                                     loaded.encoder, self._salt)
+                emb = await loop.run_in_executor(self._pool, loaded.encoder.embed, decoded.pixels)
+            except Exception as err:  # noqa: BLE001
+                return error_result(err)
+            frames = decoded.frames
+            ident = {k: v for k, v in loaded.encoder.describe().items() if k != "checkpoint"}
+        probs = loaded.head.predict(np.asarray(emb, dtype=np.float32))
+        return {"head": head_id, "model_card_id": loaded.card.id, "task": loaded.card.task,
+                "labels": list(loaded.card.labels), "probabilities": probs, "frames": frames,
+                "encoder": ident, "replica": self._replica}

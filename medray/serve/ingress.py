@@ -1,0 +1,426 @@
+"""The HTTP ingress: FastAPI routes, auth, limits and error mapping, nothing else.
+
+Routes (OpenAPI at ``/docs``)::
+
+    POST /v1/embeddings        upload (multipart ``file``), raw body (application/dicom,
+                               image/png, image/jpeg, application/octet-stream) or JSON
+                               {"bytes_b64": ...} | {"uri": "s3://..."}
+    POST /v1/predict/{head}    the same inputs; the head's label probabilities
+    GET  /v1/models            the encoder and the heads served
+    GET  /healthz, /readyz     liveness; readiness (the encoder answers)
+
+Every error is JSON ``{"code", "message", "request_id"}``: 400/422 malformed
+request or undecodable input, 401 missing or wrong bearer token, 403 URI
+outside the allowed prefixes, 404 unknown head, 409 head trained on other
+encoder weights, 413 body or input over a limit, 415 unsupported media,
+503 overloaded or a replica unavailable (with ``Retry-After``), 504 past the
+request deadline. Messages never carry PHI: decoders' messages are
+structural, and anything unexpected is reported by type only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import medray
+from medray.serve.config import uri_allowed
+
+__all__ = ["ApiError", "IngressSettings", "Ingress", "api", "error_for_result", "read_body", "parse_input",
+           "load_token", "check_bearer"]
+
+log = logging.getLogger("ray.serve.medray.ingress")  # a "ray.serve" child: lines carry the request id
+
+RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary", "description": "DICOM, PNG or JPEG"}}}},
+            "application/json": {"schema": {"type": "object", "properties": {
+                "bytes_b64": {"type": "string", "description": "the file, base64"},
+                "uri": {"type": "string", "description": "object-storage URI under an allowed prefix"}}}},
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+#: RecordError class -> (HTTP status, code).
+_RECORD_ERRORS = {
+    "UnsupportedFormat": (415, "unsupported_media"),
+    "LimitExceeded": (413, "too_large"),
+    "ReadError": (422, "unreadable"),
+    "DecodeError": (422, "undecodable"),
+    "PreprocessError": (422, "undecodable"),
+    "EncodeError": (422, "unencodable"),
+    "RecordError": (422, "undecodable"),
+    "UnknownHead": (404, "unknown_head"),
+    "HeadRefused": (409, "head_mismatch"),
+    "HeadUnavailable": (503, "head_unavailable"),
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, stable code, PHI-free message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+@dataclass
+class IngressSettings:
+    """What the ingress enforces (from the ``serve:`` section)."""
+
+    heads: list = field(default_factory=list)
+    max_body_bytes: int = 64 << 20
+    request_timeout_s: float = 60.0
+    allowed_uri_prefixes: list = field(default_factory=list)
+    auth_enabled: bool = False
+    token_env: Optional[str] = "MEDRAY_SERVE_TOKEN"
+    token_file: Optional[str] = None
+
+
+def load_token(settings: IngressSettings) -> Optional[str]:
+    """The bearer token, from ``token_file`` else ``token_env``; ``None`` when auth is off.
+
+    Raises:
+        RuntimeError: auth is on and no token is found (the replica refuses to start: fail closed).
+    """
+    if not settings.auth_enabled:
+        return None
+    token = ""
+    if settings.token_file:
+        try:
+            with open(os.path.expanduser(settings.token_file)) as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise RuntimeError(f"serve.auth.token_file cannot be read ({type(err).__name__})") from None
+    elif settings.token_env:
+        token = os.environ.get(settings.token_env, "").strip()
+    if not token:
+        raise RuntimeError(f"serve.auth is enabled but no token was found (token_file or ${settings.token_env})")
+    return token
+
+
+def check_bearer(header: Optional[str], token: Optional[str]) -> None:
+    """Accept ``Authorization: Bearer <token>``; constant-time compare.
+
+    Raises:
+        ApiError: 401 when the header is missing or the token differs.
+    """
+    if token is None:
+        return
+    challenge = {"WWW-Authenticate": 'Bearer realm="medray"'}
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)", challenge)
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "invalid bearer token", challenge)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    Content-Length is checked before a byte is read; without it (chunked
+    uploads) the stream is counted as it arrives.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "invalid_request", "Content-Length is not a number") from None
+        if size > limit:
+            raise ApiError(413, "too_large", f"body of {size} bytes is over serve.limits.max_body_bytes={limit}")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, "too_large", f"body is over serve.limits.max_body_bytes={limit}")
+    return bytes(buf)
+
+
+async def parse_input(content_type: str, body: bytes, settings: IngressSettings) -> dict:
+    """Turn a request body into the encoder's payload: ``{"data", "name"}`` or ``{"uri"}``.
+
+    Raises:
+        ApiError: 415 unsupported content type, 422 malformed body, 403 URI not allowed.
+    """
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _parse_multipart(content_type, body)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return await _parse_json(body, settings)
+    if ctype in RAW_TYPES:
+        if not body:
+            raise ApiError(422, "invalid_request", "empty body")
+        return {"data": body, "name": {"application/dicom": "input.dcm", "image/png": "input.png",
+                                       "image/jpeg": "input.jpg"}.get(ctype, "input")}
+    raise ApiError(415, "unsupported_media",
+                   f"unsupported Content-Type {ctype or '(none)'}; send multipart/form-data (field 'file'), "
+                   f"application/json ({{\"bytes_b64\"}} or {{\"uri\"}}) or one of {', '.join(RAW_TYPES)}")
+
+
+async def _parse_multipart(content_type: str, body: bytes) -> dict:
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=1,
+                                     max_fields=16).parse()
+    except MultiPartException as err:
+        raise ApiError(422, "invalid_request", f"malformed multipart body ({err.message})") from None
+    except Exception as err:  # noqa: BLE001
+        raise ApiError(422, "invalid_request", f"malformed multipart body ({type(err).__name__})") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        upload = next((v for _, v in form.multi_items() if isinstance(v, UploadFile)), None)
+    if upload is None:
+        raise ApiError(422, "invalid_request", "multipart body has no file part; send it as field 'file'")
+    data = await upload.read()
+    await form.close()
+    if not data:
+        raise ApiError(422, "invalid_request", "the uploaded file is empty")
+    return {"data": data, "name": upload.filename or ""}
+
+
+async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
+    try:
+        doc = await asyncio.to_thread(json.loads, body) if len(body) > (1 << 20) else json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(422, "invalid_request", "body is not valid JSON") from None
+    if not isinstance(doc, dict) or len({"bytes_b64", "uri"} & set(doc)) != 1:
+        raise ApiError(422, "invalid_request", 'JSON body must hold exactly one of "bytes_b64" or "uri"')
+    if "uri" in doc:
+        uri = doc["uri"]
+        if not isinstance(uri, str) or not uri_allowed(uri, settings.allowed_uri_prefixes):
+            raise ApiError(403, "uri_not_allowed", "this URI is not under an allowed prefix "
+                           "(serve.inputs.allowed_uri_prefixes)" if settings.allowed_uri_prefixes
+                           else "URI inputs are disabled (serve.inputs.allowed_uri_prefixes is empty)")
+        return {"uri": uri}
+    text = doc["bytes_b64"]
+    if not isinstance(text, str) or not text:
+        raise ApiError(422, "invalid_request", '"bytes_b64" must be a non-empty base64 string')
+    try:
+        data = (await asyncio.to_thread(base64.b64decode, text, validate=True) if len(text) > (1 << 18)
+                else base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_request", '"bytes_b64" is not valid base64') from None
+    return {"data": data, "name": str(doc.get("name") or "")}
+
+
+def error_for_result(result: dict) -> Optional[ApiError]:
+    """The :class:`ApiError` for a deployment's ``{"error": ...}`` result, else ``None``."""
+    err = result.get("error") if isinstance(result, dict) else None
+    if not err:
+        return None
+    status, code = _RECORD_ERRORS.get(err.get("class", ""), (422, "undecodable"))
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return ApiError(status, code, str(err.get("message") or code), headers)
+
+
+def error_for_exception(err: BaseException) -> ApiError:
+    """Map a failed handle call to an answer (never the exception's own text)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, BackPressureError):
+        return ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+        return ApiError(504, "timeout", "the request did not finish within serve.limits.request_timeout_s")
+    if isinstance(err, (RayActorError, DeploymentUnavailableError, RequestCancelledError)):
+        return ApiError(503, "unavailable", "a model replica became unavailable; retry", {"Retry-After": "1"})
+    return ApiError(500, "internal", f"internal error ({type(err).__name__})")
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid:
+        return rid
+    try:
+        return serve.context._get_serve_request_context().request_id or ""  # noqa: SLF001
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def error_response(err: ApiError, request_id: str = "") -> JSONResponse:
+    """The JSON answer for an :class:`ApiError`."""
+    headers = dict(err.headers)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse({"code": err.code, "message": err.message, "request_id": request_id},
+                        status_code=err.status, headers=headers)
+
+
+api = FastAPI(title="medray", version=medray.__version__,
+              description="Embeddings and task-head predictions for medical images (DICOM, PNG, JPEG).")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(ApiError(exc.status_code, code, str(exc.detail)), _request_id(request))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(ApiError(422, "invalid_request", "request does not match the API"), _request_id(request))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected %s", type(exc).__name__)
+    return error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"), _request_id(request))
+
+
+def _embedding_body(res: dict) -> dict:
+    return {
+        "encoder": res["encoder"].get("name"),
+        "weights_hash": res["encoder"].get("weights_hash"),
+        "preprocessing_hash": res["encoder"].get("preprocessing_hash"),
+        "dim": res["encoder"].get("dim"),
+        "untrained": bool(res["encoder"].get("untrained")),
+        "modality": res.get("modality"),
+        "embeddings": [{"frame": int(f), "embedding": e.tolist()} for f, e in zip(res["frames"], res["embeddings"])],
+        "batch_size": res.get("batch_size"),
+        "replica": res.get("replica"),
+    }
+
+
+def _prediction_body(res: dict) -> dict:
+    labels = res["labels"]
+    return {
+        "head": res["head"],
+        "model_card_id": res["model_card_id"],
+        "task": res["task"],
+        "labels": labels,
+        "predictions": [{"frame": int(f), "probabilities": {lab: float(p) for lab, p in zip(labels, row)}}
+                        for f, row in zip(res["frames"], res["probabilities"])],
+        "encoder": res["encoder"].get("name"),
+        "weights_hash": res["encoder"].get("weights_hash"),
+        "replica": res.get("replica"),
+    }
+
+
+@serve.ingress(api)
+class Ingress:
+    """Serve deployment body of the ingress.
+
+    Args:
+        encoder: handle of the encoder deployment.
+        heads: handle of the heads deployment (``None`` when no heads are configured).
+        settings: limits, auth and the head ids.
+
+    Raises:
+        RuntimeError: auth is enabled and no token can be read (fail closed).
+    """
+
+    def __init__(self, encoder: Any, heads: Any, settings: IngressSettings) -> None:
+        self._encoder = encoder
+        self._heads = heads
+        self._settings = settings
+        self._head_ids = set(settings.heads)
+        self._token = load_token(settings)
+        from ray.serve.metrics import Counter
+
+        self._requests = Counter("medray_requests", description="medray API requests by route and status code.",
+                                 tag_keys=("route", "code"))
+
+    async def _answer(self, request: Request, route: str, work) -> JSONResponse:
+        rid = _request_id(request)
+        t0 = time.perf_counter()
+        try:
+            check_bearer(request.headers.get("authorization"), self._token)
+            body = await asyncio.wait_for(work(), timeout=self._settings.request_timeout_s)
+            resp = JSONResponse(body, headers={"X-Request-ID": rid} if rid else None)
+        except asyncio.CancelledError:  # the client went away; Serve cancels the work downstream
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
+            err = error_for_exception(exc)
+            if err.status >= 500:
+                log.warning("%s -> %d %s (%s)", route, err.status, err.code, type(exc).__name__)
+            resp = error_response(err, rid)
+        self._requests.inc(tags={"route": route, "code": str(resp.status_code)})
+        log.info("%s %d in %.1f ms", route, resp.status_code, 1000 * (time.perf_counter() - t0))
+        return resp
+
+    async def _payload(self, request: Request) -> dict:
+        body = await read_body(request, self._settings.max_body_bytes)
+        return await parse_input(request.headers.get("content-type", ""), body, self._settings)
+
+    async def _call(self, response: Any) -> dict:
+        result = await response
+        err = error_for_result(result)
+        if err is not None:
+            raise err
+        return result
+
+    @api.post("/v1/embeddings", openapi_extra=_BODY_DOC, summary="Embed a DICOM, PNG or JPEG (one vector per frame)")
+    async def embeddings(self, request: Request) -> JSONResponse:
+        """Embeddings of the input, one per frame, with the encoder's name and weights hash."""
+        async def work() -> dict:
+            payload = await self._payload(request)
+            return _embedding_body(await self._call(self._encoder.embed.remote(payload)))
+
+        return await self._answer(request, "embeddings", work)
+
+    @api.post("/v1/predict/{head}", openapi_extra=_BODY_DOC, summary="Label probabilities of a task head")
+    async def predict(self, head: str, request: Request) -> JSONResponse:
+        """Probabilities of the head's labels for each frame, and the head's model card id."""
+        async def work() -> dict:
+            if self._heads is None or head not in self._head_ids:
+                raise ApiError(404, "unknown_head", f"no head named {head!r}; GET /v1/models lists them")
+            payload = await self._payload(request)
+            handle = self._heads.options(multiplexed_model_id=head)
+            return _prediction_body(await self._call(handle.predict.remote(payload)))
+
+        return await self._answer(request, "predict", work)
+
+    @api.get("/v1/models", summary="The encoder and the heads served")
+    async def models(self, request: Request) -> JSONResponse:
+        """The served encoder (name, dim, hashes) and the head ids."""
+        async def work() -> dict:
+            enc = await self._encoder.describe.remote()
+            return {"encoder": enc, "heads": [{"id": h} for h in sorted(self._head_ids)]}
+
+        return await self._answer(request, "models", work)
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz(self) -> dict:
+        """200 while the ingress runs."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: the encoder answers")
+    async def readyz(self) -> JSONResponse:
+        """200 when an encoder replica answers within 5 s, else 503."""
+        try:
+            enc = await asyncio.wait_for(self._encoder.describe.remote(), timeout=5.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return error_response(ApiError(503, "not_ready", "the encoder is not ready", {"Retry-After": "1"}))
+        return JSONResponse({"status": "ready", "encoder": enc.get("name")})
