@@ -199,6 +199,26 @@ class Encoder(Preprocessor):
             out = self._forward(x)
         return out.float().cpu().numpy()
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The underlying ``torch.nn.Module`` (fine-tuning trains and saves it).
+
+        Raises:
+            NotImplementedError: The family keeps no single torch module.
+        """
+        model = getattr(self, "_model", None)
+        if model is None:
+            raise NotImplementedError(f"{type(self).__name__} exposes no torch module")
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings ``(N, dim)`` of a float tensor, with autograd.
+
+        The same computation as :meth:`embed` (same pooling), for training:
+        no ``inference_mode``, no autocast, no numpy round trip.
+        """
+        return self._forward(x)
+
     def describe(self) -> dict[str, Any]:
         """Return what identifies this encoder's output, for run metadata.
 

@@ -55,11 +55,11 @@ def _chest(rng: np.random.Generator, size: int, lesion: tuple[float, float, floa
     img = np.full((size, size), 0.08) + 0.45 * body - 0.30 * left - 0.30 * right
     img += 0.25 * (np.abs(x) < 0.1) * body
     if lesion is not None:
-        img += 0.45 * _samples._gauss(y, x, *lesion)
+        img += 0.7 * _samples._gauss(y, x, *lesion)
     if effusion is not None:
         side, level = effusion
         lung = right if side > 0 else left
-        img += 0.35 * (lung & (y > level))
+        img += 0.55 * (lung & (y > level))
     img = img * gain + rng.normal(0.0, 0.02, img.shape)
     return np.clip(np.round(img * 3600 + 200), 0, 4095).astype(np.uint16)
 
@@ -114,7 +114,7 @@ def generate_training_samples(
             lesion = None
             if has_lesion:
                 cy, cx, _ = _samples._lesion_site(rng)
-                lesion = (cy, cx, float(rng.uniform(0.10, 0.16)))
+                lesion = (cy, cx, float(rng.uniform(0.12, 0.18)))
             effusion = None
             if has_effusion:
                 effusion = (-1.0 if rng.random() < 0.5 else 1.0, float(rng.uniform(0.05, 0.25)))

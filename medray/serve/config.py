@@ -186,7 +186,7 @@ class ServeJobConf:
     """``medray serve``: the Hydra schema of ``conf/serve.yaml``."""
 
     encoder: EncoderConf = field(default_factory=EncoderConf)
-    heads: Any = field(default_factory=list)  # [uri, ...] (ids from model cards) or {id: uri}
+    heads: Any = None  # [uri, ...] (ids from model cards) or {id: uri}
     serve: ServeOptions = field(default_factory=ServeOptions)
     decode: DecodeConf = field(default_factory=DecodeConf)
     storage: StorageConf = field(default_factory=StorageConf)

@@ -373,10 +373,10 @@ def _file_voi(values: np.ndarray, view: Dataset, index: int) -> np.ndarray | Non
     return _window(values, c, w, function)
 
 
-def _voi_normalised(
+def _voi_window(
     values: np.ndarray, view: Dataset, options: DicomOptions, modality: str
-) -> np.ndarray:
-    """Pick the VOI transform per `options` and return values in 0..1."""
+) -> np.ndarray | None:
+    """The file's or the configured VOI per `options`, values in 0..1; None when neither applies."""
     def configured() -> np.ndarray | None:
         window = options.windows.get(modality)
         return _window(values, window[0], window[1], "LINEAR") if window else None
@@ -388,6 +388,16 @@ def _voi_normalised(
         out = step()
         if out is not None:
             return out
+    return None
+
+
+def _voi_normalised(
+    values: np.ndarray, view: Dataset, options: DicomOptions, modality: str
+) -> np.ndarray:
+    """Pick the VOI transform per `options` and return values in 0..1 (min-max as the last resort)."""
+    out = _voi_window(values, view, options, modality)
+    if out is not None:
+        return out
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.float64)
@@ -406,11 +416,44 @@ def _monochrome_rgb(
     arr: np.ndarray, view: Dataset, options: DicomOptions, modality: str, photometric: str
 ) -> np.ndarray:
     """Grayscale chain: Modality LUT -> VOI -> 8 bits -> MONOCHROME1 inversion."""
+    lut = _display_lut(arr, view, options, modality, photometric)
+    if lut is not None:
+        table, low = lut
+        if low >= 0:  # pad the table down to 0 so the stored values index it directly
+            table = np.concatenate([np.zeros(low, np.uint8), table]) if low else table
+            gray = np.take(table, arr)
+        else:
+            gray = np.take(table, arr.astype(np.int32) - low)
+        return np.stack([gray, gray, gray], axis=-1)
     values = apply_modality_lut(arr, view)
     gray = _to_uint8(_voi_normalised(values.astype(np.float64), view, options, modality), 1.0)
     if photometric == "MONOCHROME1":
         gray = 255 - gray  # after windowing, as the standard orders it
     return np.repeat(gray[..., np.newaxis], 3, axis=2)
+
+
+def _display_lut(
+    arr: np.ndarray, view: Dataset, options: DicomOptions, modality: str, photometric: str
+) -> tuple[np.ndarray, int] | None:
+    """The whole grayscale chain as one uint8 lookup table over the stored values.
+
+    Modality LUT, VOI and inversion are element-wise functions of the stored
+    value, so for integer pixels a viewer evaluates them once per distinct
+    value (at most 65536) and gathers, instead of once per pixel in float64.
+    Returns ``(lut, lowest stored value)``, or None when a table does not pay
+    off or does not apply (float pixels, no window so min-max of the frame).
+    """
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size < 4096:
+        return None
+    low, high = int(arr.min()), int(arr.max())
+    domain = np.arange(low, high + 1, dtype=np.int64).astype(arr.dtype)
+    norm = _voi_window(apply_modality_lut(domain, view).astype(np.float64), view, options, modality)
+    if norm is None:
+        return None
+    lut = _to_uint8(norm, 1.0)
+    if photometric == "MONOCHROME1":
+        lut = 255 - lut
+    return lut, low
 
 
 def _ycbcr_rct_to_rgb(arr: np.ndarray, bits: int) -> np.ndarray:

@@ -1,0 +1,217 @@
+"""``medray serve``: encoders and task heads as an autoscaling HTTP service (Ray Serve).
+
+Usage::
+
+    medray serve encoder=rad_dino heads=[s3://b/runs/cxr-v1] serve.encoder.autoscaling.max_replicas=8
+    medray serve encoder=hf_image encoder.checkpoint=s3://models/my-vit serve=gpu
+    medray serve ... emit_config=app.yaml     # or --emit-config app.yaml: write a Serve config and exit
+
+Every check that can fail runs before Ray starts: the config, the encoder
+checkpoint (fetched once, hashed), each head's model card (its id, and that
+a linear probe was trained on these very encoder weights), the auth token.
+Then the application from :func:`medray.serve.app.build_app` runs on the
+local or configured Ray until Ctrl-C, which deletes it (in-flight requests
+finish first: Serve's graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medray.jobs import JobInfo
+from medray.platform.errors import ConfigError
+
+__all__ = ["JOB", "ServeJob", "main", "prepare_argv", "register"]
+
+
+def register() -> None:
+    """Register the ``serve`` schema with Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from medray.serve.config import ServeJobConf
+
+    ConfigStore.instance().store(name="serve_schema", node=ServeJobConf)
+
+
+JOB = JobInfo("serve", "serve an encoder and its task heads over HTTP with Ray Serve (autoscaling, batching)",
+              config_name="serve", register=register, order=30)
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Accept ``--emit-config PATH`` / ``--emit-config=PATH`` as ``emit_config=PATH``."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--emit-config":
+            path = next(it, None)
+            if path is None:
+                print("error: --emit-config needs a path, e.g. --emit-config app.yaml", file=sys.stderr)
+                sys.exit(2)
+            out.append(f"emit_config={path}")
+        elif arg.startswith("--emit-config="):
+            out.append("emit_config=" + arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    return out
+
+
+class ServeJob:
+    """The serving recipe: validate on construction, then ``emit`` or ``run``.
+
+    Args:
+        cfg: the composed config (DictConfig from Hydra, or a ServeJobConf).
+
+    Raises:
+        ConfigError: naming the key at fault, before Ray starts.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        from medray.serve.config import ServeJobConf
+
+        if isinstance(cfg, DictConfig):
+            from omegaconf.errors import MissingMandatoryValue
+
+            try:
+                self.cfg: ServeJobConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            except MissingMandatoryValue as err:
+                hint = (" (a hub id, a local directory or an s3:// URI)"
+                        if err.full_key == "encoder.checkpoint" else "")
+                raise ConfigError(str(err.full_key), f"is required{hint}") from None
+        else:
+            self.cfg = cfg
+        self._validate()
+
+    def _validate(self) -> None:
+        from medray.encoders import EncoderSpec, get_spec, list_families
+        from medray.serve.config import check_options, resolve_heads
+
+        c = self.cfg
+        check_options(c.serve, c.decode, c.encoder)
+        if c.encoder.family not in list_families():
+            raise ConfigError("encoder.family", f"unknown family '{c.encoder.family}'; known: "
+                              f"{', '.join(list_families())}")
+        self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(c.encoder)))
+        heads = c.heads
+        if heads is not None and not isinstance(heads, (list, tuple, dict)):
+            raise ConfigError("heads", "must be a list of artifact URIs, e.g. heads=[s3://b/runs/cxr-v1], "
+                              "or a mapping {id: uri}")
+        self.heads = resolve_heads(heads, c.storage.options)
+        self.weights_hash = None
+        if c.check_artifacts:
+            self._check_artifacts()
+        local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
+        if c.serve.auth.enabled and local and c.emit_config is None:
+            from medray.serve.ingress import IngressSettings, load_token
+
+            try:
+                load_token(IngressSettings(auth_enabled=True, token_env=c.serve.auth.token_env,
+                                           token_file=c.serve.auth.token_file))
+            except RuntimeError:
+                key = "serve.auth.token_file" if c.serve.auth.token_file else "serve.auth.token_env"
+                raise ConfigError(key, "auth is enabled but no token was found: set "
+                                  f"${c.serve.auth.token_env} or serve.auth.token_file to a readable file") from None
+
+    def _check_artifacts(self) -> None:
+        """Fetch the encoder once (its hash) and refuse heads trained on other weights."""
+        from medray.encoders import resolve_checkpoint
+        from medray.serve.config import read_model_card
+
+        s = self.spec
+        _, self.weights_hash = resolve_checkpoint(s.checkpoint, storage_options=s.storage_options,
+                                                  cache_dir=s.cache_dir, expected_sha256=s.sha256)
+        for head_id, uri in self.heads.items():
+            card = read_model_card(uri, self.cfg.storage.options)
+            if card.get("backbone_included"):
+                continue  # served with its own fine-tuned backbone
+            want = (card.get("encoder") or {}).get("weights_hash")
+            if want != self.weights_hash:
+                raise ConfigError("heads", f"head '{head_id}' ({uri}) was trained on encoder weights "
+                                  f"{str(want)[:12]}..., but encoder '{s.name}' has weights "
+                                  f"{self.weights_hash[:12]}...; serve it with the encoder it was trained on")
+
+    def args(self) -> dict:
+        """The application's arguments (:class:`medray.serve.app.ServeArgs`) as JSON-ready data."""
+        c = self.cfg
+        return {"encoder": asdict(c.encoder), "heads": dict(self.heads), "serve": asdict(c.serve),
+                "decode": asdict(c.decode), "storage": asdict(c.storage)}
+
+    def emit(self, path: str) -> dict:
+        """Write the Serve deploy config (``serve deploy`` / RayService ``serveConfigV2``) to ``path``."""
+        import yaml
+        from ray.serve.schema import ServeDeploySchema
+
+        from medray.serve.config import deploy_config
+
+        config = deploy_config(self.args(), self.cfg.serve)
+        ServeDeploySchema.model_validate(config)  # what `serve deploy` will check
+        head = (f"# Ray Serve config for medray (written by `medray serve ... emit_config={path}`).\n"
+                "#   serve deploy " + os.path.basename(path) + "\n"
+                "# or paste it under RayService.spec.serveConfigV2. Credentials are not written:\n"
+                "# give them to the cluster (AWS_* env, IAM role, Kubernetes secret).\n")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(head + yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, path)
+        return config
+
+    def run(self) -> int:
+        """Start the application on Ray and block until Ctrl-C / SIGTERM."""
+        from ray import serve
+
+        from medray.platform.runtime import init_ray
+        from medray.serve.app import ServeArgs, build_app
+
+        c, s = self.cfg, self.cfg.serve
+        local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
+        ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard)
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            http = {"host": s.http.host, "port": s.http.port, "keep_alive_timeout_s": s.http.keep_alive_timeout_s}
+            if s.http.request_timeout_s is not None:
+                http["request_timeout_s"] = s.http.request_timeout_s
+            logging_config = {"encoding": s.log_encoding.upper(), "log_level": s.log_level.upper()}
+            serve.start(http_options=http, logging_config=logging_config)
+            app = build_app(ServeArgs.model_validate(self.args()))
+            serve.run(app, name=s.name, route_prefix=s.route_prefix, logging_config=logging_config)
+            url = f"http://{s.http.host}:{s.http.port}{s.route_prefix.rstrip('/')}"
+            tag = " [UNTRAINED demo weights]" if self.spec.untrained else ""
+            print(f"medray serve: application '{s.name}' ready at {url} (docs {url}/docs); encoder "
+                  f"{self.spec.name}{tag}; heads: {', '.join(sorted(self.heads)) or 'none'}; "
+                  f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops", flush=True)
+            while not stop.wait(1.0):
+                pass
+            print("medray serve: stopping (in-flight requests finish first)", flush=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            try:
+                serve.delete(s.name)
+                if local:
+                    serve.shutdown()
+            finally:
+                if local:
+                    ray.shutdown()
+        return 0
+
+
+def main(cfg: DictConfig) -> int:
+    """Hydra entry point body; returns the process exit code."""
+    job = ServeJob(cfg)                 # ConfigError names the key and the fix
+    if job.cfg.emit_config:
+        config = job.emit(job.cfg.emit_config)
+        app = config["applications"][0]
+        print(f"medray serve: wrote {job.cfg.emit_config} (application '{app['name']}', import_path "
+              f"{app['import_path']}); deploy it with `serve deploy {job.cfg.emit_config}` or as a RayService's "
+              "serveConfigV2", flush=True)
+        return 0
+    return job.run()                    # first line that touches Ray
