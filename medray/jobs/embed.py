@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -59,6 +59,7 @@ class EmbedResult:
     wall_s: float
     pipeline_s: float
     records_per_s: float
+    steady_records_per_s: Optional[float]
     stage_seconds: dict
     records_total_in_output: int
     config: dict
@@ -213,6 +214,7 @@ class EmbedJob:
         quarantined = int(stats.get("quarantined", 0))
         read = embedded + quarantined
         total = len(existing_record_ids(c.output, c.storage.options))
+        steady = _steady_rate(stats.get("parts") or [])
         config = dict(self.resolved)
         config["storage"] = {"options": redact_options(c.storage.options)}
         config.get("encoder", {}).pop("storage_options", None)
@@ -221,7 +223,7 @@ class EmbedJob:
             records_done_before=len(done), records_read=read, records_embedded=embedded,
             rows_written=int(stats.get("rows", 0)), quarantined=quarantined,
             error_fraction=(quarantined / read) if read else 0.0, wall_s=wall, pipeline_s=pipeline_s,
-            records_per_s=(read / wall) if wall > 0 else 0.0,
+            records_per_s=(read / wall) if wall > 0 else 0.0, steady_records_per_s=steady,
             stage_seconds={k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode",
                                                                                  "t_preprocess", "t_encode")},
             records_total_in_output=total, config=config)
@@ -234,6 +236,15 @@ class EmbedJob:
                     mode=c.tracking.mode, group=c.tracking.group, name=c.tracking.name or c.run_name,
                     directory=c.tracking.dir)
         return result
+
+
+def _steady_rate(parts: list) -> Optional[float]:
+    """Records/s between the first and the last committed part (start-up excluded)."""
+    if len(parts) < 3:
+        return None
+    t0, t1 = parts[0][0], parts[-1][0]
+    records = sum(n for _, n in parts[1:])
+    return records / (t1 - t0) if t1 > t0 else None
 
 
 def _read_manifest(ray: Any, uri: str, options: Any) -> Any:

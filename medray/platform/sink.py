@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import time
 import uuid
 from typing import Any, Iterable, Mapping
 
@@ -127,13 +128,16 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str) -> A
                 bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
                 write_parquet_atomic(bad, self.output, "quarantine", self.options)
                 stats["quarantined"] = bad.num_rows
+            # (commit time, records) per part: lets the summary report steady-state throughput.
+            stats["parts"] = [[time.time(), stats["records"] + stats["quarantined"]]]
             return stats
 
         def on_write_complete(self, write_result: Any) -> None:
-            agg: dict[str, float] = {}
+            agg: dict[str, Any] = {"parts": []}
             for r in write_result.write_returns:
                 for k, v in (r or {}).items():
-                    agg[k] = agg.get(k, 0) + v
+                    agg[k] = agg.get(k, 0) + v if not isinstance(v, list) else agg.get(k, []) + v
+            agg["parts"] = sorted(agg["parts"])
             self.result = agg
 
     return _Sink()

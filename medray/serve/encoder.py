@@ -15,6 +15,7 @@ class and its PHI-free message, and the ingress maps it to an HTTP status.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -133,10 +134,18 @@ def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preproces
 
 
 def error_result(err: BaseException) -> dict:
-    """``{"error": {class, stage, message}}`` for a failed input (message PHI-free)."""
+    """``{"error": {class, stage, message}}`` for a failed input (message PHI-free).
+
+    An exception that is not a :class:`RecordError` is logged by type and
+    code location only: library messages may quote header values.
+    """
     if isinstance(err, RecordError):
         return {"error": {"class": type(err).__name__, "stage": err.stage, "message": str(err)}}
-    # Library messages may quote header values: keep only the exception type.
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    log.warning("unexpected %s at %s while decoding an input", type(err).__name__, where)
     return {"error": {"class": "DecodeError", "stage": "decode",
                       "message": f"input could not be decoded ({type(err).__name__})"}}
 
@@ -217,8 +226,8 @@ class EncoderDeployment:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            decoded = await loop.run_in_executor(self._decode_pool, decode_input, payload, self._settings,
-                                                 self._encoder, self._salt)
+            decoded = await loop.run_in_executor(self._decode_pool, functools.partial(
+                decode_input, payload, self._settings, self._encoder, salt=self._salt))
         except Exception as err:  # noqa: BLE001 - bad input is an answer, not a crash
             out = error_result(err)
             log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])

@@ -18,6 +18,7 @@ loaded per replica, the least recently used is dropped first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,8 @@ class HeadsDeployment:
 
     async def models(self) -> dict:
         """Ids of the heads this replica holds now (most recently used last)."""
-        wrapper = getattr(self._get_head, "__serve_multiplex_wrapper", None)
+        loader = getattr(self._get_head, "__wrapped__", None)  # Serve keeps its LRU on the loader
+        wrapper = getattr(loader, "__serve_multiplex_wrapper", None)
         return {"replica": self._replica, "loaded": list(getattr(wrapper, "models", {}) or {})}
 
     async def predict(self, payload: dict) -> dict:
@@ -176,8 +178,8 @@ class HeadsDeployment:
         else:
             loop = asyncio.get_running_loop()
             try:
-                decoded = await loop.run_in_executor(self._pool, decode_input, payload, self._settings,
-                                                     loaded.encoder, self._salt)
+                decoded = await loop.run_in_executor(self._pool, functools.partial(
+                    decode_input, payload, self._settings, loaded.encoder, salt=self._salt))
                 emb = await loop.run_in_executor(self._pool, loaded.encoder.embed, decoded.pixels)
             except Exception as err:  # noqa: BLE001
                 return error_result(err)

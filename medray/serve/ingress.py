@@ -18,7 +18,8 @@ request deadline. Messages never carry PHI: decoders' messages are
 structural, and anything unexpected is reported by type only.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see the route annotations
+# (Request, ...) as objects once Serve has wrapped the methods.
 
 import asyncio
 import base64
@@ -269,11 +270,9 @@ def _request_id(request: Request) -> str:
 
 def error_response(err: ApiError, request_id: str = "") -> JSONResponse:
     """The JSON answer for an :class:`ApiError`."""
-    headers = dict(err.headers)
-    if request_id:
-        headers["X-Request-ID"] = request_id
+    # The Serve proxy adds the X-Request-ID header to every response itself.
     return JSONResponse({"code": err.code, "message": err.message, "request_id": request_id},
-                        status_code=err.status, headers=headers)
+                        status_code=err.status, headers=dict(err.headers))
 
 
 api = FastAPI(title="medray", version=medray.__version__,
@@ -356,7 +355,7 @@ class Ingress:
         try:
             check_bearer(request.headers.get("authorization"), self._token)
             body = await asyncio.wait_for(work(), timeout=self._settings.request_timeout_s)
-            resp = JSONResponse(body, headers={"X-Request-ID": rid} if rid else None)
+            resp = JSONResponse(body)
         except asyncio.CancelledError:  # the client went away; Serve cancels the work downstream
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer

@@ -1,0 +1,366 @@
+"""Labelled records for ``medray finetune``: manifest -> split -> read -> decode -> examples.
+
+The same stages as ``medray embed`` (:func:`~medray.platform.pipeline.read_batch`,
+:func:`~medray.platform.pipeline.decode_batch`, the encoder's own preprocessing)
+plus three small ones:
+
+* :func:`split_batch` gives each row its split from its patient group (see
+  :mod:`medray.platform.splits`), or reads it from a split column;
+* :func:`header_keys_batch` computes the salted patient key from the DICOM
+  header alone, for the one pass that writes the split manifest when the
+  split groups by the DICOM patient (``data.group_by=patient_key``);
+* :func:`examples_batch` turns decoded records into training examples, one
+  per frame: ``x`` (float32 ``C*H*W`` bytes), ``y`` (targets), ``record_id``,
+  ``frame``, ``modality`` and one ``sg_<name>`` column per subgroup.
+
+Driver-side helpers stream manifest columns in batches (no global list) to
+count rows and positives per split, so a split without positives stops the
+job before any training worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from medray.platform.errors import ConfigError
+from medray.platform.metrics import age_band
+from medray.platform.splits import SPLITS, SplitFractions, assign_splits
+
+__all__ = [
+    "ExampleSpec",
+    "SplitPlan",
+    "count_splits",
+    "examples_batch",
+    "header_keys_batch",
+    "iter_manifest_batches",
+    "keep_split",
+    "manifest_columns",
+    "manifest_sha256",
+    "parse_target",
+    "split_batch",
+]
+
+#: Subgroups computed rather than read: name -> column it needs.
+DERIVED_SUBGROUPS = {"age_band": "age"}
+_TRUE = {"1", "1.0", "true", "yes", "y", "t", "positive", "pos"}
+_FALSE = {"0", "0.0", "false", "no", "n", "f", "negative", "neg"}
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How rows get their split.
+
+    Attributes:
+        mode: ``column`` (read ``column``), ``group`` (hash the manifest
+            column ``column``), ``patient_key`` (hash the DICOM patient key;
+            needs the header pass) or ``manifests`` (train and val come from
+            two manifests; every row of each is in that split).
+        column: the split or grouping column.
+        seed: split seed.
+        fractions: val/test shares.
+        salt: the patient salt, mixed into the hash.
+    """
+
+    mode: str
+    column: str | None = None
+    seed: int = 0
+    fractions: SplitFractions = field(default_factory=SplitFractions)
+    salt: str = ""
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """What :func:`examples_batch` needs to build targets and subgroup columns."""
+
+    task: str
+    labels: tuple[str, ...]
+    label_columns: tuple[str, ...]
+    subgroups: tuple[str, ...] = ()
+    age_bands: tuple[int, ...] = (40, 60, 80)
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head: one per label (multi-class: one per class)."""
+        return len(self.labels)
+
+    @property
+    def target_width(self) -> int:
+        """Width of ``y``: the class index for multi-class, else one per label."""
+        return 1 if self.task == "multiclass" else len(self.labels)
+
+
+# --------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------
+def _binary(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if float(value) in (0.0, 1.0):
+            return float(value)
+        raise ValueError(value)
+    text = str(value).strip().lower()
+    if text == "":
+        return None
+    if text in _TRUE:
+        return 1.0
+    if text in _FALSE:
+        return 0.0
+    raise ValueError(value)
+
+
+def parse_target(values: Sequence[Any], spec: ExampleSpec) -> list[float] | None:
+    """Targets of one row from its label-column values; ``None`` when a label is missing.
+
+    Raises:
+        ValueError: a value that is not valid for the task (the caller names the key).
+    """
+    if spec.task in ("binary", "multilabel"):
+        out = [_binary(v) for v in values]
+        return None if any(v is None for v in out) else out  # type: ignore[return-value]
+    if spec.task == "multiclass":
+        v = values[0]
+        if v is None or (isinstance(v, float) and math.isnan(v)) or str(v) == "":
+            return None
+        text = str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+        if text not in spec.labels:
+            raise ValueError(v)
+        return [float(spec.labels.index(text))]
+    out_r = []
+    for v in values:
+        if v is None or str(v).strip() == "":
+            return None
+        f = float(v)
+        if math.isnan(f):
+            return None
+        out_r.append(f)
+    return out_r
+
+
+# --------------------------------------------------------------------------
+# driver side: schema, hashing, streaming counts
+# --------------------------------------------------------------------------
+def _format(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith((".jsonl", ".json")):
+        return "json"
+    return "parquet"
+
+
+def _dataset(uri: str, storage_options: Mapping[str, Any] | None) -> Any:
+    import pyarrow.dataset as pads
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from medray.platform.storage import open_fs
+
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise ConfigError("data.train", f"manifest '{uri}' does not exist")
+    return pads.dataset(path, format=_format(path), filesystem=PyFileSystem(FSSpecHandler(fs)))
+
+
+def manifest_columns(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Column names of a CSV/JSONL/Parquet manifest (reads the schema only)."""
+    return list(_dataset(uri, storage_options).schema.names)
+
+
+def iter_manifest_batches(uri: str, columns: Sequence[str],
+                          storage_options: Mapping[str, Any] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the given manifest columns in record batches (never the whole manifest)."""
+    yield from _dataset(uri, storage_options).to_batches(columns=list(columns), batch_size=65536)
+
+
+def manifest_sha256(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of the manifest's bytes (all files, in sorted order, for a directory)."""
+    from medray.platform.storage import open_fs
+
+    fs, path = open_fs(uri, storage_options)
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    digest = hashlib.sha256()
+    for p in files:
+        with fs.open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: ExampleSpec,
+                 *, fixed_split: str | None = None) -> dict[str, dict[str, Any]]:
+    """Rows, usable rows and positives per label, per split, from streamed batches.
+
+    Args:
+        batches: record batches holding the label columns, plus the split or
+            grouping column the plan reads (and ``uri`` for rows without a group).
+        plan: the split plan (mode ``patient_key`` reads the ``split`` column
+            written by the header pass).
+        spec: task, labels and label columns.
+        fixed_split: every row belongs to this split (``manifests`` mode).
+
+    Returns:
+        ``{split: {"rows", "usable", "positives": {label: n}, "negatives": {label: n}}}``.
+
+    Raises:
+        ConfigError: a label value is not valid for the task (key ``task.labels``).
+    """
+    counts = {s: {"rows": 0, "usable": 0, "positives": {lb: 0 for lb in spec.labels},
+                  "negatives": {lb: 0 for lb in spec.labels}} for s in SPLITS}
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if fixed_split is not None:
+            splits = [fixed_split] * table.num_rows
+        else:
+            splits = split_batch(table, plan).column("split").to_pylist()
+        cols = [table.column(c).to_pylist() for c in spec.label_columns]
+        for i, s in enumerate(splits):
+            if s not in counts:
+                continue
+            counts[s]["rows"] += 1
+            values = [col[i] for col in cols]
+            try:
+                y = parse_target(values, spec)
+            except ValueError as err:
+                col = spec.label_columns[0] if spec.task == "multiclass" else "one of " + ", ".join(spec.label_columns)
+                want = f"one of {list(spec.labels)}" if spec.task == "multiclass" else (
+                    "a number" if spec.task == "regression" else "0/1 (or true/false)")
+                raise ConfigError("task.labels", f"column {col} holds {err.args[0]!r} where {want} was "
+                                  "expected; fix the manifest or the task") from None
+            if y is None:
+                continue
+            counts[s]["usable"] += 1
+            if spec.task in ("binary", "multilabel"):
+                for lb, v in zip(spec.labels, y):
+                    counts[s]["positives" if v >= 0.5 else "negatives"][lb] += 1
+            elif spec.task == "multiclass":
+                for k, lb in enumerate(spec.labels):
+                    counts[s]["positives" if int(y[0]) == k else "negatives"][lb] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------
+# Ray Data stages (plain functions over pyarrow tables)
+# --------------------------------------------------------------------------
+def split_batch(table: pa.Table, plan: SplitPlan) -> pa.Table:
+    """Add (or normalise) the ``split`` column of each row."""
+    n = table.num_rows
+    if plan.mode == "column" or plan.mode == "patient_key":
+        column = plan.column if plan.mode == "column" else "split"
+        raw = table.column(column).to_pylist()
+        splits = [_normalise_split(v) for v in raw]
+    elif plan.mode == "group":
+        groups = table.column(plan.column).to_pylist()
+        fallbacks = table.column("uri").to_pylist() if "uri" in table.column_names else list(range(n))
+        splits = assign_splits(groups, seed=plan.seed, fractions=plan.fractions, salt=plan.salt,
+                               fallbacks=fallbacks)
+    else:
+        raise ValueError(f"split_batch has nothing to do in mode {plan.mode!r}")
+    arr = pa.array(splits, pa.string())
+    if "split" in table.column_names:
+        return table.set_column(table.column_names.index("split"), "split", arr)
+    return table.append_column("split", arr)
+
+
+def _normalise_split(value: Any) -> str:
+    text = "" if value is None else str(value).strip().lower()
+    return {"validation": "val", "valid": "val", "dev": "val", "training": "train", "testing": "test"}.get(text, text)
+
+
+def keep_split(table: pa.Table, split: str) -> pa.Table:
+    """Rows of ``table`` whose ``split`` is ``split``."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("split"), split))
+
+
+def header_keys_batch(table: pa.Table, salt: str, plan: SplitPlan) -> pa.Table:
+    """Salted patient key (DICOM header only, pixels untouched) and split of each read record.
+
+    Drops the record bytes and the pipeline's status columns; records whose
+    bytes are unreadable or not DICOM get their own group (the record id).
+    """
+    import pydicom
+
+    from medray.platform.deid import patient_key
+
+    datas = table.column("data").to_pylist()
+    keys: list[str | None] = []
+    for data in datas:
+        key = None
+        if data:
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
+                key = patient_key(ds, salt)
+            except Exception:  # noqa: BLE001 - photos and damaged files group by record
+                key = None
+        keys.append(key)
+    fallbacks = table.column("record_id").to_pylist()
+    splits = assign_splits(keys, seed=plan.seed, fractions=plan.fractions, salt=plan.salt, fallbacks=fallbacks)
+    drop = {"data", "t_read", "status", "stage", "error_class", "message", "record_id", "split", "patient_key"}
+    out = table.select([c for c in table.column_names if c not in drop])
+    out = out.append_column("patient_key", pa.array(keys, pa.string()))
+    return out.append_column("split", pa.array(splits, pa.string()))
+
+
+def _subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: list[dict]) -> list[str | None]:
+    if name == "age_band":
+        return [age_band(v, bands) for v in table.column("age").to_pylist()]
+    for column in (name, f"manifest_{name}"):
+        if column in table.column_names:
+            return [None if v is None else str(v) for v in table.column(column).to_pylist()]
+    return [None if m.get(name) is None else str(m.get(name)) for m in metas]
+
+
+def examples_batch(table: pa.Table, spec: ExampleSpec) -> pa.Table:
+    """Decoded records -> training examples, one row per frame.
+
+    Rows that failed to read or decode, or whose labels are missing, are
+    dropped (they were counted on the driver).
+    """
+    status = table.column("status").to_pylist()
+    pixels = table.column("pixel_values").to_pylist()
+    shapes = table.column("pixel_shape").to_pylist()
+    frames = table.column("frames").to_pylist()
+    ids = table.column("record_id").to_pylist()
+    modality = table.column("modality").to_pylist()
+    metas = [json.loads(m) if m else {} for m in table.column("metadata").to_pylist()]
+    label_cols = [table.column(c).to_pylist() for c in spec.label_columns]
+    groups = {g: _subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
+    out: dict[str, list] = {"x": [], "y": [], "record_id": [], "frame": [], "modality": []}
+    for g in spec.subgroups:
+        out[f"sg_{g}"] = []
+    for i in range(table.num_rows):
+        if status[i] != "ok" or pixels[i] is None:
+            continue
+        try:
+            y = parse_target([col[i] for col in label_cols], spec)
+        except ValueError:
+            y = None
+        if y is None:
+            continue
+        shape = shapes[i]
+        per_frame = int(np.prod(shape[1:])) * 4
+        for j, f in enumerate(frames[i]):
+            out["x"].append(pixels[i][j * per_frame:(j + 1) * per_frame])
+            out["y"].append(y)
+            out["record_id"].append(ids[i])
+            out["frame"].append(int(f))
+            out["modality"].append(modality[i] or "")
+            for g in spec.subgroups:
+                out[f"sg_{g}"].append(groups[g][i])
+    types = {"x": pa.large_binary(), "y": pa.list_(pa.float32()), "record_id": pa.string(),
+             "frame": pa.int32(), "modality": pa.string()}
+    return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in out.items()})

@@ -1,0 +1,672 @@
+"""``medray finetune``: adapt an encoder to labelled records with Ray Train + DeepSpeed.
+
+Usage::
+
+    medray finetune data.train=s3://b/labels.parquet encoder=rad_dino task=multilabel \\
+        task.labels=[effusion,pneumothorax] train.strategy=lora deepspeed.stage=2 \\
+        scaling.num_workers=8 scaling.use_gpu=true output=s3://b/runs/cxr-v1
+
+Every check that can fail runs before a training worker starts: the config
+(task, labels, ZeRO stage, strategy, precision, resources), the manifest
+(label and subgroup columns exist, label values fit the task) and the split
+(every label has positives in train and val). Then:
+
+1. splits: patient-level, from a split column, a grouping column, or the
+   salted DICOM patient key (one header-only pass writes ``splits/``);
+2. Ray Train ``TorchTrainer`` runs :func:`medray.jobs._finetune_loop.train_loop`
+   on ``scaling.num_workers`` workers: Ray Data shards decoded with the same
+   ``read_batch``/``decode_batch`` as ``embed``, DeepSpeed ZeRO from config,
+   per-epoch validation (overall and per subgroup), checkpoints under
+   ``<output>/checkpoints`` (a dead worker restarts the run from the last one);
+3. export: ZeRO shards consolidated (``zero_to_fp32``) into the artifact at
+   ``<output>/model`` (``medray.encoders.heads`` format: model card, head,
+   backbone in its family's layout), checked against the model's own
+   predictions at the end of training.
+
+Output::
+
+    <output>/model/                 the artifact: embed with encoder.checkpoint=<output>/model
+    <output>/predictions/val.parquet  end-of-training validation predictions
+    <output>/checkpoints/train/     Ray Train checkpoints (DeepSpeed shards)
+    <output>/splits/                the split manifest (data.group_by=patient_key)
+    <output>/summary.json, runs/<run_id>.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf, TrackingConf, patient_salt
+from medray.jobs import JobInfo
+from medray.platform.errors import ConfigError
+
+__all__ = [
+    "JOB",
+    "DeepSpeedConf",
+    "EvalConf",
+    "FinetuneConf",
+    "FinetuneDataConf",
+    "FinetuneJob",
+    "FinetuneResult",
+    "LoraConf",
+    "ScalingConf",
+    "TaskConf",
+    "TrainConf",
+    "main",
+    "register",
+]
+
+log = logging.getLogger("medray.finetune")
+
+TASK_TYPES = ("binary", "multilabel", "multiclass", "regression")
+STRATEGIES = ("linear_probe", "full", "lora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+# --------------------------------------------------------------------------
+# schema (stored in Hydra's ConfigStore as "finetune_schema")
+# --------------------------------------------------------------------------
+@dataclass
+class FinetuneDataConf:
+    """Labelled manifests and how to split them."""
+
+    train: str = MISSING                 # manifest: uri + label columns (+ optional split/group columns)
+    val: Optional[str] = None            # a separate validation manifest (then train is not split)
+    split_column: Optional[str] = None   # a column with train/val/test; overrides the computed split
+    group_by: str = "patient_key"        # patient_key (salted, from the DICOM) or a manifest column
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+    read_batch_size: int = 16
+    decode_batch_size: int = 16
+    decode_num_cpus: float = 1.0
+    decode_concurrency: Optional[int] = None
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class TaskConf:
+    """What the head predicts."""
+
+    type: str = "binary"                 # binary | multilabel | multiclass | regression
+    labels: List[str] = field(default_factory=list)  # label columns; multiclass: the class values
+    column: Optional[str] = None         # multiclass: the column holding the class
+
+
+@dataclass
+class LoraConf:
+    """LoRA adapters (``train.strategy=lora``)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # null: the attention query/value projections
+
+
+@dataclass
+class TrainConf:
+    """Optimisation."""
+
+    strategy: str = "full"               # linear_probe | full | lora
+    epochs: int = 10
+    batch_size: int = 16                 # per worker per step (DeepSpeed micro batch)
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    schedule: str = "cosine"             # cosine | linear | constant (after warm-up)
+    clip_grad_norm: Optional[float] = 1.0
+    precision: str = "auto"              # auto (bf16 on GPUs that have it, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    max_failures: int = 2                # worker failures survived (restart from the last checkpoint)
+    checkpoints_to_keep: int = 2
+    lora: LoraConf = field(default_factory=LoraConf)
+    augment: Dict[str, Dict[str, float]] = field(default_factory=dict)  # modality|default -> {hflip: 0.5, ...}
+
+
+@dataclass
+class DeepSpeedConf:
+    """DeepSpeed: ZeRO stage and offload; ``config`` is merged into the generated DeepSpeed config."""
+
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScalingConf:
+    """Ray Train workers."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class EvalConf:
+    """Validation metrics."""
+
+    subgroups: List[str] = field(default_factory=list)  # manifest columns, metadata keys, or age_band
+    age_bands: List[int] = field(default_factory=lambda: [40, 60, 80])
+    ece_bins: int = 10
+    min_subgroup_size: int = 5
+    verify_records: int = 16             # artifact vs end-of-training predictions on this many records
+
+
+@dataclass
+class FinetuneConf:
+    """``medray finetune``: labelled manifest in, artifact + metrics + checkpoints out."""
+
+    output: str = MISSING
+    resume: bool = False
+    data: FinetuneDataConf = field(default_factory=FinetuneDataConf)
+    task: TaskConf = field(default_factory=TaskConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
+    scaling: ScalingConf = field(default_factory=ScalingConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    encoder: EncoderConf = field(default_factory=EncoderConf)
+    decode: DecodeConf = field(default_factory=DecodeConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    ray: RayConf = field(default_factory=RayConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    patient_salt: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+def register() -> None:
+    """Store the finetune schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="finetune_schema", node=FinetuneConf)
+
+
+JOB = JobInfo("finetune", "fine-tune an encoder on labelled records with Ray Train + DeepSpeed; export an artifact",
+              config_name="finetune", register=register, order=20)
+
+
+# --------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------
+@dataclass
+class FinetuneResult:
+    """What a run did; also written as ``summary.json`` and ``runs/<run_id>.json``."""
+
+    run_id: str
+    output: str
+    artifact: str
+    encoder: str
+    task: str
+    labels: list
+    strategy: str
+    zero_stage: int
+    num_workers: int
+    epochs: int
+    global_step: int
+    splits: dict
+    metrics: dict
+    history: list
+    attempts: list
+    n_parameters: int
+    n_trainable: int
+    trainable_parameters: list
+    export_max_abs_diff: Optional[float]
+    export_records_checked: int
+    wall_s: float
+    train_s: float
+    config: dict
+
+    def one_line(self) -> str:
+        """The closing one-line summary."""
+        val = self.metrics.get("val", {})
+        main = (f"AUROC macro {val.get('auroc_macro'):.3f}" if isinstance(val.get("auroc_macro"), float)
+                else f"MSE {val.get('mse')}")
+        restarts = max(0, len(self.attempts) - 1)
+        return (f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
+                f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
+                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; artifact {self.artifact}")
+
+
+# --------------------------------------------------------------------------
+# the recipe
+# --------------------------------------------------------------------------
+class FinetuneJob:
+    """The fine-tuning recipe: validate on construction, then :meth:`run`.
+
+    Args:
+        cfg: the composed config (a DictConfig from Hydra, or a FinetuneConf).
+
+    Raises:
+        ConfigError: naming the key at fault, before any work starts.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        if isinstance(cfg, DictConfig):
+            for key in ("data.train", "output"):
+                if OmegaConf.is_missing(cfg, key):
+                    raise ConfigError(key, "is required, e.g. `medray finetune data.train=s3://b/labels.parquet "
+                                      "task.labels=[label] output=s3://b/runs/v1`")
+            self.cfg: FinetuneConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        else:
+            self.cfg = cfg
+            self.resolved = asdict(cfg)
+        self.salt = patient_salt(self.cfg.patient_salt)
+        self._validate()
+        self._check_output()
+        self._check_data()
+
+    # ------------------------------------------------------------ config checks
+    def _validate(self) -> None:
+        from medray.encoders import EncoderSpec, get_spec, list_families
+        from medray.jobs._finetune_data import ExampleSpec
+
+        c = self.cfg
+        t, tr, ds, sc = c.task, c.train, c.deepspeed, c.scaling
+        if t.type not in TASK_TYPES:
+            raise ConfigError("task.type", f"unknown task '{t.type}'; expected one of {list(TASK_TYPES)}")
+        labels = [str(v) for v in (t.labels or [])]
+        if not labels:
+            raise ConfigError("task.labels", "at least one label is required, e.g. task.labels=[effusion]")
+        if len(set(labels)) != len(labels):
+            raise ConfigError("task.labels", f"labels repeat: {labels}")
+        if t.type == "binary" and len(labels) != 1:
+            raise ConfigError("task.labels", f"a binary task has one label column, got {labels}; "
+                              "use task=multilabel for several")
+        if t.type == "multiclass":
+            if not t.column:
+                raise ConfigError("task.column", "a multiclass task needs the column holding the class, "
+                                  "e.g. task.column=finding")
+            if len(labels) < 2:
+                raise ConfigError("task.labels", "a multiclass task needs at least two classes")
+        elif t.column:
+            raise ConfigError("task.column", f"only multiclass tasks read a class column; for {t.type} the "
+                              "label columns are task.labels")
+        if tr.strategy not in STRATEGIES:
+            raise ConfigError("train.strategy", f"unknown strategy '{tr.strategy}'; expected one of {list(STRATEGIES)}")
+        if not isinstance(ds.stage, int) or not (0 <= ds.stage <= 3):
+            raise ConfigError("deepspeed.stage", f"ZeRO stage must be 0, 1, 2 or 3, got {ds.stage}")
+        if ds.offload_params and ds.stage != 3:
+            raise ConfigError("deepspeed.offload_params", "parameter offload needs deepspeed.stage=3")
+        if ds.offload_optimizer and ds.stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1")
+        if tr.precision not in PRECISIONS:
+            raise ConfigError("train.precision", f"expected one of {list(PRECISIONS)}, got '{tr.precision}'")
+        if tr.precision in ("bf16", "fp16") and not sc.use_gpu:
+            raise ConfigError("train.precision", f"{tr.precision} needs a GPU that has it; on CPU use "
+                              "train.precision=auto (fp32)")
+        if tr.schedule not in SCHEDULES:
+            raise ConfigError("train.schedule", f"expected one of {list(SCHEDULES)}, got '{tr.schedule}'")
+        for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+            if getattr(tr, key) < 1:
+                raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+        if not tr.lr > 0:
+            raise ConfigError("train.lr", f"must be > 0, got {tr.lr}")
+        if not (0.0 <= tr.warmup_fraction < 1.0):
+            raise ConfigError("train.warmup_fraction", f"must be within [0, 1), got {tr.warmup_fraction}")
+        if tr.clip_grad_norm is not None and tr.clip_grad_norm < 0:
+            raise ConfigError("train.clip_grad_norm", "must be >= 0 or null")
+        if tr.max_failures < 0:
+            raise ConfigError("train.max_failures", f"must be >= 0, got {tr.max_failures}")
+        if tr.checkpoints_to_keep < 1:
+            raise ConfigError("train.checkpoints_to_keep", "must be >= 1")
+        if tr.strategy == "lora" and tr.lora.r < 1:
+            raise ConfigError("train.lora.r", f"must be >= 1, got {tr.lora.r}")
+        from medray.jobs._finetune_model import AUGMENT_KEYS
+
+        for modality, aug in (tr.augment or {}).items():
+            for key, value in (aug or {}).items():
+                if key not in AUGMENT_KEYS:
+                    raise ConfigError(f"train.augment.{modality}.{key}", f"unknown augmentation; known: {list(AUGMENT_KEYS)}")
+                if float(value) < 0:
+                    raise ConfigError(f"train.augment.{modality}.{key}", "must be >= 0")
+        if sc.num_workers < 1:
+            raise ConfigError("scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
+        if sc.cpus_per_worker <= 0:
+            raise ConfigError("scaling.cpus_per_worker", "must be > 0")
+        if sc.use_gpu and c.ray.address is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("scaling.use_gpu", "this machine has no CUDA GPU; set scaling.use_gpu=false "
+                                  "or run on a GPU cluster (ray.address=auto)")
+        d = c.data
+        for key in ("read_batch_size", "decode_batch_size"):
+            if getattr(d, key) < 1:
+                raise ConfigError(f"data.{key}", "must be >= 1")
+        if d.decode_num_cpus <= 0:
+            raise ConfigError("data.decode_num_cpus", "must be > 0")
+        if not (0.0 <= d.val_fraction < 1.0) or not (0.0 <= d.test_fraction < 1.0) or \
+                d.val_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction", "val_fraction and test_fraction must be within [0, 1) and "
+                              "sum to less than 1")
+        if d.val is None and d.split_column is None and d.val_fraction <= 0:
+            raise ConfigError("data.val_fraction", "must be > 0 (or give data.val or data.split_column): "
+                              "validation needs data")
+        if c.eval.ece_bins < 1:
+            raise ConfigError("eval.ece_bins", "must be >= 1")
+        if c.eval.verify_records < 0:
+            raise ConfigError("eval.verify_records", "must be >= 0")
+        enc = c.encoder
+        if enc.family not in list_families():
+            raise ConfigError("encoder.family", f"unknown family '{enc.family}'; known: {', '.join(list_families())}")
+        if not enc.checkpoint or enc.checkpoint == "???":
+            raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory "
+                              "or an object-storage URI (s3://...)")
+        self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
+        out = c.output.rstrip("/")
+        for key in ("train", "val"):
+            src = getattr(d, key)
+            if src and (src.rstrip("/") == out or src.startswith(out + "/")):
+                raise ConfigError("output", f"must not contain data.{key}; choose another output location")
+        label_columns = [t.column] if t.type == "multiclass" else labels
+        self.example_spec = ExampleSpec(task=t.type, labels=tuple(labels), label_columns=tuple(label_columns),
+                                        subgroups=tuple(str(g) for g in c.eval.subgroups),
+                                        age_bands=tuple(int(b) for b in c.eval.age_bands))
+
+    def _check_output(self) -> None:
+        """A run already in ``output`` continues only with ``resume=true``."""
+        from medray.platform.storage import open_fs
+
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        started = fs.exists(posixpath.join(root, "checkpoints", "train"))
+        if started and not self.cfg.resume:
+            raise ConfigError("resume", f"output '{self.cfg.output}' already holds a run; pass resume=true to "
+                              "continue it, or choose a new output")
+
+    def _check_data(self) -> None:
+        """Manifest columns, label values and split positives, streamed on the driver."""
+        from medray.jobs._finetune_data import (
+            DERIVED_SUBGROUPS,
+            SplitPlan,
+            count_splits,
+            iter_manifest_batches,
+            manifest_columns,
+        )
+        from medray.platform.deid import ALLOWED_FIELDS
+        from medray.platform.splits import SplitFractions
+
+        c, spec = self.cfg, self.example_spec
+        opts = c.storage.options
+        self.columns = {"train": manifest_columns(c.data.train, opts)}
+        if c.data.val:
+            try:
+                self.columns["val"] = manifest_columns(c.data.val, opts)
+            except ConfigError:
+                raise ConfigError("data.val", f"manifest '{c.data.val}' does not exist") from None
+        for which, names in self.columns.items():
+            if "uri" not in names:
+                raise ConfigError(f"data.{which}", f"manifest has no 'uri' column (columns: {', '.join(names)})")
+            for col in spec.label_columns:
+                if col not in names:
+                    key = "task.column" if c.task.type == "multiclass" else "task.labels"
+                    raise ConfigError(key, f"unknown label column '{col}' in data.{which}; the manifest has: "
+                                      f"{', '.join(n for n in names if n not in ('uri', 'member'))}")
+            for g in spec.subgroups:
+                need = DERIVED_SUBGROUPS.get(g)
+                if need is not None:
+                    if need not in names:
+                        raise ConfigError("eval.subgroups", f"'{g}' needs a '{need}' column in data.{which}")
+                elif g not in names and g not in ALLOWED_FIELDS:
+                    raise ConfigError("eval.subgroups", f"unknown subgroup '{g}': not a column of data.{which} "
+                                      f"nor DICOM metadata ({', '.join(ALLOWED_FIELDS)}) nor age_band")
+        d = c.data
+        fractions = SplitFractions(val=0.0 if d.val else d.val_fraction, test=0.0 if d.val else d.test_fraction)
+        if d.val:
+            self.plan = SplitPlan("manifests", seed=d.seed, fractions=fractions, salt=self.salt)
+        elif d.split_column:
+            if d.split_column not in self.columns["train"]:
+                raise ConfigError("data.split_column", f"no column '{d.split_column}' in data.train")
+            self.plan = SplitPlan("column", d.split_column, d.seed, fractions, self.salt)
+        elif d.group_by == "patient_key":
+            self.plan = SplitPlan("patient_key", None, d.seed, fractions, self.salt)
+        else:
+            if d.group_by not in self.columns["train"]:
+                raise ConfigError("data.group_by", f"no column '{d.group_by}' in data.train; use patient_key "
+                                  "(the salted DICOM patient) or a grouping column of the manifest")
+            self.plan = SplitPlan("group", d.group_by, d.seed, fractions, self.salt)
+        self.counts: dict | None = None
+        if self.plan.mode == "patient_key":
+            return  # counted after the header pass in run(), still before any training worker starts
+        cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x]
+        if self.plan.mode == "manifests":
+            counts = count_splits(iter_manifest_batches(d.train, list(spec.label_columns), opts), self.plan, spec,
+                                  fixed_split="train")
+            val = count_splits(iter_manifest_batches(d.val, list(spec.label_columns), opts), self.plan, spec,
+                               fixed_split="val")
+            counts["val"] = val["val"]
+        else:
+            counts = count_splits(iter_manifest_batches(d.train, sorted(set(cols)), opts), self.plan, spec)
+        self._check_counts(counts)
+
+    def _check_counts(self, counts: dict) -> None:
+        """Every label needs positives (and val negatives) in train and val."""
+        spec = self.example_spec
+        where = {"manifests": "data.val", "column": "data.split_column", "group": "data.group_by",
+                 "patient_key": "data.group_by"}[self.plan.mode]
+        for split in ("train", "val"):
+            if counts[split]["usable"] == 0:
+                raise ConfigError("data.val_fraction" if split == "val" and self.plan.mode in ("group", "patient_key")
+                                  else where, f"the {split} split has no labelled rows "
+                                  f"({counts[split]['rows']} rows); check the split settings and the label columns")
+        if spec.task != "regression":
+            for split in ("train", "val"):
+                for label in spec.labels:
+                    if counts[split]["positives"][label] == 0:
+                        raise ConfigError("task.labels", f"label '{label}' has no positive examples in the {split} "
+                                          f"split (0 of {counts[split]['usable']}); every label needs positives in "
+                                          f"train and val: change {where}/data.seed or drop the label")
+                    if split == "val" and counts[split]["negatives"][label] == 0:
+                        raise ConfigError("task.labels", f"label '{label}' has no negative examples in the val "
+                                          "split, so AUROC is undefined; change the split or drop the label")
+        self.counts = counts
+
+    # ------------------------------------------------------------------ run
+    def _storage(self) -> tuple[str, Any]:
+        """Ray Train storage path and filesystem for ``<output>/checkpoints``."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from medray.platform.storage import is_remote, open_fs
+
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        path = posixpath.join(root, "checkpoints")
+        if not is_remote(self.cfg.output):
+            os.makedirs(path, exist_ok=True)
+            return os.path.abspath(path), None
+        return path, PyFileSystem(FSSpecHandler(fs))
+
+    def _stage_options(self, pre: Any) -> Any:
+        from medray.platform.pipeline import StageOptions
+
+        c = self.cfg
+        return StageOptions(
+            storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
+            frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
+            prefer_file_voi=c.decode.prefer_file_voi, salt=self.salt, encoder_spec=self.spec)
+
+    def _write_split_manifest(self, ray: Any, opts: Any) -> str:
+        """Header-only pass: salted patient key + split per record, written to ``<output>/splits/``."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from medray.jobs._finetune_data import header_keys_batch
+        from medray.jobs.embed import _read_manifest
+        from medray.platform.pipeline import read_batch
+        from medray.platform.storage import atomic_write_bytes, open_fs
+
+        c = self.cfg
+        fs, root = open_fs(c.output, c.storage.options)
+        target = posixpath.join(root, "splits", "manifest")
+        marker = posixpath.join(root, "splits", "_SUCCESS.json")
+        ident = {"manifest": c.data.train, "seed": c.data.seed, "val_fraction": c.data.val_fraction,
+                 "test_fraction": c.data.test_fraction,
+                 "salt_sha256": hashlib.sha256(self.salt.encode()).hexdigest()[:16]}
+        if fs.exists(marker) and json.loads(fs.cat_file(marker)) == ident:
+            return target
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        ds = _read_manifest(ray, c.data.train, c.storage.options)
+        ds = ds.map_batches(read_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
+                            batch_size=c.data.read_batch_size, num_cpus=c.data.decode_num_cpus)
+        ds = ds.map_batches(header_keys_batch, fn_kwargs={"salt": self.salt, "plan": self.plan},
+                            batch_format="pyarrow", batch_size=c.data.read_batch_size, num_cpus=c.data.decode_num_cpus)
+        ds.write_parquet(target, filesystem=PyFileSystem(FSSpecHandler(fs)))
+        atomic_write_bytes(fs, marker, json.dumps(ident).encode())
+        return target
+
+    def _split_dataset(self, ray: Any, split: str, opts: Any, split_manifest: str | None) -> Any:
+        """Ray Dataset of training examples of one split (streamed; nothing collected)."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from medray.jobs._finetune_data import examples_batch, keep_split, split_batch
+        from medray.jobs.embed import _read_manifest
+        from medray.platform.pipeline import decode_batch, read_batch
+        from medray.platform.storage import open_fs
+
+        c = self.cfg
+        d = c.data
+        if self.plan.mode == "manifests":
+            ds = _read_manifest(ray, d.train if split == "train" else d.val, c.storage.options)
+        elif self.plan.mode == "patient_key":
+            fs, _ = open_fs(c.output, c.storage.options)
+            ds = ray.data.read_parquet(split_manifest, filesystem=PyFileSystem(FSSpecHandler(fs)))
+            ds = ds.map_batches(keep_split, fn_kwargs={"split": split}, batch_format="pyarrow")
+        else:
+            ds = _read_manifest(ray, d.train, c.storage.options)
+            ds = ds.map_batches(split_batch, fn_kwargs={"plan": self.plan}, batch_format="pyarrow")
+            ds = ds.map_batches(keep_split, fn_kwargs={"split": split}, batch_format="pyarrow")
+        kw = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
+        if d.decode_concurrency:
+            kw["concurrency"] = d.decode_concurrency
+        ds = ds.map_batches(read_batch, fn_kwargs={"opts": opts}, batch_size=d.read_batch_size, **kw)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=d.decode_batch_size, **kw)
+        return ds.map_batches(examples_batch, fn_kwargs={"spec": self.example_spec}, batch_format="pyarrow")
+
+    def run(self) -> FinetuneResult:
+        """Split, train on Ray, export the artifact; return what happened."""
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
+        from medray.jobs._finetune_data import SplitPlan, count_splits, iter_manifest_batches, manifest_sha256
+        from medray.jobs._finetune_loop import train_loop
+        from medray.platform.runtime import init_ray
+
+        c = self.cfg
+        t_start = time.perf_counter()
+        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        run_name = c.run_name or posixpath.basename(c.output.rstrip("/")) or "finetune"
+        # Fetch (once, hashed) and check the checkpoint and its preprocessing on the driver first.
+        _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
+                                             cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
+        pre = create_preprocessor(self.spec)
+        data_sha = manifest_sha256(c.data.train, c.storage.options)
+
+        num_cpus = c.ray.num_cpus
+        if c.ray.address is None and num_cpus is None:
+            # Training workers hold their CPUs for the whole run; Ray Data needs some left to decode.
+            need = c.scaling.num_workers * c.scaling.cpus_per_worker + c.data.decode_num_cpus
+            num_cpus = max(os.cpu_count() or 1, int(math.ceil(need)))
+        ray = init_ray(c.ray.address, num_cpus=num_cpus, include_dashboard=c.ray.include_dashboard)
+        opts = self._stage_options(pre)
+        split_manifest = None
+        if self.plan.mode == "patient_key":
+            split_manifest = self._write_split_manifest(ray, opts)
+            plan = SplitPlan("patient_key", None, self.plan.seed, self.plan.fractions, self.plan.salt)
+            fs_uri = self.cfg.output.rstrip("/") + "/splits/manifest"
+            cols = list(self.example_spec.label_columns) + ["split"]
+            self._check_counts(count_splits(iter_manifest_batches(fs_uri, sorted(set(cols)), c.storage.options),
+                                            plan, self.example_spec))
+        counts = self.counts or {}
+        world = c.scaling.num_workers
+        rows_per_worker = counts["train"]["usable"] // world
+        steps_per_epoch = max(1, rows_per_worker // c.train.batch_size // c.train.grad_accum)
+        total_steps = steps_per_epoch * c.train.epochs
+        datasets = {s: self._split_dataset(ray, s, opts, split_manifest) for s in ("train", "val")}
+
+        config = dict(self.resolved)
+        from medray.platform.storage import redact_options
+
+        config["storage"] = {"options": redact_options(c.storage.options)}
+        config.get("encoder", {}).pop("storage_options", None)
+        loop_config = {
+            "encoder": spec_to_dict(self.spec), "input_shape": list(pre.input_shape),
+            "task": c.task.type, "labels": list(self.example_spec.labels), "n_outputs": self.example_spec.n_outputs,
+            "target_width": self.example_spec.target_width, "subgroups": list(self.example_spec.subgroups),
+            "strategy": c.train.strategy, "lora": asdict(c.train.lora), "seed": c.train.seed,
+            "epochs": c.train.epochs, "batch_size": c.train.batch_size, "eval_batch_size": c.train.eval_batch_size,
+            "grad_accum": c.train.grad_accum, "lr": c.train.lr, "weight_decay": c.train.weight_decay,
+            "total_steps": total_steps, "warmup_steps": int(round(c.train.warmup_fraction * total_steps)),
+            "schedule": c.train.schedule, "clip_grad_norm": c.train.clip_grad_norm, "precision": c.train.precision,
+            "augment": {k: dict(v) for k, v in (c.train.augment or {}).items()},
+            "shuffle_buffer": c.data.shuffle_buffer, "stage": c.deepspeed.stage,
+            "offload_optimizer": c.deepspeed.offload_optimizer, "offload_params": c.deepspeed.offload_params,
+            "deepspeed_extra": dict(c.deepspeed.config), "use_gpu": c.scaling.use_gpu,
+            "threads": c.scaling.cpus_per_worker, "ece_bins": c.eval.ece_bins,
+            "min_subgroup_size": c.eval.min_subgroup_size,
+            "tracking": asdict(c.tracking), "run_name": run_name,
+            "run_id": "ft-" + hashlib.sha256(c.output.encode()).hexdigest()[:12], "resolved": config,
+        }
+        storage_path, storage_fs = self._storage()
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=world, use_gpu=c.scaling.use_gpu,
+                                         resources_per_worker={"CPU": c.scaling.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if c.scaling.use_gpu else "gloo"),
+            datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=c.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=c.train.checkpoints_to_keep)),
+        )
+        t_train = time.perf_counter()
+        result = trainer.fit()
+        train_s = time.perf_counter() - t_train
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+
+        from medray.jobs._finetune_export import export_run
+
+        export = export_run(self, ray, result.checkpoint, weights_hash=weights_hash, pre=pre, data_sha=data_sha,
+                            run_name=run_name, config=config, counts=counts, datasets=datasets)
+        state = export["state"]
+        wall = time.perf_counter() - t_start
+        res = FinetuneResult(
+            run_id=run_id, output=c.output, artifact=export["artifact"], encoder=self.spec.name, task=c.task.type,
+            labels=list(self.example_spec.labels), strategy=c.train.strategy, zero_stage=c.deepspeed.stage,
+            num_workers=world, epochs=int(state["epoch"]) + 1, global_step=int(state["global_step"]),
+            splits=counts, metrics=export["metrics"], history=state.get("history", []),
+            attempts=state.get("attempts", []), n_parameters=int(state.get("n_parameters", 0)),
+            n_trainable=int(state.get("n_trainable", 0)),
+            trainable_parameters=list(state.get("trainable_parameters", [])),
+            export_max_abs_diff=export["max_abs_diff"], export_records_checked=export["checked"],
+            wall_s=wall, train_s=train_s, config=config)
+        from medray.platform.metrics import json_safe
+        from medray.platform.storage import atomic_write_bytes, open_fs
+
+        summary = json.dumps(json_safe(asdict(res)), indent=2, default=str).encode()
+        fs, root = open_fs(c.output, c.storage.options)
+        atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+        atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+        return res
+
+
+def main(cfg: DictConfig) -> int:
+    """Hydra entry point body; returns the process exit code."""
+    job = FinetuneJob(cfg)                # ConfigError names the key and the fix
+    result = job.run()                    # first line that touches Ray
+    print(result.one_line(), flush=True)
+    return 0

@@ -1,0 +1,494 @@
+"""``medray serve`` end to end: real Ray Serve, real HTTP on loopback, real S3 (SeaweedFS).
+
+One module-scoped stack, started the way users start it:
+
+* ``medray embed`` runs first on the sample files (the reference embeddings);
+* ``medray serve`` (a subprocess that starts its own local Ray) serves the
+  same tiny encoder with auth on, five heads on S3 (three linear probes, one
+  trained on other weights, one fine-tuned with its backbone) and fast
+  autoscaling;
+* a second application, auth off and tight admission limits, is deployed on
+  the same cluster from the config file ``medray serve ... emit_config=``
+  writes, with ``serve run --non-blocking`` (the ``serve deploy`` code path).
+
+Replica processes are found by their Ray process title
+(``ray::ServeReplica:<app>:<deployment>``), which is how the autoscaling and
+replica-kill tests count and kill them.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from medray.encoders import build_tiny_checkpoint, hash_directory
+from medray.encoders.heads import LinearHead, ModelCard, save_artifact
+from medray.platform.samples import generate_samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+TOKEN = "test-token-" + uuid.uuid4().hex
+APP = "mrt" + uuid.uuid4().hex[:6]          # unique: replica processes are found by this name
+OPEN_APP = APP + "open"
+TIMEOUT = 30                                 # client timeout: nothing may hang past it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """PIDs of live replica processes of ``app``/``deployment``."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    tag = f"ServeReplica:{app}:{deployment}"
+    return [int(line.split()[0]) for line in out.splitlines()
+            if tag in line and "Z" not in line.split()[1]]
+
+
+def _env(home: Path) -> dict:
+    env = dict(os.environ)
+    env.update({"MEDRAY_HOME": str(home), "MEDRAY_CACHE_DIR": str(home / "cache"), "MEDRAY_SERVE_TOKEN": TOKEN,
+                "MEDRAY_PATIENT_SALT": "test-salt", "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0",
+                "RAY_AUTH_MODE": "disabled",  # loopback-only test cluster; a second driver joins it
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"})
+    env.pop("WANDB_API_KEY", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stack(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    home = root / "home"
+    home.mkdir()
+    env = _env(home)
+    # inputs: good DICOMs (DX, CR, CT, a 3-frame DX, compressed syntaxes) and photos
+    info = generate_samples(str(root / "samples"), n=8)
+    inputs = root / "inputs"
+    for sub in ("dicom", "photos"):
+        shutil.copytree(root / "samples" / sub, inputs / sub)
+    ckpt = build_tiny_checkpoint("hf_image", str(root / "ckpt"), arch="dinov2", image_size=32)
+    weights_hash = hash_directory(ckpt)
+    fs = s3.filesystem()
+    fs.put(str(inputs / "photos" / "derm_0000.png"), f"{s3.bucket}/serve/inputs/derm_0000.png")
+    # heads: three linear probes over the 32-d embeddings, one on other weights, one with its backbone
+    rng = np.random.default_rng(7)
+    heads, uris = {}, []
+    enc = {"name": "hf_image", "family": "hf_image", "weights_hash": weights_hash, "dim": 32, "pooling": "cls"}
+    for i, (task, labels) in enumerate([("binary", ["effusion"]), ("multilabel", ["a", "b", "c"]),
+                                        ("multiclass", ["x", "y", "z", "w"])]):
+        head = LinearHead(rng.normal(size=(len(labels), 32)).astype("f4"),
+                          rng.normal(size=len(labels)).astype("f4"), task)
+        heads[f"probe{i}"] = head
+        uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/probe{i}", head=head,
+                                  card=ModelCard(id=f"probe{i}", task=task, labels=labels, encoder=enc)))
+    uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/other", head=LinearHead(
+        np.ones((1, 32), "f4"), np.zeros(1, "f4"), "binary"), card=ModelCard(
+        id="other", task="binary", labels=["q"], encoder={**enc, "weights_hash": "f" * 64})))
+    ft_head = LinearHead(rng.normal(size=(2, 32)).astype("f4"), np.zeros(2, "f4"), "multiclass")
+    uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/ft", head=ft_head, backbone_dir=ckpt, card=ModelCard(
+        id="ft", task="multiclass", labels=["neg", "pos"], encoder=enc, strategy="full")))
+
+    # 1. the reference: what `medray embed` writes for the same files and checkpoint
+    t0 = time.time()
+    embed = subprocess.run([str(BIN / "medray"), "embed", f"input={inputs}", f"output={root / 'emb'}",
+                            "encoder=hf_image", f"encoder.checkpoint={ckpt}", "ray.num_cpus=2",
+                            "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=300)
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    rows = pq.read_table(root / "emb" / "embeddings").to_pylist()
+    reference = {(Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4")
+                 for r in rows}
+    print(f"medray embed: {time.time() - t0:.1f}s")
+
+    # 2. `medray serve`, auth on, the heads (one of them refused at load), fast autoscaling
+    port = _free_port()
+    log_path = root / "serve.log"
+    common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=6",
+              f"storage.options={{}}"]
+    args = [str(BIN / "medray"), "serve", *common, f"serve.name={APP}", "check_artifacts=false",
+            "heads=[" + ",".join(uris) + "]", "serve.auth.enabled=true",
+            f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
+            "serve.heads.max_loaded=3", "serve.heads.autoscaling.max_replicas=1",
+            "serve.encoder.max_batch_size=8", "serve.encoder.batch_wait_timeout_s=0.02",
+            "serve.encoder.autoscaling.min_replicas=1", "serve.encoder.autoscaling.max_replicas=2",
+            "serve.encoder.autoscaling.target_ongoing_requests=2", "serve.encoder.autoscaling.upscale_delay_s=0.5",
+            "serve.encoder.autoscaling.downscale_delay_s=2", "serve.encoder.autoscaling.metrics_interval_s=0.5",
+            "serve.encoder.autoscaling.look_back_period_s=2", "serve.graceful_shutdown_wait_loop_s=0.5",
+            "serve.graceful_shutdown_timeout_s=10", "serve.ingress.autoscaling.max_replicas=1",
+            "serve.limits.max_body_bytes=4194304", "serve.limits.request_timeout_s=20"]
+    t0 = time.time()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    extra = None
+    try:
+        gcs = _wait_ready(proc, log_path, 240)
+        print(f"medray serve ready: {time.time() - t0:.1f}s")
+        # 3. the emitted config, deployed next to it (auth off, tight admission), as `serve deploy` would
+        t0 = time.time()
+        cfg = root / "open.yaml"
+        emit = subprocess.run([str(BIN / "medray"), "serve", *common, f"serve.name={OPEN_APP}",
+                               "serve.route_prefix=/open", f"emit_config={cfg}", "serve.encoder.max_batch_size=1",
+                               "serve.encoder.max_ongoing_requests=1", "serve.encoder.max_queued_requests=1",
+                               "serve.encoder.batch_wait_timeout_s=0", "serve.encoder.autoscaling.max_replicas=1",
+                               "serve.ingress.autoscaling.max_replicas=1"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert emit.returncode == 0, emit.stderr[-3000:]
+        extra = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert extra.returncode == 0, extra.stderr[-3000:]
+        _wait_http(url + "/open/readyz", 180)
+        print(f"emitted config deployed: {time.time() - t0:.1f}s")
+        yield {"url": url, "open": url + "/open", "auth": {"Authorization": f"Bearer {TOKEN}"}, "inputs": inputs,
+               "reference": reference, "heads": heads, "ft_head": ft_head, "weights_hash": weights_hash,
+               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg}
+    finally:
+        t0 = time.time()
+        _stop(proc)
+        log.close()
+        print(f"medray serve stopped: {time.time() - t0:.1f}s (exit {proc.returncode})")
+
+
+def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = log_path.read_text(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("medray serve: application") and "ready at" in line:
+                return line.rsplit("; ray ", 1)[1].split(";", 1)[0].strip()
+        if proc.poll() is not None:
+            pytest.fail(f"medray serve exited with {proc.returncode}:\n{text[-4000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"medray serve not ready after {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not ready after {timeout}s")
+
+
+def _upload(stack, rel: str, path: str = "/v1/embeddings", base: str | None = None, headers=None):
+    data = (stack["inputs"] / rel).read_bytes()
+    return requests.post((base or stack["url"]) + path, files={"file": (Path(rel).name, data)},
+                         headers=stack["auth"] if headers is None else headers, timeout=TIMEOUT)
+
+
+def _embeddings(body: dict) -> dict:
+    return {e["frame"]: np.asarray(e["embedding"], "f4") for e in body["embeddings"]}
+
+
+# ------------------------------------------------------------------------------ API surface, auth
+def test_openapi_health_readiness_and_models(stack):
+    spec = requests.get(stack["url"] + "/openapi.json", timeout=TIMEOUT).json()
+    assert {"/v1/embeddings", "/v1/predict/{head}", "/v1/models", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
+    assert requests.get(stack["url"] + "/docs", timeout=TIMEOUT).status_code == 200
+    r = requests.get(stack["url"] + "/healthz", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers.get("x-request-id")
+    assert requests.get(stack["url"] + "/readyz", timeout=TIMEOUT).json()["status"] == "ready"
+    models = requests.get(stack["url"] + "/v1/models", headers=stack["auth"], timeout=TIMEOUT).json()
+    assert models["encoder"]["weights_hash"] == stack["weights_hash"] and models["encoder"]["dim"] == 32
+    assert [h["id"] for h in models["heads"]] == ["ft", "other", "probe0", "probe1", "probe2"]
+
+
+def test_auth_on_and_off(stack):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = requests.get(stack["url"] + "/v1/models", headers=headers, timeout=TIMEOUT)
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = _upload(stack, "photos/derm_0000.png", headers={})
+    assert r.status_code == 401
+    # the application deployed from the emitted config has auth off
+    assert requests.get(stack["open"] + "/v1/models", timeout=TIMEOUT).status_code == 200
+    assert _upload(stack, "photos/derm_0000.png", base=stack["open"], headers={}).status_code == 200
+
+
+# ------------------------------------------------------------------------------ embeddings == medray embed
+def test_embeddings_equal_what_medray_embed_writes(stack):
+    ref = stack["reference"]
+    files = sorted({rel for rel, _ in ref})
+    assert len(files) == 10 and any(f.endswith(".jpg") for f in files)
+    checked = 0
+    for i, rel in enumerate(files):
+        data = (stack["inputs"] / rel).read_bytes()
+        if i % 3 == 0:    # multipart upload
+            r = _upload(stack, rel)
+        elif i % 3 == 1:  # base64 JSON
+            r = requests.post(stack["url"] + "/v1/embeddings", json={"bytes_b64": base64.b64encode(data).decode()},
+                              headers=stack["auth"], timeout=TIMEOUT)
+        else:             # raw body
+            ctype = "application/dicom" if rel.endswith(".dcm") else "application/octet-stream"
+            r = requests.post(stack["url"] + "/v1/embeddings", data=data,
+                              headers={**stack["auth"], "Content-Type": ctype}, timeout=TIMEOUT)
+        assert r.status_code == 200, (rel, r.text)
+        body = r.json()
+        assert body["encoder"] == "hf_image" and body["weights_hash"] == stack["weights_hash"]
+        got = _embeddings(body)
+        want = {f: e for (p, f), e in ref.items() if p == rel}
+        assert set(got) == set(want), rel
+        for frame, emb in want.items():
+            np.testing.assert_allclose(got[frame], emb, atol=1e-5, rtol=0, err_msg=rel)
+            checked += 1
+    assert checked == 12  # 10 files, one of them with 3 frames
+    # an allowed object-storage URI gives the same embedding as the upload
+    r = requests.post(stack["url"] + "/v1/embeddings", headers=stack["auth"], timeout=TIMEOUT,
+                      json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/derm_0000.png"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_embeddings(r.json())[0], ref[("photos/derm_0000.png", 0)], atol=1e-5, rtol=0)
+
+
+def test_concurrent_requests_are_batched(stack):
+    data = (stack["inputs"] / "photos/derm_0000.png").read_bytes()
+
+    def one(_):
+        r = requests.post(stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)}, headers=stack["auth"],
+                          timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        return r.json()["batch_size"]
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        sizes = list(ex.map(one, range(48)))
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 8  # serve.encoder.max_batch_size
+
+
+# ------------------------------------------------------------------------------ heads
+def test_heads_multiplexed_on_one_replica_each_with_its_own_predictions(stack):
+    rel = "dicom/p01/0004_dx.dcm"  # 3 frames
+    ref = np.stack([stack["reference"][(rel, f)] for f in range(3)])
+    replicas = set()
+    for _ in range(2):  # 4 heads over max_loaded=3: the second round reloads evicted ones
+        for head_id in ("probe0", "probe1", "probe2", "ft"):
+            r = _upload(stack, rel, path=f"/v1/predict/{head_id}")
+            assert r.status_code == 200, (head_id, r.text)
+            body = r.json()
+            assert body["head"] == head_id and body["model_card_id"] == head_id
+            probs = np.array([[p["probabilities"][lab] for lab in body["labels"]] for p in body["predictions"]])
+            if head_id == "ft":  # its own backbone (the same weights here) and its own head
+                want = stack["ft_head"].predict(ref)
+                assert body["labels"] == ["neg", "pos"]
+            else:
+                want = stack["heads"][head_id].predict(ref)
+                assert body["weights_hash"] == stack["weights_hash"]
+            np.testing.assert_allclose(probs, want, atol=1e-5)
+            replicas.add(body["replica"])
+    assert len(replicas) == 1  # serve.heads.autoscaling.max_replicas=1: all on one replica
+    r = _upload(stack, rel, path="/v1/predict/other")
+    assert r.status_code == 409 and r.json()["code"] == "head_mismatch"
+    r = _upload(stack, rel, path="/v1/predict/nope")
+    assert r.status_code == 404 and r.json()["code"] == "unknown_head"
+
+
+# ------------------------------------------------------------------------------ bad input
+def _raw_post(port: int, path: str, headers: dict, body: bytes = b"") -> tuple[int, dict, float]:
+    """Send headers (and maybe a little body) on a raw socket; return status, JSON and seconds to answer."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body)
+        buf = b""
+        while b"\r\n\r\n" not in buf or len(buf.split(b"\r\n\r\n", 1)[1]) < int(
+                dict(line.split(": ", 1) for line in buf.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+                     if ": " in line).get("content-length", "0")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    status = int(buf.split(b" ", 2)[1])
+    return status, json.loads(buf.split(b"\r\n\r\n", 1)[1] or b"{}"), time.perf_counter() - t0
+
+
+def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack):
+    url, auth, inputs = stack["url"], stack["auth"], stack["inputs"]
+    before = _upload(stack, "photos/derm_0000.png").json()["replica"]
+    samples = stack["info"]["out_dir"]
+    hostile = {k: Path(samples) / v for k, v in stack["info"]["hostile"].items()}
+    cases = [
+        (requests.post(url + "/v1/embeddings", files={"file": ("b.dcm", hostile["bomb"].read_bytes())},
+                       headers=auth, timeout=TIMEOUT), 413, "too_large"),
+        (requests.post(url + "/v1/embeddings", files={"file": ("t.dcm", hostile["truncated"].read_bytes())},
+                       headers=auth, timeout=TIMEOUT), 422, "undecodable"),
+        (requests.post(url + "/v1/embeddings", files={"file": ("n.dcm", hostile["not_dicom"].read_bytes())},
+                       headers=auth, timeout=TIMEOUT), 415, "unsupported_media"),
+        (requests.post(url + "/v1/embeddings", data=b"hello", headers={**auth, "Content-Type": "text/plain"},
+                       timeout=TIMEOUT), 415, "unsupported_media"),
+        (requests.post(url + "/v1/embeddings", data=b"\x00" * 100, headers={**auth, "Content-Type": "image/png"},
+                       timeout=TIMEOUT), 415, "unsupported_media"),
+        (requests.post(url + "/v1/embeddings", json={"bytes_b64": "***"}, headers=auth, timeout=TIMEOUT),
+         422, "invalid_request"),
+        (requests.post(url + "/v1/embeddings", data=b"{not json", headers={**auth, "Content-Type": "application/json"},
+                       timeout=TIMEOUT), 422, "invalid_request"),
+        (requests.post(url + "/v1/embeddings", json={"uri": "/etc/passwd"}, headers=auth, timeout=TIMEOUT),
+         403, "uri_not_allowed"),
+        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/heads/ft/x"},
+                       headers=auth, timeout=TIMEOUT), 403, "uri_not_allowed"),
+        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/../heads/x"},
+                       headers=auth, timeout=TIMEOUT), 403, "uri_not_allowed"),
+        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/missing.png"},
+                       headers=auth, timeout=TIMEOUT), 422, "unreadable"),
+        (requests.post(url + "/v1/embeddings", files={"other": ("x", b"1")}, headers=auth, timeout=TIMEOUT),
+         422, "invalid_request"),
+        (requests.post(url + "/v1/embeddings", data=b"x" * (5 << 20),
+                       headers={**auth, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT),
+         413, "too_large"),
+    ]
+    sentinels = stack["info"]["phi"]["sentinels"]
+    for r, status, code in cases:
+        assert (r.status_code, r.json().get("code")) == (status, code), r.text
+        assert not any(s in r.text for s in sentinels)
+        assert r.headers.get("x-request-id")
+    port = int(url.rsplit(":", 1)[1])
+    # Content-Length over the limit: 413 before a byte of the body is sent
+    status, body, seconds = _raw_post(port, "/v1/embeddings", {**auth, "Content-Type": "image/png",
+                                                               "Content-Length": str(1 << 30)})
+    assert (status, body["code"]) == (413, "too_large") and seconds < 10
+    # chunked without Content-Length: counted while it streams
+    def chunks():
+        for _ in range(80):
+            yield b"\x00" * 65536
+    r = requests.post(url + "/v1/embeddings", data=chunks(), headers={**auth, "Content-Type": "image/png"},
+                      timeout=TIMEOUT)
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    # the same encoder replica is alive and answers
+    after = _upload(stack, "photos/derm_0000.png")
+    assert after.status_code == 200 and after.json()["replica"] == before
+    assert requests.get(url + "/readyz", timeout=TIMEOUT).status_code == 200
+
+
+def test_overload_answers_503_quickly(stack):
+    data = (stack["inputs"] / "dicom/p01/0004_dx.dcm").read_bytes()
+
+    def one(_):
+        t0 = time.perf_counter()
+        r = requests.post(stack["open"] + "/v1/embeddings", files={"file": ("a.dcm", data)}, timeout=TIMEOUT)
+        return r.status_code, r.json().get("code"), r.headers.get("Retry-After"), time.perf_counter() - t0
+
+    with cf.ThreadPoolExecutor(24) as ex:
+        results = list(ex.map(one, range(48)))
+    codes = {(s, c) for s, c, _, _ in results}
+    assert codes <= {(200, None), (503, "overloaded")}, codes
+    shed = [r for r in results if r[0] == 503]
+    assert shed and any(r[0] == 200 for r in results)
+    assert all(r[2] == "1" for r in shed)
+    assert np.median([r[3] for r in shed]) < 2.0  # refused at once, not after queueing
+
+
+# ------------------------------------------------------------------------------ scaling and failures
+def _load(stack, stop: threading.Event, results: list, rel: str = "photos/derm_0000.png") -> None:
+    data = (stack["inputs"] / rel).read_bytes()
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            r = requests.post(stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)},
+                              headers=stack["auth"], timeout=TIMEOUT)
+            results.append((time.time(), r.status_code, r.json().get("replica") or r.json().get("code"),
+                            time.perf_counter() - t0))
+        except requests.RequestException as err:
+            results.append((time.time(), type(err).__name__, None, time.perf_counter() - t0))
+
+
+def test_autoscaling_burst_scales_up_then_back_down(stack):
+    deadline = time.time() + 30
+    while len(replica_pids(APP, "Encoder")) != 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(replica_pids(APP, "Encoder")) == 1
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(stack, stop, results)) for _ in range(12)]
+    for t in threads:
+        t.start()
+    peak, deadline = 1, time.time() + 90
+    try:
+        while time.time() < deadline:
+            peak = max(peak, len(replica_pids(APP, "Encoder")))
+            served_by = {r[2] for r in results[-40:] if r[1] == 200}
+            if peak >= 2 and len(served_by) >= 2:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=TIMEOUT + 5)
+    assert peak == 2, "the burst did not add a replica"
+    assert {r[1] for r in results} == {200}
+    deadline = time.time() + 60
+    while len(replica_pids(APP, "Encoder")) > 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(replica_pids(APP, "Encoder")) == 1, "replicas did not fall back after the burst"
+
+
+def test_killing_an_encoder_replica_under_load_recovers(stack):
+    pids = replica_pids(APP, "Encoder")
+    assert pids
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(stack, stop, results)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        killed_at = time.time()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline:  # until requests after the kill are served by a new replica
+            if sum(1 for r in results if r[0] > killed_at + 0.5 and r[1] == 200) >= 10:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=TIMEOUT + 5)
+    assert all(r[3] < TIMEOUT for r in results), "a request hung past its timeout"
+    assert {r[1] for r in results} <= {200, 503}, {r[1] for r in results}
+    late = [r for r in results if r[0] > killed_at + 0.5]
+    assert late and sum(r[1] == 200 for r in late) >= 10
+    for _ in range(3):
+        assert _upload(stack, "photos/derm_0000.png").status_code == 200
+    assert set(replica_pids(APP, "Encoder")).isdisjoint(pids)
+
+
+def test_no_phi_in_server_logs(stack):
+    text = Path(stack["log"]).read_text(errors="replace")
+    assert "Traceback" not in text or "ServeReplica" not in text.split("Traceback", 1)[1][:2000]
+    leaked = [s for s in stack["info"]["phi"]["sentinels"] if s in text]
+    assert not leaked, f"PHI in server logs: {leaked[:3]}"
+    # request ids appear in the replica log lines
+    assert sum(1 for line in text.splitlines() if f"{APP}_Ingress" in line and "POST /v1/embeddings" in line
+               and len(line.split(" -- ")[0].split()) >= 6) > 5
