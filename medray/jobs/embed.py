@@ -169,7 +169,7 @@ class EmbedJob:
         from medray.platform.pipeline import StageOptions, plan_dataset
         from medray.platform.runtime import cluster_gpus, init_ray
         from medray.platform.sink import existing_record_ids, make_sink
-        from medray.platform.tracking import log_run
+        from medray.platform.tracking import default_group, log_run
 
         c = self.cfg
         t_start = time.perf_counter()
@@ -233,7 +233,8 @@ class EmbedJob:
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
         if c.tracking.enabled:
             log_run(job="embed", config=config, summary=asdict(result), project=c.tracking.project,
-                    mode=c.tracking.mode, group=c.tracking.group, name=c.tracking.name or c.run_name,
+                    mode=c.tracking.mode, group=c.tracking.group or default_group(),
+                    name=c.tracking.name or c.run_name,
                     directory=c.tracking.dir)
         return result
 

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
-__all__ = ["wandb_mode", "log_run"]
+__all__ = ["wandb_mode", "log_run", "default_group"]
 
 log = logging.getLogger("medray")
 
@@ -16,6 +16,20 @@ def wandb_mode(mode: str = "auto") -> str:
     if mode != "auto":
         return mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def default_group() -> Optional[str]:
+    """The W&B group shared by the runs of one Hydra multirun sweep (None outside a sweep)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"{hc.job.name}-{os.path.basename(str(hc.sweep.dir).rstrip('/'))}"
+    except (ValueError, ImportError):
+        pass
+    return None
 
 
 def log_run(*, job: str, config: Mapping[str, Any], summary: Mapping[str, Any], project: str = "medray",

@@ -285,3 +285,20 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
         assert 0 < first < exp["dicom_frames"], "the kill should have landed mid-run"
         summary = json.loads((out / "summary.json").read_text())
         assert summary["records_done_before"] > 0
+
+
+def test_multirun_sweep_writes_one_output_per_point_in_one_wandb_group(corpus, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_medray(corpus, "embed", "-m", f"input=s3://{corpus['bucket']}/in/photos/",
+                      f"output={out}/" + "${encoder.pooling}", "encoder.pooling=cls,mean",
+                      "tracking.dir=" + str(tmp_path / "wb"), *common(corpus)[:-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for pooling in ("cls", "mean"):
+        summary = json.loads((out / pooling / "summary.json").read_text())
+        assert summary["records_embedded"] == corpus["info"]["expected"]["photos"]
+        assert summary["config"]["encoder"]["pooling"] == pooling
+    a = pq.read_table(out / "cls" / "embeddings").column("embedding").to_pylist()
+    b = pq.read_table(out / "mean" / "embeddings").column("embedding").to_pylist()
+    assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
