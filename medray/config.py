@@ -106,6 +106,7 @@ class ComputeConf:
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 on GPU) | float32 | bfloat16 | float16
     task_retries: int = 2
+    max_errored_blocks: int = 0  # >0: a block whose task keeps crashing is dropped (rerun retries it)
 
 
 @dataclass

@@ -184,7 +184,8 @@ class EmbedJob:
         self._check_output(ident)
         done = existing_record_ids(c.output, c.storage.options)
 
-        ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard)
+        ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard,
+                       max_errored_blocks=c.compute.max_errored_blocks)
         gpus = c.compute.num_gpus if c.compute.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
         device = c.compute.device
         if device == "auto":

@@ -12,7 +12,8 @@ log = logging.getLogger("medray")
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-             include_dashboard: bool = False, runtime_env: Optional[dict] = None) -> Any:
+             include_dashboard: bool = False, runtime_env: Optional[dict] = None,
+             max_errored_blocks: int = 0) -> Any:
     """Connect to Ray, or start a local one.
 
     ``address=None`` connects to the cluster a submitted job runs in
@@ -26,6 +27,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     import ray
 
     if ray.is_initialized():
+        ray.data.DataContext.get_current().max_errored_blocks = max_errored_blocks
         return ray
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
@@ -38,6 +40,9 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MEDRAY_PROGRESS", "1") != "0"
     ctx.print_on_execution_start = False
+    # Record-level failures never raise (they become quarantine rows); this only covers a
+    # task that keeps crashing its worker process (e.g. a native decoder fault).
+    ctx.max_errored_blocks = max_errored_blocks
     return ray
 
 

@@ -80,7 +80,10 @@ def embeddings_table(ok: pa.Table) -> pa.Table:
     manifest column in input order.
     """
     internal = set(INTERNAL_COLUMNS) | set(CORE_COLUMNS)
-    carried = [ok.schema.field(c) for c in ok.column_names if c not in internal]
+    # A carried column that is all-null in this part would be typed "null" and clash with
+    # the other parts; store it as string (the usual type of sparse manifest columns).
+    carried = [f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+               for f in (ok.schema.field(c) for c in ok.column_names if c not in internal)]
     dim = ok.schema.field("embedding").type.list_size
     schema = embedding_schema(dim, pa.schema(carried))
     return ok.select(schema.names).cast(schema)
