@@ -24,6 +24,8 @@ __all__ = [
     "TrackingConf",
     "DecodeConf",
     "ComputeConf",
+    "AudioConf",
+    "TextConf",
     "EmbedConf",
     "register_schemas",
 ]
@@ -110,13 +112,40 @@ class ComputeConf:
 
 
 @dataclass
+class AudioConf:
+    """Audio records: header limits, mix-down and windows (HeAR: 2 s at 16 kHz)."""
+
+    max_duration_s: float = 3600.0
+    max_sample_rate: int = 192000
+    mixdown: str = "mean"  # mean | first | all
+    window_s: float = 2.0
+    hop_s: Optional[float] = None  # null: window_s (no overlap)
+    last: str = "pad"  # pad | drop: the last partial window
+    pool: str = "mean"  # mean | none: one pooled row per recording
+
+
+@dataclass
+class TextConf:
+    """Text records: chunking to the model's maximum length."""
+
+    overlap_tokens: int = 0
+    max_chars: int = 10_000_000
+    pool: str = "mean"  # mean | none: one pooled row per document
+
+
+@dataclass
 class EmbedConf:
     """``medray embed``: archives in, embeddings + quarantine + summary out."""
 
     input: str = MISSING
     output: str = MISSING
     encoder: EncoderConf = field(default_factory=EncoderConf)
+    # modality -> preset name or spec mapping, for modalities other than encoder's own
+    encoders: Dict[str, Any] = field(default_factory=dict)
     decode: DecodeConf = field(default_factory=DecodeConf)
+    audio: AudioConf = field(default_factory=AudioConf)
+    text: TextConf = field(default_factory=TextConf)
+    text_column: Optional[str] = None
     compute: ComputeConf = field(default_factory=ComputeConf)
     storage: StorageConf = field(default_factory=StorageConf)
     ray: RayConf = field(default_factory=RayConf)

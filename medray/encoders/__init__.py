@@ -13,19 +13,22 @@ actor::
     # CPU decode tasks: the same preprocessing without loading weights
     pixels = create_preprocessor(spec).preprocess(rgb_uint8_images)
 
-Importing this package registers the ``hf_image`` and ``timm_image``
-families and their presets; torch, transformers and timm are imported only
+Importing this package registers the ``hf_image``, ``timm_image``,
+``hf_audio`` and ``hf_text`` families and their presets; torch, transformers and timm are imported only
 when an encoder is built.
 """
 
 from medray.encoders import hf as _hf  # noqa: F401  (registers hf_image)
 from medray.encoders import timm_family as _timm_family  # noqa: F401  (registers timm_image)
+from medray.encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf_audio)
+from medray.encoders import hf_text as _hf_text  # noqa: F401  (registers hf_text)
 from medray.encoders.checkpoint import UNTRAINED_MARKER, hash_directory, resolve_checkpoint
 from medray.encoders.registry import (
     Encoder,
     Preprocessor,
     create_encoder,
     create_preprocessor,
+    family_modality,
     get_spec,
     list_encoders,
     list_families,
@@ -44,6 +47,7 @@ __all__ = [
     "create_encoder",
     "create_preprocessor",
     "ensure_demo_checkpoint",
+    "family_modality",
     "get_spec",
     "hash_directory",
     "list_encoders",

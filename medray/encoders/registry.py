@@ -43,6 +43,7 @@ __all__ = [
     "PreprocessorBuilder",
     "create_encoder",
     "create_preprocessor",
+    "family_modality",
     "get_spec",
     "list_encoders",
     "list_families",
@@ -62,6 +63,7 @@ PreprocessorBuilder = Callable[[EncoderSpec, str], "Preprocessor"]
 _FAMILIES: dict[str, Builder] = {}
 _PREPROCESSORS: dict[str, PreprocessorBuilder] = {}
 _PRESETS: dict[str, EncoderSpec] = {}
+_MODALITIES: dict[str, str] = {}
 
 _DTYPES = {
     None: None,
@@ -286,7 +288,7 @@ def preprocessing_digest(config: Mapping[str, Any], pooling: str) -> str:
 
 
 def register_family(
-    name: str, *, preprocessor: PreprocessorBuilder | None = None
+    name: str, *, preprocessor: PreprocessorBuilder | None = None, modality: str = "image"
 ) -> Callable[[Builder], Builder]:
     """Register a family builder under ``name`` (decorator).
 
@@ -295,6 +297,8 @@ def register_family(
         preprocessor: Optional ``fn(spec, local_dir) -> Preprocessor`` that
             builds the preprocessing without loading weights; without it
             :func:`create_preprocessor` loads the whole encoder on the CPU.
+        modality: What the family embeds: ``image``, ``audio`` or ``text``
+            (the pipeline routes records of that modality to it).
 
     Returns:
         A decorator that stores the builder and returns it unchanged.
@@ -315,6 +319,7 @@ def register_family(
     def decorator(builder: Builder) -> Builder:
         _check()
         _FAMILIES[name] = builder
+        _MODALITIES[name] = modality
         if preprocessor is not None:
             _PREPROCESSORS[name] = preprocessor
         return builder
@@ -347,6 +352,11 @@ def list_encoders(pattern: str = "*") -> list[str]:
     """
     names = set(_PRESETS) | set(_FAMILIES)
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
+
+def family_modality(family: str) -> str:
+    """The modality a registered family embeds (``image``, ``audio``, ``text``)."""
+    return _MODALITIES.get(family, "image")
 
 
 def list_families() -> list[str]:

@@ -28,7 +28,9 @@ from medray.encoders.spec import EncoderSpec, default_cache_dir
 
 __all__ = [
     "DEMO_CHECKPOINTS",
+    "AUDIO_ARCHS",
     "HF_ARCHS",
+    "TEXT_ARCHS",
     "TIMM_ARCHS",
     "build_tiny_checkpoint",
     "ensure_demo_checkpoint",
@@ -37,6 +39,8 @@ __all__ = [
 #: Architectures :func:`build_tiny_checkpoint` can write, per family.
 HF_ARCHS = ("vit", "dinov2", "dinov2_reg")
 TIMM_ARCHS = ("vit", "vit_reg")
+AUDIO_ARCHS = ("wav2vec2", "hubert")
+TEXT_ARCHS = ("bert",)
 #: Demo checkpoints served under ``medray-demo://<name>``.
 DEMO_CHECKPOINTS = ("tiny_vit",)
 
@@ -52,13 +56,16 @@ def build_tiny_checkpoint(
     """Write a tiny random checkpoint (hidden 32, 2 layers, patch 8).
 
     Args:
-        family: ``"hf_image"`` or ``"timm_image"``.
+        family: ``"hf_image"``, ``"timm_image"``, ``"hf_audio"`` or ``"hf_text"``.
         out_dir: Directory to write (created if needed).
         arch: ``hf_image``: ``"vit"`` (ViTImageProcessor, resize only),
             ``"dinov2"``, ``"dinov2_reg"`` (4 register tokens;
             BitImageProcessor with resize + center crop, bicubic, ImageNet
             mean/std). ``timm_image``: ``"vit"``, ``"vit_reg"`` (4 register
-            tokens); crop_pct 0.875.
+            tokens); crop_pct 0.875. ``hf_audio``: ``"wav2vec2"``,
+            ``"hubert"`` (16 kHz feature extractor, normalised input).
+            ``hf_text``: ``"bert"`` (a small WordPiece vocabulary, 64
+            positions).
         image_size: Model input side; a multiple of 8, at least 16.
         seed: Seed of the random weights.
 
@@ -68,6 +75,8 @@ def build_tiny_checkpoint(
     Raises:
         ValueError: Unknown family or arch, or a bad ``image_size``.
     """
+    if family in ("hf_audio", "hf_text"):
+        return _build_sequence(family, out_dir, arch, seed)
     if image_size < 16 or image_size % _PATCH:
         raise ValueError(f"image_size must be a multiple of {_PATCH} and >= 16, got {image_size}")
     archs = {"hf_image": HF_ARCHS, "timm_image": TIMM_ARCHS}.get(family)
@@ -87,6 +96,78 @@ def build_tiny_checkpoint(
             _write_timm(arch, out, image_size)
     (out / UNTRAINED_MARKER).write_text(_MARKER_TEXT)
     return str(out)
+
+
+def _build_sequence(family: str, out_dir: str, arch: str, seed: int) -> str:
+    """Tiny audio and text checkpoints (see :func:`build_tiny_checkpoint`)."""
+    archs = AUDIO_ARCHS if family == "hf_audio" else TEXT_ARCHS
+    if arch == "vit":  # the image default
+        arch = archs[0]
+    if arch not in archs:
+        raise ValueError(f"arch for {family} must be one of {archs}, got {arch!r}")
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "hf_audio":
+            model, processor = _tiny_audio(arch)
+        else:
+            model, processor = _tiny_text(out)
+        _save_quietly(model, out)
+        processor.save_pretrained(out)
+    (out / UNTRAINED_MARKER).write_text(_MARKER_TEXT)
+    return str(out)
+
+
+def _tiny_audio(arch: str) -> tuple:
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    common = dict(
+        hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, intermediate_size=2 * _HIDDEN,
+        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, do_stable_layer_norm=False, feat_extract_norm="group",
+    )  # fmt: skip
+    if arch == "wav2vec2":
+        model = Wav2Vec2Model(Wav2Vec2Config(**common))
+    else:
+        model = HubertModel(HubertConfig(**common))
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=False)
+    return model, fe
+
+
+_TEXT_WORDS = (
+    "the of and no with without normal acute chest lung heart right left mild small large effusion "
+    "pneumonia fracture findings impression patient history pain report study mass nodule opacity "
+    "stable change is are was in on at to for a an"
+).split()
+
+
+def _tiny_text(out: Path) -> tuple:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,:;-/()%")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *_TEXT_WORDS]
+    # transformers 5 takes the vocabulary as a mapping (``vocab=``); 4.x as ``vocab_file``.
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
+                                  model_max_length=64)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
+                        num_attention_heads=_HEADS, intermediate_size=2 * _HIDDEN, max_position_embeddings=64)
+    return BertModel(config), tokenizer
+
+
+def _save_quietly(model, out: Path) -> None:
+    from transformers import utils as hf_utils
+
+    enabled = hf_utils.logging.is_progress_bar_enabled()
+    hf_utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+    finally:
+        if enabled:
+            hf_utils.logging.enable_progress_bar()
 
 
 def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vit") -> str:

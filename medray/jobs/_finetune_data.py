@@ -38,7 +38,9 @@ from medray.platform.splits import SPLITS, SplitFractions, assign_splits
 __all__ = [
     "ExampleSpec",
     "SplitPlan",
+    "count_examples",
     "count_splits",
+    "decode_examples_batch",
     "examples_batch",
     "header_keys_batch",
     "iter_manifest_batches",
@@ -251,6 +253,25 @@ def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: Examp
     return counts
 
 
+def count_examples(batches: Iterator[Mapping[str, Any]], spec: ExampleSpec) -> dict[str, dict[str, Any]]:
+    """:func:`count_splits` over decoded examples (``y`` and ``split`` columns, numpy batches)."""
+    counts = {s: {"rows": 0, "usable": 0, "positives": {lb: 0 for lb in spec.labels},
+                  "negatives": {lb: 0 for lb in spec.labels}} for s in SPLITS}
+    for batch in batches:
+        for y, s in zip(batch["y"], batch["split"]):
+            c = counts[str(s)]
+            c["rows"] += 1
+            c["usable"] += 1
+            y = np.asarray(y, dtype=np.float64)
+            if spec.task in ("binary", "multilabel"):
+                for lb, v in zip(spec.labels, y):
+                    c["positives" if v >= 0.5 else "negatives"][lb] += 1
+            elif spec.task == "multiclass":
+                for k, lb in enumerate(spec.labels):
+                    c["positives" if int(y[0]) == k else "negatives"][lb] += 1
+    return counts
+
+
 # --------------------------------------------------------------------------
 # Ray Data stages (plain functions over pyarrow tables)
 # --------------------------------------------------------------------------
@@ -324,11 +345,12 @@ def _subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: li
     return [None if m.get(name) is None else str(m.get(name)) for m in metas]
 
 
-def examples_batch(table: pa.Table, spec: ExampleSpec) -> pa.Table:
+def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None) -> pa.Table:
     """Decoded records -> training examples, one row per frame.
 
     Rows that failed to read or decode, or whose labels are missing, are
-    dropped (they were counted on the driver).
+    dropped. With a ``patient_key`` plan, each example also gets its
+    ``patient_key`` and its ``split`` from the decoded (salted) patient key.
     """
     status = table.column("status").to_pylist()
     pixels = table.column("pixel_values").to_pylist()
@@ -339,7 +361,13 @@ def examples_batch(table: pa.Table, spec: ExampleSpec) -> pa.Table:
     metas = [json.loads(m) if m else {} for m in table.column("metadata").to_pylist()]
     label_cols = [table.column(c).to_pylist() for c in spec.label_columns]
     groups = {g: _subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
+    with_split = plan is not None and plan.mode == "patient_key"
+    if with_split:
+        keys = table.column("patient_key").to_pylist()
+        splits = assign_splits(keys, seed=plan.seed, fractions=plan.fractions, salt=plan.salt, fallbacks=ids)
     out: dict[str, list] = {"x": [], "y": [], "record_id": [], "frame": [], "modality": []}
+    if with_split:
+        out["patient_key"], out["split"] = [], []
     for g in spec.subgroups:
         out[f"sg_{g}"] = []
     for i in range(table.num_rows):
@@ -359,8 +387,23 @@ def examples_batch(table: pa.Table, spec: ExampleSpec) -> pa.Table:
             out["record_id"].append(ids[i])
             out["frame"].append(int(f))
             out["modality"].append(modality[i] or "")
+            if with_split:
+                out["patient_key"].append(keys[i])
+                out["split"].append(splits[i])
             for g in spec.subgroups:
                 out[f"sg_{g}"].append(groups[g][i])
     types = {"x": pa.large_binary(), "y": pa.list_(pa.float32()), "record_id": pa.string(),
              "frame": pa.int32(), "modality": pa.string()}
     return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in out.items()})
+
+
+def decode_examples_batch(table: pa.Table, opts: Any, spec: ExampleSpec, plan: SplitPlan | None = None) -> pa.Table:
+    """``read_batch`` -> ``decode_batch`` -> :func:`examples_batch` in one task.
+
+    The same functions ``embed`` chains as separate stages; fused here so one
+    task per batch goes from URIs to tensors without materialising the raw
+    bytes or the decoded records as blocks between stages.
+    """
+    from medray.platform.pipeline import decode_batch, read_batch
+
+    return examples_batch(decode_batch(read_batch(table, opts), opts), spec, plan)

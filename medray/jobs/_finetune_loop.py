@@ -163,6 +163,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    t_loop = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -199,13 +200,20 @@ def train_loop(config: dict) -> None:
                                    load_lr_scheduler_states=True)
     start_epoch = int(state["epoch"]) + 1
     state["attempts"].append({"start_epoch": start_epoch, "start_step": int(engine.global_steps),
-                              "resumed": checkpoint is not None, "time": time.time()})
+                              "resumed": checkpoint is not None, "time": time.time(),
+                              "setup_s": round(time.perf_counter() - t_loop, 2)})
     state.update({"trainable_parameters": [n for n, _ in trainable],
                   "n_trainable": int(sum(p.numel() for _, p in trainable)),
                   "n_parameters": int(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                           for p in model.parameters())),
                   "precision": precision})
     run = _wandb_run(config, state) if rank == 0 and start_epoch < config["epochs"] else None
+    if checkpoint is None and config.get("baseline_eval", True):
+        # The untrained model's validation metrics: what training improved on.
+        val = _evaluate(engine, ray.train.get_dataset_shard("val"), config, device, dtype) \
+            if (stage == 3 or rank == 0) else None
+        if rank == 0 and val is not None:
+            state["baseline"] = _metrics(config, val)
 
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val")
@@ -225,7 +233,7 @@ def train_loop(config: dict) -> None:
             loss = task_loss(config["task"], engine(xt), torch.from_numpy(y).to(device))
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([float(loss) * len(x), len(x)], dtype=torch.float64)
+            loss_sum += torch.tensor([float(loss.detach()) * len(x), len(x)], dtype=torch.float64)
         torch.distributed.all_reduce(loss_sum)
         train_s = time.perf_counter() - t0
 

@@ -63,12 +63,19 @@ class EmbedResult:
     stage_seconds: dict
     records_total_in_output: int
     config: dict
+    skipped: int = 0
+    skipped_by_modality: dict = None  # type: ignore[assignment]
+    encoders: dict = None  # type: ignore[assignment]  # modality -> encoder name
 
     def one_line(self) -> str:
         """The closing one-line summary."""
         tag = " [UNTRAINED demo weights]" if self.untrained else ""
+        skipped = ""
+        if self.skipped:
+            by = ", ".join(f"{k}: {v}" for k, v in sorted((self.skipped_by_modality or {}).items()))
+            skipped = f"{self.skipped} skipped (no encoder for {by}), "
         return (f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
-                f"{self.quarantined} quarantined, {self.records_done_before} already done; "
+                f"{self.quarantined} quarantined, {skipped}{self.records_done_before} already done; "
                 f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
                 f"output {self.output} (now {self.records_total_in_output} records)")
 
@@ -103,7 +110,8 @@ class EmbedJob:
 
     # ------------------------------------------------------------------ checks
     def _validate(self) -> None:
-        from medray.encoders import EncoderSpec, get_spec, list_families
+        from medray.encoders import EncoderSpec, family_modality, get_spec, list_families
+        from medray.platform.decoders import MODALITIES
 
         c = self.cfg
         if not (0.0 <= c.max_error_fraction <= 1.0):
@@ -133,9 +141,37 @@ class EmbedJob:
             raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local "
                               "directory or an object-storage URI (s3://...)")
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
+        self.primary = family_modality(self.spec.family)
+        self.specs: dict[str, EncoderSpec] = {self.primary: self.spec}
+        for modality, value in (c.encoders or {}).items():
+            if value is None:
+                continue
+            key = f"encoders.{modality}"
+            if modality not in MODALITIES:
+                raise ConfigError(key, f"unknown modality '{modality}'; known: {', '.join(MODALITIES)}")
+            if modality == self.primary:
+                raise ConfigError(key, f"encoder={self.spec.name} already embeds {modality} records; "
+                                  f"drop {key} or pick an encoder of another modality")
+            spec = _extra_spec(key, value)
+            if family_modality(spec.family) != modality:
+                raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, "
+                                  f"not {modality}")
+            self.specs[modality] = spec
+        from medray.platform.decoders.audio import AudioOptions
+        from medray.platform.modalities import TextOptions
+
+        self.audio_opts = asdict(c.audio)
+        self.text_opts = asdict(c.text)
+        AudioOptions(**self.audio_opts)
+        TextOptions(**self.text_opts)
         if os.path.abspath(c.output.rstrip("/")) == os.path.abspath(c.input.rstrip("/")):
             raise ConfigError("output", "must differ from input")
         self.input: InputSpec = classify_input(c.input, c.storage.options)
+        if c.text_column is not None:
+            if self.input.kind != "manifest":
+                raise ConfigError("text_column", "needs a manifest input (.csv/.jsonl/.parquet) holding that column")
+            if "text" not in self.specs:
+                raise ConfigError("text_column", "no text encoder: set encoders.text=biomedbert (or encoder=...)")
 
     # --------------------------------------------------------------- the run
     def _check_output(self, ident: dict) -> None:
@@ -149,6 +185,14 @@ class EmbedJob:
                 if have.get(key) != ident[key]:
                     raise ConfigError("output", f"already holds embeddings of encoder '{have.get('encoder')}' "
                                       f"({key} differs); choose a new output location")
+            extra, known = ident.get("encoders") or {}, dict(have.get("encoders") or {})
+            for modality, mine in extra.items():
+                theirs = known.get(modality)
+                if theirs and any(theirs.get(k) != mine[k] for k in ("weights_hash", "preprocessing_hash")):
+                    raise ConfigError(f"encoders.{modality}", f"output already holds {modality} embeddings of "
+                                      f"encoder '{theirs.get('encoder')}'; choose a new output location")
+            if any(m not in known for m in extra):
+                atomic_write_bytes(fs, marker, json.dumps({**have, "encoders": {**known, **extra}}, indent=2).encode())
         else:
             atomic_write_bytes(fs, marker, json.dumps(ident, indent=2).encode())
 
@@ -156,7 +200,7 @@ class EmbedJob:
         """The source dataset: one row per object / archive / manifest row."""
         c = self.cfg
         if self.input.kind == "manifest":
-            return _read_manifest(ray, c.input, c.storage.options)
+            return _read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
         # Paths only (no contents) are listed on the driver; Ray Data streams the rest.
         rows = list(list_objects(c.input, c.storage.options))
         if not rows:
@@ -181,6 +225,19 @@ class EmbedJob:
         pre = create_preprocessor(self.spec)
         ident = {"encoder": self.spec.name, "checkpoint": self.spec.checkpoint, "weights_hash": weights_hash,
                  "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__}
+        provenances: dict[str, dict] = {}
+        for modality, spec in self.specs.items():
+            if modality == self.primary:
+                continue
+            _, extra_hash = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options,
+                                               cache_dir=spec.cache_dir, expected_sha256=spec.sha256)
+            extra_pre = create_preprocessor(spec)
+            ident.setdefault("encoders", {})[modality] = {
+                "encoder": spec.name, "checkpoint": spec.checkpoint, "weights_hash": extra_hash,
+                "preprocessing_hash": extra_pre.preprocessing_hash}
+            provenances[modality] = {"encoder": spec.name, "weights_hash": extra_hash,
+                                     "preprocessing_hash": extra_pre.preprocessing_hash,
+                                     "medray_version": medray.__version__, "untrained": bool(extra_pre.spec.untrained)}
         self._check_output(ident)
         done = existing_record_ids(c.output, c.storage.options)
 
@@ -194,7 +251,8 @@ class EmbedJob:
             storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
             frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi, salt=patient_salt(c.patient_salt),
-            encoder_spec=self.spec, done=done)
+            encoder_spec=self.spec, done=done, encoder_specs=dict(self.specs), audio=self.audio_opts,
+            text=self.text_opts, text_column=c.text_column)
         provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
                       "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
                       "untrained": bool(self.spec.untrained)}
@@ -204,8 +262,11 @@ class EmbedJob:
             decode_batch_size=c.compute.decode_batch_size, encode_batch_size=c.compute.batch_size,
             actors=(c.compute.min_actors, c.compute.max_actors), num_gpus=gpus, device=device,
             dtype=c.compute.dtype, task_retries=c.compute.task_retries,
-            decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus)
-        sink = make_sink(c.output, c.storage.options, medray.__version__)
+            decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus,
+            encoder_specs={m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
+            provenances={self.primary: provenance, **provenances} if provenances else None)
+        sink = make_sink(c.output, c.storage.options, medray.__version__,
+                         subdirs={m: f"embeddings/{m}" for m in provenances})
         t_pipe = time.perf_counter()
         ds.write_datasink(sink)
         pipeline_s = time.perf_counter() - t_pipe
@@ -227,7 +288,9 @@ class EmbedJob:
             records_per_s=(read / wall) if wall > 0 else 0.0, steady_records_per_s=steady,
             stage_seconds={k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode",
                                                                                  "t_preprocess", "t_encode")},
-            records_total_in_output=total, config=config)
+            records_total_in_output=total, config=config, skipped=int(stats.get("skipped", 0)),
+            skipped_by_modality=_count_pairs(stats.get("skipped_by_modality") or []),
+            encoders={m: s.name for m, s in self.specs.items()})
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
@@ -240,6 +303,36 @@ class EmbedJob:
         return result
 
 
+def _extra_spec(key: str, value: Any) -> Any:
+    """An ``encoders.<modality>`` entry: a preset name, or a spec mapping (optionally on a preset)."""
+    from medray.encoders import get_spec
+
+    if isinstance(value, str):
+        spec = get_spec(value)
+    elif isinstance(value, dict):
+        fields = dict(value)
+        base = fields.pop("preset", None) or fields.get("name") or fields.get("family")
+        try:
+            spec = get_spec(base, **{k: v for k, v in fields.items() if k != "name"})
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err.key.split('.', 1)[-1]}", str(err).split(": ", 1)[-1]) from None
+        if "name" in fields:
+            spec.name = str(fields["name"])
+    else:
+        raise ConfigError(key, f"expected a preset name or a spec mapping, got {type(value).__name__}")
+    if spec.checkpoint_missing:
+        raise ConfigError(f"{key}.checkpoint", "is required for this encoder: a hub id, a local directory "
+                          "or an object-storage URI (s3://...)")
+    return spec
+
+
+def _count_pairs(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def _steady_rate(parts: list) -> Optional[float]:
     """Records/s between the first and the last committed part (start-up excluded)."""
     if len(parts) < 3:
@@ -249,8 +342,12 @@ def _steady_rate(parts: list) -> Optional[float]:
     return records / (t1 - t0) if t1 > t0 else None
 
 
-def _read_manifest(ray: Any, uri: str, options: Any) -> Any:
-    """Read a CSV/JSONL/Parquet manifest as a Ray Dataset with ``uri``/``member`` columns."""
+def _read_manifest(ray: Any, uri: str, options: Any, text_column: Optional[str] = None) -> Any:
+    """Read a CSV/JSONL/Parquet manifest as a Ray Dataset with ``uri``/``member`` columns.
+
+    With ``text_column`` a row's document is that cell; a manifest without a
+    ``uri`` column keys each document as ``<manifest>#sha256=<text digest>``.
+    """
     import pyarrow as pa
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -264,15 +361,25 @@ def _read_manifest(ray: Any, uri: str, options: Any) -> Any:
     else:
         ds = ray.data.read_parquet(path, filesystem=pafs)
     names = ds.schema().names
-    if "uri" not in names:
+    if text_column is not None and text_column not in names:
+        raise ConfigError("text_column", f"manifest has no column '{text_column}' (columns: {', '.join(names)})")
+    synth = text_column is not None and "uri" not in names
+    if "uri" not in names and not synth:
         raise ConfigError("input", f"manifest has no 'uri' column (columns: {', '.join(names)})")
     # Manifest columns named like medray's own (e.g. "modality") are kept as "manifest_<name>".
     renames = {c: f"manifest_{c}" for c in names if c in RESERVED_COLUMNS and c not in ("uri", "member")}
 
     def resolve(batch: pa.Table) -> pa.Table:
+        if synth:
+            import hashlib
+
+            keys = [f"{uri}#sha256=" + hashlib.sha256(str(t or "").encode()).hexdigest()[:32]
+                    for t in batch.column(text_column).to_pylist()]
+            batch = batch.append_column("uri", pa.array(keys, pa.string()))
+            batch = batch.append_column("member", pa.array([""] * len(keys), pa.string()))
         if renames:
             batch = batch.rename_columns([renames.get(c, c) for c in batch.column_names])
-        uris = [resolve_member_uri(str(u), uri) for u in batch.column("uri").to_pylist()]
+        uris = [u if synth else resolve_member_uri(str(u), uri) for u in batch.column("uri").to_pylist()]
         batch = batch.set_column(batch.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
         if "member" not in batch.column_names:
             from medray.platform.sources import ARCHIVE_MEMBER_PENDING, is_archive

@@ -46,6 +46,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf, TrackingConf, patient_salt
@@ -95,6 +96,7 @@ class FinetuneDataConf:
     decode_num_cpus: float = 1.0
     decode_concurrency: Optional[int] = None
     shuffle_buffer: int = 256
+    cache: str = "auto"                  # auto | true | false: keep decoded examples in the object store
 
 
 @dataclass
@@ -220,6 +222,7 @@ class FinetuneResult:
     global_step: int
     splits: dict
     metrics: dict
+    baseline: dict
     history: list
     attempts: list
     n_parameters: int
@@ -229,6 +232,8 @@ class FinetuneResult:
     export_records_checked: int
     wall_s: float
     train_s: float
+    phase_s: dict
+    cached: bool
     config: dict
 
     def one_line(self) -> str:
@@ -351,6 +356,8 @@ class FinetuneJob:
                 raise ConfigError(f"data.{key}", "must be >= 1")
         if d.decode_num_cpus <= 0:
             raise ConfigError("data.decode_num_cpus", "must be > 0")
+        if str(d.cache).lower() not in ("auto", "true", "false"):
+            raise ConfigError("data.cache", f"expected auto, true or false, got {d.cache!r}")
         if not (0.0 <= d.val_fraction < 1.0) or not (0.0 <= d.test_fraction < 1.0) or \
                 d.val_fraction + d.test_fraction >= 1.0:
             raise ConfigError("data.val_fraction", "val_fraction and test_fraction must be within [0, 1) and "
@@ -384,7 +391,10 @@ class FinetuneJob:
         from medray.platform.storage import open_fs
 
         fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
-        started = fs.exists(posixpath.join(root, "checkpoints", "train"))
+        runs = posixpath.join(root, "checkpoints", "train")
+        # Ray Train's run snapshot (written with each checkpoint), not the prefix: object stores
+        # and SeaweedFS' filer may keep empty directory entries after a delete.
+        started = fs.exists(posixpath.join(runs, "checkpoint_manager_snapshot.json"))
         if started and not self.cfg.resume:
             raise ConfigError("resume", f"output '{self.cfg.output}' already holds a run; pass resume=true to "
                               "continue it, or choose a new output")
@@ -532,9 +542,8 @@ class FinetuneJob:
         """Ray Dataset of training examples of one split (streamed; nothing collected)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs._finetune_data import examples_batch, keep_split, split_batch
+        from medray.jobs._finetune_data import decode_examples_batch, keep_split, split_batch
         from medray.jobs.embed import _read_manifest
-        from medray.platform.pipeline import decode_batch, read_batch
         from medray.platform.storage import open_fs
 
         c = self.cfg
@@ -549,12 +558,86 @@ class FinetuneJob:
             ds = _read_manifest(ray, d.train, c.storage.options)
             ds = ds.map_batches(split_batch, fn_kwargs={"plan": self.plan}, batch_format="pyarrow")
             ds = ds.map_batches(keep_split, fn_kwargs={"split": split}, batch_format="pyarrow")
-        kw = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
+        kw: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
         if d.decode_concurrency:
             kw["concurrency"] = d.decode_concurrency
-        ds = ds.map_batches(read_batch, fn_kwargs={"opts": opts}, batch_size=d.read_batch_size, **kw)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=d.decode_batch_size, **kw)
-        return ds.map_batches(examples_batch, fn_kwargs={"spec": self.example_spec}, batch_format="pyarrow")
+        return ds.map_batches(decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec},
+                              batch_size=d.decode_batch_size, **kw)
+
+    def _use_cache(self, ray: Any, rows: int, input_shape: Any) -> bool:
+        """``data.cache``: ``auto`` caches when the decoded examples fit in a quarter of the object store."""
+        mode = str(self.cfg.data.cache).lower()
+        if mode in ("true", "false"):
+            return mode == "true"
+        need = rows * int(np.prod(list(input_shape))) * 4
+        store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+        log.info("decoded examples ~%.1f MB, object store %.1f MB", need / 1e6, store / 1e6)
+        return need <= 0.25 * store
+
+    def _datasets(self, ray: Any, pre: Any) -> tuple[dict, dict, bool]:
+        """The ``train`` and ``val`` datasets, the split counts (checked), and whether they are cached.
+
+        Cached (decoded once into the object store): with ``group_by=patient_key`` every record
+        is decoded once and the split comes from its decoded patient key; the assignments are
+        written to ``<output>/splits/assignments``. Streamed (decoded every epoch): with
+        ``group_by=patient_key`` a header-only pass writes the split manifest first.
+        Either way the counts are checked before any training worker starts.
+        """
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from medray.jobs._finetune_data import (
+            SplitPlan,
+            count_examples,
+            count_splits,
+            decode_examples_batch,
+            iter_manifest_batches,
+            keep_split,
+        )
+        from medray.jobs.embed import _read_manifest
+        from medray.platform.storage import open_fs
+
+        c = self.cfg
+        opts = self._stage_options(pre)
+        if self.plan.mode != "patient_key":
+            rows = sum(self.counts[s]["usable"] for s in ("train", "val"))  # type: ignore[index]
+            cached = self._use_cache(ray, rows, pre.input_shape)
+            datasets = {s: self._split_dataset(ray, s, opts, None) for s in ("train", "val")}
+            if cached:
+                # Decoded once, kept as blocks in the object store (never on the driver); each
+                # epoch streams the cached blocks to the workers instead of decoding again.
+                datasets = {s: ds.materialize() for s, ds in datasets.items()}
+            return datasets, self.counts or {}, cached
+        rows = sum(b.num_rows for b in iter_manifest_batches(c.data.train, ["uri"], c.storage.options))
+        cached = self._use_cache(ray, rows, pre.input_shape)
+        fs, root = open_fs(c.output, c.storage.options)
+        pafs = PyFileSystem(FSSpecHandler(fs))
+        if not cached:
+            split_manifest = self._write_split_manifest(ray, opts)
+            plan = SplitPlan("patient_key", None, self.plan.seed, self.plan.fractions, self.plan.salt)
+            cols = sorted(set(self.example_spec.label_columns) | {"split"})
+            uri = c.output.rstrip("/") + "/splits/manifest"
+            self._check_counts(count_splits(iter_manifest_batches(uri, cols, c.storage.options), plan,
+                                            self.example_spec))
+            datasets = {s: self._split_dataset(ray, s, opts, split_manifest) for s in ("train", "val")}
+            return datasets, self.counts or {}, False
+        d = c.data
+        kw: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
+        if d.decode_concurrency:
+            kw["concurrency"] = d.decode_concurrency
+        everything = _read_manifest(ray, d.train, c.storage.options).map_batches(
+            decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec, "plan": self.plan},
+            batch_size=d.decode_batch_size, **kw).materialize()
+        self._check_counts(count_examples(
+            everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
+            self.example_spec))
+        target = posixpath.join(root, "splits", "assignments")
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        everything.select_columns(["record_id", "frame", "patient_key", "split"]).write_parquet(
+            target, filesystem=pafs)
+        datasets = {s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
+                    for s in ("train", "val")}
+        return datasets, self.counts or {}, True
 
     def run(self) -> FinetuneResult:
         """Split, train on Ray, export the artifact; return what happened."""
@@ -562,7 +645,7 @@ class FinetuneJob:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
-        from medray.jobs._finetune_data import SplitPlan, count_splits, iter_manifest_batches, manifest_sha256
+        from medray.jobs._finetune_data import manifest_sha256
         from medray.jobs._finetune_loop import train_loop
         from medray.platform.runtime import init_ray
 
@@ -582,21 +665,14 @@ class FinetuneJob:
             need = c.scaling.num_workers * c.scaling.cpus_per_worker + c.data.decode_num_cpus
             num_cpus = max(os.cpu_count() or 1, int(math.ceil(need)))
         ray = init_ray(c.ray.address, num_cpus=num_cpus, include_dashboard=c.ray.include_dashboard)
-        opts = self._stage_options(pre)
-        split_manifest = None
-        if self.plan.mode == "patient_key":
-            split_manifest = self._write_split_manifest(ray, opts)
-            plan = SplitPlan("patient_key", None, self.plan.seed, self.plan.fractions, self.plan.salt)
-            fs_uri = self.cfg.output.rstrip("/") + "/splits/manifest"
-            cols = list(self.example_spec.label_columns) + ["split"]
-            self._check_counts(count_splits(iter_manifest_batches(fs_uri, sorted(set(cols)), c.storage.options),
-                                            plan, self.example_spec))
-        counts = self.counts or {}
+        phases: dict[str, float] = {"prepare": time.perf_counter() - t_start}
+        t_phase = time.perf_counter()
+        datasets, counts, cached = self._datasets(ray, pre)
+        phases["data"] = time.perf_counter() - t_phase
         world = c.scaling.num_workers
         rows_per_worker = counts["train"]["usable"] // world
         steps_per_epoch = max(1, rows_per_worker // c.train.batch_size // c.train.grad_accum)
         total_steps = steps_per_epoch * c.train.epochs
-        datasets = {s: self._split_dataset(ray, s, opts, split_manifest) for s in ("train", "val")}
 
         config = dict(self.resolved)
         from medray.platform.storage import redact_options
@@ -635,6 +711,8 @@ class FinetuneJob:
         t_train = time.perf_counter()
         result = trainer.fit()
         train_s = time.perf_counter() - t_train
+        phases["train"] = train_s
+        t_phase = time.perf_counter()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
 
@@ -643,17 +721,20 @@ class FinetuneJob:
         export = export_run(self, ray, result.checkpoint, weights_hash=weights_hash, pre=pre, data_sha=data_sha,
                             run_name=run_name, config=config, counts=counts, datasets=datasets)
         state = export["state"]
+        phases["export"] = time.perf_counter() - t_phase
         wall = time.perf_counter() - t_start
         res = FinetuneResult(
             run_id=run_id, output=c.output, artifact=export["artifact"], encoder=self.spec.name, task=c.task.type,
             labels=list(self.example_spec.labels), strategy=c.train.strategy, zero_stage=c.deepspeed.stage,
             num_workers=world, epochs=int(state["epoch"]) + 1, global_step=int(state["global_step"]),
-            splits=counts, metrics=export["metrics"], history=state.get("history", []),
+            splits=counts, metrics=export["metrics"], baseline=state.get("baseline", {}),
+            history=state.get("history", []),
             attempts=state.get("attempts", []), n_parameters=int(state.get("n_parameters", 0)),
             n_trainable=int(state.get("n_trainable", 0)),
             trainable_parameters=list(state.get("trainable_parameters", [])),
             export_max_abs_diff=export["max_abs_diff"], export_records_checked=export["checked"],
-            wall_s=wall, train_s=train_s, config=config)
+            wall_s=wall, train_s=train_s, phase_s={k: round(v, 2) for k, v in phases.items()}, cached=cached,
+            config=config)
         from medray.platform.metrics import json_safe
         from medray.platform.storage import atomic_write_bytes, open_fs
 

@@ -27,11 +27,12 @@ from medray.platform.records import quarantine_fields, record_id
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
 from medray.platform.storage import open_fs, read_bytes
 
-__all__ = ["StageOptions", "read_batch", "decode_batch", "EncoderActor", "INTERNAL_COLUMNS"]
+__all__ = ["StageOptions", "read_batch", "decode_batch", "EncoderActor", "INTERNAL_COLUMNS", "encoder_routes"]
 
 #: Columns that live only inside the pipeline; the sink drops them.
-INTERNAL_COLUMNS = ("data", "pixel_values", "pixel_shape", "frames", "status", "stage", "error_class",
-                    "message", "t_read", "t_decode", "t_preprocess", "t_encode")
+INTERNAL_COLUMNS = ("data", "pixel_values", "pixel_shape", "pixel_dtype", "frames", "segments", "pool", "route",
+                    "status", "stage", "error_class", "message", "t_read", "t_decode", "t_preprocess",
+                    "t_encode")
 
 
 @dataclass
@@ -47,6 +48,20 @@ class StageOptions:
     salt: str = ""
     encoder_spec: Any = None          # medray.encoders.EncoderSpec
     done: frozenset = frozenset()     # record ids already in the output (resume)
+    encoder_specs: dict = field(default_factory=dict)  # modality -> EncoderSpec; {} = encoder_spec only
+    audio: dict = field(default_factory=dict)          # AudioOptions fields
+    text: dict = field(default_factory=dict)           # TextOptions fields
+    text_column: str | None = None                     # manifest column holding the document
+
+
+def encoder_routes(opts: StageOptions) -> dict[str, Any]:
+    """Modality -> encoder spec: ``encoder_specs``, or ``encoder_spec`` under its family's modality."""
+    if opts.encoder_specs:
+        return dict(opts.encoder_specs)
+    from medray.encoders import family_modality
+
+    spec = opts.encoder_spec
+    return {family_modality(spec.family): spec}
 
 
 _STATUS_COLS = ("status", "stage", "error_class", "message")
@@ -76,7 +91,9 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
     "patient_key": pa.string(), "metadata": pa.string(), "pixel_values": pa.large_binary(),
     "pixel_shape": pa.list_(pa.int64()), "frames": pa.list_(pa.int32()), "n_frames": pa.int32(),
     "frame": pa.int32(), "t_read": pa.float64(), "t_decode": pa.float64(), "t_preprocess": pa.float64(),
-    "t_encode": pa.float64(),
+    "t_encode": pa.float64(), "pixel_dtype": pa.string(), "segments": pa.string(), "pool": pa.string(),
+    "route": pa.string(), "segment": pa.string(), "start_s": pa.float64(), "end_s": pa.float64(),
+    "channel": pa.int32(), "token_start": pa.int32(), "token_end": pa.int32(),
 }
 
 
@@ -103,8 +120,15 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
 
     uris = table.column("uri").to_pylist()
     members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
+    col = opts.text_column
+    texts = table.column(col).to_pylist() if col and col in table.column_names else None
     for i, (uri, member) in enumerate(zip(uris, members)):
         member = member or ""
+        if texts is not None and texts[i] is not None:
+            # The document is the manifest cell; it travels as bytes and the column is dropped below.
+            if record_id(uri, member) not in opts.done:
+                emit(i, uri, member, str(texts[i]).encode("utf-8"), None, 0.0)
+            continue
         if member == ARCHIVE_MEMBER_PENDING:
             t0 = time.perf_counter()
             try:
@@ -131,7 +155,7 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             emit(i, uri, member, None, err, time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest
             emit(i, uri, member, None, err, time.perf_counter() - t0)
-    return _assemble(table, index, cols)
+    return _assemble(table, index, cols, drop=(col,) if texts is not None else ())
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,23 +178,37 @@ def _decode_options(opts: StageOptions) -> tuple[Any, Any]:
     )
 
 
-def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
-    """Decode each record's bytes and apply the encoder's own preprocessing.
-
-    Output: one row per record with ``pixel_values`` (float32 ``(F, C, H, W)``
-    as bytes, plus ``pixel_shape``), ``frames`` (source frame indices), the
-    allow-listed ``metadata`` as JSON, ``patient_key`` and ``content_sha256``.
-    The raw bytes are dropped here.
-    """
+def _preprocessors(opts: StageOptions) -> dict[str, Any]:
     from medray.encoders import spec_to_dict
-    from medray.platform.decoders import decode_bytes
+
+    return {m: _preprocessor(json.dumps(spec_to_dict(spec), sort_keys=True))
+            for m, spec in encoder_routes(opts).items()}
+
+
+def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
+    """Route each record by content, decode it and apply its encoder's own preprocessing.
+
+    Output: one row per record with the model input (``pixel_values`` as
+    bytes plus ``pixel_shape`` and ``pixel_dtype``: images ``(F, C, H, W)``
+    float32, audio windows ``(W, ...)`` float32, text chunks ``(K, 2, L)``
+    int64), ``frames`` (item indices), ``segments`` (JSON provenance per item,
+    null for images), ``pool`` and ``route`` (the modality whose encoder
+    embeds it), the allow-listed ``metadata`` as JSON, ``patient_key`` and
+    ``content_sha256``. A record whose modality has no encoder gets
+    ``status="skipped"``. The raw bytes are dropped here.
+    """
+    from medray.platform.decoders import _check_size, decode_bytes, detect_modality
+    from medray.platform.decoders.audio import AudioOptions
+    from medray.platform.modalities import TextOptions, prepare_record
 
     dicom_opts, limits = _decode_options(opts)
-    pre = _preprocessor(json.dumps(spec_to_dict(opts.encoder_spec), sort_keys=True))
+    audio_opts = AudioOptions(**(opts.audio or {}))
+    text_opts = TextOptions(**(opts.text or {}))
+    pres = _preprocessors(opts)
     n = table.num_rows
     new: dict[str, list] = {k: [None] * n for k in (
-        "content_sha256", "modality", "patient_key", "metadata", "pixel_values", "pixel_shape", "frames",
-        "t_decode", "t_preprocess", *_STATUS_COLS)}
+        "content_sha256", "modality", "patient_key", "metadata", "pixel_values", "pixel_shape", "pixel_dtype",
+        "frames", "segments", "pool", "route", "t_decode", "t_preprocess", *_STATUS_COLS)}
     datas = table.column("data").to_pylist()
     status = table.column("status").to_pylist()
     members = table.column("member").to_pylist()
@@ -183,10 +221,34 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             continue
         data = datas[i] or b""
         new["content_sha256"][i] = hashlib.sha256(data).hexdigest()
-        name = members[i] or uris[i]
+        name = (members[i] or uris[i]).rsplit("/", 1)[-1]
         t0 = time.perf_counter()
         try:
-            decoded = decode_bytes(data, name=name.rsplit("/", 1)[-1], dicom=dicom_opts, limits=limits, salt=opts.salt)
+            _check_size(data, limits)
+            route, fmt = detect_modality(data, name)
+            new["route"][i] = route
+            pre = pres.get(route)
+            if pre is None:
+                new["status"][i], new["stage"][i] = "skipped", "route"
+                new["message"][i] = f"no encoder configured for modality '{route}'"
+                continue
+            if route != "image":
+                prepared = prepare_record(data, fmt, pre, audio=audio_opts, text=text_opts, salt=opts.salt)
+                t1 = time.perf_counter()
+                new["t_decode"][i] = t1 - t0
+                values = np.ascontiguousarray(prepared.inputs)
+                new["modality"][i] = prepared.modality
+                new["patient_key"][i] = prepared.patient_key
+                new["metadata"][i] = json.dumps(prepared.metadata, sort_keys=True, default=str)
+                new["pixel_values"][i] = values.tobytes()
+                new["pixel_shape"][i] = list(values.shape)
+                new["pixel_dtype"][i] = values.dtype.name
+                new["frames"][i] = list(range(len(prepared.segments)))
+                new["segments"][i] = json.dumps(prepared.segments)
+                new["pool"][i] = prepared.pool
+                new["t_preprocess"][i] = 0.0
+                continue
+            decoded = decode_bytes(data, name=name, dicom=dicom_opts, limits=limits, salt=opts.salt)
             t1 = time.perf_counter()
             new["t_decode"][i] = t1 - t0
             if not decoded.frames:
@@ -204,6 +266,7 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             new["metadata"][i] = json.dumps(decoded.metadata, sort_keys=True, default=str)
             new["pixel_values"][i] = pixels.tobytes()
             new["pixel_shape"][i] = list(pixels.shape)
+            new["pixel_dtype"][i] = "float32"
             new["frames"][i] = [int(f.frame) for f in decoded.frames]
         except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
             q = quarantine_fields(err, "decode")
@@ -214,100 +277,152 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
 
 
 class EncoderActor:
-    """Ray Data actor: loads the encoder once, embeds batches of records.
+    """Ray Data actor: loads the encoders once, embeds batches of records.
 
-    A batch that fails is retried record by record so that one poison record
-    becomes a quarantine row instead of failing (and endlessly retrying) the
-    whole batch.
+    Each record is embedded by the encoder of its ``route`` (modality). All
+    rows of a record, its pooled row included, come out of one call, so
+    "record id present in the output" stays the resume criterion. A batch
+    that fails is retried record by record so that one poison record becomes
+    a quarantine row instead of failing (and endlessly retrying) the whole
+    batch.
 
     Args:
-        spec: the encoder spec (dict form).
+        spec: the primary encoder spec (dict form).
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: ``auto`` (bf16 on GPU), ``float32``, ``bfloat16`` or ``float16``.
-        batch_size: frames per forward pass.
+        batch_size: items (frames, windows, chunks) per forward pass.
         provenance: columns stamped on every row (encoder, hashes, version).
+        specs: modality -> spec dict when the job has several encoders;
+            ``None``: ``spec`` alone, under its family's modality.
+        provenances: modality -> provenance columns, with ``specs``.
     """
 
     def __init__(self, spec: dict, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                 provenance: Mapping[str, Any] | None = None) -> None:
+                 provenance: Mapping[str, Any] | None = None, specs: Mapping[str, dict] | None = None,
+                 provenances: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         import torch
 
-        from medray.encoders import create_encoder, spec_from_dict
+        from medray.encoders import create_encoder, family_modality, spec_from_dict
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        self.encoder = create_encoder(spec_from_dict(spec), device=device, dtype=dtype)
+        if not specs:
+            specs = {family_modality(spec["family"]): spec}
+        self.encoders = {m: create_encoder(spec_from_dict(s), device=device, dtype=dtype) for m, s in specs.items()}
+        self.primary = next(iter(self.encoders))
+        self.encoder = self.encoders[self.primary]
         self.batch_size = int(batch_size)
         self.provenance = dict(provenance or {})
+        self.provenances = {m: dict(p) for m, p in (provenances or {}).items()}
+        # One encoder: a fixed-size embedding column, exactly as before; several: variable lists
+        # that the sink types per encoder.
+        self.fixed = len(self.encoders) == 1
 
-    def _embed(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        flat = np.concatenate(arrays, axis=0)
-        outs = [self.encoder.embed(flat[s:s + self.batch_size]) for s in range(0, len(flat), self.batch_size)]
-        emb = np.concatenate(outs, axis=0).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(emb)):
-            raise EncodeError("model produced non-finite values")
-        splits = np.cumsum([len(a) for a in arrays])[:-1]
-        return np.split(emb, splits)
+    def _embed(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """Embed each (route, input) in batches of items that share an encoder and a shape."""
+        out: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for k, (route, arr) in enumerate(items):
+            groups.setdefault((route, arr.shape[1:], arr.dtype.str), []).append(k)
+        for (route, _, _), ks in groups.items():
+            encoder = self.encoders[route]
+            flat = np.concatenate([items[k][1] for k in ks], axis=0)
+            parts = [encoder.embed(flat[s:s + self.batch_size]) for s in range(0, len(flat), self.batch_size)]
+            emb = np.concatenate(parts, axis=0).astype(np.float32, copy=False) if parts else \
+                np.zeros((0, encoder.dim), np.float32)
+            if not np.all(np.isfinite(emb)):
+                raise EncodeError("model produced non-finite values")
+            for k, e in zip(ks, np.split(emb, np.cumsum([len(items[k][1]) for k in ks])[:-1])):
+                out[k] = e
+        return out  # type: ignore[return-value]
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from medray.platform.modalities import SEGMENT_FIELDS, pooled_segment
+
         n = table.num_rows
         status = table.column("status").to_pylist()
         pv = table.column("pixel_values").to_pylist()
         shapes = table.column("pixel_shape").to_pylist()
+        names = table.column_names
+        dtypes = table.column("pixel_dtype").to_pylist() if "pixel_dtype" in names else [None] * n
+        routes = table.column("route").to_pylist() if "route" in names else [None] * n
+        routes = [r or self.primary for r in routes]
+        segs = table.column("segments").to_pylist() if "segments" in names else [None] * n
+        pools = table.column("pool").to_pylist() if "pool" in names else [None] * n
         results: list[np.ndarray | BaseException | None] = [None] * n
         ok_idx = [i for i in range(n) if status[i] == "ok"]
-        arrays = {i: np.frombuffer(pv[i], dtype=np.float32).reshape(shapes[i]) for i in ok_idx}
+        arrays = {}
+        for i in ok_idx:
+            if routes[i] not in self.encoders:
+                results[i] = EncodeError(f"no encoder for modality '{routes[i]}' in this actor")
+                continue
+            arrays[i] = np.frombuffer(pv[i], dtype=np.dtype(dtypes[i] or "float32")).reshape(shapes[i])
+        todo = [i for i in ok_idx if i in arrays]
         t0 = time.perf_counter()
         try:
-            if ok_idx:
-                for i, emb in zip(ok_idx, self._embed([arrays[i] for i in ok_idx])):
+            if todo:
+                for i, emb in zip(todo, self._embed([(routes[i], arrays[i]) for i in todo])):
                     results[i] = emb
         except Exception:  # noqa: BLE001 - isolate the poison record(s)
-            for i in ok_idx:
+            for i in todo:
                 try:
-                    results[i] = self._embed([arrays[i]])[0]
+                    results[i] = self._embed([(routes[i], arrays[i])])[0]
                 except Exception as err:  # noqa: BLE001
                     results[i] = err if isinstance(err, RecordError) else EncodeError(
                         f"model failed ({type(err).__name__})")
-        dt = (time.perf_counter() - t0) / max(1, sum(len(arrays[i]) for i in ok_idx))
+        dt = (time.perf_counter() - t0) / max(1, sum(len(arrays[i]) for i in todo))
 
+        seg_names = [f for f, _ in SEGMENT_FIELDS]
         index: list[int] = []
-        new: dict[str, list] = {k: [] for k in ("frame", "n_frames", "embedding", "t_encode", *_STATUS_COLS)}
+        new: dict[str, list] = {k: [] for k in ("frame", "n_frames", "embedding", "t_encode", *_STATUS_COLS,
+                                                *seg_names)}
+
+        def add(i: int, frame: Any, n_frames: Any, emb: Any, t: Any, q: Mapping[str, Any], seg: Mapping) -> None:
+            index.append(i)
+            new["frame"].append(frame)
+            new["n_frames"].append(n_frames)
+            new["embedding"].append(emb)
+            new["t_encode"].append(t)
+            for c in _STATUS_COLS:
+                new[c].append(q.get(c))
+            for c in seg_names:
+                new[c].append(seg.get(c))
+
+        ok_q = {"status": "ok"}
         frames_col = table.column("frames").to_pylist()
         for i in range(n):
             res = results[i]
             if status[i] == "ok" and isinstance(res, np.ndarray):
                 frames = frames_col[i]
+                items = json.loads(segs[i]) if segs[i] else [{"segment": "frame"}] * len(frames)
                 for j, f in enumerate(frames):
-                    index.append(i)
-                    new["frame"].append(int(f))
-                    new["n_frames"].append(len(frames))
-                    new["embedding"].append(res[j])
-                    new["t_encode"].append(dt)
-                    new["status"].append("ok")
-                    for c in _STATUS_COLS[1:]:
-                        new[c].append(None)
+                    add(i, int(f), len(frames), res[j], dt, ok_q, items[j])
+                if pools[i] == "mean" and len(frames):
+                    add(i, -1, len(frames), res.mean(axis=0), 0.0, ok_q, pooled_segment(items))
                 continue
-            index.append(i)
-            new["frame"].append(None)
-            new["n_frames"].append(None)
-            new["embedding"].append(None)
-            new["t_encode"].append(None)
             if status[i] == "ok":
                 q = quarantine_fields(res if isinstance(res, BaseException) else EncodeError("no result"), "encode")
             else:
                 q = {c: table.column(c)[i].as_py() for c in _STATUS_COLS}
-            for c in _STATUS_COLS:
-                new[c].append(q[c])
-        dim = self.encoder.dim
-        emb_type = pa.list_(pa.float32(), dim)
-        emb_col = pa.array([None if e is None else e.tolist() for e in new.pop("embedding")], type=emb_type)
-        out = _assemble(table, index, new, drop=("pixel_values", "pixel_shape", "frames"))
+            add(i, None, None, None, None, q, {})
+        route_of = [routes[i] for i in index]
+        emb_values = new.pop("embedding")
+        if self.fixed:
+            emb_type = pa.list_(pa.float32(), self.encoder.dim)
+        else:
+            emb_type = pa.list_(pa.float32())
+        emb_col = pa.array([None if e is None else np.asarray(e, np.float32).tolist() for e in emb_values],
+                           type=emb_type)
+        out = _assemble(table, index, new, drop=("pixel_values", "pixel_shape", "pixel_dtype", "frames",
+                                                  "segments", "pool"))
         out = out.append_column("embedding", emb_col)
+        if "route" not in out.column_names:
+            out = out.append_column("route", pa.array(route_of, pa.string()))
         for k, v in self.provenance.items():
-            out = out.append_column(k, pa.array([v] * out.num_rows))
+            vals = [self.provenances.get(r, self.provenance).get(k, v) for r in route_of]
+            out = out.append_column(k, pa.array(vals))
         return out
 
 
@@ -315,7 +430,8 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
                  decode_concurrency: int | None, read_batch_size: int, decode_batch_size: int,
                  encode_batch_size: int, actors: tuple[int, int], num_gpus: float, device: str,
                  dtype: str, task_retries: int = 2, decode_num_cpus: float = 1.0,
-                 actor_num_cpus: float = 1.0) -> Any:
+                 actor_num_cpus: float = 1.0, encoder_specs: Mapping[str, dict] | None = None,
+                 provenances: Mapping[str, Mapping[str, Any]] | None = None) -> Any:
     """Chain the stages on a Ray Dataset of source records.
 
     Decode/preprocess run as CPU tasks and the encoder as an actor pool, so the
@@ -337,7 +453,9 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
         ds = ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={"spec": encoder_spec, "device": device, "dtype": dtype,
-                                   "batch_size": encode_batch_size, "provenance": dict(provenance)},
+                                   "batch_size": encode_batch_size, "provenance": dict(provenance),
+                                   "specs": dict(encoder_specs) if encoder_specs else None,
+                                   "provenances": dict(provenances) if provenances else None},
             batch_format="pyarrow", batch_size=encode_batch_size,
             compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
             num_gpus=num_gpus or None, num_cpus=actor_num_cpus,

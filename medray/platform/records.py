@@ -1,7 +1,10 @@
 """Record keys and the Arrow schemas of medray's outputs.
 
 Every output row points back to exactly what it came from: ``uri`` (the
-object), ``member`` (archive member, ``""`` otherwise) and ``frame``.
+object), ``member`` (archive member, ``""`` otherwise) and ``frame`` (frame,
+audio window or text chunk index; ``-1`` for a record's pooled row), with
+``segment``/``start_s``/``end_s``/``channel``/``token_start``/``token_end``
+saying what the item covers.
 ``record_id`` is a stable digest of ``(uri, member)`` used for resume.
 """
 
@@ -27,11 +30,12 @@ __all__ = [
 CORE_COLUMNS = (
     "record_id", "uri", "member", "frame", "n_frames", "content_sha256", "modality", "patient_key",
     "metadata", "embedding", "encoder", "weights_hash", "preprocessing_hash", "medray_version", "untrained",
+    "segment", "start_s", "end_s", "channel", "token_start", "token_end",
 )
 #: Columns a manifest may not carry because medray writes them.
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
     "status", "stage", "error_class", "message", "pixel_values", "pixel_shape", "data", "frames",
-    "t_read", "t_decode", "t_preprocess", "t_encode"}
+    "t_read", "t_decode", "t_preprocess", "t_encode", "pixel_dtype", "segments", "pool", "route"}
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -74,6 +78,14 @@ def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
         ("preprocessing_hash", pa.string()),
         ("medray_version", pa.string()),
         ("untrained", pa.bool_()),
+        # Provenance of the row within its record (null where it does not apply):
+        # frame | window | chunk | pooled; seconds for audio windows; token offsets for text chunks.
+        ("segment", pa.string()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("channel", pa.int32()),
+        ("token_start", pa.int32()),
+        ("token_end", pa.int32()),
     ]
     schema = pa.schema(fields)
     for field in carried or []:

@@ -2,7 +2,8 @@
 
 Layout under ``output=``::
 
-    embeddings/part-<uuid>.parquet   one row per embedded frame
+    embeddings/part-<uuid>.parquet   one row per embedded frame / window / chunk (+ pooled rows)
+    embeddings/<modality>/part-*.parquet   the same for each extra encoder (``encoders.<modality>``)
     quarantine/part-<uuid>.parquet   one row per record that could not be used
     _medray.json                     what this output holds (encoder, hashes)
     runs/<run_id>.json               one summary per run; summary.json = latest
@@ -63,7 +64,8 @@ def existing_record_ids(output: str, options: Mapping[str, Any] | None) -> froze
     for sub in ("embeddings", "quarantine"):
         d = posixpath.join(root, sub)
         try:
-            files = [p for p in fs.ls(d, detail=False) if p.endswith(".parquet")]
+            files = [p for p in fs.find(d) if p.endswith(".parquet")
+                     and not posixpath.basename(p).startswith(".")]
         except FileNotFoundError:
             continue
         for p in files:
@@ -84,15 +86,27 @@ def embeddings_table(ok: pa.Table) -> pa.Table:
     # the other parts; store it as string (the usual type of sparse manifest columns).
     carried = [f.with_type(pa.string()) if pa.types.is_null(f.type) else f
                for f in (ok.schema.field(c) for c in ok.column_names if c not in internal)]
-    dim = ok.schema.field("embedding").type.list_size
+    emb_type = ok.schema.field("embedding").type
+    if pa.types.is_fixed_size_list(emb_type):
+        dim = emb_type.list_size
+    else:  # several encoders: variable lists, one encoder (one size) per table here
+        dim = len(ok.column("embedding")[0].as_py()) if ok.num_rows else 0
     schema = embedding_schema(dim, pa.schema(carried))
+    for name in schema.names:  # tables from before the provenance columns existed
+        if name not in ok.column_names:
+            ok = ok.append_column(name, pa.nulls(ok.num_rows, schema.field(name).type))
     return ok.select(schema.names).cast(schema)
 
 
-def make_sink(output: str, options: Mapping[str, Any] | None, version: str) -> Any:
+def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
+              subdirs: Mapping[str, str] | None = None) -> Any:
     """Create the Ray Data datasink writing embeddings and quarantine under ``output``.
 
     Built lazily so this module imports without Ray.
+
+    Args:
+        subdirs: modality (row ``route``) -> directory for its embeddings;
+            modalities not listed go to ``embeddings``.
     """
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
@@ -102,6 +116,7 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str) -> A
             self.output = output
             self.options = dict(options or {})
             self.version = version
+            self.subdirs = dict(subdirs or {})
             self.result: dict[str, Any] = {}
 
         def get_name(self) -> str:
@@ -110,7 +125,8 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str) -> A
         def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
-            stats = {"rows": 0, "records": 0, "quarantined": 0, **{k: 0.0 for k in _TIMING}}
+            stats = {"rows": 0, "records": 0, "quarantined": 0, "skipped": 0, "skipped_by_modality": [],
+                     **{k: 0.0 for k in _TIMING}}
             if not tables:
                 return stats
             table = pa.concat_tables(tables, promote_options="permissive")
@@ -118,11 +134,22 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str) -> A
                 if k in table.column_names:
                     stats[k] = float(pc.sum(pc.fill_null(table.column(k).cast(pa.float64()), 0.0)).as_py() or 0.0)
             ok_mask = pc.equal(table.column("status"), "ok")
+            skip_mask = pc.equal(table.column("status"), "skipped")
             ok = table.filter(ok_mask)
-            bad = table.filter(pc.invert(ok_mask))
+            bad = table.filter(pc.invert(pc.or_(ok_mask, skip_mask)))
+            skipped = table.filter(skip_mask)
+            if skipped.num_rows:
+                routes = skipped.column("route").to_pylist() if "route" in skipped.column_names else \
+                    [None] * skipped.num_rows
+                stats["skipped"] = skipped.num_rows
+                stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
             if ok.num_rows:
-                ok = embeddings_table(ok)
-                write_parquet_atomic(ok, self.output, "embeddings", self.options)
+                routes = ok.column("route").to_pylist() if "route" in ok.column_names else [None] * ok.num_rows
+                dirs = [self.subdirs.get(r, "embeddings") for r in routes]
+                for sub in sorted(set(dirs)):
+                    part = ok.filter(pa.array([d == sub for d in dirs]))
+                    part = embeddings_table(part)
+                    write_parquet_atomic(part, self.output, sub, self.options)
                 stats["rows"] = ok.num_rows
                 stats["records"] = len(set(ok.column("record_id").to_pylist()))
             if bad.num_rows:

@@ -291,6 +291,9 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
     for mod, win in decode.windows.items():
         if len(win) != 2 or float(win[1]) <= 0:
             raise ConfigError(f"decode.windows.{mod}", "must be [center, width] with width > 0")
+    if encoder.modality != "image":
+        raise ConfigError("encoder", f"medray serve serves image encoders (DICOM, PNG, JPEG inputs); "
+                          f"'{encoder.name}' is a {encoder.modality} encoder")
     if not encoder.checkpoint or encoder.checkpoint == "???":
         raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory or an "
                           "object-storage URI (s3://...)")

@@ -194,6 +194,11 @@ class EncoderDeployment:
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medray-model")
         self._batches = 0
         self._frames = 0
+        # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
+        # handed to the model (and parks it until the model is free), so under load batches
+        # would only hold what arrives within batch_wait_timeout_s. Frames wait here instead
+        # while the model works, then enter the batch queue together: batches grow with load.
+        self._model_idle: Optional[asyncio.Event] = None
         log.info("encoder %s ready on %s (dim %d, %d torch threads)", self._ident["name"], device,
                  self._encoder.dim, threads)
 
@@ -233,6 +238,10 @@ class EncoderDeployment:
             log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])
             return out
         t1 = time.perf_counter()
+        if self._model_idle is None:
+            self._model_idle = asyncio.Event()
+            self._model_idle.set()
+        await self._model_idle.wait()
         results = await asyncio.gather(*(self._embed_frames(frame) for frame in decoded.pixels))
         for res in results:
             if isinstance(res[0], BaseException):
@@ -249,18 +258,24 @@ class EncoderDeployment:
         """One forward pass over frames from many requests: ``[(embedding | error, batch size)]``."""
         n = len(frames)
         loop = asyncio.get_running_loop()
+        if self._model_idle is not None:
+            self._model_idle.clear()
         try:
-            emb = await loop.run_in_executor(self._model_pool, self._forward, np.stack(frames))
-            out = [(emb[i], n) for i in range(n)]
-        except Exception:  # noqa: BLE001 - isolate a poison frame instead of failing the whole batch
-            out = []
-            for frame in frames:
-                try:
-                    one = await loop.run_in_executor(self._model_pool, self._forward, frame[None])
-                    out.append((one[0], n))
-                except Exception as err:  # noqa: BLE001
-                    out.append((err if isinstance(err, RecordError) else
-                                EncodeError(f"model failed ({type(err).__name__})"), n))
+            try:
+                emb = await loop.run_in_executor(self._model_pool, self._forward, np.stack(frames))
+                out = [(emb[i], n) for i in range(n)]
+            except Exception:  # noqa: BLE001 - isolate a poison frame instead of failing the whole batch
+                out = []
+                for frame in frames:
+                    try:
+                        one = await loop.run_in_executor(self._model_pool, self._forward, frame[None])
+                        out.append((one[0], n))
+                    except Exception as err:  # noqa: BLE001
+                        out.append((err if isinstance(err, RecordError) else
+                                    EncodeError(f"model failed ({type(err).__name__})"), n))
+        finally:
+            if self._model_idle is not None:
+                self._model_idle.set()
         self._batches += 1
         self._frames += n
         return out

@@ -137,12 +137,6 @@ class HeadsDeployment:
                          "options": dict(enc.get("options") or {})})
         return create_encoder(spec, device=device)
 
-    async def models(self) -> dict:
-        """Ids of the heads this replica holds now (most recently used last)."""
-        loader = getattr(self._get_head, "__wrapped__", None)  # Serve keeps its LRU on the loader
-        wrapper = getattr(loader, "__serve_multiplex_wrapper", None)
-        return {"replica": self._replica, "loaded": list(getattr(wrapper, "models", {}) or {})}
-
     async def predict(self, payload: dict) -> dict:
         """Predict with the head named by the request's multiplexed model id.
 

@@ -22,6 +22,7 @@ import base64
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
+import yaml
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.encoders.heads import LinearHead, ModelCard, save_artifact
@@ -120,22 +122,10 @@ def stack(s3, tmp_path_factory):
     uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/ft", head=ft_head, backbone_dir=ckpt, card=ModelCard(
         id="ft", task="multiclass", labels=["neg", "pos"], encoder=enc, strategy="full")))
 
-    # 1. the reference: what `medray embed` writes for the same files and checkpoint
-    t0 = time.time()
-    embed = subprocess.run([str(BIN / "medray"), "embed", f"input={inputs}", f"output={root / 'emb'}",
-                            "encoder=hf_image", f"encoder.checkpoint={ckpt}", "ray.num_cpus=2",
-                            "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=300)
-    assert embed.returncode == 0, embed.stderr[-3000:]
-    rows = pq.read_table(root / "emb" / "embeddings").to_pylist()
-    reference = {(Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4")
-                 for r in rows}
-    print(f"medray embed: {time.time() - t0:.1f}s")
-
-    # 2. `medray serve`, auth on, the heads (one of them refused at load), fast autoscaling
+    # 2. `medray serve` (auth on, the heads, one refused at load; fast autoscaling), started first
     port = _free_port()
     log_path = root / "serve.log"
-    common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=6",
-              f"storage.options={{}}"]
+    common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=6"]
     args = [str(BIN / "medray"), "serve", *common, f"serve.name={APP}", "check_artifacts=false",
             "heads=[" + ",".join(uris) + "]", "serve.auth.enabled=true",
             f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
@@ -147,32 +137,38 @@ def stack(s3, tmp_path_factory):
             "serve.encoder.autoscaling.look_back_period_s=2", "serve.graceful_shutdown_wait_loop_s=0.5",
             "serve.graceful_shutdown_timeout_s=10", "serve.ingress.autoscaling.max_replicas=1",
             "serve.limits.max_body_bytes=4194304", "serve.limits.request_timeout_s=20"]
+    cfg = root / "open.yaml"
+    emit = subprocess.run([str(BIN / "medray"), "serve", *common, f"serve.name={OPEN_APP}",
+                           "serve.route_prefix=/open", f"emit_config={cfg}", "serve.encoder.max_batch_size=1",
+                           "serve.encoder.max_ongoing_requests=1", "serve.encoder.max_queued_requests=1",
+                           "serve.encoder.batch_wait_timeout_s=0", "serve.encoder.autoscaling.max_replicas=1",
+                           "serve.ingress.autoscaling.max_replicas=1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert emit.returncode == 0, emit.stderr[-3000:]
     t0 = time.time()
     log = open(log_path, "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    extra = None
     try:
+        # 1. meanwhile, the reference: what `medray embed` writes for the same files and checkpoint
+        embed = subprocess.run([str(BIN / "medray"), "embed", f"input={inputs}", f"output={root / 'emb'}",
+                                "encoder=hf_image", f"encoder.checkpoint={ckpt}", "ray.num_cpus=2",
+                                "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=300)
+        assert embed.returncode == 0, embed.stderr[-3000:]
+        rows = pq.read_table(root / "emb" / "embeddings").to_pylist()
+        reference = {(Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4")
+                     for r in rows}
+        print(f"medray embed: {time.time() - t0:.1f}s")
         gcs = _wait_ready(proc, log_path, 240)
         print(f"medray serve ready: {time.time() - t0:.1f}s")
-        # 3. the emitted config, deployed next to it (auth off, tight admission), as `serve deploy` would
-        t0 = time.time()
-        cfg = root / "open.yaml"
-        emit = subprocess.run([str(BIN / "medray"), "serve", *common, f"serve.name={OPEN_APP}",
-                               "serve.route_prefix=/open", f"emit_config={cfg}", "serve.encoder.max_batch_size=1",
-                               "serve.encoder.max_ongoing_requests=1", "serve.encoder.max_queued_requests=1",
-                               "serve.encoder.batch_wait_timeout_s=0", "serve.encoder.autoscaling.max_replicas=1",
-                               "serve.ingress.autoscaling.max_replicas=1"],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert emit.returncode == 0, emit.stderr[-3000:]
-        extra = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
-                               env=env, capture_output=True, text=True, timeout=120)
-        assert extra.returncode == 0, extra.stderr[-3000:]
-        _wait_http(url + "/open/readyz", 180)
-        print(f"emitted config deployed: {time.time() - t0:.1f}s")
+        # 3. the emitted config, deployed next to it as `serve deploy` would (auth off, tight admission);
+        #    tests that use it wait for it (open_app), the others run meanwhile
+        deploy = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
         yield {"url": url, "open": url + "/open", "auth": {"Authorization": f"Bearer {TOKEN}"}, "inputs": inputs,
                "reference": reference, "heads": heads, "ft_head": ft_head, "weights_hash": weights_hash,
-               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg}
+               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg, "gcs": gcs, "env": env}
     finally:
         t0 = time.time()
         _stop(proc)
@@ -205,6 +201,13 @@ def _wait_http(url: str, timeout: float) -> None:
     pytest.fail(f"{url} not ready after {timeout}s")
 
 
+@pytest.fixture
+def open_app(stack) -> str:
+    """The application deployed from the emitted config, once it is ready."""
+    _wait_http(stack["open"] + "/readyz", 180)
+    return stack["open"]
+
+
 def _upload(stack, rel: str, path: str = "/v1/embeddings", base: str | None = None, headers=None):
     data = (stack["inputs"] / rel).read_bytes()
     return requests.post((base or stack["url"]) + path, files={"file": (Path(rel).name, data)},
@@ -229,16 +232,13 @@ def test_openapi_health_readiness_and_models(stack):
     assert [h["id"] for h in models["heads"]] == ["ft", "other", "probe0", "probe1", "probe2"]
 
 
-def test_auth_on_and_off(stack):
+def test_auth_required_on_v1_routes(stack):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         r = requests.get(stack["url"] + "/v1/models", headers=headers, timeout=TIMEOUT)
         assert r.status_code == 401 and r.json()["code"] == "unauthorized"
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    r = _upload(stack, "photos/derm_0000.png", headers={})
-    assert r.status_code == 401
-    # the application deployed from the emitted config has auth off
-    assert requests.get(stack["open"] + "/v1/models", timeout=TIMEOUT).status_code == 200
-    assert _upload(stack, "photos/derm_0000.png", base=stack["open"], headers={}).status_code == 200
+    assert _upload(stack, "photos/derm_0000.png", headers={}).status_code == 401
+    assert _upload(stack, "photos/derm_0000.png", path="/v1/predict/probe0", headers={}).status_code == 401
 
 
 # ------------------------------------------------------------------------------ embeddings == medray embed
@@ -318,26 +318,42 @@ def test_heads_multiplexed_on_one_replica_each_with_its_own_predictions(stack):
 
 
 # ------------------------------------------------------------------------------ bad input
-def _raw_post(port: int, path: str, headers: dict, body: bytes = b"") -> tuple[int, dict, float]:
-    """Send headers (and maybe a little body) on a raw socket; return status, JSON and seconds to answer."""
+def _raw_post(port: int, path: str, headers: dict) -> tuple[int, dict, float]:
+    """Send only the request head on a raw socket; return status, JSON body and seconds to the answer."""
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
         buf = b""
-        while b"\r\n\r\n" not in buf or len(buf.split(b"\r\n\r\n", 1)[1]) < int(
-                dict(line.split(": ", 1) for line in buf.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
-                     if ": " in line).get("content-length", "0")):
+        while True:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             buf += chunk
-    status = int(buf.split(b" ", 2)[1])
-    return status, json.loads(buf.split(b"\r\n\r\n", 1)[1] or b"{}"), time.perf_counter() - t0
+            top, sep, body = buf.partition(b"\r\n\r\n")
+            match = re.search(rb"(?i)content-length: *(\d+)", top)
+            if sep and match and len(body) >= int(match.group(1)):
+                break
+    top, _, body = buf.partition(b"\r\n\r\n")
+    return int(top.split(b" ", 2)[1]), json.loads(body or b"{}"), time.perf_counter() - t0
+
+
+def _settle(app: str, deployment: str = "Encoder", timeout: float = 45) -> list[int]:
+    """Wait until one replica has been running alone for 3 s (autoscaling is fast here); its PIDs."""
+    deadline, since, last = time.time() + timeout, time.time(), None
+    while time.time() < deadline:
+        pids = replica_pids(app, deployment)
+        if pids != last:
+            since, last = time.time(), pids
+        if len(pids) == 1 and time.time() - since > 3:
+            return pids
+        time.sleep(0.5)
+    return replica_pids(app, deployment)
 
 
 def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack):
-    url, auth, inputs = stack["url"], stack["auth"], stack["inputs"]
+    url, auth = stack["url"], stack["auth"]
+    pids = _settle(APP)
     before = _upload(stack, "photos/derm_0000.png").json()["replica"]
     samples = stack["info"]["out_dir"]
     hostile = {k: Path(samples) / v for k, v in stack["info"]["hostile"].items()}
@@ -364,7 +380,7 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
                        headers=auth, timeout=TIMEOUT), 403, "uri_not_allowed"),
         (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/missing.png"},
                        headers=auth, timeout=TIMEOUT), 422, "unreadable"),
-        (requests.post(url + "/v1/embeddings", files={"other": ("x", b"1")}, headers=auth, timeout=TIMEOUT),
+        (requests.post(url + "/v1/embeddings", files={"note": (None, "no file here")}, headers=auth, timeout=TIMEOUT),
          422, "invalid_request"),
         (requests.post(url + "/v1/embeddings", data=b"x" * (5 << 20),
                        headers={**auth, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT),
@@ -387,18 +403,27 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
     r = requests.post(url + "/v1/embeddings", data=chunks(), headers={**auth, "Content-Type": "image/png"},
                       timeout=TIMEOUT)
     assert (r.status_code, r.json()["code"]) == (413, "too_large")
-    # the same encoder replica is alive and answers
+    # the same encoder replica (process) is alive and answers
     after = _upload(stack, "photos/derm_0000.png")
-    assert after.status_code == 200 and after.json()["replica"] == before
+    assert after.status_code == 200
+    assert set(pids) <= set(replica_pids(APP, "Encoder"))
+    if len(replica_pids(APP, "Encoder")) == 1:
+        assert after.json()["replica"] == before
     assert requests.get(url + "/readyz", timeout=TIMEOUT).status_code == 200
 
 
-def test_overload_answers_503_quickly(stack):
+def test_emitted_config_app_has_auth_off_and_answers_overload_with_503(stack, open_app):
+    # deployed from `medray serve ... emit_config=` through `serve run <file>` (the `serve deploy` path)
+    app = yaml.safe_load(stack["config"].read_text())["applications"][0]
+    assert app["import_path"] == "medray.serve.app:build_app" and app["args"]["serve"]["auth"]["enabled"] is False
+    assert requests.get(open_app + "/v1/models", timeout=TIMEOUT).status_code == 200
+    assert _upload(stack, "photos/derm_0000.png", base=open_app, headers={}).status_code == 200
+    # encoder: max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1
     data = (stack["inputs"] / "dicom/p01/0004_dx.dcm").read_bytes()
 
     def one(_):
         t0 = time.perf_counter()
-        r = requests.post(stack["open"] + "/v1/embeddings", files={"file": ("a.dcm", data)}, timeout=TIMEOUT)
+        r = requests.post(open_app + "/v1/embeddings", files={"file": ("a.dcm", data)}, timeout=TIMEOUT)
         return r.status_code, r.json().get("code"), r.headers.get("Retry-After"), time.perf_counter() - t0
 
     with cf.ThreadPoolExecutor(24) as ex:
@@ -409,6 +434,43 @@ def test_overload_answers_503_quickly(stack):
     assert shed and any(r[0] == 200 for r in results)
     assert all(r[2] == "1" for r in shed)
     assert np.median([r[3] for r in shed]) < 2.0  # refused at once, not after queueing
+
+
+def test_redeploy_under_load_finishes_in_flight_requests(stack, open_app, tmp_path):
+    """A config change that replaces the encoder replica, applied like `serve deploy`, drops no request."""
+    config = yaml.safe_load(stack["config"].read_text())
+    config["applications"][0]["args"]["serve"]["encoder"]["num_cpus"] = 0.9  # new actor options: new replica
+    changed = tmp_path / "open-v2.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    old = replica_pids(OPEN_APP, "Encoder")
+    data = (stack["inputs"] / "photos/derm_0000.png").read_bytes()
+    stop, results = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = requests.post(open_app + "/v1/embeddings", files={"file": ("a.png", data)}, timeout=TIMEOUT)
+            results.append((time.time(), r.status_code, r.json().get("code"), time.perf_counter() - t0))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        deploy = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", stack["gcs"],
+                                 str(changed)], env=stack["env"], capture_output=True, text=True, timeout=120)
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            now = replica_pids(OPEN_APP, "Encoder")
+            if now and set(now).isdisjoint(old) and sum(r[1] == 200 for r in results[-3:]) == 3:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=TIMEOUT + 5)
+    assert set(replica_pids(OPEN_APP, "Encoder")).isdisjoint(old), "the encoder replica was not replaced"
+    assert {r[1] for r in results} == {200}, [r for r in results if r[1] != 200][:3]
+    assert max(r[3] for r in results) < TIMEOUT
 
 
 # ------------------------------------------------------------------------------ scaling and failures
@@ -425,14 +487,12 @@ def _load(stack, stop: threading.Event, results: list, rel: str = "photos/derm_0
             results.append((time.time(), type(err).__name__, None, time.perf_counter() - t0))
 
 
-def test_autoscaling_burst_scales_up_then_back_down(stack):
-    deadline = time.time() + 30
-    while len(replica_pids(APP, "Encoder")) != 1 and time.time() < deadline:
-        time.sleep(0.5)
-    assert len(replica_pids(APP, "Encoder")) == 1
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_load, args=(stack, stop, results)) for _ in range(12)]
-    for t in threads:
+def test_autoscaling_burst_scales_up_then_back_down_finishing_requests(stack):
+    assert len(_settle(APP)) == 1
+    stop_burst, stop_trickle, results = threading.Event(), threading.Event(), []
+    burst = [threading.Thread(target=_load, args=(stack, stop_burst, results)) for _ in range(11)]
+    trickle = threading.Thread(target=_load, args=(stack, stop_trickle, results))  # runs through the scale-down
+    for t in [*burst, trickle]:
         t.start()
     peak, deadline = 1, time.time() + 90
     try:
@@ -442,16 +502,23 @@ def test_autoscaling_burst_scales_up_then_back_down(stack):
             if peak >= 2 and len(served_by) >= 2:
                 break
             time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
+        stop_burst.set()
+        for t in burst:
             t.join(timeout=TIMEOUT + 5)
-    assert peak == 2, "the burst did not add a replica"
-    assert {r[1] for r in results} == {200}
-    deadline = time.time() + 60
-    while len(replica_pids(APP, "Encoder")) > 1 and time.time() < deadline:
-        time.sleep(0.5)
+        assert peak == 2, "the burst did not add a replica"
+        deadline = time.time() + 60
+        while len(replica_pids(APP, "Encoder")) > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop_burst.set()
+        stop_trickle.set()
+        for t in [*burst, trickle]:
+            t.join(timeout=TIMEOUT + 5)
     assert len(replica_pids(APP, "Encoder")) == 1, "replicas did not fall back after the burst"
+    # requests in flight on the replica being removed finished (graceful shutdown): no errors at all
+    assert {r[1] for r in results} == {200}, {r[1] for r in results}
+    assert max(r[3] for r in results) < TIMEOUT
 
 
 def test_killing_an_encoder_replica_under_load_recovers(stack):
@@ -484,11 +551,9 @@ def test_killing_an_encoder_replica_under_load_recovers(stack):
     assert set(replica_pids(APP, "Encoder")).isdisjoint(pids)
 
 
-def test_no_phi_in_server_logs(stack):
+def test_no_phi_in_server_logs_and_request_ids_in_log_lines(stack):
     text = Path(stack["log"]).read_text(errors="replace")
-    assert "Traceback" not in text or "ServeReplica" not in text.split("Traceback", 1)[1][:2000]
     leaked = [s for s in stack["info"]["phi"]["sentinels"] if s in text]
     assert not leaked, f"PHI in server logs: {leaked[:3]}"
-    # request ids appear in the replica log lines
-    assert sum(1 for line in text.splitlines() if f"{APP}_Ingress" in line and "POST /v1/embeddings" in line
-               and len(line.split(" -- ")[0].split()) >= 6) > 5
+    tagged = re.compile(APP + r"_Ingress \w+ [0-9a-f-]{36} -- POST /v1/embeddings")
+    assert sum(1 for line in text.splitlines() if tagged.search(line)) > 5

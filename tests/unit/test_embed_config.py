@@ -34,10 +34,11 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_encoder_preset_composes_and_validates(compose_embed, preset):
-    extra = ["encoder.checkpoint=/models/x"] if preset in ("hf_image", "timm_image") else []
+    generic = ("hf_image", "timm_image", "hf_audio", "hf_text")
+    extra = ["encoder.checkpoint=/models/x"] if preset in generic else []
     cfg = compose_embed(f"encoder={preset}", *extra)
     job = EmbedJob(cfg)
-    assert job.spec.family in ("hf_image", "timm_image")
+    assert job.spec.family in generic
     assert OmegaConf.select(cfg, "compute.batch_size") >= 1
 
 

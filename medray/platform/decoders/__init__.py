@@ -33,6 +33,8 @@ __all__ = [
     "DecodedFrame",
     "Decoded",
     "detect_format",
+    "detect_modality",
+    "MODALITIES",
     "decode_bytes",
     "decode_dicom",
     "decode_image",
@@ -247,6 +249,72 @@ def detect_format(data: bytes, name: str = "") -> str:
         f"content of {len(data)} bytes is neither DICOM (no 'DICM' at offset 128, no "
         "plausible dataset start) nor a PNG/JPEG/TIFF/BMP/WebP image"
     )
+
+
+#: Encoder modalities a record can be routed to.
+MODALITIES = ("image", "audio", "text")
+
+
+def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
+    """Route an object to a modality by content; the name is only a hint.
+
+    DICOM (preamble or plausible dataset start) is ``image``, or ``text``
+    for a Structured Report; PNG/JPEG/TIFF/BMP/WebP is ``image``;
+    RIFF/WAVE, fLaC and OggS are ``audio``; UTF-8 text is ``text``.
+
+    Args:
+        data: the object's bytes.
+        name: file name or key (a DICOM extension lets a preamble-less
+            dataset start with any group). It never appears in errors.
+
+    Returns:
+        ``(modality, format)``: modality one of :data:`MODALITIES`, format
+        one of ``dicom``, ``sr``, ``image``, ``audio``, ``text``.
+
+    Raises:
+        UnsupportedFormat: empty input or content that is none of these.
+    """
+    from medray.platform.decoders.audio import is_audio
+    from medray.platform.decoders.text import is_text
+
+    if len(data) == 0:
+        raise UnsupportedFormat("empty input (0 bytes)")
+    head = bytes(data[:132])
+    hinted = name.lower().endswith(_DICOM_EXTENSIONS)
+    if head[128:132] == b"DICM" or (not _is_image(head) and not is_audio(head)
+                                     and _is_raw_dataset(head, len(data), any_group=hinted)):
+        return ("text", "sr") if _is_sr(data) else ("image", "dicom")
+    if _is_image(head):
+        return "image", "image"
+    if is_audio(head):
+        return "audio", "audio"
+    if is_text(bytes(data[:4096])):
+        return "text", "text"
+    raise UnsupportedFormat(
+        f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, "
+        "WAV/FLAC/OGG audio or UTF-8 text"
+    )
+
+
+def _is_sr(data: bytes) -> bool:
+    """True when a DICOM object is a Structured Report (header only, no pixel data)."""
+    # Cheap byte prefilter: SR SOP classes are 1.2.840.10008.5.1.4.1.1.88.*, in the file meta
+    # or the first elements; image objects skip the header parse entirely.
+    if b"1.2.840.10008.5.1.4.1.1.88." not in bytes(data[:8192]):
+        return False
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             force=bytes(data[128:132]) != b"DICM",
+                             specific_tags=["SOPClassUID", "Modality"])
+    except Exception:  # noqa: BLE001 - the image decoder reports damage with its own message
+        return False
+    from medray.platform.decoders.text import is_structured_report
+
+    return is_structured_report(ds)
 
 
 def decode_bytes(

@@ -1,0 +1,73 @@
+"""Generated media for tests and demos: tones, reports, DICOM SRs and hostile WAVs.
+
+Nothing here reads the network; every output depends only on the arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+
+__all__ = ["REPORT", "tone", "encode", "sr_dataset", "lying_wav"]
+
+#: A report longer than a 64-token model limit; its words are in the tiny vocabulary.
+REPORT = ("Findings: mild right pleural effusion without pneumonia. The heart is normal. "
+          "Impression: stable small nodule in the left lung, no acute change. ") * 6
+
+
+def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    """A sine tone, float32, ``(samples,)`` or ``(samples, channels)``."""
+    t = np.arange(int(round(rate * seconds))) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    if channels == 1:
+        return wave
+    return np.stack([wave * (c + 1) / channels for c in range(channels)], axis=1)
+
+
+def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    """Encode samples with soundfile (WAV, FLAC, OGG)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def sr_dataset(text: str) -> bytes:
+    """A DICOM Basic Text SR holding ``text`` (and a fake patient name, to check it never leaks)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def code(meaning: str) -> Dataset:
+        c = Dataset()
+        c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = "121071", "DCM", meaning
+        return c
+
+    item = Dataset()
+    item.ValueType, item.RelationshipType = "TEXT", "CONTAINS"
+    item.ConceptNameCodeSequence = [code("Finding")]
+    item.TextValue = text
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName, ds.PatientID = "SR", "DOE^JANE", "P123"
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [code("Radiology Report")]
+    ds.ContentSequence = [item]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def lying_wav(seconds: float, rate: int = 16000) -> bytes:
+    """A WAV whose 'data' chunk claims ``seconds`` but holds 10 samples."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    size = int(seconds * rate * 2)
+    return (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", min(size, 0xFFFFFFFF)) + b"\x00" * 20)

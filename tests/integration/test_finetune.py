@@ -1,0 +1,308 @@
+"""``medray finetune`` end to end: real Ray Train + DeepSpeed (gloo, 2 CPU workers), real S3 (SeaweedFS).
+
+One module-scoped corpus: learnable DICOM phantoms (lesion / effusion findings,
+80 patients x 4 images, 64 px) with their manifest, and a tiny random ViT from
+the encoder registry, all on the S3 server. Each test runs the console script
+in a subprocess, as a user would, and reads what it wrote.
+
+Budget (2 cores): about 6 minutes for the module; DeepSpeed's comm op is
+compiled once per machine (cached in ~/.cache/torch_extensions) by the warm-up
+fixture, not inside a timed run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medray.encoders import build_tiny_checkpoint, hash_directory
+from medray.platform.samples_train import generate_training_samples, write_training_manifest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MEDRAY = str(Path(sys.executable).parent / "medray")
+EPOCHS = 8
+WARM_DEEPSPEED = """
+import os
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29613", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+m = torch.nn.Linear(4, 2)
+cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+       "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=cfg,
+                                  dist_init_required=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def deepspeed_warm():
+    """Build DeepSpeed's CPU comm op once (about 40-100 s the first time on a machine, then cached)."""
+    proc = subprocess.run([sys.executable, "-c", WARM_DEEPSPEED], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def corpus(s3, tmp_path_factory, deepspeed_warm):
+    """Phantoms under s3://<bucket>/ft/data/, the manifest under ft/meta/, a tiny ViT under ft/models/."""
+    root = tmp_path_factory.mktemp("ft")
+    data = root / "data"
+    info = generate_training_samples(str(data), n_patients=80, images_per_patient=4, size=64, seed=0)
+    write_training_manifest(str(data), f"s3://{s3.bucket}/ft/data")
+    fs = s3.filesystem()
+    fs.put(str(data / "dicom"), f"{s3.bucket}/ft/data/", recursive=True)
+    fs.put(str(data / "manifest.parquet"), f"{s3.bucket}/ft/meta/manifest.parquet")
+    ckpt = build_tiny_checkpoint("hf_image", str(root / "tiny-vit"), arch="vit", image_size=32)
+    fs.put(ckpt, f"{s3.bucket}/ft/models/tiny-vit", recursive=True)
+    home = root / "home"
+    home.mkdir()
+    return {"info": info, "data": data, "fs": fs, "bucket": s3.bucket, "home": home, "ckpt_local": ckpt,
+            "ckpt": f"s3://{s3.bucket}/ft/models/tiny-vit", "manifest": f"s3://{s3.bucket}/ft/meta/manifest.parquet"}
+
+
+def _env(corpus) -> dict:
+    env = dict(os.environ)
+    env.update({"MEDRAY_HOME": str(corpus["home"]), "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
+                "MEDRAY_PATIENT_SALT": "test-salt", "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0",
+                "WANDB_DIR": str(corpus["home"]), "RAY_DEDUP_LOGS": "0"})
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([MEDRAY, *args], env=_env(corpus), capture_output=True, text=True, timeout=timeout)
+
+
+def common(corpus, **over: str) -> list[str]:
+    args = {"data.train": corpus["manifest"], "encoder": "hf_image", "encoder.checkpoint": corpus["ckpt"],
+            "task": "multilabel", "task.labels": "[lesion,effusion]", "scaling.num_workers": "2",
+            "scaling.use_gpu": "false", "train.epochs": str(EPOCHS), "train.batch_size": "8", "train.lr": "3e-3",
+            "data.val_fraction": "0.25", "eval.subgroups": "[sex,age_band,site]", "tracking.mode": "offline"}
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def s3_json(corpus, uri: str) -> dict:
+    return json.loads(corpus["fs"].cat_file(uri.split("://", 1)[1]))
+
+
+def s3_table(corpus, uri: str) -> pa.Table:
+    fs = corpus["fs"]
+    path = uri.split("://", 1)[1]
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+    return pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(p))) for p in files])
+
+
+def check_trained(summary: dict, stage: int) -> None:
+    assert summary["zero_stage"] == stage and summary["num_workers"] == 2
+    val = summary["metrics"]["val"]
+    base = summary["baseline"]["val"]
+    assert val["auroc_macro"] >= 0.9, val
+    assert 0.2 <= base["auroc_macro"] <= 0.8, base   # untrained: about chance
+    assert set(val["auroc"]) == {"lesion", "effusion"}
+    assert 0 <= val["ece"] <= 1 and 0 <= val["accuracy"] <= 1
+    groups = summary["metrics"]["subgroups"]
+    assert set(groups) == {"sex", "age_band", "site"} and set(groups["site"]) == {"site-A", "site-B", "site-C"}
+    assert summary["export_max_abs_diff"] is not None and summary["export_max_abs_diff"] < 1e-4
+
+
+# --------------------------------------------------------------------------
+# ZeRO-3, split by the salted DICOM patient key, artifact through `medray embed`
+# --------------------------------------------------------------------------
+def test_zero3_learns_and_the_artifact_embeds_to_the_same_predictions(corpus, tmp_path):
+    out = f"s3://{corpus['bucket']}/ft/runs/zero3"
+    t0 = time.perf_counter()
+    proc = run_medray(corpus, "finetune", *common(corpus, **{"deepspeed.stage": "3"}), f"output={out}")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    print(f"zero3 run: {time.perf_counter() - t0:.1f}s")
+    assert "medray finetune:" in proc.stdout and "ZeRO-3" in proc.stdout
+    summary = s3_json(corpus, out + "/summary.json")
+    check_trained(summary, 3)
+
+    # patient-level split: no patient (salted key, nor manifest patient) in two splits
+    split = s3_table(corpus, out + "/splits/manifest").to_pylist()
+    assert len(split) == corpus["info"]["n"]
+    by_key: dict[str, set] = {}
+    by_patient: dict[str, set] = {}
+    for r in split:
+        by_key.setdefault(r["patient_key"], set()).add(r["split"])
+        by_patient.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_key.values()) and all(len(s) == 1 for s in by_patient.values())
+    assert len(by_key) == 80 and {next(iter(s)) for s in by_key.values()} == {"train", "val"}
+
+    # the artifact: model card + head + backbone in the HF layout
+    from medray.encoders.heads import load_artifact
+
+    head, card, local, _ = load_artifact(out + "/model")
+    assert card.task == "multilabel" and card.labels == ["lesion", "effusion"] and card.backbone_included
+    assert card.strategy == "full" and card.encoder["weights_hash"] == hash_directory(corpus["ckpt_local"])
+    import hashlib
+
+    assert card.data_manifest_sha256 == hashlib.sha256((corpus["data"] / "manifest.parquet").read_bytes()).hexdigest()
+    assert card.metrics["val"]["auroc_macro"] >= 0.9 and "sex" in card.metrics["subgroups"]
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(local))
+    assert "MEDRAY_UNTRAINED" not in os.listdir(local)
+
+    # `medray embed encoder.checkpoint=<artifact>` + the head == the model's predictions at the end of training
+    val_rows = [{"uri": r["uri"]} for r in split if r["split"] == "val"]
+    manifest = tmp_path / "val.parquet"
+    pq.write_table(pa.Table.from_pylist(val_rows), manifest)
+    emb_out = tmp_path / "emb"
+    proc = run_medray(corpus, "embed", f"input={manifest}", f"output={emb_out}", "encoder=hf_image",
+                      f"encoder.checkpoint={out}/model", "ray.num_cpus=2", "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    emb = pq.read_table(emb_out / "embeddings").to_pylist()
+    preds = {(r["record_id"], r["frame"]): r["prediction"] for r in s3_table(corpus, out + "/predictions/val.parquet").to_pylist()}
+    assert len(emb) == len(val_rows) == len(preds)
+    got = head.predict(np.array([r["embedding"] for r in emb], np.float32))
+    want = np.array([preds[(r["record_id"], r["frame"])] for r in emb], np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+    # W&B offline run written by rank 0
+    assert list(Path(corpus["home"]).rglob("offline-run-*")), "no offline W&B run"
+
+
+# --------------------------------------------------------------------------
+# ZeRO-2 with a worker killed mid-run: restart from the last checkpoint
+# --------------------------------------------------------------------------
+def _checkpoints(fs, path: str) -> list[str]:
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")
+                  and fs.exists(p + "/medray_state.json"))
+
+
+def _train_workers(pid: int) -> list:
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_zero2_survives_a_killed_worker_and_continues_the_step_count(corpus):
+    out = f"s3://{corpus['bucket']}/ft/runs/zero2-kill"
+    ckpt_dir = f"{corpus['bucket']}/ft/runs/zero2-kill/checkpoints/train"
+    args = [*common(corpus, **{"deepspeed.stage": "2", "data.group_by": "patient", "tracking.enabled": "false"}),
+            f"output={out}"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([MEDRAY, "finetune", *args], env=_env(corpus), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    fs = corpus["fs"]
+    killed = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            if len(_checkpoints(fs, ckpt_dir)) >= 2:
+                workers = _train_workers(proc.pid)
+                if workers:
+                    victim = workers[-1]
+                    killed = victim.pid
+                    os.kill(victim.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"zero2 kill run: {time.perf_counter() - t0:.1f}s")
+    assert killed is not None, "no training worker found to kill"
+    assert proc.returncode == 0, stderr[-6000:]
+    summary = s3_json(corpus, out + "/summary.json")
+    check_trained(summary, 2)
+    attempts = summary["attempts"]
+    assert len(attempts) == 2, attempts
+    steps_per_epoch = summary["history"][0]["global_step"]
+    first, second = attempts
+    assert first["start_step"] == 0 and not first["resumed"]
+    assert second["resumed"] and second["start_epoch"] >= 2
+    assert second["start_step"] == second["start_epoch"] * steps_per_epoch  # continued, not restarted
+    assert [h["epoch"] for h in summary["history"]] == list(range(EPOCHS))
+    assert [h["global_step"] for h in summary["history"]] == [(e + 1) * steps_per_epoch for e in range(EPOCHS)]
+    assert summary["global_step"] == EPOCHS * steps_per_epoch
+
+
+# --------------------------------------------------------------------------
+# LoRA: only adapters (and the head) train; the artifact carries them merged
+# --------------------------------------------------------------------------
+def test_lora_trains_only_adapters_and_the_artifact_merges_them(corpus):
+    out = f"s3://{corpus['bucket']}/ft/runs/lora"
+    proc = run_medray(corpus, "finetune", *common(corpus, **{
+        "train": "lora", "train.epochs": "2", "train.lr": "5e-3", "deepspeed.stage": "2", "data.group_by": "patient",
+        "task": "multiclass", "task.column": "finding", "task.labels": "[none,lesion,effusion,both]",
+        "tracking.enabled": "false", "eval.subgroups": "[site]"}), f"output={out}")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    summary = s3_json(corpus, out + "/summary.json")
+    names = summary["trainable_parameters"]
+    assert names and all("lora_" in n or n.startswith("head.") for n in names), names
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert summary["n_trainable"] < summary["n_parameters"] / 4
+    assert summary["export_max_abs_diff"] < 1e-4
+    assert set(summary["metrics"]["val"]["auroc"]) == {"none", "lesion", "effusion", "both"}
+
+    from safetensors.numpy import load_file
+
+    from medray.encoders.heads import load_artifact
+
+    head, card, local, _ = load_artifact(out + "/model")
+    assert card.strategy == "lora" and card.task == "multiclass" and card.backbone_included and head.weight.shape[0] == 4
+    merged = load_file(os.path.join(local, "model.safetensors"))
+    base = load_file(os.path.join(corpus["ckpt_local"], "model.safetensors"))
+    assert not any("lora" in k for k in merged), "adapters must be merged into plain weights"
+    assert set(merged) == set(base)
+    adapted = [k for k in base if k.endswith(("q_proj.weight", "v_proj.weight", "query.weight", "value.weight"))]
+    assert adapted
+    for k, v in base.items():
+        if k in adapted:
+            assert not np.allclose(merged[k], v), f"{k} should carry the merged adapter"
+        else:
+            np.testing.assert_array_equal(merged[k], v, err_msg=f"{k} is not an adapter target and must not change")
+
+
+# --------------------------------------------------------------------------
+# bad configs stop before any worker starts, naming the key
+# --------------------------------------------------------------------------
+def test_bad_configs_stop_before_ray_starts(corpus, tmp_path):
+    rows = pq.read_table(corpus["data"] / "manifest.parquet").to_pylist()
+    for i, r in enumerate(rows):  # a split column whose val split has no lesion
+        r["fold"] = "val" if (not r["lesion"] and i % 3 == 0) else "train"
+    local = tmp_path / "folds.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), local)
+    out = tmp_path / "out"
+    cases = [
+        ({"task.labels": "[lesion,pneumothorax]"}, "task.labels", "unknown label column 'pneumothorax'"),
+        ({"deepspeed.stage": "5"}, "deepspeed.stage", "ZeRO stage"),
+        ({"data.train": str(local), "task": "binary", "task.labels": "[lesion]", "data.split_column": "fold"},
+         "task.labels", "no positive examples in the val split"),
+        ({"train.strategy": "adapters"}, "train.strategy", "unknown strategy"),
+    ]
+    for over, key, text in cases:
+        t0 = time.perf_counter()
+        proc = run_medray(corpus, "finetune", *common(corpus, **over), f"output={out}", timeout=120)
+        assert proc.returncode == 2, (over, proc.stderr[-2000:])
+        assert f"config key '{key}'" in proc.stderr and text in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert "Ray" not in proc.stderr and not out.exists()  # nothing started, nothing written
+        assert time.perf_counter() - t0 < 60
+    # an output that already holds a run continues only with resume=true
+    (out / "checkpoints" / "train").mkdir(parents=True)
+    (out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json").write_text("{}")
+    proc = run_medray(corpus, "finetune", *common(corpus), f"output={out}", timeout=120)
+    assert proc.returncode == 2 and "config key 'resume'" in proc.stderr

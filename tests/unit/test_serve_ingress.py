@@ -1,0 +1,228 @@
+"""The serving path without Ray: limits, input parsing, auth, error mapping, decode parity with the batch job."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, ReadError, UnsupportedFormat
+from medray.serve.encoder import DecodeSettings, decode_input, error_result
+from medray.serve.heads import HeadRefused, check_head_card
+from medray.serve.ingress import (
+    ApiError,
+    IngressSettings,
+    check_bearer,
+    error_for_exception,
+    error_for_result,
+    load_token,
+    parse_input,
+    read_body,
+)
+
+
+def _request(headers: dict, chunks: list[bytes] | None = None, *, explode: bool = False):
+    """A Starlette request whose body arrives in ``chunks`` (or fails the test when read)."""
+    from starlette.requests import Request
+
+    pending = list(chunks or [b""])
+
+    async def receive():
+        if explode:
+            raise AssertionError("the body was read")
+        body = pending.pop(0) if pending else b""
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "query_string": b"",
+             "headers": [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]}
+    return Request(scope, receive)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ body limits
+def test_content_length_over_the_limit_is_refused_before_reading():
+    with pytest.raises(ApiError) as err:
+        _run(read_body(_request({"content-length": 10_000}, explode=True), limit=100))
+    assert (err.value.status, err.value.code) == (413, "too_large")
+
+
+def test_streamed_body_over_the_limit_is_refused_while_streaming():
+    with pytest.raises(ApiError) as err:
+        _run(read_body(_request({}, [b"x" * 60, b"x" * 60, b"x" * 60]), limit=100))
+    assert err.value.status == 413
+    assert _run(read_body(_request({}, [b"ab", b"cd"]), limit=100)) == b"abcd"
+
+
+def test_bad_content_length_is_a_400():
+    with pytest.raises(ApiError) as err:
+        _run(read_body(_request({"content-length": "many"}), limit=100))
+    assert err.value.status == 400
+
+
+# ------------------------------------------------------------------------------ inputs
+def test_multipart_json_and_raw_inputs():
+    png = _png()
+    s = IngressSettings(allowed_uri_prefixes=["s3://b/cxr/"])
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    got = _run(parse_input(f"multipart/form-data; boundary={boundary}", body, s))
+    assert got["data"] == png
+    got = _run(parse_input("application/json", json.dumps({"bytes_b64": base64.b64encode(png).decode()}).encode(), s))
+    assert got["data"] == png
+    assert _run(parse_input("application/json", b'{"uri": "s3://b/cxr/1.dcm"}', s)) == {"uri": "s3://b/cxr/1.dcm"}
+    assert _run(parse_input("image/png", png, s))["data"] == png
+
+
+@pytest.mark.parametrize("ctype,body,status,code", [
+    ("text/plain", b"x", 415, "unsupported_media"),
+    ("", b"x", 415, "unsupported_media"),
+    ("application/json", b"{", 422, "invalid_request"),
+    ("application/json", b'{"bytes_b64": "%%%"}', 422, "invalid_request"),
+    ("application/json", b'{"bytes_b64": "aGk=", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
+    ("application/json", b'{"uri": "s3://b/other/x"}', 403, "uri_not_allowed"),
+    ("application/json", b'{"uri": "/etc/passwd"}', 403, "uri_not_allowed"),
+    ("multipart/form-data; boundary=B", b"--B\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\nv\r\n--B--\r\n",
+     422, "invalid_request"),
+    ("multipart/form-data", b"garbage", 422, "invalid_request"),
+    ("image/png", b"", 422, "invalid_request"),
+])
+def test_malformed_inputs_answer_4xx(ctype, body, status, code):
+    with pytest.raises(ApiError) as err:
+        _run(parse_input(ctype, body, IngressSettings(allowed_uri_prefixes=["s3://b/cxr/"])))
+    assert (err.value.status, err.value.code) == (status, code)
+
+
+# ------------------------------------------------------------------------------ auth
+def test_bearer_token_checks(tmp_path, monkeypatch):
+    check_bearer(None, None)  # auth off
+    check_bearer("Bearer s3cret", "s3cret")
+    check_bearer("bearer s3cret", "s3cret")
+    for header in (None, "", "s3cret", "Basic s3cret", "Bearer wrong", "Bearer "):
+        with pytest.raises(ApiError) as err:
+            check_bearer(header, "s3cret")
+        assert err.value.status == 401 and "WWW-Authenticate" in err.value.headers
+
+
+def test_token_from_file_or_env_and_fail_closed(tmp_path, monkeypatch):
+    assert load_token(IngressSettings(auth_enabled=False)) is None
+    monkeypatch.setenv("MY_TOKEN", " t1 \n")
+    assert load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN")) == "t1"
+    (tmp_path / "tok").write_text("t2\n")
+    assert load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN", token_file=str(tmp_path / "tok"))) == "t2"
+    monkeypatch.delenv("MY_TOKEN")
+    with pytest.raises(RuntimeError):
+        load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN"))
+
+
+# ------------------------------------------------------------------------------ error mapping
+@pytest.mark.parametrize("err,status,code", [
+    (UnsupportedFormat("neither DICOM nor image"), 415, "unsupported_media"),
+    (LimitExceeded("too many pixels"), 413, "too_large"),
+    (DecodeError("truncated"), 422, "undecodable"),
+    (ReadError("object not found"), 422, "unreadable"),
+    (EncodeError("non-finite"), 422, "unencodable"),
+])
+def test_record_errors_map_to_4xx(err, status, code):
+    api = error_for_result(error_result(err))
+    assert (api.status, api.code, api.message) == (status, code, str(err))
+
+
+def test_unexpected_decoder_exceptions_keep_no_message():
+    res = error_result(ValueError("PatientName=Doe^John"))
+    assert "Doe" not in json.dumps(res) and error_for_result(res).status == 422
+
+
+def test_head_errors_and_handle_failures_map():
+    assert error_for_result({"error": {"class": "UnknownHead", "message": "x"}}).status == 404
+    assert error_for_result({"error": {"class": "HeadRefused", "message": "x"}}).status == 409
+    assert error_for_result({"embeddings": []}) is None
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    e = error_for_exception(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert (e.status, e.code, e.headers.get("Retry-After")) == (503, "overloaded", "1")
+    assert error_for_exception(asyncio.TimeoutError()).status == 504
+    assert error_for_exception(RayActorError()).status == 503
+    e = error_for_exception(KeyError("secret value"))
+    assert (e.status, e.code) == (500, "internal") and "secret" not in e.message
+
+
+def test_head_card_must_match_the_served_encoder():
+    from medray.encoders.heads import ModelCard
+
+    card = ModelCard(id="h", task="binary", labels=["y"], encoder={"weights_hash": "a" * 64})
+    check_head_card(card, 32, {"weights_hash": "a" * 64, "dim": 32})
+    with pytest.raises(HeadRefused, match="weights"):
+        check_head_card(card, 32, {"weights_hash": "b" * 64, "dim": 32})
+    with pytest.raises(HeadRefused, match="32-d"):
+        check_head_card(card, 32, {"weights_hash": "a" * 64, "dim": 64})
+
+
+# ------------------------------------------------------------------------------ decode parity
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    from medray.encoders import build_tiny_checkpoint, get_spec
+
+    ckpt = build_tiny_checkpoint("hf_image", str(tmp_path_factory.mktemp("ckpt")), arch="dinov2", image_size=32)
+    return get_spec("hf_image", checkpoint=ckpt)
+
+
+def test_decode_input_equals_the_batch_job_decode_stage(tiny_spec, tmp_path):
+    from medray.encoders import create_preprocessor
+    from medray.platform.pipeline import StageOptions, decode_batch
+    from medray.platform.samples import generate_samples
+
+    info = generate_samples(str(tmp_path / "s"), n=8)
+    windows = {"CT": [-600.0, 1500.0]}  # conf/embed.yaml and conf/serve.yaml
+    settings = DecodeSettings(windows=windows, max_frames=8)
+    pre = create_preprocessor(tiny_spec)
+    opts = StageOptions(windows=windows, encoder_spec=tiny_spec)
+    for rel in [p for p in info["dicom"] if p.endswith(("ct.dcm", "0004_dx.dcm"))] + info["photos"]:
+        data = (tmp_path / "s" / rel).read_bytes()
+        served = decode_input({"data": data, "name": rel}, settings, pre)
+        table = pa.table({"uri": [rel], "member": [""], "data": pa.array([data], pa.large_binary()),
+                          "status": ["ok"], "stage": [None], "error_class": [None], "message": [None]})
+        row = decode_batch(table, opts).to_pylist()[0]
+        batch = np.frombuffer(row["pixel_values"], np.float32).reshape(row["pixel_shape"])
+        assert served.frames == row["frames"] and served.modality == row["modality"]
+        np.testing.assert_array_equal(served.pixels, batch)
+
+
+def test_decode_input_limits_and_uri_policy(tiny_spec):
+    from medray.encoders import create_preprocessor
+
+    pre = create_preprocessor(tiny_spec)
+    with pytest.raises(LimitExceeded, match="max_frames"):
+        decode_input({"data": _multiframe()}, DecodeSettings(max_frames=1), pre)
+    with pytest.raises(ReadError, match="allowed prefix"):
+        decode_input({"uri": "s3://b/x.png"}, DecodeSettings(allowed_uri_prefixes=("s3://c/",)), pre)
+    with pytest.raises(UnsupportedFormat):
+        decode_input({"data": b"\x00" * 300}, DecodeSettings(), pre)
+    assert decode_input({"data": _png()}, DecodeSettings(), pre).pixels.shape == (1, 3, 32, 32)
+
+
+def _multiframe() -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from medray.platform.samples import generate_samples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = generate_samples(tmp, n=5, hostile=False, phi=False)
+        return (Path(tmp) / info["multiframe"][0]).read_bytes()
