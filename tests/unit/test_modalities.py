@@ -203,3 +203,30 @@ def _run(uris, specs, **opts):
     actor = EncoderActor(spec_to_dict(first), device="cpu", batch_size=4, provenance={"encoder": "x"},
                          specs={m: spec_to_dict(s) for m, s in specs.items()})
     return actor(decoded).to_pylist()
+
+
+def test_non_image_dicom_routes_to_other_and_truncated_image_does_not(tmp_path):
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from medray.platform.decoders import detect_modality
+    from medray.platform.samples import generate_samples
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTSTRUCT"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert detect_modality(buf.getvalue(), "rs.dcm")[0] == "other"
+    info = generate_samples(str(tmp_path / "s"), n=8)
+    truncated = (tmp_path / "s" / info["hostile"]["truncated"]).read_bytes()
+    assert detect_modality(truncated, "t.dcm")[0] == "image"
+    dx = (tmp_path / "s" / info["dicom"][0]).read_bytes()
+    assert detect_modality(dx, "x.dcm") == ("image", "dicom")

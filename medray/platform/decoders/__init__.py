@@ -283,7 +283,9 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
     hinted = name.lower().endswith(_DICOM_EXTENSIONS)
     if head[128:132] == b"DICM" or (not _is_image(head) and not is_audio(head)
                                      and _is_raw_dataset(head, len(data), any_group=hinted)):
-        return ("text", "sr") if _is_sr(data) else ("image", "dicom")
+        if _is_sr(data):
+            return "text", "sr"
+        return ("other", "dicom") if _is_non_image_dicom(data) else ("image", "dicom")
     if _is_image(head):
         return "image", "image"
     if is_audio(head):
@@ -294,6 +296,31 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
         f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, "
         "WAV/FLAC/OGG audio or UTF-8 text"
     )
+
+
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def _is_non_image_dicom(data: bytes) -> bool:
+    """True for a complete DICOM object that is not an image (RT structures, presentation
+    states, DICOMDIR, encapsulated documents...): no pixel data element and no Rows.
+
+    Such objects sit beside images in every study folder; they are skipped and counted
+    (no encoder for them), not quarantined. A truncated image still has Rows, so it is
+    not mistaken for one and fails in the decoder with its own reason.
+    """
+    if any(tag in data for tag in _PIXEL_TAGS) or _DEFLATED_UID in bytes(data[:1024]):
+        return False
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=bytes(data[128:132]) != b"DICM")
+        return "Rows" not in ds and "PixelData" not in ds
+    except Exception:  # noqa: BLE001 - a damaged header is the decoder's to report
+        return False
 
 
 def _is_sr(data: bytes) -> bool:
