@@ -26,6 +26,7 @@ __all__ = [
     "ComputeConf",
     "AudioConf",
     "TextConf",
+    "SlideConf",
     "EmbedConf",
     "register_schemas",
 ]
@@ -134,6 +135,17 @@ class TextConf:
 
 
 @dataclass
+class SlideConf:
+    """Whole-slide images: tissue detection and the tile grid."""
+
+    target_mpp: float = 0.5  # microns per pixel of the tiles (0.5 ~ 20x)
+    tile_size: int = 224
+    tissue_threshold: Optional[float] = None  # HSV saturation in [0, 1); null: Otsu
+    min_tissue_fraction: float = 0.25  # tiles with less tissue are background: skipped and counted
+    max_tiles: int = 100_000  # a slide with more tissue tiles is quarantined
+
+
+@dataclass
 class EmbedConf:
     """``medray embed``: archives in, embeddings + quarantine + summary out."""
 
@@ -145,6 +157,7 @@ class EmbedConf:
     decode: DecodeConf = field(default_factory=DecodeConf)
     audio: AudioConf = field(default_factory=AudioConf)
     text: TextConf = field(default_factory=TextConf)
+    slide: SlideConf = field(default_factory=SlideConf)
     text_column: Optional[str] = None
     compute: ComputeConf = field(default_factory=ComputeConf)
     storage: StorageConf = field(default_factory=StorageConf)

@@ -208,3 +208,15 @@ register_preset(
         pooling="pooler",
     )
 )
+# UNI (MahmoodLab, ViT-L/16, DINOv2-trained on pathology): gated on the hub (accept its licence, set
+# HF_TOKEN); LayerScale needs init_values to load, as the model card says. The pooled pre-logits
+# feature is the normed CLS token, the model card's embedding.
+register_preset(
+    EncoderSpec(
+        name="uni",
+        family="timm_image",
+        checkpoint="hf-hub:MahmoodLab/uni",
+        pooling="pooler",
+        options={"model_kwargs": {"init_values": 1e-5, "dynamic_img_size": True}},
+    )
+)

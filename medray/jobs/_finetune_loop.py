@@ -46,6 +46,11 @@ STATE_FILE = "medray_state.json"
 PREDICTIONS_FILE = "val_predictions.npz"
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (``ds_numel``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def resolve_precision(precision: str, use_gpu: bool) -> str:
     """``auto``: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
     if precision != "auto":
@@ -203,9 +208,8 @@ def train_loop(config: dict) -> None:
                               "resumed": checkpoint is not None, "time": time.time(),
                               "setup_s": round(time.perf_counter() - t_loop, 2)})
     state.update({"trainable_parameters": [n for n, _ in trainable],
-                  "n_trainable": int(sum(p.numel() for _, p in trainable)),
-                  "n_parameters": int(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                          for p in model.parameters())),
+                  "n_trainable": int(sum(_numel(p) for _, p in trainable)),
+                  "n_parameters": int(sum(_numel(p) for p in model.parameters())),
                   "precision": precision})
     run = _wandb_run(config, state) if rank == 0 and start_epoch < config["epochs"] else None
     if checkpoint is None and config.get("baseline_eval", True):

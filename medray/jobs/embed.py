@@ -66,6 +66,7 @@ class EmbedResult:
     skipped: int = 0
     skipped_by_modality: dict = None  # type: ignore[assignment]
     encoders: dict = None  # type: ignore[assignment]  # modality -> encoder name
+    slides: dict = None  # type: ignore[assignment]  # slides, pooled rows, tiles, background tiles
 
     def one_line(self) -> str:
         """The closing one-line summary."""
@@ -74,6 +75,10 @@ class EmbedResult:
         if self.skipped:
             by = ", ".join(f"{k}: {v}" for k, v in sorted((self.skipped_by_modality or {}).items()))
             skipped = f"{self.skipped} skipped (no encoder for {by}), "
+        if self.slides and self.slides.get("slides"):
+            s = self.slides
+            skipped += (f"{s['slides']} slides ({s['tiles']} tissue tiles, {s['background_tiles']} background "
+                        f"tiles skipped, {s['pooled']} pooled rows added), ")
         return (f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
                 f"{self.quarantined} quarantined, {skipped}{self.records_done_before} already done; "
                 f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
@@ -153,17 +158,21 @@ class EmbedJob:
                 raise ConfigError(key, f"encoder={self.spec.name} already embeds {modality} records; "
                                   f"drop {key} or pick an encoder of another modality")
             spec = _extra_spec(key, value)
-            if family_modality(spec.family) != modality:
+            if family_modality(spec.family) != ("image" if modality == "slide" else modality):
                 raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, "
                                   f"not {modality}")
             self.specs[modality] = spec
         from medray.platform.decoders.audio import AudioOptions
         from medray.platform.modalities import TextOptions
 
+        from medray.platform.decoders.slide import SlideOptions
+
         self.audio_opts = asdict(c.audio)
         self.text_opts = asdict(c.text)
+        self.slide_opts = asdict(c.slide)
         AudioOptions(**self.audio_opts)
         TextOptions(**self.text_opts)
+        SlideOptions(**self.slide_opts)
         if os.path.abspath(c.output.rstrip("/")) == os.path.abspath(c.input.rstrip("/")):
             raise ConfigError("output", "must differ from input")
         self.input: InputSpec = classify_input(c.input, c.storage.options)
@@ -212,7 +221,7 @@ class EmbedJob:
         from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
         from medray.platform.pipeline import StageOptions, plan_dataset
         from medray.platform.runtime import cluster_gpus, init_ray
-        from medray.platform.sink import existing_record_ids, make_sink
+        from medray.platform.sink import existing_record_ids, make_sink, pool_slides
         from medray.platform.tracking import default_group, log_run
 
         c = self.cfg
@@ -252,7 +261,7 @@ class EmbedJob:
             frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi, salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec, done=done, encoder_specs=dict(self.specs), audio=self.audio_opts,
-            text=self.text_opts, text_column=c.text_column)
+            text=self.text_opts, text_column=c.text_column, slide=self.slide_opts)
         provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
                       "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
                       "untrained": bool(self.spec.untrained)}
@@ -269,8 +278,14 @@ class EmbedJob:
                          subdirs={m: f"embeddings/{m}" for m in provenances})
         t_pipe = time.perf_counter()
         ds.write_datasink(sink)
-        pipeline_s = time.perf_counter() - t_pipe
         stats = dict(sink.result)
+        # Slide-level rows: after every tile is written, from the written tiles (idempotent).
+        slide_route = "slide" if "slide" in self.specs else "image"
+        slides = {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
+        if slide_route in self.specs and stats.get("slide_rows"):
+            slides = pool_slides(c.output, c.storage.options,
+                                 "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}")
+        pipeline_s = time.perf_counter() - t_pipe
         wall = time.perf_counter() - t_start
         embedded = int(stats.get("records", 0))
         quarantined = int(stats.get("quarantined", 0))
@@ -283,14 +298,14 @@ class EmbedJob:
         result = EmbedResult(
             run_id=run_id, output=c.output, encoder=self.spec.name, untrained=bool(self.spec.untrained),
             records_done_before=len(done), records_read=read, records_embedded=embedded,
-            rows_written=int(stats.get("rows", 0)), quarantined=quarantined,
+            rows_written=int(stats.get("rows", 0)) + slides["pooled"], quarantined=quarantined,
             error_fraction=(quarantined / read) if read else 0.0, wall_s=wall, pipeline_s=pipeline_s,
             records_per_s=(read / wall) if wall > 0 else 0.0, steady_records_per_s=steady,
             stage_seconds={k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode",
                                                                                  "t_preprocess", "t_encode")},
             records_total_in_output=total, config=config, skipped=int(stats.get("skipped", 0)),
             skipped_by_modality=_count_pairs(stats.get("skipped_by_modality") or []),
-            encoders={m: s.name for m, s in self.specs.items()})
+            encoders={m: s.name for m, s in self.specs.items()}, slides=slides)
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)

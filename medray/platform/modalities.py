@@ -12,7 +12,9 @@ apply; see :data:`SEGMENT_FIELDS`):
 * ``segment``: ``frame`` | ``window`` | ``chunk`` | ``pooled``;
 * ``start_s`` / ``end_s``: seconds into the recording (windows, pooled audio);
 * ``channel``: source channel when ``audio.mixdown=all``;
-* ``token_start`` / ``token_end``: document token offsets (chunks, pooled text).
+* ``token_start`` / ``token_end``: document token offsets (chunks, pooled text);
+* ``tile_x`` / ``tile_y`` / ``level`` / ``mpp`` / ``tissue_fraction``: slide tiles
+  (level-0 origin, pyramid level read, tile mpp, share of tissue).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ __all__ = ["Prepared", "TextOptions", "SEGMENT_FIELDS", "prepare_record", "poole
 
 #: Per-row provenance columns, in output order, with their Arrow type names.
 SEGMENT_FIELDS = (("segment", "string"), ("start_s", "float64"), ("end_s", "float64"), ("channel", "int32"),
-                  ("token_start", "int32"), ("token_end", "int32"))
+                  ("token_start", "int32"), ("token_end", "int32"), ("tile_x", "int64"), ("tile_y", "int64"),
+                  ("level", "int32"), ("mpp", "float64"), ("tissue_fraction", "float64"))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from medray.platform.storage import open_fs, read_bytes
 __all__ = ["StageOptions", "read_batch", "decode_batch", "EncoderActor", "INTERNAL_COLUMNS", "encoder_routes"]
 
 #: Columns that live only inside the pipeline; the sink drops them.
-INTERNAL_COLUMNS = ("data", "pixel_values", "pixel_shape", "pixel_dtype", "frames", "segments", "pool", "route",
+INTERNAL_COLUMNS = ("data", "pixel_values", "pixel_shape", "pixel_dtype", "frames", "segments", "pool", "route", "tile",
                     "status", "stage", "error_class", "message", "t_read", "t_decode", "t_preprocess",
                     "t_encode")
 
@@ -52,6 +52,7 @@ class StageOptions:
     audio: dict = field(default_factory=dict)          # AudioOptions fields
     text: dict = field(default_factory=dict)           # TextOptions fields
     text_column: str | None = None                     # manifest column holding the document
+    slide: dict = field(default_factory=dict)          # SlideOptions fields
 
 
 def encoder_routes(opts: StageOptions) -> dict[str, Any]:
@@ -93,7 +94,9 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
     "frame": pa.int32(), "t_read": pa.float64(), "t_decode": pa.float64(), "t_preprocess": pa.float64(),
     "t_encode": pa.float64(), "pixel_dtype": pa.string(), "segments": pa.string(), "pool": pa.string(),
     "route": pa.string(), "segment": pa.string(), "start_s": pa.float64(), "end_s": pa.float64(),
-    "channel": pa.int32(), "token_start": pa.int32(), "token_end": pa.int32(),
+    "channel": pa.int32(), "token_start": pa.int32(), "token_end": pa.int32(), "tile": pa.string(),
+    "tile_x": pa.int64(), "tile_y": pa.int64(), "level": pa.int32(), "mpp": pa.float64(),
+    "tissue_fraction": pa.float64(),
 }
 
 
@@ -102,17 +105,22 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
 
     Records whose id is in ``opts.done`` are dropped (resume). A record that
     cannot be read becomes an error row; one bad archive member never hides
-    its neighbours.
+    its neighbours. A whole-slide image is not read here: it is opened lazily
+    and expands into one record per tissue tile (``tile`` column, JSON; no
+    ``data``), so its tiles spread over the decode tasks.
     """
     index: list[int] = []
-    cols: dict[str, list] = {k: [] for k in ("uri", "member", "record_id", "data", "t_read", *_STATUS_COLS)}
+    cols: dict[str, list] = {k: [] for k in ("uri", "member", "record_id", "data", "tile", "t_read",
+                                             *_STATUS_COLS)}
 
-    def emit(i: int, uri: str, member: str, data: bytes | None, err: BaseException | None, dt: float) -> None:
+    def emit(i: int, uri: str, member: str, data: bytes | None, err: BaseException | None, dt: float,
+             tile: str | None = None, rid: str | None = None) -> None:
         index.append(i)
         cols["uri"].append(uri)
         cols["member"].append(member)
-        cols["record_id"].append(record_id(uri, member))
+        cols["record_id"].append(rid or record_id(uri, member))
         cols["data"].append(data)
+        cols["tile"].append(tile)
         cols["t_read"].append(dt)
         q = quarantine_fields(err, "read") if err is not None else {"status": "ok"}
         for c in _STATUS_COLS:
@@ -149,6 +157,10 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         t0 = time.perf_counter()
         try:
             fs, path = open_fs(uri, opts.storage_options)
+            slide = _sniff_slide(uri, fs, path, opts)
+            if slide is not None:
+                _emit_tiles(i, uri, member, slide, opts, emit, t0)
+                continue
             data = read_bytes(fs, path, opts.max_bytes)
             emit(i, uri, member, data, None, time.perf_counter() - t0)
         except RecordError as err:
@@ -156,6 +168,73 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest
             emit(i, uri, member, None, err, time.perf_counter() - t0)
     return _assemble(table, index, cols, drop=(col,) if texts is not None else ())
+
+
+# Extensions that are never TIFF: such objects skip the slide sniff (one ranged read saved).
+_NOT_TIFF = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".wav", ".flac", ".ogg",
+             ".txt", ".json", ".xml")
+
+
+def _slide_wanted(opts: StageOptions) -> bool:
+    """True unless the job has an encoder list without a slide or image encoder."""
+    if opts.encoder_specs:
+        return bool({"slide", "image"} & set(opts.encoder_specs))
+    if opts.encoder_spec is None:
+        return True
+    from medray.encoders import family_modality
+
+    return family_modality(opts.encoder_spec.family) == "image"
+
+
+def _sniff_slide(uri: str, fs: Any, path: str, opts: StageOptions) -> Any:
+    """The opened slide when the object is a whole-slide image, else ``None`` (read its bytes)."""
+    from medray.platform.decoders.slide import is_slide, is_tiff, open_slide
+
+    name = path.rsplit("/", 1)[-1]
+    if name.lower().endswith(_NOT_TIFF):
+        return None
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) as f:
+            head = f.read(4)
+    except Exception:  # noqa: BLE001 - read_bytes reports it
+        return None
+    if not is_tiff(head):
+        return None
+    try:
+        slide = open_slide(uri, opts.storage_options)
+    except RecordError:
+        return None  # a damaged TIFF: the image decoder quarantines it with its own reason
+    return slide if is_slide(slide, name) else None
+
+
+def _emit_tiles(i: int, uri: str, member: str, slide: Any, opts: StageOptions, emit: Any, t0: float) -> None:
+    """One record per tissue tile not yet done; the slide's own id is its pooled row (or its error)."""
+    from dataclasses import asdict
+
+    from medray.platform.decoders.slide import SlideOptions, plan_slide
+    from medray.platform.records import tile_record_id
+
+    if not _slide_wanted(opts):  # skipped and counted in the decode stage, never tiled
+        emit(i, uri, member, None, None, time.perf_counter() - t0, tile="{}")
+        return
+    try:
+        plan = plan_slide(slide, SlideOptions(**(opts.slide or {})))
+    except RecordError as err:
+        emit(i, uri, member, None, err, time.perf_counter() - t0)
+        return
+    dt = (time.perf_counter() - t0) / max(1, len(plan.tiles))
+    emitted = 0
+    for tile in plan.tiles:
+        rid = tile_record_id(uri, member, tile.tile_id)
+        if rid in opts.done:
+            continue
+        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata)
+        emit(i, uri, member, None, None, dt, tile=json.dumps(info), rid=rid)
+        emitted += 1
+    if plan.tiles and not emitted:
+        # Every tile is written but the pooled row is not (a run stopped in between): a marker row
+        # ("noop", never written) tells the job to run its pooling pass.
+        emit(i, uri, member, None, None, dt, tile='{"pending_pool": true}')
 
 
 @functools.lru_cache(maxsize=4)
@@ -210,6 +289,7 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         "content_sha256", "modality", "patient_key", "metadata", "pixel_values", "pixel_shape", "pixel_dtype",
         "frames", "segments", "pool", "route", "t_decode", "t_preprocess", *_STATUS_COLS)}
     datas = table.column("data").to_pylist()
+    tiles = table.column("tile").to_pylist() if "tile" in table.column_names else [None] * n
     status = table.column("status").to_pylist()
     members = table.column("member").to_pylist()
     uris = table.column("uri").to_pylist()
@@ -219,19 +299,29 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             for c in _STATUS_COLS[1:]:
                 new[c][i] = table.column(c)[i].as_py()
             continue
+        t0 = time.perf_counter()
+        if tiles[i] is not None:
+            _decode_tile(i, uris[i], tiles[i], pres, opts, new, t0)
+            continue
         data = datas[i] or b""
         new["content_sha256"][i] = hashlib.sha256(data).hexdigest()
         name = (members[i] or uris[i]).rsplit("/", 1)[-1]
-        t0 = time.perf_counter()
         try:
             _check_size(data, limits)
             route, fmt = detect_modality(data, name)
+            if route == "slide":
+                route = _slide_route(pres)
             new["route"][i] = route
             pre = pres.get(route)
             if pre is None:
                 new["status"][i], new["stage"][i] = "skipped", "route"
                 new["message"][i] = f"no encoder configured for modality '{route}'"
                 continue
+            if fmt == "slide":
+                from medray.platform.errors import UnsupportedFormat
+
+                raise UnsupportedFormat("whole-slide image inside an archive (or with a non-TIFF name): "
+                                        "list the slide itself as an input object so its tiles are read lazily")
             if route != "image":
                 prepared = prepare_record(data, fmt, pre, audio=audio_opts, text=text_opts, salt=opts.salt)
                 t1 = time.perf_counter()
@@ -274,6 +364,56 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                 new[c][i] = q[c]
             new["pixel_values"][i] = None
     return _assemble(table, list(range(n)), new, drop=("data",))
+
+
+def _slide_route(pres: Mapping[str, Any]) -> str:
+    """Slides are embedded by ``encoders.slide``, else by the image encoder."""
+    return "slide" if "slide" in pres or "image" not in pres else "image"
+
+
+def _decode_tile(i: int, uri: str, tile_json: str, pres: Mapping[str, Any], opts: StageOptions,
+                 new: dict[str, list], t0: float) -> None:
+    """Read one slide tile (a ranged read) and preprocess it with the slide's encoder."""
+    from medray.platform.decoders.slide import SlideTile, open_slide, read_tile
+
+    route = _slide_route(pres)
+    new["route"][i] = route
+    pre = pres.get(route)
+    info = json.loads(tile_json)
+    if info.get("pending_pool"):
+        new["status"][i], new["stage"][i], new["modality"][i] = "noop", "pool", "slide"
+        return
+    if pre is None or not info:
+        new["route"][i] = "slide"
+        new["status"][i], new["stage"][i] = "skipped", "route"
+        new["message"][i] = "no encoder configured for modality 'slide' (set encoders.slide or an image encoder)"
+        return
+    try:
+        tile = SlideTile(**{k: info[k] for k in SlideTile.__dataclass_fields__})
+        rgb = read_tile(open_slide(uri, opts.storage_options), tile)
+        t1 = time.perf_counter()
+        try:
+            pixels = np.ascontiguousarray(pre.preprocess([rgb]), dtype=np.float32)
+        except Exception as err:  # noqa: BLE001
+            raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+        new["t_decode"][i], new["t_preprocess"][i] = t1 - t0, time.perf_counter() - t1
+        new["content_sha256"][i] = hashlib.sha256(rgb.tobytes()).hexdigest()  # of the tile's pixels
+        new["modality"][i] = "slide"
+        new["metadata"][i] = json.dumps(info.get("slide") or {}, sort_keys=True, default=str)
+        new["pixel_values"][i] = pixels.tobytes()
+        new["pixel_shape"][i] = list(pixels.shape)
+        new["pixel_dtype"][i] = "float32"
+        new["frames"][i] = [tile.index]
+        new["segments"][i] = json.dumps([{"segment": "tile", "tile_x": tile.x, "tile_y": tile.y,
+                                          "level": tile.level, "mpp": tile.mpp,
+                                          "tissue_fraction": tile.tissue_fraction,
+                                          "n_items": info.get("n_tiles")}])
+        new["pool"][i] = "none"  # the slide's pooled row is written after all its tiles (embed job)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
+        q = quarantine_fields(err, "decode")
+        for c in _STATUS_COLS:
+            new[c][i] = q[c]
+        new["pixel_values"][i] = None
 
 
 class EncoderActor:
@@ -398,7 +538,8 @@ class EncoderActor:
                 frames = frames_col[i]
                 items = json.loads(segs[i]) if segs[i] else [{"segment": "frame"}] * len(frames)
                 for j, f in enumerate(frames):
-                    add(i, int(f), len(frames), res[j], dt, ok_q, items[j])
+                    # slide tiles are one record each; n_frames is the slide's tile count
+                    add(i, int(f), items[j].get("n_items") or len(frames), res[j], dt, ok_q, items[j])
                 if pools[i] == "mean" and len(frames):
                     add(i, -1, len(frames), res.mean(axis=0), 0.0, ok_q, pooled_segment(items))
                 continue
@@ -416,7 +557,7 @@ class EncoderActor:
         emb_col = pa.array([None if e is None else np.asarray(e, np.float32).tolist() for e in emb_values],
                            type=emb_type)
         out = _assemble(table, index, new, drop=("pixel_values", "pixel_shape", "pixel_dtype", "frames",
-                                                  "segments", "pool"))
+                                                  "segments", "pool", "tile"))
         out = out.append_column("embedding", emb_col)
         if "route" not in out.column_names:
             out = out.append_column("route", pa.array(route_of, pa.string()))

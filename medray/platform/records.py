@@ -4,8 +4,10 @@ Every output row points back to exactly what it came from: ``uri`` (the
 object), ``member`` (archive member, ``""`` otherwise) and ``frame`` (frame,
 audio window or text chunk index; ``-1`` for a record's pooled row), with
 ``segment``/``start_s``/``end_s``/``channel``/``token_start``/``token_end``
-saying what the item covers.
-``record_id`` is a stable digest of ``(uri, member)`` used for resume.
+(and ``tile_x``/``tile_y``/``level``/``mpp``/``tissue_fraction`` for slide
+tiles) saying what the item covers.
+``record_id`` is a stable digest of ``(uri, member)`` used for resume; a slide
+tile's is :func:`tile_record_id` and the slide's pooled row has the slide's own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from medray.platform.errors import RecordError
 
 __all__ = [
     "record_id",
+    "tile_record_id",
     "embedding_schema",
     "QUARANTINE_SCHEMA",
     "quarantine_fields",
@@ -31,11 +34,12 @@ CORE_COLUMNS = (
     "record_id", "uri", "member", "frame", "n_frames", "content_sha256", "modality", "patient_key",
     "metadata", "embedding", "encoder", "weights_hash", "preprocessing_hash", "medray_version", "untrained",
     "segment", "start_s", "end_s", "channel", "token_start", "token_end",
+    "tile_x", "tile_y", "level", "mpp", "tissue_fraction",
 )
 #: Columns a manifest may not carry because medray writes them.
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
     "status", "stage", "error_class", "message", "pixel_values", "pixel_shape", "data", "frames",
-    "t_read", "t_decode", "t_preprocess", "t_encode", "pixel_dtype", "segments", "pool", "route"}
+    "t_read", "t_decode", "t_preprocess", "t_encode", "pixel_dtype", "segments", "pool", "route", "tile"}
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -53,6 +57,11 @@ QUARANTINE_SCHEMA = pa.schema(
 def record_id(uri: str, member: str = "") -> str:
     """Stable id of a record: first 32 hex chars of sha256(uri NUL member)."""
     return hashlib.sha256(f"{uri}\x00{member}".encode()).hexdigest()[:32]
+
+
+def tile_record_id(uri: str, member: str, tile_id: str) -> str:
+    """Record id of one slide tile: the slide's ``(uri, member)`` plus ``tile/<level>/<x>/<y>``."""
+    return record_id(uri, f"{member}\x00{tile_id}")
 
 
 def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
@@ -86,6 +95,12 @@ def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
         ("channel", pa.int32()),
         ("token_start", pa.int32()),
         ("token_end", pa.int32()),
+        # slide tiles: level-0 pixel origin, pyramid level read, tile mpp, tissue share
+        ("tile_x", pa.int64()),
+        ("tile_y", pa.int64()),
+        ("level", pa.int32()),
+        ("mpp", pa.float64()),
+        ("tissue_fraction", pa.float64()),
     ]
     schema = pa.schema(fields)
     for field in carried or []:

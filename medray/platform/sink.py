@@ -29,7 +29,7 @@ from medray.platform.pipeline import INTERNAL_COLUMNS
 from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema
 from medray.platform.storage import open_fs
 
-__all__ = ["make_sink", "embeddings_table", "existing_record_ids", "write_parquet_atomic"]
+__all__ = ["make_sink", "embeddings_table", "existing_record_ids", "write_parquet_atomic", "pool_slides"]
 
 _TIMING = ("t_read", "t_decode", "t_preprocess", "t_encode")
 
@@ -73,6 +73,77 @@ def existing_record_ids(output: str, options: Mapping[str, Any] | None) -> froze
                 col = pq.read_table(f, columns=["record_id"]).column("record_id")
             done.update(col.to_pylist())
     return frozenset(done)
+
+
+def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "embeddings") -> dict[str, int]:
+    """Write one pooled row (mean of its tile embeddings) per finished slide.
+
+    Streams the parts directly under ``output/subdir`` one at a time, keeping a
+    running sum per slide (memory: slides x embedding size, not tiles). A
+    slide gets its pooled row, as one more atomic part, when every one of its
+    tissue tiles (``n_frames``) is embedded and it has no pooled row yet, so
+    the pass is idempotent and a resumed run finishes what a crashed one left.
+    The pooled row's ``record_id`` is the slide's own ``(uri, member)`` id.
+
+    Returns:
+        ``{"slides": slides seen, "pooled": rows written now, "tiles": tile rows,
+        "background_tiles": background tiles skipped over those slides}``.
+    """
+    import json
+
+    import numpy as np
+
+    from medray.platform.records import record_id
+
+    fs, root = open_fs(output, options)
+    d = posixpath.join(root, subdir)
+    try:
+        files = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".parquet")
+                       and not posixpath.basename(p).startswith("."))
+    except FileNotFoundError:
+        return {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
+    sums: dict[tuple, np.ndarray] = {}
+    counts: dict[tuple, int] = {}
+    first: dict[tuple, dict] = {}
+    pooled: set[tuple] = set()
+    schema = None
+    for p in files:
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(f, filters=[("modality", "=", "slide")])
+        if not t.num_rows:
+            continue
+        segs = t.column("segment").to_pylist()
+        keys = list(zip(t.column("uri").to_pylist(), t.column("member").to_pylist()))
+        for k, seg in zip(keys, segs):
+            if seg == "pooled":
+                pooled.add(k)
+        tile_idx = [j for j, seg in enumerate(segs) if seg == "tile"]
+        if not tile_idx:
+            continue
+        emb = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                         np.float64).reshape(t.num_rows, -1)
+        for j in tile_idx:
+            k = keys[j]
+            if k not in first:
+                first[k] = t.slice(j, 1).to_pylist()[0]
+                sums[k] = np.zeros(emb.shape[1])
+                counts[k] = 0
+                schema = schema or t.schema
+            sums[k] += emb[j]
+            counts[k] += 1
+    rows = []
+    for k, row in first.items():
+        if k in pooled or counts[k] != (row["n_frames"] or 0):
+            continue
+        row = dict(row, record_id=record_id(*k), frame=-1, segment="pooled", tile_x=None, tile_y=None,
+                   tissue_fraction=None, content_sha256=None,
+                   embedding=(sums[k] / counts[k]).astype(np.float32).tolist())
+        rows.append(row)
+    if rows:
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), output, subdir, options)
+    background = sum(int(json.loads(r["metadata"] or "{}").get("background_tiles") or 0) for r in first.values())
+    return {"slides": len(first), "pooled": len(rows), "tiles": sum(counts.values()),
+            "background_tiles": background}
 
 
 def embeddings_table(ok: pa.Table) -> pa.Table:
@@ -126,6 +197,7 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             stats = {"rows": 0, "records": 0, "quarantined": 0, "skipped": 0, "skipped_by_modality": [],
+                     "slide_rows": 0,
                      **{k: 0.0 for k in _TIMING}}
             if not tables:
                 return stats
@@ -135,8 +207,13 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
                     stats[k] = float(pc.sum(pc.fill_null(table.column(k).cast(pa.float64()), 0.0)).as_py() or 0.0)
             ok_mask = pc.equal(table.column("status"), "ok")
             skip_mask = pc.equal(table.column("status"), "skipped")
+            noop_mask = pc.equal(table.column("status"), "noop")  # a slide whose tiles are all written
             ok = table.filter(ok_mask)
-            bad = table.filter(pc.invert(pc.or_(ok_mask, skip_mask)))
+            bad = table.filter(pc.invert(pc.or_(pc.or_(ok_mask, skip_mask), noop_mask)))
+            if "modality" in table.column_names:  # slide tiles written, or slides waiting for pooling
+                slide = pc.equal(table.column("modality"), "slide")
+                stats["slide_rows"] = int(pc.sum(pc.and_(slide, pc.or_(ok_mask, noop_mask)).cast(pa.int64()))
+                                          .as_py() or 0)
             skipped = table.filter(skip_mask)
             if skipped.num_rows:
                 routes = skipped.column("route").to_pylist() if "route" in skipped.column_names else \

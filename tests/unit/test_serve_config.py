@@ -177,3 +177,13 @@ def test_uri_allow_list(uri, ok):
 def test_max_ongoing_defaults_to_two_batches():
     assert max_ongoing_for(EncoderDeploymentConf(max_batch_size=8)) == 16
     assert max_ongoing_for(EncoderDeploymentConf(max_batch_size=8, max_ongoing_requests=10)) == 10
+
+
+def test_job_module_imports_stay_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, medray.jobs.serve as s; s.register(); "
+            "print(sorted(m for m in ('ray', 'torch', 'fastapi', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

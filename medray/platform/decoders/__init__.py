@@ -251,8 +251,9 @@ def detect_format(data: bytes, name: str = "") -> str:
     )
 
 
-#: Encoder modalities a record can be routed to.
-MODALITIES = ("image", "audio", "text")
+#: Encoder modalities a record can be routed to (``slide``: whole-slide images, embedded
+#: by ``encoders.slide`` or else the image encoder).
+MODALITIES = ("image", "audio", "text", "slide")
 
 
 def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
@@ -260,7 +261,9 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
 
     DICOM (preamble or plausible dataset start) is ``image``, or ``text``
     for a Structured Report; PNG/JPEG/TIFF/BMP/WebP is ``image``;
-    RIFF/WAVE, fLaC and OggS are ``audio``; UTF-8 text is ``text``.
+    RIFF/WAVE, fLaC and OggS are ``audio``; UTF-8 text is ``text``; a
+    tiled pyramidal TIFF (or a tiled TIFF named ``.svs``/``.ndpi``...) is
+    ``slide``, while plain photo TIFFs stay ``image``.
 
     Args:
         data: the object's bytes.
@@ -269,7 +272,7 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
 
     Returns:
         ``(modality, format)``: modality one of :data:`MODALITIES`, format
-        one of ``dicom``, ``sr``, ``image``, ``audio``, ``text``.
+        one of ``dicom``, ``sr``, ``image``, ``audio``, ``text``, ``slide``.
 
     Raises:
         UnsupportedFormat: empty input or content that is none of these.
@@ -287,6 +290,8 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
             return "text", "sr"
         return ("other", "dicom") if _is_non_image_dicom(data) else ("image", "dicom")
     if _is_image(head):
+        if _is_slide_bytes(data, name):
+            return "slide", "slide"
         return "image", "image"
     if is_audio(head):
         return "audio", "audio"
@@ -296,6 +301,26 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
         f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, "
         "WAV/FLAC/OGG audio or UTF-8 text"
     )
+
+
+def _is_slide_bytes(data: bytes, name: str) -> bool:
+    """True when in-memory TIFF bytes are a whole-slide image (tiled pyramid)."""
+    from medray.platform.decoders.slide import is_slide, is_tiff
+
+    if not is_tiff(bytes(data[:4])):
+        return False
+    import io
+
+    try:
+        import tiffslide
+
+        slide = tiffslide.TiffSlide(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - the image decoder reports damaged TIFFs
+        return False
+    try:
+        return is_slide(slide, name)
+    finally:
+        slide.close()
 
 
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
