@@ -140,7 +140,7 @@ def _pipeline(input_dir: Path, out: Path, ckpt: str, batch: int, cores: int) -> 
         cfg.compute.batch_size = batch
         cfg.compute.decode_batch_size = batch
         cfg.compute.read_batch_size = batch
-        cfg.compute.min_actors, cfg.compute.max_actors = 1, cores
+        cfg.compute.min_actors = cfg.compute.max_actors = cores  # fixed pool: no autoscaling lag in the timing
         cfg.compute.actor_num_cpus = 0.5
         cfg.compute.decode_num_cpus = 0.5
         return EmbedJob(cfg).run()

@@ -32,7 +32,7 @@ __all__ = ["StageOptions", "read_batch", "decode_batch", "EncoderActor", "INTERN
 #: Columns that live only inside the pipeline; the sink drops them.
 INTERNAL_COLUMNS = ("data", "pixel_values", "pixel_shape", "pixel_dtype", "frames", "segments", "pool", "route", "tile",
                     "status", "stage", "error_class", "message", "t_read", "t_decode", "t_preprocess",
-                    "t_encode")
+                    "t_encode", "t_done")
 
 
 @dataclass
@@ -564,7 +564,8 @@ class EncoderActor:
         for k, v in self.provenance.items():
             vals = [self.provenances.get(r, self.provenance).get(k, v) for r in route_of]
             out = out.append_column(k, pa.array(vals))
-        return out
+        # when this batch left the model: the summary's steady-state throughput comes from it
+        return out.append_column("t_done", pa.array([time.time()] * out.num_rows, pa.float64()))
 
 
 def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance: Mapping[str, Any],

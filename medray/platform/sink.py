@@ -235,8 +235,12 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
                 bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
                 write_parquet_atomic(bad, self.output, "quarantine", self.options)
                 stats["quarantined"] = bad.num_rows
-            # (commit time, records) per part: lets the summary report steady-state throughput.
-            stats["parts"] = [[time.time(), stats["records"] + stats["quarantined"]]]
+            # (time the encoder finished a batch, records in it): steady-state throughput.
+            if "t_done" in table.column_names:
+                done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
+                stats["parts"] = [[t, n] for t, n in zip(done.column("t_done").to_pylist(),
+                                                         done.column("record_id_count_distinct").to_pylist())
+                                  if t is not None]
             return stats
 
         def on_write_complete(self, write_result: Any) -> None:
