@@ -60,6 +60,10 @@ def _make_dicoms(root: Path, n: int, size: int, syntax: str) -> list[Path]:
             from pydicom.uid import RLELossless
 
             ds.compress(RLELossless)
+        elif syntax == "j2k":
+            from pydicom.uid import JPEG2000Lossless
+
+            ds.compress(JPEG2000Lossless)
         p = root / f"img{i:05d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
@@ -201,7 +205,11 @@ def main() -> None:
         os.environ.setdefault("MEDRAY_PATIENT_SALT", "benchmark")
         os.environ["MEDRAY_PROGRESS"] = "0"
         serial = _serial(paths, ckpt, args.batch)
-        decode = {"explicit_vr_le": _decode_mbps(paths), "rle_lossless": _decode_mbps(rle)}
+        j2k_dir = tmp / "j2k"
+        j2k_dir.mkdir()
+        j2k = _make_dicoms(j2k_dir, min(args.n, 30), args.size, "j2k")
+        decode = {"explicit_vr_le": _decode_mbps(paths), "rle_lossless": _decode_mbps(rle),
+                  "jpeg2000_lossless": _decode_mbps(j2k)}
         pipe = _pipeline(data, tmp / "out", ckpt, args.batch, args.cores)
         ideal = args.cores / serial["per_record_total_s"]
         result = {
