@@ -2,22 +2,24 @@
 
 A bounded closed-loop client (C workers, each sending its next request when
 the previous answer arrives) posts the same 224x224 PNG to
-``/v1/embeddings`` for a fixed time at concurrency 1, 8 and 32, once with
-dynamic batching on (``max_batch_size=32``) and once off
-(``max_batch_size=1``, same code path, same replica), on one encoder replica
-of a random ViT-Tiny-sized model (hidden 192, 12 layers, 224 px, patch 16).
+``/v1/embeddings`` at concurrency 1, 8 and 32 against two copies of the
+application served side by side on one Ray: ``/on`` with dynamic batching
+(``max_batch_size=32``) and ``/off`` without (``max_batch_size=1``; same
+code path), each with one encoder replica of a random ViT-Tiny-sized model
+(hidden 192, 12 layers, 224 px, patch 16).
 
-Also measured, in the benchmark process itself and with the same functions
-(decode + preprocess + embed, one request at a time): the in-process latency,
-so that ``serve_added_ms_p50`` = HTTP p50 at concurrency 1 minus in-process
-p50 is what the proxy, the ingress and the encoder deployment add.
+The machines here are shared and noisy, so the cases are interleaved: each
+round runs every case for a few seconds (the idle copy costs nothing), and
+figures pool all rounds. The latency Serve adds at concurrency 1 is the HTTP
+p50 minus the p50 of the same work in this process (decode + preprocess +
+embed with the same functions), measured in alternating segments too.
 
 Usage::
 
-    python benchmarks/serve_load.py [--seconds 10] [--out benchmarks/results/serve_load.json]
+    python benchmarks/serve_load.py [--seconds 5] [--rounds 3] [--out benchmarks/results/serve_load.json]
 
 The client shares the machine's cores with Serve; on a 2-core machine that
-is a real part of the figures (written to the JSON with the hardware).
+is part of every figure (the JSON records hardware and load averages).
 """
 
 from __future__ import annotations
@@ -66,47 +68,57 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def _in_process(ckpt: str, data: bytes, threads: int, n: int) -> dict:
-    """Decode + preprocess + embed one request at a time, in this process (the floor Serve is compared to)."""
-    import torch
+class InProcess:
+    """The same work as one request, in this process: decode + preprocess + embed."""
 
-    from medray.encoders import create_encoder, get_spec
-    from medray.serve.encoder import DecodeSettings, decode_input
+    def __init__(self, ckpt: str, threads: int) -> None:
+        import torch
 
-    torch.set_num_threads(threads)
-    enc = create_encoder(get_spec("hf_image", checkpoint=ckpt), device="cpu")
-    settings = DecodeSettings(windows={"CT": (-600.0, 1500.0)})
-    lat = []
-    for i in range(n + 5):
-        t0 = time.perf_counter()
-        enc.embed(decode_input({"data": data, "name": "x.png"}, settings, enc).pixels)
-        if i >= 5:
+        from medray.encoders import create_encoder, get_spec
+        from medray.serve.encoder import DecodeSettings
+
+        torch.set_num_threads(threads)
+        self.enc = create_encoder(get_spec("hf_image", checkpoint=ckpt), device="cpu")
+        self.settings = DecodeSettings(windows={"CT": (-600.0, 1500.0)})
+
+    def request(self, data: bytes) -> None:
+        from medray.serve.encoder import decode_input
+
+        self.enc.embed(decode_input({"data": data, "name": "x.png"}, self.settings, self.enc).pixels)
+
+    def segment(self, data: bytes, seconds: float) -> list[float]:
+        """Sequential requests for ``seconds``; their latencies."""
+        lat = []
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            self.request(data)
             lat.append(time.perf_counter() - t0)
-    x1 = enc.preprocess([np.zeros((224, 224, 3), np.uint8)])
-    x32 = np.repeat(x1, 32, axis=0)
-    enc.embed(x32)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        enc.embed(x32)
-    per_img_b32 = (time.perf_counter() - t0) / 96
-    t0 = time.perf_counter()
-    for _ in range(32):
-        enc.embed(x1)
-    per_img_b1 = (time.perf_counter() - t0) / 32
-    del enc
-    return {"p50_ms": 1000 * _pct(lat, 50), "p99_ms": 1000 * _pct(lat, 99), "n": n,
-            "model_ms_per_image_batch1": 1000 * per_img_b1, "model_ms_per_image_batch32": 1000 * per_img_b32,
-            "model_batching_speedup": per_img_b1 / per_img_b32}
+        return lat
+
+    def model_batching_speedup(self) -> dict:
+        """Per-image model time at batch 1 vs batch 32: what batching can give here at most."""
+        x1 = self.enc.preprocess([np.zeros((224, 224, 3), np.uint8)])
+        x32 = np.repeat(x1, 32, axis=0)
+        self.enc.embed(x32)
+        t0 = time.perf_counter()
+        for _ in range(32):
+            self.enc.embed(x1)
+        b1 = (time.perf_counter() - t0) / 32
+        t0 = time.perf_counter()
+        for _ in range(2):
+            self.enc.embed(x32)
+        b32 = (time.perf_counter() - t0) / 64
+        return {"model_ms_per_image_batch1": 1000 * b1, "model_ms_per_image_batch32": 1000 * b32,
+                "model_batching_speedup": b1 / b32}
 
 
 async def _closed_loop(url: str, data: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+    """One segment: C workers, each posting again as soon as its answer arrives; raw results."""
     import aiohttp
 
-    lat: list[float] = []
-    batch: list[int] = []
-    codes: dict[int, int] = {}
-    t_start = time.perf_counter()
-    t_measure = t_start + warmup
+    out: dict = {"lat": [], "batch": [], "codes": {}, "seconds": seconds}
+    t_measure = time.perf_counter() + warmup
     t_end = t_measure + seconds
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -116,19 +128,45 @@ async def _closed_loop(url: str, data: bytes, concurrency: int, seconds: float, 
                 body = await resp.read()
             t1 = time.perf_counter()
             if t0 >= t_measure and t1 <= t_end:
-                codes[resp.status] = codes.get(resp.status, 0) + 1
+                out["codes"][resp.status] = out["codes"].get(resp.status, 0) + 1
                 if resp.status == 200:
-                    lat.append(t1 - t0)
-                    batch.append(int(json.loads(body).get("batch_size") or 0))
+                    out["lat"].append(t1 - t0)
+                    out["batch"].append(int(json.loads(body).get("batch_size") or 0))
 
     conn = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return out
+
+
+async def _get_lat(url: str, seconds: float) -> list[float]:
+    """Sequential GETs for ``seconds``; their latencies."""
+    import aiohttp
+
+    lat: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            async with session.get(url) as resp:
+                await resp.read()
+            lat.append(time.perf_counter() - t0)
+    return lat[3:]
+
+
+def _pool(segments: list[dict], concurrency: int) -> dict:
+    lat = [x for s in segments for x in s["lat"]]
+    batch = [x for s in segments for x in s["batch"]]
+    seconds = sum(s["seconds"] for s in segments)
+    codes: dict = {}
+    for s in segments:
+        for k, v in s["codes"].items():
+            codes[str(k)] = codes.get(str(k), 0) + v
     return {"concurrency": concurrency, "seconds": seconds, "requests": len(lat), "rps": len(lat) / seconds,
+            "rps_per_round": [len(s["lat"]) / s["seconds"] for s in segments],
             "p50_ms": 1000 * _pct(lat, 50), "p99_ms": 1000 * _pct(lat, 99),
             "mean_batch_size": statistics.fmean(batch) if batch else 0.0, "max_batch_size": max(batch, default=0),
-            "status_codes": {str(k): v for k, v in codes.items()}}
+            "status_codes": codes}
 
 
 def _wait(url: str, timeout: float = 180) -> None:
@@ -145,11 +183,11 @@ def _wait(url: str, timeout: float = 180) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-def _args(ckpt: str, port: int, batch: int, wait_s: float, threads: int) -> dict:
+def _args(name: str, ckpt: str, port: int, batch: int, wait_s: float, threads: int) -> dict:
     fixed = {"min_replicas": 1, "max_replicas": 1}
     return {
         "encoder": {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True},
-        "serve": {"name": "bench", "http": {"port": port},
+        "serve": {"name": name, "route_prefix": f"/{name}", "http": {"port": port},
                   "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 256, "autoscaling": fixed},
                   "encoder": {"num_cpus": 1, "num_gpus": 0, "torch_threads": threads, "decode_threads": 2,
                               "max_batch_size": batch, "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64,
@@ -160,14 +198,16 @@ def _args(ckpt: str, port: int, batch: int, wait_s: float, threads: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the encoder")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each encoder")
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    modes = {"batched": ("on", 32), "unbatched": ("off", 1)}
 
     import ray
     from ray import serve
@@ -175,59 +215,85 @@ def main() -> None:
     from medray.serve.app import ServeArgs, build_app
 
     t_all = time.perf_counter()
-    load_before = os.getloadavg()
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="medray-serve-bench-") as tmp:
         ckpt = _checkpoint(Path(tmp))
         data = _png()
-        inproc_before = _in_process(ckpt, data, args.threads, 60)
-        print("in-process:", json.dumps(inproc_before), flush=True)
+        local = InProcess(ckpt, args.threads)
+        local.segment(data, 1.0)  # warm
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
-        modes: dict = {}
+        segments: dict = {(m, c): [] for m in modes for c in levels}
+        inproc: list[float] = []
+        inproc_rounds: list[list[float]] = []
+        model_rounds: list[dict] = []
+        probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress + encoder call)": []}
         try:
-            for mode, batch in (("batched", 32), ("unbatched", 1)):
-                serve.run(build_app(ServeArgs.model_validate(_args(ckpt, port, batch, args.batch_wait_s,
-                                                                   args.threads))),
-                          name="bench", route_prefix="/")
-                _wait(url + "/readyz")
-                modes[mode] = {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_s, "levels": []}
+            for name, batch in modes.values():
+                serve.run(build_app(ServeArgs.model_validate(
+                    _args(name, ckpt, port, batch, args.batch_wait_s, args.threads))), name=name,
+                    route_prefix=f"/{name}")
+                _wait(f"{url}/{name}/readyz")
+            for r in range(args.rounds):
                 for c in levels:
-                    point = asyncio.run(_closed_loop(url + "/v1/embeddings", data, c, args.seconds, args.warmup))
-                    modes[mode]["levels"].append(point)
-                    print(mode, json.dumps(point), flush=True)
+                    if c == 1:
+                        inproc_rounds.append(local.segment(data, args.seconds))
+                        inproc += inproc_rounds[-1]
+                        for probe, path in zip(probes, ("/off/healthz", "/off/v1/models")):
+                            probes[probe] += asyncio.run(_get_lat(url + path, 1.5))
+                    for mode, (name, _) in modes.items():
+                        seg = asyncio.run(_closed_loop(f"{url}/{name}/v1/embeddings", data, c, args.seconds,
+                                                       args.warmup))
+                        segments[(mode, c)].append(seg)
+                        print(f"round {r} {mode} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
+                model_rounds.append(local.model_batching_speedup())
+                loads.append(os.getloadavg()[0])
         finally:
             serve.shutdown()
             ray.shutdown()
-        inproc_after = _in_process(ckpt, data, args.threads, 60)
-        print("in-process (after):", json.dumps(inproc_after), flush=True)
+        model = {k: statistics.median(m[k] for m in model_rounds) for k in model_rounds[0]} if model_rounds else {}
+
+    results = {mode: {"max_batch_size": modes[mode][1], "batch_wait_timeout_s": args.batch_wait_s,
+                      "levels": [_pool(segments[(mode, c)], c) for c in levels]} for mode in modes}
 
     def level(mode: str, c: int) -> dict:
-        return next(p for p in modes[mode]["levels"] if p["concurrency"] == c)
+        return next(p for p in results[mode]["levels"] if p["concurrency"] == c)
 
-    inproc_p50 = min(inproc_before["p50_ms"], inproc_after["p50_ms"])
     summary: dict = {}
     if 32 in levels:
         summary["batched_over_unbatched_rps_at_32"] = level("batched", 32)["rps"] / level("unbatched", 32)["rps"]
+        summary["per_round_ratio_at_32"] = [a / b for a, b in zip(level("batched", 32)["rps_per_round"],
+                                                                   level("unbatched", 32)["rps_per_round"])]
     if 1 in levels:
-        summary["in_process_p50_ms"] = inproc_p50
-        summary["serve_added_ms_p50_unbatched"] = level("unbatched", 1)["p50_ms"] - inproc_p50
-        summary["serve_added_ms_p50_batched"] = level("batched", 1)["p50_ms"] - inproc_p50
+        p50 = 1000 * _pct(inproc, 50)
+        summary["in_process_p50_ms"] = p50
+        summary["serve_added_ms_p50_unbatched"] = level("unbatched", 1)["p50_ms"] - p50
+        summary["serve_added_ms_p50_batched"] = level("batched", 1)["p50_ms"] - p50
+        # the same difference within each round (adjacent in time, so less exposed to load swings)
+        http = [1000 * _pct(seg["lat"], 50) for seg in segments[("unbatched", 1)]]
+        local_p50 = [1000 * _pct(lat, 50) for lat in inproc_rounds]
+        summary["serve_added_ms_p50_unbatched_per_round"] = [h - i for h, i in zip(http, local_p50)]
+        summary["serve_added_ms_p50_unbatched_median_of_rounds"] = statistics.median(
+            summary["serve_added_ms_p50_unbatched_per_round"])
+        summary["breakdown_p50_ms"] = {k: 1000 * _pct(v, 50) for k, v in probes.items()}
+    summary["model_only_median_of_rounds"] = model
     result = {
         "benchmark": "serve_load",
         "inputs": {"model": "ViT (hidden 192, 12 layers, 3 heads, patch 16) random weights, 224 px",
                    "image": "224x224 RGB PNG", "payload_bytes": len(data), "route": "POST /v1/embeddings",
-                   "client": "aiohttp closed loop, same machine", "seconds_per_point": args.seconds,
-                   "warmup_s": args.warmup, "encoder_replicas": 1, "torch_threads": args.threads},
+                   "client": "aiohttp closed loop, same machine", "seconds_per_case_and_round": args.seconds,
+                   "rounds": args.rounds, "warmup_s": args.warmup, "encoder_replicas": 1,
+                   "torch_threads": args.threads, "ray_num_cpus": 4},
         "hardware": {"cores": os.cpu_count(), "machine": platform.machine(), "processor": _cpu_model(),
                      "python": platform.python_version(),
-                     # other work on the machine during the run skews every figure; it is recorded here
-                     "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]},
-        "in_process": {"before": inproc_before, "after": inproc_after},
-        "serve": modes,
+                     # other work on the machine skews every figure; the 1-min load average per round
+                     "loadavg_1m": loads},
+        "in_process": {"p50_ms": 1000 * _pct(inproc, 50), "p99_ms": 1000 * _pct(inproc, 99), "n": len(inproc)},
+        "serve": results,
         "summary": summary,
         "targets": {"batched_over_unbatched_rps_at_32": ">= 3", "serve_added_ms_p50": "<= 5"},
         "wall_s": time.perf_counter() - t_all,

@@ -59,12 +59,12 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
     """Consolidate, export and check the artifact (see the module docstring).
 
     Returns:
-        ``{"artifact", "state", "metrics", "max_abs_diff", "checked"}``.
+        ``{"artifact", "artifact_sha256", "state", "metrics", "max_abs_diff", "checked"}``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medray.encoders import create_encoder, get_spec, resolve_checkpoint
+    from medray.encoders import resolve_checkpoint
     from medray.encoders.heads import LinearHead, ModelCard, load_artifact, save_artifact
     from medray.encoders.lora import merge_lora
     from medray.platform.metrics import json_safe
@@ -120,25 +120,43 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
     with fs.open(posixpath.join(root, "predictions", "val.parquet"), "wb") as f:
         pq.write_table(table, f)
 
+    # Fetched into a private cache: the node cache is keyed by URI, and a run written to an output
+    # used before may find an older copy there. Its hash lets embed/serve pin this very artifact.
     max_diff, checked = None, 0
-    if c.eval.verify_records > 0:
-        head2, card2, _, _ = load_artifact(artifact, storage_options=c.storage.options, cache_dir=spec.cache_dir)
-        load_spec = spec if not card2.backbone_included else dataclasses.replace(
-            spec, checkpoint=artifact, sha256=None, untrained=False)
-        encoder = create_encoder(get_spec(load_spec), device="cpu")
-        expected = {(str(r), int(f)): p for r, f, p in zip(preds["record_id"], preds["frame"], preds["probs"])}
-        diffs = []
-        for batch in datasets["val"].limit(c.eval.verify_records).iter_batches(
-                batch_size=c.eval.verify_records, batch_format="numpy"):
-            x, _ = stack_examples(batch, list(pre.input_shape))
-            got = head2.predict(encoder.embed(x))
-            for rid, frame, p in zip(batch["record_id"], batch["frame"], got):
-                want = expected.get((str(rid), int(frame)))
-                if want is not None:
-                    diffs.append(float(np.max(np.abs(np.asarray(want, np.float64) - p))))
-        checked = len(diffs)
-        max_diff = max(diffs) if diffs else None
-        if max_diff is not None and max_diff > 1e-4:
-            raise RuntimeError(f"exported artifact disagrees with the trained model (max |diff| {max_diff:.2e} "
-                               f"on {checked} validation records)")
-    return {"artifact": artifact, "state": state, "metrics": metrics, "max_abs_diff": max_diff, "checked": checked}
+    with tempfile.TemporaryDirectory(prefix="medray-verify-") as fresh:
+        head2, card2, _, artifact_sha = load_artifact(artifact, storage_options=c.storage.options, cache_dir=fresh)
+        if c.eval.verify_records > 0:
+            max_diff, checked = _verify(c, spec, head2, card2, artifact, artifact_sha, fresh, preds, datasets, pre)
+    return {"artifact": artifact, "artifact_sha256": artifact_sha, "state": state, "metrics": metrics,
+            "max_abs_diff": max_diff, "checked": checked}
+
+
+def _verify(c: Any, spec: Any, head: Any, card: Any, artifact: str, sha: str, cache_dir: str, preds: dict,
+            datasets: dict, pre: Any) -> tuple[float | None, int]:
+    """The artifact, loaded as ``embed``/``serve`` load it, against the end-of-training predictions.
+
+    Returns:
+        ``(max |difference|, records compared)``.
+
+    Raises:
+        RuntimeError: the difference is above 1e-4.
+    """
+    from medray.encoders import create_encoder, get_spec
+
+    load_spec = spec if not card.backbone_included else dataclasses.replace(
+        spec, checkpoint=artifact, sha256=sha, untrained=False, cache_dir=cache_dir)
+    encoder = create_encoder(get_spec(load_spec), device="cpu")
+    expected = {(str(r), int(f)): p for r, f, p in zip(preds["record_id"], preds["frame"], preds["probs"])}
+    diffs = []
+    n = c.eval.verify_records
+    for batch in datasets["val"].limit(n).iter_batches(batch_size=n, batch_format="numpy"):
+        x, _ = stack_examples(batch, list(pre.input_shape))
+        for rid, frame, p in zip(batch["record_id"], batch["frame"], head.predict(encoder.embed(x))):
+            want = expected.get((str(rid), int(frame)))
+            if want is not None:
+                diffs.append(float(np.max(np.abs(np.asarray(want, np.float64) - p))))
+    max_diff = max(diffs) if diffs else None
+    if max_diff is not None and max_diff > 1e-4:
+        raise RuntimeError(f"exported artifact disagrees with the trained model (max |diff| {max_diff:.2e} "
+                           f"on {len(diffs)} validation records)")
+    return max_diff, len(diffs)

@@ -17,7 +17,6 @@ and continues from the next epoch with DeepSpeed's step counter restored.
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os
@@ -32,8 +31,7 @@ import torch
 from medray.jobs._finetune_model import (
     augment_batch,
     build_classifier,
-    deepspeed_config,
-    lr_factor,
+    build_engine,
     stack_examples,
     task_loss,
     to_outputs,
@@ -186,15 +184,12 @@ def train_loop(config: dict) -> None:
         for p in model.backbone.parameters(recurse=False):
             deepspeed.zero.register_external_parameter(model, p)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config["lr"], weight_decay=config["weight_decay"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, total=config["total_steps"], warmup=config["warmup_steps"], schedule=config["schedule"]))
-    ds_config = deepspeed_config(
-        stage=stage, micro_batch=config["batch_size"], grad_accum=config["grad_accum"],
-        clip=config["clip_grad_norm"], precision=precision, offload_optimizer=config["offload_optimizer"],
-        offload_params=config["offload_params"], extra=config["deepspeed_extra"])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config, dist_init_required=False)
+    engine, schedule = build_engine(
+        model, stage=stage, micro_batch=config["batch_size"], grad_accum=config["grad_accum"],
+        clip=config["clip_grad_norm"], precision=precision, lr=config["lr"], weight_decay=config["weight_decay"],
+        total_steps=config["total_steps"], warmup_steps=config["warmup_steps"], schedule=config["schedule"],
+        offload_optimizer=config["offload_optimizer"], offload_params=config["offload_params"],
+        extra=config["deepspeed_extra"])
 
     state: dict[str, Any] = {"epoch": -1, "history": [], "attempts": []}
     checkpoint = ray.train.get_checkpoint()

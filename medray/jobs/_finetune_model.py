@@ -24,6 +24,7 @@ __all__ = [
     "Classifier",
     "augment_batch",
     "build_classifier",
+    "build_engine",
     "consolidated_state_dict",
     "deepspeed_config",
     "lr_factor",
@@ -188,6 +189,34 @@ def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, clip: flo
     return _merge(cfg, extra)
 
 
+def build_engine(model: torch.nn.Module, *, stage: int, micro_batch: int, grad_accum: int, clip: float | None,
+                 precision: str, lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
+                 schedule: str, offload_optimizer: bool = False, offload_params: bool = False,
+                 extra: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """``deepspeed.initialize`` with torch AdamW over the trainable weights and the warm-up schedule.
+
+    Returns:
+        ``(engine, lr_scheduler)``. With a single worker at ZeRO-0 the gradient all-reduce
+        (a copy of every gradient with nobody to reduce with) is switched off.
+    """
+    import functools
+
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, total=total_steps, warmup=warmup_steps, schedule=schedule))
+    config = deepspeed_config(stage=stage, micro_batch=micro_batch, grad_accum=grad_accum, clip=clip,
+                              precision=precision, offload_optimizer=offload_optimizer,
+                              offload_params=offload_params, extra=extra or {})
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                           dist_init_required=False)
+    if int(stage) == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+    return engine, scheduler
+
+
 def _merge(base: dict, extra: Mapping[str, Any]) -> dict:
     out = dict(base)
     for k, v in (extra or {}).items():
@@ -215,7 +244,7 @@ def augment_batch(x: torch.Tensor, modalities: Sequence[str], augment: Mapping[s
         cfg = augment.get(modalities[i]) or augment.get("default") or {}
         if not cfg:
             continue
-        r = torch.rand(6, generator=generator)
+        r = torch.rand(6, generator=generator).tolist()
         if r[0] < float(cfg.get("hflip", 0.0)):
             x[i] = x[i].flip(-1)
         if r[1] < float(cfg.get("vflip", 0.0)):

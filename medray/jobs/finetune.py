@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import posixpath
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf, TrackingConf, patient_salt
 from medray.jobs import JobInfo
@@ -59,6 +59,7 @@ __all__ = [
     "EvalConf",
     "FinetuneConf",
     "FinetuneDataConf",
+    "FinetuneFailed",
     "FinetuneJob",
     "FinetuneResult",
     "LoraConf",
@@ -212,6 +213,7 @@ class FinetuneResult:
     run_id: str
     output: str
     artifact: str
+    artifact_sha256: str
     encoder: str
     task: str
     labels: list
@@ -244,7 +246,8 @@ class FinetuneResult:
         restarts = max(0, len(self.attempts) - 1)
         return (f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
                 f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
-                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; artifact {self.artifact}")
+                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; artifact {self.artifact} "
+                f"(sha256 {self.artifact_sha256[:12]}...: pin it with encoder.sha256 in embed/serve)")
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +269,11 @@ class FinetuneJob:
                 if OmegaConf.is_missing(cfg, key):
                     raise ConfigError(key, "is required, e.g. `medray finetune data.train=s3://b/labels.parquet "
                                       "task.labels=[label] output=s3://b/runs/v1`")
-            self.cfg: FinetuneConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            try:
+                self.cfg: FinetuneConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            except MissingMandatoryValue as err:  # a `???` left in a preset, e.g. encoder=hf_image
+                raise ConfigError(str(err.full_key), "is required by this preset and was not given; set it, "
+                                  f"e.g. {err.full_key}=...") from None
             self.resolved = OmegaConf.to_container(cfg, resolve=True)
         else:
             self.cfg = cfg
@@ -376,6 +383,11 @@ class FinetuneJob:
             raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory "
                               "or an object-storage URI (s3://...)")
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
+        if self.spec.modality != "image":
+            # The training path decodes DICOM and photographs into images; audio and text
+            # records would need their own example builders.
+            raise ConfigError("encoder", f"fine-tuning supports image encoders; '{self.spec.name}' is a "
+                              f"{self.spec.modality} encoder (use e.g. encoder=hf_image or encoder=timm_image)")
         out = c.output.rstrip("/")
         for key in ("train", "val"):
             src = getattr(d, key)
@@ -641,13 +653,21 @@ class FinetuneJob:
 
     def run(self) -> FinetuneResult:
         """Split, train on Ray, export the artifact; return what happened."""
-        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import (
+            CheckpointConfig,
+            DataConfig,
+            FailureConfig,
+            RunConfig,
+            ScalingConfig,
+            TrainingFailedError,
+        )
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
         from medray.jobs._finetune_data import manifest_sha256
         from medray.jobs._finetune_loop import train_loop
         from medray.platform.runtime import init_ray
+        from medray.platform.storage import redact_options
 
         c = self.cfg
         t_start = time.perf_counter()
@@ -674,11 +694,11 @@ class FinetuneJob:
         steps_per_epoch = max(1, rows_per_worker // c.train.batch_size // c.train.grad_accum)
         total_steps = steps_per_epoch * c.train.epochs
 
-        config = dict(self.resolved)
-        from medray.platform.storage import redact_options
-
+        config = dict(self.resolved)  # recorded in the model card: no secrets
         config["storage"] = {"options": redact_options(c.storage.options)}
         config.get("encoder", {}).pop("storage_options", None)
+        if config.get("patient_salt"):
+            config["patient_salt"] = "***"
         loop_config = {
             "encoder": spec_to_dict(self.spec), "input_shape": list(pre.input_shape),
             "task": c.task.type, "labels": list(self.example_spec.labels), "n_outputs": self.example_spec.n_outputs,
@@ -709,7 +729,13 @@ class FinetuneJob:
                                  checkpoint_config=CheckpointConfig(num_to_keep=c.train.checkpoints_to_keep)),
         )
         t_train = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise FinetuneFailed(f"training failed after {c.train.max_failures} restart(s): {first}; the last "
+                                 f"checkpoint is under {c.output.rstrip('/')}/checkpoints: fix the cause and "
+                                 "rerun the same command with resume=true") from err
         train_s = time.perf_counter() - t_train
         phases["train"] = train_s
         t_phase = time.perf_counter()
@@ -724,7 +750,8 @@ class FinetuneJob:
         phases["export"] = time.perf_counter() - t_phase
         wall = time.perf_counter() - t_start
         res = FinetuneResult(
-            run_id=run_id, output=c.output, artifact=export["artifact"], encoder=self.spec.name, task=c.task.type,
+            run_id=run_id, output=c.output, artifact=export["artifact"], artifact_sha256=export["artifact_sha256"],
+            encoder=self.spec.name, task=c.task.type,
             labels=list(self.example_spec.labels), strategy=c.train.strategy, zero_stage=c.deepspeed.stage,
             num_workers=world, epochs=int(state["epoch"]) + 1, global_step=int(state["global_step"]),
             splits=counts, metrics=export["metrics"], baseline=state.get("baseline", {}),
@@ -745,9 +772,19 @@ class FinetuneJob:
         return res
 
 
+class FinetuneFailed(RuntimeError):
+    """Training failed more often than ``train.max_failures`` allows; the checkpoints are kept."""
+
+
 def main(cfg: DictConfig) -> int:
     """Hydra entry point body; returns the process exit code."""
+    import sys
+
     job = FinetuneJob(cfg)                # ConfigError names the key and the fix
-    result = job.run()                    # first line that touches Ray
+    try:
+        result = job.run()                # first line that touches Ray
+    except FinetuneFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     print(result.one_line(), flush=True)
     return 0

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -263,7 +264,14 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     killed = False
     while time.time() < deadline and proc.poll() is None:
         if parts.exists() and any(p.suffix == ".parquet" for p in parts.iterdir()):
+            # kill -9 the driver and everything it started (its own Ray), nobody else's Ray
+            family = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
+            for child in family:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
             killed = True
             break
         time.sleep(0.05)
@@ -271,7 +279,6 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     log.close()
     if not killed:
         print((tmp_path / "killed-run.log").read_text()[-3000:])
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
     first = pq.read_table(parts).num_rows if parts.exists() else 0
     done = run_medray(corpus, *args[0:], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
