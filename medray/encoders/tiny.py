@@ -206,7 +206,6 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
 
 def _write_hf(arch: str, out: Path, size: int) -> None:
     """Save a tiny transformers model and its image processor."""
-    from transformers import utils as hf_utils
 
     common = dict(
         hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
@@ -240,13 +239,7 @@ def _write_hf(arch: str, out: Path, size: int) -> None:
             image_mean=_IMAGENET_MEAN,
             image_std=_IMAGENET_STD,
         )
-    enabled = hf_utils.logging.is_progress_bar_enabled()
-    hf_utils.logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out)
-    finally:
-        if enabled:
-            hf_utils.logging.enable_progress_bar()
+    _save_quietly(model, out)
     processor.save_pretrained(out)
 
 
