@@ -189,7 +189,8 @@ def _args(name: str, ckpt: str, port: int, batch: int, wait_s: float, threads: i
         "encoder": {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True},
         "serve": {"name": name, "route_prefix": f"/{name}", "http": {"port": port},
                   "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 256, "autoscaling": fixed},
-                  "encoder": {"num_cpus": 1, "num_gpus": 0, "torch_threads": threads, "decode_threads": 2,
+                  # num_cpus = torch threads: Ray sets OMP_NUM_THREADS from it, as a user's replica gets
+                  "encoder": {"num_cpus": threads, "num_gpus": 0, "torch_threads": threads, "decode_threads": 2,
                               "max_batch_size": batch, "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64,
                               "max_queued_requests": 256, "autoscaling": fixed},
                   "limits": {"request_timeout_s": 120}},
@@ -204,8 +205,14 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each encoder")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (serve.throughput_optimized=true): direct ingress, "
+                         "gRPC between replicas, user code on the replica's event loop")
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
+    if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    ray_cpus = 2 * args.threads + 2
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = {"batched": ("on", 32), "unbatched": ("off", 1)}
 
@@ -224,7 +231,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
         segments: dict = {(m, c): [] for m in modes for c in levels}
@@ -287,7 +294,8 @@ def main() -> None:
                    "image": "224x224 RGB PNG", "payload_bytes": len(data), "route": "POST /v1/embeddings",
                    "client": "aiohttp closed loop, same machine", "seconds_per_case_and_round": args.seconds,
                    "rounds": args.rounds, "warmup_s": args.warmup, "encoder_replicas": 1,
-                   "torch_threads": args.threads, "ray_num_cpus": 4},
+                   "torch_threads": args.threads, "encoder_num_cpus": args.threads, "ray_num_cpus": ray_cpus,
+                   "throughput_optimized": bool(args.throughput_optimized)},
         "hardware": {"cores": os.cpu_count(), "machine": platform.machine(), "processor": _cpu_model(),
                      "python": platform.python_version(),
                      # other work on the machine skews every figure; the 1-min load average per round

@@ -27,6 +27,7 @@ __all__ = [
     "AudioConf",
     "TextConf",
     "SlideConf",
+    "SeriesConf",
     "EmbedConf",
     "register_schemas",
 ]
@@ -80,6 +81,7 @@ class TrackingConf:
     group: Optional[str] = None
     name: Optional[str] = None
     dir: Optional[str] = None
+    log_model: bool = False  # finetune: the artifact's weights too (the model card and metrics always)
 
 
 @dataclass
@@ -146,6 +148,23 @@ class SlideConf:
 
 
 @dataclass
+class SeriesConf:
+    """CT/MR series as volumes: ``off`` keeps one record per instance (as before)."""
+
+    mode: str = "off"  # off | slicewise (2D encoder per slice + pooled row) | volume (3D encoder)
+    spacing: Optional[List[Optional[float]]] = None  # [z, y, x] mm to resample to; null: the series' own
+    windows: Dict[str, List[float]] = field(default_factory=lambda: {
+        "lung": [-600.0, 1500.0], "mediastinum": [40.0, 400.0], "bone": [400.0, 1800.0]})  # channels, in order
+    max_slices: int = 2000  # a series with more slices is quarantined before any pixel is read
+    min_slices: int = 1
+    max_voxels: int = 268_435_456  # of the resampled volume
+    pool: str = "mean"  # mean | none: one pooled row per series (slicewise)
+    modalities: List[str] = field(default_factory=lambda: ["CT", "MR"])
+    spacing_tolerance: float = 0.1  # relative spread of slice gaps accepted as one spacing
+    channels: Optional[List[str]] = None  # windows to use, in order; null: all of series.windows
+
+
+@dataclass
 class EmbedConf:
     """``medray embed``: archives in, embeddings + quarantine + summary out."""
 
@@ -158,6 +177,7 @@ class EmbedConf:
     audio: AudioConf = field(default_factory=AudioConf)
     text: TextConf = field(default_factory=TextConf)
     slide: SlideConf = field(default_factory=SlideConf)
+    series: SeriesConf = field(default_factory=SeriesConf)
     text_column: Optional[str] = None
     compute: ComputeConf = field(default_factory=ComputeConf)
     storage: StorageConf = field(default_factory=StorageConf)

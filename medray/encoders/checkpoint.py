@@ -52,6 +52,8 @@ _log = logging.getLogger(__name__)
 UNTRAINED_MARKER = "MEDRAY_UNTRAINED"
 #: URI scheme of the built-in demo checkpoints (``medray-demo://tiny_vit``).
 DEMO_SCHEME = "medray-demo://"
+#: torchvision video weights (``torchvision://r3d_18/KINETICS400_V1``), saved once in the cache.
+TORCHVISION_SCHEME = "torchvision://"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _CHUNK = 1 << 20
@@ -131,6 +133,8 @@ def resolve_checkpoint(
 
     if uri.startswith(DEMO_SCHEME):
         local, sha = _demo(uri, root), None
+    elif uri.startswith(TORCHVISION_SCHEME):
+        local, sha = _torchvision(uri, root), None
     elif uri.startswith("hf-hub:"):
         local, sha = _hub(uri, uri[len("hf-hub:") :], root)
     elif uri.startswith("file://"):
@@ -266,6 +270,32 @@ def _demo(uri: str, root: Path) -> str:
             + ", ".join(DEMO_SCHEME + n for n in DEMO_CHECKPOINTS),
         )
     return ensure_demo_checkpoint(str(root), name=name)
+
+
+def _torchvision(uri: str, root: Path) -> str:
+    """Download (once per node) torchvision video weights and save them as a ``torchvision_video`` checkpoint."""
+    from medray.encoders.video import VIDEO_ARCHS, build_video_checkpoint
+
+    arch, _, weights = uri[len(TORCHVISION_SCHEME):].strip("/").partition("/")
+    if arch not in VIDEO_ARCHS or not weights:
+        raise ConfigError("encoder.checkpoint", f"expected torchvision://<arch>/<weights> with arch one of "
+                          f"{sorted(VIDEO_ARCHS)}, e.g. torchvision://r3d_18/KINETICS400_V1")
+    target = root / "torchvision" / f"{arch}-{weights}"
+    with _node_lock(root / "torchvision" / f".{arch}-{weights}.lock"):
+        if not (target / "model.safetensors").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".tv-", dir=str(target.parent)))
+            try:
+                build_video_checkpoint(str(tmp), arch=arch, weights=weights)
+            except ConfigError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            except Exception as err:  # noqa: BLE001 - no network, unknown weights name
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError("encoder.checkpoint", f"cannot fetch torchvision weights {arch}/{weights} "
+                                  f"({type(err).__name__}); this needs network access, or copy a checkpoint "
+                                  "directory to a bucket and set encoder.checkpoint=s3://...") from None
+            os.replace(tmp, target)
+    return str(target)
 
 
 def _remote(

@@ -32,7 +32,7 @@ from medray.encoders.registry import (
     register_preset,
 )
 from medray.encoders.spec import EncoderSpec
-from medray.platform.errors import ConfigError, EncodeError, PreprocessError
+from medray.platform.errors import ConfigError, PreprocessError
 
 if TYPE_CHECKING:
     import torch
@@ -115,19 +115,8 @@ class HFAudioEncoder(Encoder):
         """See :meth:`HFAudioPreprocessor.preprocess_audio`."""
         return self.preprocessor.preprocess_audio(windows)  # type: ignore[union-attr]
 
-    def embed(self, inputs: np.ndarray) -> np.ndarray:
-        """Embed feature-extractor output ``(N, ...)``; returns float32 ``(N, dim)``."""
-        import torch
-
-        batch = np.asarray(inputs, dtype=np.float32)
-        if batch.ndim not in (2, 3):
-            raise EncodeError(f"expected audio features (N, samples) or (N, frames, bins), got {batch.shape}")
-        if batch.shape[0] == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self._forward(x)
-        return out.float().cpu().numpy()
+    input_ndims = (2, 3)
+    input_desc = "audio features (N, samples) or (N, frames, bins)"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._model(**{self._key: x})

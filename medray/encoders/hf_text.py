@@ -114,7 +114,6 @@ class HFTextPreprocessor(Preprocessor):
         if not 0 <= overlap < room:
             raise PreprocessError(f"text.overlap_tokens must be in [0, {room - 1}] for max length "
                                   f"{self.max_length}, got {overlap}")
-        n_tokens = len(self._tok(text, add_special_tokens=False, verbose=False)["input_ids"])
         enc = self._tok(text, truncation=True, max_length=self.max_length, stride=overlap,
                         return_overflowing_tokens=True, padding="max_length", return_attention_mask=True,
                         return_special_tokens_mask=True)
@@ -125,6 +124,8 @@ class HFTextPreprocessor(Preprocessor):
         step = room - overlap
         starts = [k * step for k in range(len(ids))]
         ends = [s + int(c) for s, c in zip(starts, content)]
+        # the last chunk ends where the document does: no second tokenization just to count tokens
+        n_tokens = ends[-1] if ends else 0
         return TextChunks(np.stack([ids, mask], axis=1), starts, ends, n_tokens)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -151,19 +152,14 @@ class HFTextEncoder(Encoder):
         """See :meth:`HFTextPreprocessor.chunk_text`."""
         return self.preprocessor.chunk_text(text, overlap)  # type: ignore[union-attr]
 
-    def embed(self, inputs: np.ndarray) -> np.ndarray:
-        """Embed int64 ``(N, 2, L)`` (ids, attention mask); returns float32 ``(N, dim)``."""
-        import torch
+    input_dtype = np.int64
+    input_ndims = (3,)
+    input_desc = "token ids and mask (N, 2, L)"
 
-        batch = np.asarray(inputs)
-        if batch.ndim != 3 or batch.shape[1] != 2:
-            raise EncodeError(f"expected token ids and mask (N, 2, L), got shape {batch.shape}")
-        if batch.shape[0] == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.int64)).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self._forward(x)
-        return out.float().cpu().numpy()
+    def _check_input(self, batch: np.ndarray) -> None:
+        super()._check_input(batch)
+        if batch.shape[1] != 2:
+            raise EncodeError(f"expected {self.input_desc}, got shape {batch.shape}")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]

@@ -174,6 +174,17 @@ class Encoder(Preprocessor):
             raise NotImplementedError(f"{type(self).__name__} has no preprocessor")
         return self.preprocessor.preprocess(images)
 
+    #: What :meth:`embed` takes: numpy dtype, accepted ranks and a description for errors.
+    #: Families of other inputs (audio features, token ids) override these three.
+    input_dtype: Any = np.float32
+    input_ndims: tuple = (4,)
+    input_desc: str = "pixel values (N, C, H, W)"
+
+    def _check_input(self, batch: np.ndarray) -> None:
+        """Raise :class:`EncodeError` when ``batch`` is not what this family embeds."""
+        if batch.ndim not in self.input_ndims:
+            raise EncodeError(f"expected {self.input_desc}, got shape {batch.shape}")
+
     def embed(self, pixel_values: np.ndarray) -> np.ndarray:
         """Embed a preprocessed batch.
 
@@ -181,7 +192,8 @@ class Encoder(Preprocessor):
         CUDA when ``create_encoder(dtype=...)`` asked for it.
 
         Args:
-            pixel_values: float32 ``(N, C, H, W)`` from :meth:`preprocess`.
+            pixel_values: what :meth:`preprocess` (or the family's own
+                preparation) returns: float32 ``(N, C, H, W)`` for images.
 
         Returns:
             float32 array ``(N, dim)``.
@@ -191,9 +203,8 @@ class Encoder(Preprocessor):
         """
         import torch
 
-        batch = np.asarray(pixel_values, dtype=np.float32)
-        if batch.ndim != 4:
-            raise EncodeError(f"expected pixel values (N, C, H, W), got shape {batch.shape}")
+        batch = np.asarray(pixel_values, dtype=self.input_dtype)
+        self._check_input(batch)
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)

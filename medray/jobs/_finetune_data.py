@@ -11,7 +11,10 @@ plus three small ones:
   split groups by the DICOM patient (``data.group_by=patient_key``);
 * :func:`examples_batch` turns decoded records into training examples, one
   per frame: ``x`` (float32 ``C*H*W`` bytes), ``y`` (targets), ``record_id``,
-  ``frame``, ``modality`` and one ``sg_<name>`` column per subgroup.
+  ``frame``, ``modality`` and one ``sg_<name>`` column per subgroup;
+* :func:`write_quarantine` writes the records a stage could not use as
+  quarantine rows (``medray embed``'s format, PHI-free reasons) under the
+  run's output, so no labelled record disappears silently.
 
 Driver-side helpers stream manifest columns in batches (no global list) to
 count rows and positives per split, so a split without positives stops the
@@ -37,6 +40,7 @@ from medray.platform.splits import SPLITS, SplitFractions, assign_splits
 
 __all__ = [
     "ExampleSpec",
+    "QuarantineTarget",
     "SplitPlan",
     "count_examples",
     "count_splits",
@@ -49,6 +53,7 @@ __all__ = [
     "manifest_sha256",
     "parse_target",
     "split_batch",
+    "write_quarantine",
 ]
 
 #: Subgroups computed rather than read: name -> column it needs.
@@ -98,6 +103,62 @@ class ExampleSpec:
     def target_width(self) -> int:
         """Width of ``y``: the class index for multi-class, else one per label."""
         return 1 if self.task == "multiclass" else len(self.labels)
+
+
+@dataclass(frozen=True)
+class QuarantineTarget:
+    """Where the stages write rows they could not use: ``<output>/quarantine/`` (picklable)."""
+
+    output: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+
+def write_quarantine(table: pa.Table, target: QuarantineTarget | None) -> int:
+    """Write the failed (``status="error"``) and skipped rows of a stage's table as quarantine rows.
+
+    The format is ``medray embed``'s (:data:`~medray.platform.records.QUARANTINE_SCHEMA`:
+    record id, uri, member, stage, error class, PHI-free message). A skipped row
+    (no encoder for its modality) gets the class ``SkippedModality``. The part is
+    named after the record ids it holds, so a stage that runs again over the same
+    records (every epoch when decoded examples are streamed, a restarted task)
+    rewrites the same object instead of adding a copy.
+
+    Returns:
+        Rows written.
+    """
+    if target is None or "status" not in table.column_names or not table.num_rows:
+        return 0
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from medray.platform.records import QUARANTINE_SCHEMA
+    from medray.platform.storage import atomic_write_bytes, open_fs
+
+    status = table.column("status")
+    bad = table.filter(pc.fill_null(pc.is_in(status, pa.array(["error", "skipped"])), False))
+    if not bad.num_rows:
+        return 0
+    n = bad.num_rows
+    classes = bad.column("error_class").to_pylist() if "error_class" in bad.column_names else [None] * n
+    skipped = bad.column("status").to_pylist()
+    cols = {
+        "record_id": bad.column("record_id").to_pylist(),
+        "uri": bad.column("uri").to_pylist(),
+        "member": bad.column("member").to_pylist() if "member" in bad.column_names else [""] * n,
+        "stage": bad.column("stage").to_pylist() if "stage" in bad.column_names else [None] * n,
+        "error_class": ["SkippedModality" if st == "skipped" else (c or "Error") for st, c in zip(skipped, classes)],
+        "message": bad.column("message").to_pylist() if "message" in bad.column_names else [None] * n,
+        "medray_version": [target.version] * n,
+    }
+    out = pa.table({k: pa.array(v, QUARANTINE_SCHEMA.field(k).type) for k, v in cols.items()},
+                   schema=QUARANTINE_SCHEMA)
+    digest = hashlib.sha256("\n".join(sorted(str(r) for r in cols["record_id"])).encode()).hexdigest()[:32]
+    fs, root = open_fs(target.output, dict(target.storage_options))
+    buf = io.BytesIO()
+    pq.write_table(out, buf, compression="zstd")
+    atomic_write_bytes(fs, f"{root.rstrip('/')}/quarantine/part-{digest}.parquet", buf.getvalue())
+    return n
 
 
 # --------------------------------------------------------------------------
@@ -345,13 +406,16 @@ def _subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: li
     return [None if m.get(name) is None else str(m.get(name)) for m in metas]
 
 
-def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None) -> pa.Table:
+def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None,
+                   quarantine: QuarantineTarget | None = None) -> pa.Table:
     """Decoded records -> training examples, one row per frame.
 
-    Rows that failed to read or decode, or whose labels are missing, are
-    dropped. With a ``patient_key`` plan, each example also gets its
-    ``patient_key`` and its ``split`` from the decoded (salted) patient key.
+    Rows that failed to read or decode are written to ``quarantine`` (when
+    given; see :func:`write_quarantine`) and dropped; rows whose labels are
+    missing are dropped. With a ``patient_key`` plan, each example also gets
+    its ``patient_key`` and its ``split`` from the decoded (salted) patient key.
     """
+    write_quarantine(table, quarantine)
     status = table.column("status").to_pylist()
     pixels = table.column("pixel_values").to_pylist()
     shapes = table.column("pixel_shape").to_pylist()
@@ -397,7 +461,8 @@ def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = 
     return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in out.items()})
 
 
-def decode_examples_batch(table: pa.Table, opts: Any, spec: ExampleSpec, plan: SplitPlan | None = None) -> pa.Table:
+def decode_examples_batch(table: pa.Table, opts: Any, spec: ExampleSpec, plan: SplitPlan | None = None,
+                          quarantine: QuarantineTarget | None = None) -> pa.Table:
     """``read_batch`` -> ``decode_batch`` -> :func:`examples_batch` in one task.
 
     The same functions ``embed`` chains as separate stages; fused here so one
@@ -406,4 +471,4 @@ def decode_examples_batch(table: pa.Table, opts: Any, spec: ExampleSpec, plan: S
     """
     from medray.platform.pipeline import decode_batch, read_batch
 
-    return examples_batch(decode_batch(read_batch(table, opts), opts), spec, plan)
+    return examples_batch(decode_batch(read_batch(table, opts), opts), spec, plan, quarantine)

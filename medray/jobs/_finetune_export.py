@@ -12,7 +12,10 @@
 4. The validation predictions the model made at the end of training are
    written to ``predictions/val.parquet``, and the artifact, loaded the way
    ``embed`` and ``serve`` load it, is run on ``eval.verify_records`` of
-   those records: the largest difference is reported.
+   those records: the largest difference is reported. A head over pooled record
+   embeddings (``data.features=embeddings``) has no backbone: its card
+   references the base encoder, and the check re-embeds validation records
+   with that encoder through ``embed``'s stages.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def _load_trained(job: Any, state_dict: dict, input_shape: list[int]) -> tuple[A
     c = job.cfg
     model, tuner, _ = build_classifier(spec_to_dict(job.spec), n_outputs=job.example_spec.n_outputs,
                                        strategy=c.train.strategy, lora=dataclasses.asdict(c.train.lora),
-                                       seed=c.train.seed, input_shape=input_shape, device="cpu")
+                                       seed=c.train.seed, input_shape=input_shape, device="cpu",
+                                       embedding_dim=job.embedding_dim if job.features == "embeddings" else None,
+                                       embedding_stats=job.embedding_stats if job.features == "embeddings" else None)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(trained - set(state_dict))
     if missing:
@@ -78,9 +83,12 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
         with np.load(os.path.join(directory, PREDICTIONS_FILE)) as npz:
             preds = {k: npz[k] for k in npz.files}
         state_dict = consolidated_state_dict(directory, state["tag"], int(state["stage"]))
-    model, tuner = _load_trained(job, state_dict, list(pre.input_shape))
-    head = LinearHead(model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy(),
-                      c.task.type)
+    model, tuner = _load_trained(job, state_dict, job.input_shape(pre))
+    if hasattr(model, "linear_weights"):  # a head over standardised embeddings: one linear map on raw ones
+        head = LinearHead(*model.linear_weights(), c.task.type)
+    else:
+        head = LinearHead(model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy(),
+                          c.task.type)
     last = (state.get("history") or [{}])[-1]
     metrics = dict(last.get("metrics") or {})
     metrics["epoch"] = last.get("epoch")
@@ -95,7 +103,8 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
         id=run_name, task=c.task.type, labels=list(job.example_spec.labels),
         encoder={"name": spec.name, "family": spec.family, "checkpoint": spec.checkpoint,
                  "weights_hash": weights_hash, "preprocessing_hash": pre.preprocessing_hash,
-                 "pooling": spec.pooling, "dim": int(head.dim), "options": dict(spec.options)},
+                 "pooling": spec.pooling, "dim": int(head.dim), "options": dict(spec.options),
+                 **_record_embedding_info(job)},
         strategy=c.train.strategy, metrics=json_safe(metrics), data_manifest_sha256=data_sha,
         config=json_safe(config))
     base_dir, _ = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options, cache_dir=spec.cache_dir)
@@ -125,7 +134,9 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
     max_diff, checked = None, 0
     with tempfile.TemporaryDirectory(prefix="medray-verify-") as fresh:
         head2, card2, _, artifact_sha = load_artifact(artifact, storage_options=c.storage.options, cache_dir=fresh)
-        if c.eval.verify_records > 0:
+        if c.eval.verify_records > 0 and job.features == "embeddings":
+            max_diff, checked = _verify_embeddings(job, head2, preds, datasets)
+        elif c.eval.verify_records > 0:
             max_diff, checked = _verify(c, spec, head2, card2, artifact, artifact_sha, fresh, preds, datasets, pre)
     return {"artifact": artifact, "artifact_sha256": artifact_sha, "state": state, "metrics": metrics,
             "max_abs_diff": max_diff, "checked": checked}
@@ -160,3 +171,89 @@ def _verify(c: Any, spec: Any, head: Any, card: Any, artifact: str, sha: str, ca
         raise RuntimeError(f"exported artifact disagrees with the trained model (max |diff| {max_diff:.2e} "
                            f"on {len(diffs)} validation records)")
     return max_diff, len(diffs)
+
+
+def _record_embedding_info(job: Any) -> dict:
+    """Card fields of a head over pooled record embeddings: what its input is and how it was made."""
+    if job.features != "embeddings":
+        return {}
+    from dataclasses import asdict
+
+    from medray.encoders import family_modality
+
+    c = job.cfg
+    modality = family_modality(job.spec.family)
+    segments = {"audio": {k: v for k, v in asdict(c.audio).items() if k not in ("pool",)},
+                "text": {k: v for k, v in asdict(c.text).items() if k not in ("pool", "max_chars")},
+                "image": {"slide": asdict(c.slide)}}.get(modality, {})
+    return {"modality": modality, "features": "embeddings",
+            "record_pooling": "mean of the record's windows / chunks / slide tissue tiles (image frames: each)",
+            "segments": segments}
+
+
+def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tuple[float | None, int]:
+    """The exported head against the end-of-training predictions, from re-embedded records.
+
+    Up to ``eval.verify_records`` validation records that are objects (not manifest
+    text cells, not slides) are read, decoded and embedded again with the base
+    encoder exactly as ``embed`` does (the pipeline's stages, in this process),
+    their pooled rows fed to the exported head, and compared with the model's own
+    predictions; records it cannot redo are checked on their stored embedding.
+
+    Raises:
+        RuntimeError: the difference is above 1e-4.
+    """
+    import pyarrow as pa
+
+    from medray.encoders import spec_to_dict
+    from medray.jobs._finetune_features import embedding_examples_batch
+    from medray.platform.pipeline import EncoderActor, decode_batch, read_batch
+
+    c = job.cfg
+    n = c.eval.verify_records
+    expected = {(str(r), int(f)): p for r, f, p in zip(preds["record_id"], preds["frame"], preds["probs"])}
+    diffs: list[float] = []
+    batch = next(iter(datasets["val"].limit(n).iter_batches(batch_size=n, batch_format="pyarrow")), None)
+    if batch is None:
+        return None, 0
+    rows = batch.to_pylist()
+    redo = [r for r in rows if r["pool"] == "" and not c.data.text_column and not c.data.embeddings]
+    fresh: dict[tuple, np.ndarray] = {}
+    if redo:
+        opts = job._stage_options(None)
+        opts.text_column = None
+        table = pa.table({"uri": [r["uri"] for r in redo], "member": [r["member"] for r in redo]})
+        actor = EncoderActor(spec_to_dict(job.spec), device="cpu", dtype="float32",
+                             batch_size=c.data.encode_batch_size)
+        out = actor(decode_batch(read_batch(table, opts), opts))
+        ex = embedding_examples_batch(_with_dummy_labels(out, job.example_spec), job.example_spec)
+        for r in ex.to_pylist():
+            fresh[(r["record_id"], int(r["frame"]))] = np.frombuffer(r["x"], dtype=np.float32)
+    for r in rows:
+        key = (str(r["record_id"]), int(r["frame"]))
+        x = fresh.get(key)
+        if x is None:
+            x = np.frombuffer(r["x"], dtype=np.float32)
+        want = expected.get(key)
+        if want is not None:
+            p = head.predict(x[None, :])[0]
+            diffs.append(float(np.max(np.abs(np.asarray(want, np.float64) - p))))
+    max_diff = max(diffs) if diffs else None
+    if max_diff is not None and max_diff > 1e-4:
+        raise RuntimeError(f"exported head on re-embedded records disagrees with the trained model "
+                           f"(max |diff| {max_diff:.2e} on {len(diffs)} validation records)")
+    return max_diff, len(diffs)
+
+
+def _with_dummy_labels(table: Any, spec: Any) -> Any:
+    """``table`` with zero-valued label columns, so every record passes the example stage."""
+    import pyarrow as pa
+
+    for col in spec.label_columns:
+        value = spec.labels[0] if spec.task == "multiclass" else 0.0
+        arr = pa.array([value] * table.num_rows)
+        if col in table.column_names:
+            table = table.set_column(table.column_names.index(col), col, arr)
+        else:
+            table = table.append_column(col, arr)
+    return table

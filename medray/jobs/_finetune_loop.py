@@ -177,8 +177,9 @@ def train_loop(config: dict) -> None:
 
     model, _tuner, _encoder = build_classifier(
         config["encoder"], n_outputs=config["n_outputs"], strategy=config["strategy"], lora=config["lora"],
-        seed=config["seed"], input_shape=config["input_shape"], device=str(device))
-    if stage == 3:
+        seed=config["seed"], input_shape=config["input_shape"], device=str(device),
+        embedding_dim=config.get("embedding_dim"), embedding_stats=config.get("embedding_stats"))
+    if stage == 3 and hasattr(model, "backbone"):
         # Encoders may call methods of the backbone (timm's forward_features) rather than the
         # module itself; register its own parameters with the top module so ZeRO-3 gathers them.
         for p in model.backbone.parameters(recurse=False):

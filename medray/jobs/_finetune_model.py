@@ -22,6 +22,8 @@ import torch
 __all__ = [
     "AUGMENT_KEYS",
     "Classifier",
+    "EmbeddingHead",
+    "feature_stats",
     "augment_batch",
     "build_classifier",
     "build_engine",
@@ -66,8 +68,59 @@ class Classifier(torch.nn.Module):
         return self.head(self.embed(x))
 
 
+class EmbeddingHead(torch.nn.Module):
+    """The head alone, over precomputed pooled embeddings (``data.features=embeddings``).
+
+    The embeddings are standardised with the training split's per-feature mean
+    and standard deviation (fixed buffers) before the linear layer, as a linear
+    probe should be: foundation-model embeddings are far from isotropic, and
+    without it a few steps of SGD barely move the head. :meth:`linear_weights`
+    folds the standardisation into one linear map over raw embeddings, which is
+    what the exported :class:`~medray.encoders.heads.LinearHead` applies. Its
+    parameters are named like :class:`Classifier`'s head (``head.weight``,
+    ``head.bias``), so checkpoints and export treat both alike.
+    """
+
+    def __init__(self, dim: int, n_outputs: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(int(dim), int(n_outputs))
+        mean_t = torch.zeros(int(dim)) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(int(dim)) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("feature_mean", mean_t.clone())
+        self.register_buffer("feature_std", std_t.clamp_min(1e-6).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype))
+
+    def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(weight, bias)`` of the same map on raw embeddings (float64 folding, float32 out)."""
+        w = self.head.weight.detach().double().cpu() / self.feature_std.double().cpu()
+        b = self.head.bias.detach().double().cpu() - w @ self.feature_mean.double().cpu()
+        return w.float().numpy(), b.float().numpy()
+
+
+def feature_stats(batches: Any) -> tuple[list[float], list[float]]:
+    """Per-feature mean and standard deviation of embeddings (``x`` bytes) streamed in batches."""
+    total, total_sq, n = None, None, 0
+    for batch in batches:
+        x = np.stack([np.frombuffer(b, dtype=np.float32) for b in batch["x"]]).astype(np.float64)
+        if not len(x):
+            continue
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+        n += len(x)
+    if not n:
+        raise ValueError("no embeddings to standardise")
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+    return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
 def build_classifier(spec: Mapping[str, Any], *, n_outputs: int, strategy: str, lora: Mapping[str, Any],
-                     seed: int, input_shape: Sequence[int], device: str = "cpu") -> tuple[Any, Any, Any]:
+                     seed: int, input_shape: Sequence[int], device: str = "cpu",
+                     embedding_dim: int | None = None,
+                     embedding_stats: Mapping[str, Sequence[float]] | None = None) -> tuple[Any, Any, Any]:
     """Load the encoder and build the classifier for a strategy.
 
     ``full`` trains every used weight, ``lora`` only the adapters (plus the
@@ -83,10 +136,20 @@ def build_classifier(spec: Mapping[str, Any], *, n_outputs: int, strategy: str, 
         seed: seeds the head's initialisation (identical on every rank).
         input_shape: ``(C, H, W)`` of the preprocessed input.
         device: torch device.
+        embedding_dim: examples are pooled embeddings of this size: the model is
+            an :class:`EmbeddingHead` and no encoder is loaded.
+        embedding_stats: ``{"mean", "std"}`` of the training embeddings (standardisation).
 
     Returns:
-        ``(model, tuner, encoder)``; ``tuner`` is the peft LoRA tuner or None.
+        ``(model, tuner, encoder)``; ``tuner`` is the peft LoRA tuner or None,
+        ``encoder`` is None for an :class:`EmbeddingHead`.
     """
+    if embedding_dim:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            stats = embedding_stats or {}
+            head = EmbeddingHead(int(embedding_dim), n_outputs, stats.get("mean"), stats.get("std"))
+        return head.to(device), None, None
     from medray.encoders import create_encoder, spec_from_dict
     from medray.encoders.lora import apply_lora
 

@@ -167,6 +167,7 @@ class EmbedJob:
 
         from medray.platform.decoders.slide import SlideOptions
 
+        self._validate_series()
         self.audio_opts = asdict(c.audio)
         self.text_opts = asdict(c.text)
         self.slide_opts = asdict(c.slide)
@@ -181,6 +182,32 @@ class EmbedJob:
                 raise ConfigError("text_column", "needs a manifest input (.csv/.jsonl/.parquet) holding that column")
             if "text" not in self.specs:
                 raise ConfigError("text_column", "no text encoder: set encoders.text=biomedbert (or encoder=...)")
+
+    def _validate_series(self) -> None:
+        """``series:``: the mode needs its encoder (2D for slicewise, 3D for volume) and vice versa."""
+        from medray.platform.decoders.series import SeriesOptions
+
+        raw = asdict(self.cfg.series)
+        if "volume" in self.specs and raw["mode"] == "off":
+            raw["mode"] = "volume"  # a 3D encoder embeds nothing but series: its presence asks for them
+        opts = SeriesOptions(**{**raw, "spacing": tuple(raw["spacing"]) if raw["spacing"] is not None else None,
+                                "modalities": tuple(raw["modalities"]),
+                                "channels": tuple(raw["channels"]) if raw.get("channels") is not None else None})
+        # the chosen windows, in channel order, travel to the tasks
+        self.series_opts = {**raw, "windows": {k: list(v) for k, v in opts.windows.items()}, "channels": None}
+        if opts.mode == "slicewise":
+            if "image" not in self.specs:
+                raise ConfigError("series.mode", "slicewise embeds each slice with an image encoder: set "
+                                  "encoder=<image preset> (e.g. rad_dino) or encoders.image=...")
+            if len(opts.windows) not in (1, 3):
+                raise ConfigError("series.windows", f"slicewise needs 1 or 3 windows (an image encoder takes "
+                                  f"RGB), got {len(opts.windows)}")
+        if opts.mode == "volume" and "volume" not in self.specs:
+            raise ConfigError("series.mode", "volume needs a 3D encoder: encoder=r3d_18_kinetics, "
+                              "encoder=torchvision_video encoder.checkpoint=..., or encoders.volume=...")
+        if "volume" in self.specs and opts.mode != "volume":
+            raise ConfigError("series.mode", f"a volume encoder embeds whole CT/MR series, not {opts.mode}: "
+                              "set series.mode=volume (or drop the volume encoder)")
 
     # --------------------------------------------------------------- the run
     def _check_output(self, ident: dict) -> None:
@@ -222,7 +249,7 @@ class EmbedJob:
         from medray.platform.pipeline import StageOptions, plan_dataset
         from medray.platform.runtime import cluster_gpus, init_ray
         from medray.platform.sink import existing_record_ids, make_sink, pool_slides
-        from medray.platform.tracking import default_group, log_run
+        from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
 
         c = self.cfg
         t_start = time.perf_counter()
@@ -261,19 +288,21 @@ class EmbedJob:
             frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi, salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec, done=done, encoder_specs=dict(self.specs), audio=self.audio_opts,
-            text=self.text_opts, text_column=c.text_column, slide=self.slide_opts)
+            text=self.text_opts, text_column=c.text_column, slide=self.slide_opts, series=self.series_opts)
         provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
                       "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
                       "untrained": bool(self.spec.untrained)}
+        records = self._records(ray)
         ds = plan_dataset(
-            self._records(ray), opts, encoder_spec=spec_to_dict(self.spec), provenance=provenance,
+            records, opts, encoder_spec=spec_to_dict(self.spec), provenance=provenance,
             decode_concurrency=c.compute.decode_concurrency, read_batch_size=c.compute.read_batch_size,
             decode_batch_size=c.compute.decode_batch_size, encode_batch_size=c.compute.batch_size,
             actors=(c.compute.min_actors, c.compute.max_actors), num_gpus=gpus, device=device,
             dtype=c.compute.dtype, task_retries=c.compute.task_retries,
             decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus,
             encoder_specs={m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
-            provenances={self.primary: provenance, **provenances} if provenances else None)
+            provenances={self.primary: provenance, **provenances} if provenances else None,
+            series_source=records if self.series_opts["mode"] != "off" else None)
         sink = make_sink(c.output, c.storage.options, medray.__version__,
                          subdirs={m: f"embeddings/{m}" for m in provenances})
         t_pipe = time.perf_counter()
@@ -314,7 +343,11 @@ class EmbedJob:
             log_run(job="embed", config=config, summary=asdict(result), project=c.tracking.project,
                     mode=c.tracking.mode, group=c.tracking.group or default_group(),
                     name=c.tracking.name or c.run_name,
-                    directory=c.tracking.dir)
+                    directory=c.tracking.dir,
+                    artifact=RunArtifact(  # the summary, not the embeddings: the output URI is metadata
+                        artifact_name("embeddings", self.spec.name, c.output), "embeddings",
+                        files={"summary.json": summary}, metadata={**ident, "output": c.output, "run_id": run_id,
+                                                                   "records_total_in_output": total}))
         return result
 
 

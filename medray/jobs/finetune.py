@@ -15,7 +15,10 @@ Every check that can fail runs before a training worker starts: the config
    salted DICOM patient key (one header-only pass writes ``splits/``);
 2. Ray Train ``TorchTrainer`` runs :func:`medray.jobs._finetune_loop.train_loop`
    on ``scaling.num_workers`` workers: Ray Data shards decoded with the same
-   ``read_batch``/``decode_batch`` as ``embed``, DeepSpeed ZeRO from config,
+   ``read_batch``/``decode_batch`` as ``embed`` (``data.features=inputs``), or
+   record-level examples holding the frozen encoder's pooled embedding of each
+   audio recording, document or slide (``data.features=embeddings``, see
+   :mod:`medray.jobs._finetune_features`), DeepSpeed ZeRO from config,
    per-epoch validation (overall and per subgroup), checkpoints under
    ``<output>/checkpoints`` (a dead worker restarts the run from the last one);
 3. export: ZeRO shards consolidated (``zero_to_fp32``) into the artifact at
@@ -29,6 +32,7 @@ Output::
     <output>/predictions/val.parquet  end-of-training validation predictions
     <output>/checkpoints/train/     Ray Train checkpoints (DeepSpeed shards)
     <output>/splits/                the split manifest (data.group_by=patient_key)
+    <output>/quarantine/            records that could not be used (embed's quarantine format)
     <output>/summary.json, runs/<run_id>.json
 """
 
@@ -50,6 +54,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf, TrackingConf, patient_salt
+from medray.config import AudioConf, SlideConf, TextConf
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
 
@@ -92,10 +97,15 @@ class FinetuneDataConf:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
+    features: str = "auto"               # auto | inputs | embeddings (frozen encoder's pooled record embeddings)
+    embeddings: Optional[str] = None     # a `medray embed` output to reuse (joined to the manifest by uri)
+    text_column: Optional[str] = None    # documents in a manifest column instead of files
     read_batch_size: int = 16
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
     decode_concurrency: Optional[int] = None
+    encode_batch_size: int = 32          # features=embeddings: items per forward pass
+    encode_actors: int = 1               # features=embeddings: encoder actors
     shuffle_buffer: int = 256
     cache: str = "auto"                  # auto | true | false: keep decoded examples in the object store
 
@@ -185,6 +195,9 @@ class FinetuneConf:
     eval: EvalConf = field(default_factory=EvalConf)
     encoder: EncoderConf = field(default_factory=EncoderConf)
     decode: DecodeConf = field(default_factory=DecodeConf)
+    audio: AudioConf = field(default_factory=AudioConf)
+    text: TextConf = field(default_factory=TextConf)
+    slide: SlideConf = field(default_factory=SlideConf)
     storage: StorageConf = field(default_factory=StorageConf)
     ray: RayConf = field(default_factory=RayConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
@@ -237,6 +250,9 @@ class FinetuneResult:
     phase_s: dict
     cached: bool
     config: dict
+    features: str = "inputs"            # inputs | embeddings (data.features, resolved)
+    quarantined: int = 0                 # labelled records that could not be used (<output>/quarantine)
+    quarantine_by_class: dict = field(default_factory=dict)  # error class -> records (SkippedModality: no encoder)
 
     def one_line(self) -> str:
         """The closing one-line summary."""
@@ -246,7 +262,8 @@ class FinetuneResult:
         restarts = max(0, len(self.attempts) - 1)
         return (f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
                 f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
-                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; artifact {self.artifact} "
+                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; {self.quarantined} records quarantined; "
+                f"artifact {self.artifact} "
                 f"(sha256 {self.artifact_sha256[:12]}...: pin it with encoder.sha256 in embed/serve)")
 
 
@@ -383,11 +400,7 @@ class FinetuneJob:
             raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory "
                               "or an object-storage URI (s3://...)")
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
-        if self.spec.modality != "image":
-            # The training path decodes DICOM and photographs into images; audio and text
-            # records would need their own example builders.
-            raise ConfigError("encoder", f"fine-tuning supports image encoders; '{self.spec.name}' is a "
-                              f"{self.spec.modality} encoder (use e.g. encoder=hf_image or encoder=timm_image)")
+        self.features = self._features()
         out = c.output.rstrip("/")
         for key in ("train", "val"):
             src = getattr(d, key)
@@ -397,6 +410,85 @@ class FinetuneJob:
         self.example_spec = ExampleSpec(task=t.type, labels=tuple(labels), label_columns=tuple(label_columns),
                                         subgroups=tuple(str(g) for g in c.eval.subgroups),
                                         age_bands=tuple(int(b) for b in c.eval.age_bands))
+
+    def _features(self) -> str:
+        """``data.features`` resolved: ``inputs`` (the encoder trains on decoded images) or ``embeddings``."""
+        from medray.encoders import family_modality
+        from medray.jobs._finetune_features import FEATURES
+        from medray.platform.decoders.audio import AudioOptions
+        from medray.platform.decoders.slide import SlideOptions
+        from medray.platform.modalities import TextOptions
+
+        c = self.cfg
+        d, tr = c.data, c.train
+        self.embedding_dim: Optional[int] = None  # data.features=embeddings: known once the records are embedded
+        self.embedding_stats: Optional[dict] = None  # and the train split's per-feature mean / std
+        if d.features not in FEATURES:
+            raise ConfigError("data.features", f"expected one of {list(FEATURES)}, got '{d.features}'")
+        modality = family_modality(self.spec.family)
+        features = d.features
+        if features == "auto":
+            features = "embeddings" if (modality != "image" or d.embeddings or d.text_column) else "inputs"
+        if d.text_column and modality != "text":
+            raise ConfigError("data.text_column", f"documents need a text encoder; '{self.spec.name}' is a "
+                              f"{modality} encoder (e.g. encoder=hf_text encoder.checkpoint=...)")
+        if features == "inputs":
+            if modality != "image":
+                raise ConfigError("data.features", f"'{self.spec.name}' is a {modality} encoder: only image encoders "
+                                  "are fine-tuned end to end here; train a head on its pooled record embeddings "
+                                  "with data.features=embeddings train=linear_probe")
+            for key in ("embeddings", "text_column"):
+                if getattr(d, key):
+                    raise ConfigError(f"data.{key}", "needs data.features=embeddings (or auto)")
+            return features
+        if tr.strategy != "linear_probe":
+            raise ConfigError("train.strategy", f"data.features=embeddings trains a head on the frozen encoder's "
+                              f"pooled record embeddings: use train=linear_probe ('{tr.strategy}' end to end "
+                              f"is supported for image encoders on decoded images, data.features=inputs)")
+        if tr.augment:
+            raise ConfigError("train.augment", "augmentations apply to decoded images; with data.features=embeddings "
+                              "set train.augment={}")
+        if d.embeddings and d.text_column:
+            raise ConfigError("data.text_column", "data.embeddings already holds the documents' embeddings: "
+                              "drop data.text_column (the join is by the manifest's uri)")
+        for key, value in (("audio.pool", c.audio.pool), ("text.pool", c.text.pool)):
+            if value != "mean":
+                raise ConfigError(key, "record embeddings are the mean of windows/chunks: must be mean")
+        if c.audio.mixdown == "all":
+            raise ConfigError("audio.mixdown", "one example per recording: use mean or first")
+        for key in ("encode_batch_size", "encode_actors"):
+            if getattr(d, key) < 1:
+                raise ConfigError(f"data.{key}", "must be >= 1")
+        if modality != "image" and d.group_by == "patient_key" and not (d.val or d.split_column):
+            log.warning("data.group_by=patient_key: only DICOM records (e.g. SR reports) carry a patient; every "
+                        "other %s record is its own group. Set data.group_by=<patient column> so no patient's "
+                        "records end up in two splits", modality)
+        AudioOptions(**asdict(c.audio))  # each raises a ConfigError naming its key
+        TextOptions(**asdict(c.text))
+        SlideOptions(**asdict(c.slide))
+        return features
+
+    def _quarantine_counts(self) -> dict:
+        """``quarantined`` (distinct records) and ``quarantine_by_class`` from ``<output>/quarantine``."""
+        import pyarrow.parquet as pq
+
+        from medray.platform.storage import open_fs
+
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        by_record: dict[str, str] = {}
+        try:
+            files = [p for p in fs.find(posixpath.join(root, "quarantine")) if p.endswith(".parquet")
+                     and not posixpath.basename(p).startswith(".")]
+        except FileNotFoundError:
+            files = []
+        for path in files:
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=["record_id", "error_class"])
+            by_record.update(zip(t.column("record_id").to_pylist(), t.column("error_class").to_pylist()))
+        by_class: dict[str, int] = {}
+        for cls in by_record.values():
+            by_class[str(cls)] = by_class.get(str(cls), 0) + 1
+        return {"quarantined": len(by_record), "quarantine_by_class": by_class}
 
     def _check_output(self) -> None:
         """A run already in ``output`` continues only with ``resume=true``."""
@@ -432,7 +524,10 @@ class FinetuneJob:
             except ConfigError:
                 raise ConfigError("data.val", f"manifest '{c.data.val}' does not exist") from None
         for which, names in self.columns.items():
-            if "uri" not in names:
+            if c.data.text_column and c.data.text_column not in names:
+                raise ConfigError("data.text_column", f"no column '{c.data.text_column}' in data.{which} "
+                                  f"(columns: {', '.join(names)})")
+            if "uri" not in names and not c.data.text_column:
                 raise ConfigError(f"data.{which}", f"manifest has no 'uri' column (columns: {', '.join(names)})")
             for col in spec.label_columns:
                 if col not in names:
@@ -448,6 +543,13 @@ class FinetuneJob:
                     raise ConfigError("eval.subgroups", f"unknown subgroup '{g}': not a column of data.{which} "
                                       f"nor DICOM metadata ({', '.join(ALLOWED_FIELDS)}) nor age_band")
         d = c.data
+        if d.embeddings:
+            from medray.platform.storage import open_fs
+
+            efs, eroot = open_fs(d.embeddings, opts)
+            if not efs.exists(posixpath.join(eroot, "_medray.json")):
+                raise ConfigError("data.embeddings", f"'{d.embeddings}' is not a `medray embed` output (no "
+                                  "_medray.json); give the output= of an embed run with this encoder")
         fractions = SplitFractions(val=0.0 if d.val else d.val_fraction, test=0.0 if d.val else d.test_fraction)
         if d.val:
             self.plan = SplitPlan("manifests", seed=d.seed, fractions=fractions, salt=self.salt)
@@ -465,7 +567,7 @@ class FinetuneJob:
         self.counts: dict | None = None
         if self.plan.mode == "patient_key":
             return  # counted after the header pass in run(), still before any training worker starts
-        cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x]
+        cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x and x in self.columns["train"]]
         if self.plan.mode == "manifests":
             counts = count_splits(iter_manifest_batches(d.train, list(spec.label_columns), opts), self.plan, spec,
                                   fixed_split="train")
@@ -515,11 +617,21 @@ class FinetuneJob:
     def _stage_options(self, pre: Any) -> Any:
         from medray.platform.pipeline import StageOptions
 
+        from medray.jobs._finetune_features import stage_options_kwargs
+
         c = self.cfg
         return StageOptions(
             storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
             frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
-            prefer_file_voi=c.decode.prefer_file_voi, salt=self.salt, encoder_spec=self.spec)
+            prefer_file_voi=c.decode.prefer_file_voi, salt=self.salt, encoder_spec=self.spec,
+            **stage_options_kwargs(c))
+
+    def _quarantine(self) -> Any:
+        """Where the stages write the records they could not use (``<output>/quarantine``)."""
+        import medray
+        from medray.jobs._finetune_data import QuarantineTarget
+
+        return QuarantineTarget(self.cfg.output, dict(self.cfg.storage.options), medray.__version__)
 
     def _write_split_manifest(self, ray: Any, opts: Any) -> str:
         """Header-only pass: salted patient key + split per record, written to ``<output>/splits/``."""
@@ -573,8 +685,13 @@ class FinetuneJob:
         kw: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
         if d.decode_concurrency:
             kw["concurrency"] = d.decode_concurrency
-        return ds.map_batches(decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec},
+        return ds.map_batches(decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec,
+                                                                "quarantine": self._quarantine()},
                               batch_size=d.decode_batch_size, **kw)
+
+    def input_shape(self, pre: Any) -> list[int]:
+        """Shape of one example's ``x``: the preprocessed image, or ``[dim]`` (data.features=embeddings)."""
+        return [int(self.embedding_dim)] if self.features == "embeddings" else [int(v) for v in pre.input_shape]
 
     def _use_cache(self, ray: Any, rows: int, input_shape: Any) -> bool:
         """``data.cache``: ``auto`` caches when the decoded examples fit in a quarter of the object store."""
@@ -585,6 +702,105 @@ class FinetuneJob:
         store = float(ray.cluster_resources().get("object_store_memory", 0.0))
         log.info("decoded examples ~%.1f MB, object store %.1f MB", need / 1e6, store / 1e6)
         return need <= 0.25 * store
+
+    def _embed_output(self, ray: Any) -> Any:
+        """``data.embeddings``: the record rows of this encoder in an ``embed`` output (a Ray Dataset)."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from medray.jobs._finetune_features import EMBED_COLUMNS, embed_output_rows
+        from medray.platform.storage import open_fs
+
+        c = self.cfg
+        fs, root = open_fs(c.data.embeddings, c.storage.options)
+        ident = json.loads(fs.cat_file(posixpath.join(root, "_medray.json")))
+        subdir = None
+        if ident.get("weights_hash") == self.weights_hash:
+            subdir = "embeddings"
+        for modality, extra in (ident.get("encoders") or {}).items():
+            if subdir is None and extra.get("weights_hash") == self.weights_hash:
+                subdir = f"embeddings/{modality}"
+        if subdir is None:
+            names = [ident.get("encoder")] + [e.get("encoder") for e in (ident.get("encoders") or {}).values()]
+            raise ConfigError("data.embeddings", f"'{c.data.embeddings}' holds embeddings of {names}, none with "
+                              f"the weights of encoder '{self.spec.name}'; embed with this encoder first, or set "
+                              "encoder= to the one that made them")
+        base = posixpath.join(root, subdir)
+        files = sorted(p for p in fs.ls(base, detail=False)
+                       if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+        if not files:
+            raise ConfigError("data.embeddings", f"no embeddings under '{c.data.embeddings}/{subdir}'")
+        rows = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=list(EMBED_COLUMNS))
+        return rows.map_batches(embed_output_rows, fn_kwargs={"weights_hash": self.weights_hash},
+                                batch_format="pyarrow")
+
+    def _embedding_datasets(self, ray: Any, opts: Any) -> tuple[dict, dict, int]:
+        """``data.features=embeddings``: record-level examples of the frozen encoder (cached).
+
+        Manifest rows (with their split, unless it comes from decoded patient keys) go
+        through ``embed``'s stages (:func:`~medray.platform.pipeline.plan_dataset`), or are
+        joined to an ``embed`` output (``data.embeddings``); each record becomes one
+        example, its pooled embedding (slides: the mean of their tile embeddings).
+        Records that fail are quarantine rows. Returns the datasets, the checked
+        counts and the embedding size.
+        """
+        from medray.encoders import family_modality, spec_to_dict
+        from medray.jobs._finetune_data import count_examples, keep_split, split_batch
+        from medray.jobs._finetune_model import feature_stats
+        from medray.jobs._finetune_features import (
+            embedding_examples_batch,
+            join_examples,
+            keyed_rows,
+            pool_tiles,
+            set_split,
+        )
+        from medray.jobs.embed import _read_manifest
+        from medray.platform.pipeline import plan_dataset
+
+        c, d, plan = self.cfg, self.cfg.data, self.plan
+
+        def labelled(which: str) -> Any:
+            src = d.train if which == "train" else d.val
+            ds = _read_manifest(ray, src, c.storage.options, text_column=d.text_column)
+            if plan.mode == "manifests":
+                return ds.map_batches(set_split, fn_kwargs={"split": which}, batch_format="pyarrow")
+            if plan.mode in ("column", "group"):
+                return ds.map_batches(split_batch, fn_kwargs={"plan": plan}, batch_format="pyarrow")
+            return ds  # patient_key: from the decoded (salted) key, in embedding_examples_batch
+
+        sources = [labelled("train")] + ([labelled("val")] if plan.mode == "manifests" else [])
+        example_kw = {"spec": self.example_spec, "plan": plan if plan.mode == "patient_key" else None,
+                      "quarantine": self._quarantine()}
+        gpus = 1.0 if c.scaling.use_gpu else 0.0
+        parts = []
+        for ds in sources:
+            if d.embeddings:  # join the embed output's record rows to the labelled rows, by record id
+                rows = self._embed_output(ray).map_batches(keyed_rows, fn_kwargs={"side": "e"}, batch_format="pyarrow")
+                ds = ds.map_batches(keyed_rows, fn_kwargs={"side": "m"}, batch_format="pyarrow")
+                parts.append(rows.union(ds).groupby("key").map_groups(join_examples, fn_kwargs=example_kw,
+                                                                      batch_format="pyarrow"))
+                continue
+            ds = plan_dataset(
+                ds, opts, encoder_spec=spec_to_dict(self.spec), provenance={},
+                decode_concurrency=d.decode_concurrency, read_batch_size=d.read_batch_size,
+                decode_batch_size=d.decode_batch_size, encode_batch_size=d.encode_batch_size,
+                actors=(1, d.encode_actors), num_gpus=gpus, device="cuda" if gpus else "cpu", dtype="float32",
+                decode_num_cpus=d.decode_num_cpus)
+            parts.append(ds.map_batches(embedding_examples_batch, fn_kwargs=example_kw, batch_format="pyarrow"))
+        ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+        if family_modality(self.spec.family) == "image" and not d.embeddings:
+            # whole slides: one example per slide, the mean of its tissue tiles' embeddings
+            ds = ds.groupby("record_id").map_groups(pool_tiles, batch_format="pyarrow")
+        everything = ds.materialize()
+        counts = count_examples(
+            everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
+            self.example_spec)
+        self._check_counts(counts)
+        datasets = {s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
+                    for s in ("train", "val")}
+        mean, std = feature_stats(datasets["train"].select_columns(["x"]).iter_batches(batch_size=4096,
+                                                                                       batch_format="numpy"))
+        self.embedding_stats = {"mean": mean, "std": std}  # the head standardises with the train split's
+        return datasets, counts, len(mean)
 
     def _datasets(self, ray: Any, pre: Any) -> tuple[dict, dict, bool]:
         """The ``train`` and ``val`` datasets, the split counts (checked), and whether they are cached.
@@ -610,6 +826,9 @@ class FinetuneJob:
 
         c = self.cfg
         opts = self._stage_options(pre)
+        if self.features == "embeddings":
+            datasets, counts, self.embedding_dim = self._embedding_datasets(ray, opts)
+            return datasets, counts, True
         if self.plan.mode != "patient_key":
             rows = sum(self.counts[s]["usable"] for s in ("train", "val"))  # type: ignore[index]
             cached = self._use_cache(ray, rows, pre.input_shape)
@@ -637,7 +856,8 @@ class FinetuneJob:
         if d.decode_concurrency:
             kw["concurrency"] = d.decode_concurrency
         everything = _read_manifest(ray, d.train, c.storage.options).map_batches(
-            decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec, "plan": self.plan},
+            decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec, "plan": self.plan,
+                                              "quarantine": self._quarantine()},
             batch_size=d.decode_batch_size, **kw).materialize()
         self._check_counts(count_examples(
             everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
@@ -676,6 +896,7 @@ class FinetuneJob:
         # Fetch (once, hashed) and check the checkpoint and its preprocessing on the driver first.
         _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
                                              cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
+        self.weights_hash = weights_hash
         pre = create_preprocessor(self.spec)
         data_sha = manifest_sha256(c.data.train, c.storage.options)
 
@@ -700,7 +921,9 @@ class FinetuneJob:
         if config.get("patient_salt"):
             config["patient_salt"] = "***"
         loop_config = {
-            "encoder": spec_to_dict(self.spec), "input_shape": list(pre.input_shape),
+            "encoder": spec_to_dict(self.spec), "input_shape": self.input_shape(pre),
+            "embedding_dim": self.embedding_dim if self.features == "embeddings" else None,
+            "embedding_stats": self.embedding_stats if self.features == "embeddings" else None,
             "task": c.task.type, "labels": list(self.example_spec.labels), "n_outputs": self.example_spec.n_outputs,
             "target_width": self.example_spec.target_width, "subgroups": list(self.example_spec.subgroups),
             "strategy": c.train.strategy, "lora": asdict(c.train.lora), "seed": c.train.seed,
@@ -761,7 +984,7 @@ class FinetuneJob:
             trainable_parameters=list(state.get("trainable_parameters", [])),
             export_max_abs_diff=export["max_abs_diff"], export_records_checked=export["checked"],
             wall_s=wall, train_s=train_s, phase_s={k: round(v, 2) for k, v in phases.items()}, cached=cached,
-            config=config)
+            config=config, features=self.features, **self._quarantine_counts())
         from medray.platform.metrics import json_safe
         from medray.platform.storage import atomic_write_bytes, open_fs
 
@@ -769,11 +992,37 @@ class FinetuneJob:
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+        _track_model(c, res, loop_config["run_id"], run_name)
         return res
 
 
 class FinetuneFailed(RuntimeError):
     """Training failed more often than ``train.max_failures`` allows; the checkpoints are kept."""
+
+
+def _track_model(c: Any, res: FinetuneResult, wandb_run_id: str, run_name: str) -> None:
+    """Log the model card and metrics as a W&B ``model`` artifact on the run training logged to.
+
+    The weights go in only with ``tracking.log_model=true``. Tracking never fails
+    the job (W&B errors are warnings).
+    """
+    if not c.tracking.enabled:
+        return
+    from medray.encoders.heads import CARD_FILE
+    from medray.platform.metrics import json_safe
+    from medray.platform.tracking import RunArtifact, artifact_name, log_run
+
+    artifact = RunArtifact(
+        artifact_name("model", run_name, c.output), "model",
+        files={"metrics.json": json.dumps(json_safe(res.metrics), indent=2, default=str).encode()},
+        metadata={"artifact": res.artifact, "artifact_sha256": res.artifact_sha256, "encoder": res.encoder,
+                  "task": res.task, "labels": res.labels, "strategy": res.strategy, "run_id": res.run_id,
+                  "weights_included": bool(c.tracking.log_model)},
+        source=res.artifact, storage_options=dict(c.storage.options),
+        include=None if c.tracking.log_model else [CARD_FILE])
+    log_run(job="finetune", config=res.config, summary=asdict(res), project=c.tracking.project,
+            mode=c.tracking.mode, group=c.tracking.group, name=c.tracking.name or run_name,
+            directory=c.tracking.dir or os.environ.get("WANDB_DIR"), artifact=artifact, run_id=wandb_run_id)
 
 
 def main(cfg: DictConfig) -> int:

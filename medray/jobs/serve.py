@@ -97,7 +97,30 @@ class ServeJob:
         if c.encoder.family not in list_families():
             raise ConfigError("encoder.family", f"unknown family '{c.encoder.family}'; known: "
                               f"{', '.join(list_families())}")
+        from medray.encoders import family_modality
+
+        embeds = family_modality(c.encoder.family)
+        if c.encoder.modality != embeds:
+            raise ConfigError("encoder.modality", f"'{c.encoder.modality}' does not match family "
+                              f"'{c.encoder.family}', which embeds {embeds} inputs; set encoder.modality={embeds} "
+                              "or choose an encoder of that modality")
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(c.encoder)))
+        self.specs: dict = {embeds: self.spec}
+        for modality, value in (c.encoders or {}).items():
+            if value is None:
+                continue
+            key = f"encoders.{modality}"
+            if modality not in ("image", "audio", "text"):
+                raise ConfigError(key, f"medray serve routes image, audio and text inputs; got '{modality}'")
+            if modality == embeds:
+                raise ConfigError(key, f"encoder={self.spec.name} already embeds {modality} inputs; drop {key} "
+                                  "or pick an encoder of another modality")
+            from medray.jobs.embed import _extra_spec
+
+            spec = _extra_spec(key, value)
+            if family_modality(spec.family) != modality:
+                raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
+            self.specs[modality] = spec
         heads = c.heads
         if heads is not None and not isinstance(heads, (list, tuple, dict)):
             raise ConfigError("heads", "must be a list of artifact URIs, e.g. heads=[s3://b/runs/cxr-v1], "
@@ -123,24 +146,37 @@ class ServeJob:
         from medray.encoders import resolve_checkpoint
         from medray.serve.config import read_model_card
 
-        s = self.spec
-        _, self.weights_hash = resolve_checkpoint(s.checkpoint, storage_options=s.storage_options,
-                                                  cache_dir=s.cache_dir, expected_sha256=s.sha256)
+        hashes = {}
+        for spec in self.specs.values():
+            _, hashes[spec.name] = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options,
+                                                      cache_dir=spec.cache_dir, expected_sha256=spec.sha256)
+        self.weights_hash = hashes[self.spec.name]
         for head_id, uri in self.heads.items():
             card = read_model_card(uri, self.cfg.storage.options)
             if card.get("backbone_included"):
                 continue  # served with its own fine-tuned backbone
             want = (card.get("encoder") or {}).get("weights_hash")
-            if want != self.weights_hash:
+            if want not in hashes.values():
+                served = ", ".join(f"'{n}' {h[:12]}..." for n, h in hashes.items())
                 raise ConfigError("heads", f"head '{head_id}' ({uri}) was trained on encoder weights "
-                                  f"{str(want)[:12]}..., but encoder '{s.name}' has weights "
-                                  f"{self.weights_hash[:12]}...; serve it with the encoder it was trained on")
+                                  f"{str(want)[:12]}..., but the served encoders have weights {served}; serve it "
+                                  "with the encoder it was trained on")
 
     def args(self) -> dict:
         """The application's arguments (:class:`medray.serve.app.ServeArgs`) as JSON-ready data."""
         c = self.cfg
-        return {"encoder": asdict(c.encoder), "heads": dict(self.heads), "serve": asdict(c.serve),
-                "decode": asdict(c.decode), "storage": asdict(c.storage)}
+        from medray.config import EncoderConf
+        from medray.encoders import family_modality, spec_to_dict
+
+        fields = set(EncoderConf.__dataclass_fields__)
+        extra = {}
+        for modality, spec in self.specs.items():
+            if spec is not self.spec:
+                d = {k: v for k, v in spec_to_dict(spec).items() if k in fields}
+                extra[modality] = dict(d, modality=family_modality(spec.family))
+        return {"encoder": asdict(c.encoder), "encoders": extra, "heads": dict(self.heads), "serve": asdict(c.serve),
+                "decode": asdict(c.decode), "audio": asdict(c.audio), "text": asdict(c.text),
+                "storage": asdict(c.storage)}
 
     def emit(self, path: str) -> dict:
         """Write the Serve deploy config (``serve deploy`` / RayService ``serveConfigV2``) to ``path``."""
@@ -172,6 +208,13 @@ class ServeJob:
 
         c, s = self.cfg, self.cfg.serve
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
+        if s.throughput_optimized:
+            if local:  # read by every Serve process at import: set before Ray starts them
+                os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+            elif os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+                print("medray serve: serve.throughput_optimized needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the "
+                      "cluster's environment (RayCluster/RayService container env); it is not set here",
+                      file=sys.stderr, flush=True)
         ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard)
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -185,8 +228,9 @@ class ServeJob:
             serve.run(app, name=s.name, route_prefix=s.route_prefix, logging_config=logging_config)
             url = f"http://{s.http.host}:{s.http.port}{s.route_prefix.rstrip('/')}"
             tag = " [UNTRAINED demo weights]" if self.spec.untrained else ""
+            more = "".join(f", {m}: {sp.name}" for m, sp in self.specs.items() if sp is not self.spec)
             print(f"medray serve: application '{s.name}' ready at {url} (docs {url}/docs); encoder "
-                  f"{self.spec.name}{tag}; heads: {', '.join(sorted(self.heads)) or 'none'}; "
+                  f"{self.spec.name}{tag}{more}; heads: {', '.join(sorted(self.heads)) or 'none'}; "
                   f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops", flush=True)
             while not stop.wait(1.0):
                 pass

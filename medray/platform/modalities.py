@@ -14,7 +14,9 @@ apply; see :data:`SEGMENT_FIELDS`):
 * ``channel``: source channel when ``audio.mixdown=all``;
 * ``token_start`` / ``token_end``: document token offsets (chunks, pooled text);
 * ``tile_x`` / ``tile_y`` / ``level`` / ``mpp`` / ``tissue_fraction``: slide tiles
-  (level-0 origin, pyramid level read, tile mpp, share of tissue).
+  (level-0 origin, pyramid level read, tile mpp, share of tissue);
+* ``series_key`` / ``slice_start`` / ``slice_end`` / ``spacing_mm``: CT/MR series
+  (salted series hash, sorted source slices covered, voxel spacing ``[z, y, x]``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ __all__ = ["Prepared", "TextOptions", "SEGMENT_FIELDS", "prepare_record", "poole
 #: Per-row provenance columns, in output order, with their Arrow type names.
 SEGMENT_FIELDS = (("segment", "string"), ("start_s", "float64"), ("end_s", "float64"), ("channel", "int32"),
                   ("token_start", "int32"), ("token_end", "int32"), ("tile_x", "int64"), ("tile_y", "int64"),
-                  ("level", "int32"), ("mpp", "float64"), ("tissue_fraction", "float64"))
+                  ("level", "int32"), ("mpp", "float64"), ("tissue_fraction", "float64"),
+                  ("series_key", "string"), ("slice_start", "int32"), ("slice_end", "int32"),
+                  ("spacing_mm", "list<float64>"))
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,14 @@ class Prepared:
 def pooled_segment(segments: list[dict[str, Any]]) -> dict[str, Any]:
     """Provenance of the pooled row: the extent of all items."""
     out: dict[str, Any] = {"segment": "pooled"}
-    for lo, hi in (("start_s", "end_s"), ("token_start", "token_end")):
+    for lo, hi in (("start_s", "end_s"), ("token_start", "token_end"), ("slice_start", "slice_end")):
         starts = [s[lo] for s in segments if s.get(lo) is not None]
         ends = [s[hi] for s in segments if s.get(hi) is not None]
         if starts:
             out[lo], out[hi] = min(starts), max(ends)
+    for key in ("series_key", "spacing_mm"):  # CT/MR series: the same for every slice
+        if segments and segments[0].get(key) is not None:
+            out[key] = segments[0][key]
     return out
 
 

@@ -53,6 +53,7 @@ class StageOptions:
     text: dict = field(default_factory=dict)           # TextOptions fields
     text_column: str | None = None                     # manifest column holding the document
     slide: dict = field(default_factory=dict)          # SlideOptions fields
+    series: dict = field(default_factory=dict)         # SeriesOptions fields; {} or mode off: per instance
 
 
 def encoder_routes(opts: StageOptions) -> dict[str, Any]:
@@ -97,6 +98,8 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
     "channel": pa.int32(), "token_start": pa.int32(), "token_end": pa.int32(), "tile": pa.string(),
     "tile_x": pa.int64(), "tile_y": pa.int64(), "level": pa.int32(), "mpp": pa.float64(),
     "tissue_fraction": pa.float64(),
+    "series_key": pa.string(), "slice_start": pa.int32(), "slice_end": pa.int32(),
+    "spacing_mm": pa.list_(pa.float64()),
 }
 
 
@@ -279,6 +282,7 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     from medray.platform.decoders import _check_size, decode_bytes, detect_modality
     from medray.platform.decoders.audio import AudioOptions
     from medray.platform.modalities import TextOptions, prepare_record
+    from medray.platform.series_stage import is_series_slice as series_slice
 
     dicom_opts, limits = _decode_options(opts)
     audio_opts = AudioOptions(**(opts.audio or {}))
@@ -309,6 +313,10 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         try:
             _check_size(data, limits)
             route, fmt = detect_modality(data, name)
+            if fmt == "dicom" and series_slice(data, opts):
+                # a CT/MR series slice: the series branch embeds it with its series (not written here)
+                new["status"][i], new["stage"][i], new["route"][i] = "noop", "series", route
+                continue
             if route == "slide":
                 route = _slide_route(pres)
             new["route"][i] = route
@@ -573,8 +581,14 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
                  encode_batch_size: int, actors: tuple[int, int], num_gpus: float, device: str,
                  dtype: str, task_retries: int = 2, decode_num_cpus: float = 1.0,
                  actor_num_cpus: float = 1.0, encoder_specs: Mapping[str, dict] | None = None,
-                 provenances: Mapping[str, Mapping[str, Any]] | None = None) -> Any:
+                 provenances: Mapping[str, Mapping[str, Any]] | None = None,
+                 series_source: Any = None) -> Any:
     """Chain the stages on a Ray Dataset of source records.
+
+    With ``series_source`` (the same source records, ``series.mode`` on), CT/MR
+    series slices are grouped by series in a branch of their own
+    (:mod:`medray.platform.series_stage`) whose records join the decoded stream
+    before the encoder pool.
 
     Decode/preprocess run as CPU tasks and the encoder as an actor pool, so the
     two scale independently. Retries are bounded (Ray Data retries actor tasks
@@ -592,6 +606,11 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
                             batch_size=read_batch_size, num_cpus=decode_num_cpus, max_retries=task_retries)
         ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow", compute=tasks,
                             batch_size=decode_batch_size, num_cpus=decode_num_cpus, max_retries=task_retries)
+        if series_source is not None:
+            from medray.platform.series_stage import plan_series_branch
+
+            ds = ds.union(plan_series_branch(series_source, opts, batch_size=read_batch_size,
+                                             num_cpus=decode_num_cpus, task_retries=task_retries))
         ds = ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={"spec": encoder_spec, "device": device, "dtype": dtype,

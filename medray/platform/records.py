@@ -35,6 +35,7 @@ CORE_COLUMNS = (
     "metadata", "embedding", "encoder", "weights_hash", "preprocessing_hash", "medray_version", "untrained",
     "segment", "start_s", "end_s", "channel", "token_start", "token_end",
     "tile_x", "tile_y", "level", "mpp", "tissue_fraction",
+    "series_key", "slice_start", "slice_end", "spacing_mm",
 )
 #: Columns a manifest may not carry because medray writes them.
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
@@ -101,6 +102,11 @@ def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
         ("level", pa.int32()),
         ("mpp", pa.float64()),
         ("tissue_fraction", pa.float64()),
+        # CT/MR series: salted series hash (never the UID), sorted source slices covered, spacing [z, y, x] mm
+        ("series_key", pa.string()),
+        ("slice_start", pa.int32()),
+        ("slice_end", pa.int32()),
+        ("spacing_mm", pa.list_(pa.float64())),
     ]
     schema = pa.schema(fields)
     for field in carried or []:

@@ -56,6 +56,9 @@ import numpy as np
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "claiming_series_instance",
+    "ct_phantom",
+    "ct_series",
     "PHI_BIRTH_DATE",
     "generate_samples",
     "write_manifest",
@@ -806,3 +809,98 @@ def generate_samples(
     }
     (out / "samples.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
+
+
+# --------------------------------------------------------------------------
+# CT / MR series (volumes)
+# --------------------------------------------------------------------------
+def ct_phantom(depth: int = 16, size: int = 32, seed: int = 0) -> np.ndarray:
+    """An integer HU phantom ``(D, H, W)``: air, a body ellipse, lungs and a spine that move with z."""
+    rng = np.random.default_rng(seed)
+    vol = np.stack([_ct(rng, size, None, z=float(z) / max(1, depth - 1)) for z in range(depth)])
+    vol += np.arange(depth, dtype=np.float64)[:, None, None] * 3.0  # every slice differs
+    return np.clip(np.round(vol), -2048, 3000).astype(np.float32)
+
+
+def ct_series(
+    phantom: np.ndarray,
+    *,
+    spacing: Sequence[float] = (2.5, 0.8, 0.8),
+    seed: int = 0,
+    series: str = "1",
+    modality: str = "CT",
+    patient_id: str = "ANON-SERIES",
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    origin: Sequence[float] = (-12.5, -12.5, -100.0),
+    tweak: Any = None,
+) -> list[bytes]:
+    """Part-10 bytes of one CT (or MR) series holding ``phantom`` (modality values, HU for CT).
+
+    Slice ``k`` lies at ``origin + k * spacing[0] * normal`` with
+    ``normal = row direction x column direction``, so the volume assembled in
+    order along the normal equals ``phantom``. InstanceNumbers are a random
+    permutation (they must not be trusted), and each slice has its own
+    RescaleSlope (1 or 0.5) and RescaleIntercept, chosen so the stored
+    integers decode back to ``phantom`` exactly. The list is in phantom order:
+    shuffle it yourself.
+
+    Args:
+        phantom: ``(D, H, W)``; integer-valued (HU) so the rescale is exact.
+        spacing: ``(z, y, x)`` mm: slice step and PixelSpacing.
+        seed: InstanceNumbers, rescales, UIDs.
+        series: distinguishes series (SeriesInstanceUID) with the same seed.
+        modality: ``CT`` or ``MR``.
+        patient_id: PatientID written in every slice.
+        orientation: ImageOrientationPatient.
+        origin: ImagePositionPatient of slice 0.
+        tweak: optional ``fn(k, ds)`` called before each slice is written
+            (to break a series on purpose).
+    """
+    from pydicom import uid as U
+
+    rng = np.random.default_rng(seed)
+    depth, rows, cols = phantom.shape
+    iop = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    numbers = rng.permutation(depth) + 1 + int(rng.integers(0, 50))
+    patient = {"site": "site-A", "key": patient_id, "sex": "O", "age": 50,
+               "phi_values": {"PatientName": f"ANON^{patient_id}", "PatientID": patient_id}}
+    sop_class = U.CTImageStorage if modality == "CT" else U.MRImageStorage
+    out = []
+    for k in range(depth):
+        slope = (1.0, 0.5)[int(rng.integers(0, 2))]
+        intercept = float((-1024, -1000, -2048, 0)[int(rng.integers(0, 4))])
+        stored = np.round((phantom[k].astype(np.float64) - intercept) / slope)
+        ds = _base_dataset(seed=seed, patient=patient, sop_class=sop_class,
+                           sop_uid=_uid(seed, "series-sop", series, k), modality=modality,
+                           series_no=int(rng.integers(1, 99)), instance_no=int(numbers[k]))
+        ds.SeriesInstanceUID = _uid(seed, "series-uid", series, patient_id)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        if modality == "CT":
+            ds.RescaleType = "HU"
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+        ds.SliceThickness = float(spacing[0])
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin, dtype=np.float64)
+                                   + k * float(spacing[0]) * normal]
+        ds.BodyPartExamined = "CHEST"
+        _set_pixels(ds, stored.astype(np.int32), signed=True, bits_stored=16, photometric="MONOCHROME2")
+        if tweak is not None:
+            tweak(k, ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def claiming_series_instance(frames: int = 10_000, size: int = 8, seed: int = 0) -> bytes:
+    """A hostile CT instance whose header claims ``frames`` slices over a few bytes of pixel data."""
+    files = ct_series(np.zeros((1, size, size), np.float32), seed=seed, series="claims")
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(files[0]))
+    ds.NumberOfFrames = frames
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -69,7 +69,8 @@ def open_fs(uri: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.
     Returns:
         The fsspec filesystem and the protocol-less path inside it.
     """
-    opts = _protocol_options(uri, options)
+    # None means "not set" (e.g. conf/storage/s3.yaml's ${oc.env:AWS_PROFILE,null}): leave it to fsspec
+    opts = {k: v for k, v in _protocol_options(uri, options).items() if v is not None}
     if uri_protocol(uri) == "s3" and "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL"):
         # s3fs honours AWS_ENDPOINT_URL through botocore, but only in newer
         # releases; setting it explicitly makes older ones behave the same.

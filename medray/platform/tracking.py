@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from typing import Any, Mapping, Optional
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["wandb_mode", "log_run", "default_group"]
+__all__ = ["wandb_mode", "log_run", "default_group", "RunArtifact", "artifact_name"]
 
 log = logging.getLogger("medray")
 
@@ -32,10 +36,96 @@ def default_group() -> Optional[str]:
     return None
 
 
+@dataclass
+class RunArtifact:
+    """A W&B artifact logged with a run (``run.log_artifact``).
+
+    Its files are copied into the run's own directory first
+    (``<run dir>/artifacts/<name>/``, beside ``<name>.manifest.json``), so an offline run
+    carries them and ``wandb sync`` uploads them later; nothing refers back to
+    object storage.
+
+    Args:
+        name: the artifact name (one name per output: reruns add versions), see
+            :func:`artifact_name`.
+        type: ``embeddings``, ``model``, ...
+        files: name inside the artifact -> content (small JSON documents).
+        metadata: JSON-safe facts shown with the artifact (e.g. the output URI).
+        source: a directory URI whose files are copied in too (e.g. model weights).
+        storage_options: fsspec options for ``source``.
+        include: the names (relative to ``source``) to copy; None: every file.
+    """
+
+    name: str
+    type: str
+    files: Dict[str, bytes] = field(default_factory=dict)
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    include: Optional[List[str]] = None
+
+
+def artifact_name(prefix: str, *parts: str) -> str:
+    """A valid, stable W&B artifact name: ``<prefix>-<parts>``, the last part shortened to a hash.
+
+    Example:
+        >>> artifact_name("embeddings", "demo_tiny_vit", "s3://b/emb/run")
+        'embeddings-demo_tiny_vit-09b174319635'
+    """
+    *words, key = parts or ("",)
+    digest = hashlib.sha256(str(key).encode()).hexdigest()[:12]
+    text = "-".join([prefix, *map(str, words), digest])
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:128]
+
+
+def _stage_artifact(run: Any, spec: RunArtifact) -> str:
+    """Copy ``spec``'s files into the run directory and log them as one artifact; return its folder."""
+    import wandb
+
+    from medray.platform.storage import open_fs
+
+    root = os.path.join(os.path.dirname(os.path.abspath(run.dir)), "artifacts", spec.name)
+    os.makedirs(root, exist_ok=True)
+    staged: dict[str, str] = {}
+    if spec.source:
+        fs, base = open_fs(spec.source, spec.storage_options)
+        base = base.rstrip("/")
+        paths = (sorted(fs.find(base)) if spec.include is None
+                 else [f"{base}/{rel}" for rel in spec.include])
+        for path in paths:
+            rel = path[len(base):].lstrip("/")
+            local = os.path.join(root, *rel.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(path, local)
+            staged[rel] = local
+    for rel, data in spec.files.items():
+        local = os.path.join(root, *rel.split("/"))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+            f.write(data)
+        staged[rel] = local
+    art = wandb.Artifact(spec.name, type=spec.type, metadata=json.loads(json.dumps(spec.metadata, default=str)))
+    for rel, local in staged.items():
+        # immutable: referenced where it lies (inside the run directory), not copied to W&B's staging cache
+        art.add_file(local, name=rel, policy="immutable")
+    run.log_artifact(art)
+    with open(os.path.join(os.path.dirname(root), f"{spec.name}.manifest.json"), "w") as f:
+        json.dump({"name": spec.name, "type": spec.type, "metadata": art.metadata,
+                   "manifest": art.manifest.to_manifest_json()}, f, indent=2, default=str)
+    return root
+
+
 def log_run(*, job: str, config: Mapping[str, Any], summary: Mapping[str, Any], project: str = "medray",
             mode: str = "auto", group: Optional[str] = None, name: Optional[str] = None,
-            directory: Optional[str] = None, metrics: Optional[Mapping[str, float]] = None) -> Optional[str]:
-    """Log one finished run (config, summary, metrics) to W&B.
+            directory: Optional[str] = None, metrics: Optional[Mapping[str, float]] = None,
+            artifact: Optional[RunArtifact] = None, run_id: Optional[str] = None) -> Optional[str]:
+    """Log one finished run (config, summary, metrics, optionally an artifact) to W&B.
+
+    Args:
+        artifact: logged with the run; its files are staged in the run directory
+            (see :class:`RunArtifact`), so this works offline.
+        run_id: resume (or create) the W&B run with this id, e.g. the one
+            training logged its epochs to.
 
     Returns:
         The local run directory, or None when tracking is disabled or fails
@@ -44,22 +134,34 @@ def log_run(*, job: str, config: Mapping[str, Any], summary: Mapping[str, Any], 
     mode = wandb_mode(mode)
     if mode == "disabled":
         return None
+    run = None
     try:
         import wandb
 
-        directory = directory or os.path.join(os.environ.get("MEDRAY_HOME", ".medray"))
+        directory = os.path.abspath(directory or os.path.join(os.environ.get("MEDRAY_HOME", ".medray")))
         os.makedirs(directory, exist_ok=True)
         run = wandb.init(project=project, job_type=job, group=group, name=name, dir=directory,
                          mode=mode, config=dict(config), reinit="finish_previous",
+                         id=run_id, resume="allow" if run_id else None,
                          settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
         if metrics:
             run.log(dict(metrics))
         for k, v in summary.items():
             if isinstance(v, (int, float, str, bool)):
                 run.summary[k] = v
+        if artifact is not None:
+            try:
+                _stage_artifact(run, artifact)
+            except Exception as err:  # noqa: BLE001 - the run itself is still worth keeping
+                log.warning("W&B artifact '%s' skipped: %s: %s", artifact.name, type(err).__name__, err)
         run_dir = run.dir
         run.finish()
         return os.path.dirname(run_dir)
     except Exception as err:  # noqa: BLE001 - tracking must not lose a finished job
         log.warning("W&B logging skipped: %s: %s", type(err).__name__, err)
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
         return None

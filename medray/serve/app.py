@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from medray.config import DecodeConf, EncoderConf, StorageConf
+from medray.config import AudioConf, DecodeConf, EncoderConf, StorageConf, TextConf
 from medray.serve.config import (
     DeploymentConf,
     ServeOptions,
@@ -43,19 +43,26 @@ class ServeArgs(BaseModel):
 
     Attributes:
         encoder: the encoder spec (as in ``conf/encoder/*.yaml``).
+        encoders: more encoders, one per other modality (``{"audio": spec, "text": spec}``);
+            each becomes its own batched deployment and inputs are routed by content.
         heads: ``{head id: artifact uri}``, or a list of artifact URIs whose
             model cards give the ids.
         serve: deployments, autoscaling, limits, inputs, auth.
         decode: DICOM windows, frame selection and size limits (as ``medray embed``).
+        audio: windows of recordings (audio encoders; as ``medray embed``).
+        text: chunking of reports (text encoders; as ``medray embed``).
         storage: fsspec options for ``uri`` inputs and artifacts.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     encoder: EncoderConf
+    encoders: Dict[str, EncoderConf] = Field(default_factory=dict)
     heads: Union[Dict[str, str], list] = Field(default_factory=dict)
     serve: ServeOptions = Field(default_factory=ServeOptions)
     decode: DecodeConf = Field(default_factory=DecodeConf)
+    audio: AudioConf = Field(default_factory=AudioConf)
+    text: TextConf = Field(default_factory=TextConf)
     storage: StorageConf = Field(default_factory=StorageConf)
 
 
@@ -90,6 +97,12 @@ def _encoder_gpus(requested: Any) -> float:
         return 0.0
 
 
+def _modality(spec: EncoderConf) -> str:
+    from medray.encoders import family_modality
+
+    return family_modality(spec.family)
+
+
 def build_app(args: ServeArgs) -> Application:
     """Build the Serve application: ingress, encoder and (if any heads) the heads deployment.
 
@@ -109,28 +122,34 @@ def build_app(args: ServeArgs) -> Application:
     heads = resolve_heads(args.heads, args.storage.options)
     settings = DecodeSettings.from_conf(dataclasses.asdict(args.decode), max_frames=s.limits.max_frames,
                                         storage_options=args.storage.options,
-                                        allowed_uri_prefixes=s.inputs.allowed_uri_prefixes)
+                                        allowed_uri_prefixes=s.inputs.allowed_uri_prefixes,
+                                        audio=dataclasses.asdict(args.audio), text=dataclasses.asdict(args.text))
     enc = s.encoder
     gpus = _encoder_gpus(enc.num_gpus)
-    encoder = serve.deployment(EncoderDeployment).options(
-        name="Encoder",
-        user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
-        **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
-    ).bind(dataclasses.asdict(args.encoder), settings, device=enc.device, dtype=enc.dtype,
-           torch_threads=enc.torch_threads, decode_threads=enc.decode_threads, num_cpus=enc.num_cpus)
+    primary = _modality(args.encoder)
+    specs = {primary: args.encoder, **{m: e for m, e in args.encoders.items() if m != primary}}
+    encoders = {}
+    for modality, spec in specs.items():
+        encoders[modality] = serve.deployment(EncoderDeployment).options(
+            name="Encoder" if modality == primary else f"Encoder_{modality}",
+            user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+            **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
+        ).bind(dataclasses.asdict(spec), settings, device=enc.device, dtype=enc.dtype,
+               torch_threads=enc.torch_threads, decode_threads=enc.decode_threads, num_cpus=enc.num_cpus)
     head_app = None
     if heads:
         h = s.heads
         head_app = serve.deployment(HeadsDeployment).options(
             name="Heads", **_deployment_options(h, s, max_ongoing=h.max_ongoing_requests or 32,
                                                 num_gpus=h.num_gpus or 0.0),
-        ).bind(heads, encoder, settings, max_loaded=h.max_loaded, storage_options=args.storage.options,
+        ).bind(heads, encoders, settings, max_loaded=h.max_loaded, storage_options=args.storage.options,
                cache_dir=args.encoder.cache_dir, device=enc.device)
     ing = s.ingress
     ingress_settings = IngressSettings(
-        heads=sorted(heads), max_body_bytes=s.limits.max_body_bytes, request_timeout_s=s.limits.request_timeout_s,
+        heads=sorted(heads), primary=primary, max_body_bytes=s.limits.max_body_bytes,
+        request_timeout_s=s.limits.request_timeout_s,
         allowed_uri_prefixes=list(s.inputs.allowed_uri_prefixes), auth_enabled=s.auth.enabled,
         token_env=s.auth.token_env, token_file=s.auth.token_file)
     return serve.deployment(Ingress).options(
         name="Ingress", **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
-    ).bind(encoder, head_app, ingress_settings)
+    ).bind(encoders, head_app, ingress_settings)

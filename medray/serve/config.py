@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf
+from medray.config import AudioConf, DecodeConf, EncoderConf, RayConf, StorageConf, TextConf
 from medray.platform.errors import ConfigError
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "AuthConf",
     "ServeOptions",
     "ServeJobConf",
+    "AutoscalingOverrides",
+    "apply_autoscaling_shorthand",
     "HEAD_ID_PATTERN",
     "IMPORT_PATH",
     "check_options",
@@ -58,6 +60,26 @@ class AutoscalingConf:
     downscale_delay_s: float = 600.0
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
+
+
+@dataclass
+class AutoscalingOverrides:
+    """``serve.autoscaling``: shorthand for the encoder deployment's autoscaling.
+
+    The encoder is the deployment that scales with load, so
+    ``serve.autoscaling.max_replicas=8`` sets
+    ``serve.encoder.autoscaling.max_replicas``; fields left null keep the
+    encoder's own values.
+    """
+
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: Optional[float] = None
+    upscale_delay_s: Optional[float] = None
+    downscale_delay_s: Optional[float] = None
+    metrics_interval_s: Optional[float] = None
+    look_back_period_s: Optional[float] = None
 
 
 @dataclass
@@ -173,6 +195,8 @@ class ServeOptions:
     limits: LimitsConf = field(default_factory=LimitsConf)
     inputs: InputsConf = field(default_factory=InputsConf)
     auth: AuthConf = field(default_factory=AuthConf)
+    autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
+    throughput_optimized: bool = False
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 30.0
     health_check_period_s: float = 10.0
@@ -186,13 +210,24 @@ class ServeJobConf:
     """``medray serve``: the Hydra schema of ``conf/serve.yaml``."""
 
     encoder: EncoderConf = field(default_factory=EncoderConf)
+    # modality -> preset name or spec mapping: more encoders, inputs routed by content
+    encoders: Dict[str, Any] = field(default_factory=dict)
     heads: Any = None  # [uri, ...] (ids from model cards) or {id: uri}
     serve: ServeOptions = field(default_factory=ServeOptions)
     decode: DecodeConf = field(default_factory=DecodeConf)
+    audio: AudioConf = field(default_factory=AudioConf)
+    text: TextConf = field(default_factory=TextConf)
     storage: StorageConf = field(default_factory=StorageConf)
     ray: RayConf = field(default_factory=RayConf)
     emit_config: Optional[str] = None
     check_artifacts: bool = True
+
+
+def apply_autoscaling_shorthand(serve: ServeOptions) -> None:
+    """Copy the set fields of ``serve.autoscaling`` onto ``serve.encoder.autoscaling`` (in place)."""
+    for key, value in asdict(serve.autoscaling).items():
+        if value is not None:
+            setattr(serve.encoder.autoscaling, key, value)
 
 
 def max_ongoing_for(enc: EncoderDeploymentConf) -> int:
@@ -246,6 +281,7 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         raise ConfigError("serve.http.port", f"must be a TCP port, got {serve.http.port!r}")
     if serve.http.request_timeout_s is not None:
         _positive("serve.http.request_timeout_s", serve.http.request_timeout_s)
+    apply_autoscaling_shorthand(serve)
     for name in ("ingress", "encoder", "heads"):
         _check_deployment(f"serve.{name}", getattr(serve, name))
     enc = serve.encoder
@@ -291,8 +327,8 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
     for mod, win in decode.windows.items():
         if len(win) != 2 or float(win[1]) <= 0:
             raise ConfigError(f"decode.windows.{mod}", "must be [center, width] with width > 0")
-    if encoder.modality != "image":
-        raise ConfigError("encoder", f"medray serve serves image encoders (DICOM, PNG, JPEG inputs); "
+    if encoder.modality not in ("image", "audio", "text"):
+        raise ConfigError("encoder", f"medray serve serves image, audio and text encoders; "
                           f"'{encoder.name}' is a {encoder.modality} encoder")
     if not encoder.checkpoint or encoder.checkpoint == "???":
         raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory or an "

@@ -1,10 +1,11 @@
-"""The encoder deployment: decode off the event loop, embed frames in dynamic batches.
+"""The encoder deployment: decode off the event loop, embed items in dynamic batches.
 
 One replica loads one encoder (GPU when the replica has one). A request is
-raw bytes or an allowed object-storage URI; it is decoded and preprocessed
-with the functions the batch job uses (:func:`decode_input`), in a thread
-pool, and its frames join a ``@serve.batch`` queue shared by every request
-on the replica. The forward pass runs in its own thread, so the event loop
+raw bytes or an allowed object-storage URI; it is routed by content and
+decoded and preprocessed with the functions the batch job uses
+(:func:`decode_input`), in a thread pool: an image becomes its frames, a
+recording its windows, a report its token chunks. The items join a
+``@serve.batch`` queue shared by every request on the replica. The forward pass runs in its own thread, so the event loop
 keeps accepting and decoding while the model works.
 
 Bad input never raises out of a handle call: :meth:`EncoderDeployment.embed`
@@ -45,25 +46,38 @@ class DecodeSettings:
     max_frames: int = 256
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     allowed_uri_prefixes: tuple = ()
+    audio: Mapping[str, Any] = field(default_factory=dict)
+    text: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_conf(cls, decode: Any, *, max_frames: int, storage_options: Mapping[str, Any],
-                  allowed_uri_prefixes: Any) -> "DecodeSettings":
-        """Build from a :class:`medray.config.DecodeConf` (or its dict)."""
+                  allowed_uri_prefixes: Any, audio: Optional[Mapping[str, Any]] = None,
+                  text: Optional[Mapping[str, Any]] = None) -> "DecodeSettings":
+        """Build from a :class:`medray.config.DecodeConf` (or its dict) and the ``audio:``/``text:`` sections."""
         d = decode if isinstance(decode, Mapping) else decode.__dict__
         return cls(frames=d.get("frames", "all"), windows=dict(d.get("windows") or {}),
                    prefer_file_voi=bool(d.get("prefer_file_voi", True)), max_bytes=int(d.get("max_bytes", 1 << 30)),
                    max_pixels=int(d.get("max_pixels", 1_000_000_000)), max_frames=int(max_frames),
-                   storage_options=dict(storage_options or {}), allowed_uri_prefixes=tuple(allowed_uri_prefixes or ()))
+                   storage_options=dict(storage_options or {}), allowed_uri_prefixes=tuple(allowed_uri_prefixes or ()),
+                   audio=dict(audio or {}), text=dict(text or {}))
 
 
 @dataclass
 class DecodedInput:
-    """Preprocessed frames of one input: ``pixels`` float32 ``(F, C, H, W)``."""
+    """Model input of one request: ``pixels`` holds one item per row.
+
+    Images: float32 frames ``(F, C, H, W)``; audio: windows; text: token
+    chunks. ``segments`` gives each item's provenance (as the columns
+    ``medray embed`` writes: ``segment``, ``start_s``/``end_s``,
+    ``token_start``/``token_end``, ...); ``None`` for image frames.
+    ``pool == "mean"`` asks for a pooled embedding over the items.
+    """
 
     pixels: np.ndarray
     frames: list
     modality: str
+    segments: Optional[list] = None
+    pool: str = "none"
 
 
 def _fetch(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes, str]:
@@ -93,22 +107,25 @@ def _extension(name: str) -> str:
 
 
 def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *,
-                 salt: str = "") -> DecodedInput:
-    """Decode and preprocess one request exactly as ``medray embed`` does.
+                 salt: str = "", modality: str = "image") -> DecodedInput:
+    """Route, decode and preprocess one request exactly as ``medray embed`` does.
 
     Args:
         payload: ``{"data": bytes, "name": str}`` or ``{"uri": "s3://..."}``.
         settings: decode options and limits.
         preprocessor: the encoder (or its :class:`~medray.encoders.Preprocessor`).
         salt: patient-key salt (the key is never returned by the server).
+        modality: what the served encoder embeds (``image``, ``audio`` or
+            ``text``); content of another modality is refused (415).
 
     Returns:
-        The preprocessed frames.
+        The preprocessed items (frames, windows or chunks).
 
     Raises:
-        RecordError: unreadable, undecodable or over a limit; the message carries no PHI.
+        RecordError: unreadable, undecodable, of another modality or over a
+            limit; the message carries no PHI.
     """
-    from medray.platform.decoders import decode_bytes
+    from medray.platform.decoders import UnsupportedFormat, _check_size, decode_bytes, detect_modality
     # The batch job's own StageOptions -> (DicomOptions, DecodeLimits) mapping, so that
     # windows, frame selection and limits are read exactly as `medray embed` reads them.
     from medray.platform.pipeline import StageOptions, _decode_options
@@ -117,12 +134,22 @@ def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preproces
     dicom, limits = _decode_options(StageOptions(
         max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, frames=settings.frames,
         windows={k: list(v) for k, v in settings.windows.items()}, prefer_file_voi=settings.prefer_file_voi))
+    _check_size(data, limits)
+    route, fmt = detect_modality(data, name)
+    if route == "slide":
+        raise UnsupportedFormat("whole-slide images are not served over HTTP (too large for one request); "
+                                "embed them with `medray embed`")
+    if route == "other":
+        raise UnsupportedFormat("DICOM object without pixel data or report text (e.g. RTSTRUCT, "
+                                "presentation state); nothing to embed")
+    if route != modality:
+        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
+    if route in ("audio", "text"):
+        return _prepare(data, fmt, preprocessor, settings, salt)
     decoded = decode_bytes(data, name=name, dicom=dicom, limits=limits, salt=salt)
     if not decoded.frames:
         raise RecordError("no frames selected", stage="decode")
-    if len(decoded.frames) > settings.max_frames:
-        raise LimitExceeded(f"input has {len(decoded.frames)} frames, over serve.limits.max_frames="
-                            f"{settings.max_frames}; select frames with decode.frames or raise the limit")
+    _check_items(len(decoded.frames), settings, "frames", "select frames with decode.frames")
     try:
         pixels = preprocessor.preprocess([f.image for f in decoded.frames])
     except RecordError:
@@ -131,6 +158,26 @@ def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preproces
         raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
     return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), [int(f.frame) for f in decoded.frames],
                         decoded.modality)
+
+
+def _check_items(n: int, settings: DecodeSettings, what: str, hint: str) -> None:
+    if n > settings.max_frames:
+        raise LimitExceeded(f"input has {n} {what}, over serve.limits.max_frames={settings.max_frames}; "
+                            f"{hint} or raise the limit")
+
+
+def _prepare(data: bytes, fmt: str, preprocessor: Any, settings: DecodeSettings, salt: str) -> DecodedInput:
+    """Audio windows or text chunks, as :func:`medray.platform.modalities.prepare_record` makes them."""
+    from medray.platform.decoders.audio import AudioOptions
+    from medray.platform.modalities import TextOptions, prepare_record
+
+    prepared = prepare_record(data, fmt, preprocessor, audio=AudioOptions(**dict(settings.audio)),
+                              text=TextOptions(**dict(settings.text)), salt=salt)
+    n = len(prepared.segments)
+    hint = "lengthen audio.window_s" if fmt == "audio" else "send a shorter document"
+    _check_items(n, settings, "windows" if fmt == "audio" else "chunks", hint)
+    return DecodedInput(np.ascontiguousarray(prepared.inputs), list(range(n)), prepared.modality,
+                        segments=prepared.segments, pool=prepared.pool)
 
 
 def error_result(err: BaseException) -> dict:
@@ -180,18 +227,26 @@ class EncoderDeployment:
 
         from medray.encoders import create_encoder, get_spec
 
+        from medray.encoders import family_modality
+
         threads = torch_threads or max(1, int(round(num_cpus)))
         torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._encoder = create_encoder(get_spec(dict(encoder)), device=device, dtype=dtype)
+        spec = get_spec(dict(encoder))
+        self._modality = family_modality(spec.family)
+        self._encoder = create_encoder(spec, device=device, dtype=dtype)
         self._settings = settings
         self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
         self._ident["device"] = device
         self._replica = replica_tag()
         self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
-        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="medray-decode")
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medray-model")
+        # OpenMP's thread count is per thread and starts from OMP_NUM_THREADS, which Ray sets to the
+        # replica's num_cpus: set it inside each pool thread, or the model runs on fewer cores than asked.
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="medray-decode",
+                                               initializer=torch.set_num_threads, initargs=(1,))
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medray-model",
+                                              initializer=torch.set_num_threads, initargs=(threads,))
         self._batches = 0
         self._frames = 0
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
@@ -226,13 +281,14 @@ class EncoderDeployment:
 
         Returns:
             ``{"embeddings": float32 (F, dim), "frames", "modality", "encoder", "batch_size",
-            "replica", "timings"}``, or ``{"error": {"class", "stage", "message"}}``.
+            "replica", "timings"}`` (audio and text add ``segments`` and, when pooling,
+            ``pooled``), or ``{"error": {"class", "stage", "message"}}``.
         """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             decoded = await loop.run_in_executor(self._decode_pool, functools.partial(
-                decode_input, payload, self._settings, self._encoder, salt=self._salt))
+                decode_input, payload, self._settings, self._encoder, salt=self._salt, modality=self._modality))
         except Exception as err:  # noqa: BLE001 - bad input is an answer, not a crash
             out = error_result(err)
             log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])
@@ -249,9 +305,16 @@ class EncoderDeployment:
                 log.warning("encode failed: %s", out["error"]["message"])
                 return out
         emb = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
-        return {"embeddings": emb, "frames": decoded.frames, "modality": decoded.modality,
-                "encoder": dict(self._ident), "batch_size": max(r[1] for r in results), "replica": self._replica,
-                "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1}}
+        out = {"embeddings": emb, "frames": decoded.frames, "modality": decoded.modality,
+               "encoder": dict(self._ident), "batch_size": max(r[1] for r in results), "replica": self._replica,
+               "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1}}
+        if decoded.segments is not None:
+            from medray.platform.modalities import pooled_segment
+
+            out["segments"] = decoded.segments
+            if decoded.pool == "mean":  # the row `medray embed` writes with frame -1
+                out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:

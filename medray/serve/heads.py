@@ -2,11 +2,13 @@
 
 A head is an artifact of ``medray finetune`` (:mod:`medray.encoders.heads`).
 
-* A linear probe (no backbone) applies to the served encoder's embeddings:
-  the replica asks the encoder deployment to embed the input, then applies
-  the head. It is refused (409) unless its card's ``encoder.weights_hash``
-  equals the served encoder's, since the numbers would otherwise be
-  meaningless.
+* A linear probe (no backbone) applies to a served encoder's embeddings:
+  the replica asks the encoder deployment whose weights the head was
+  trained on (by the card's ``encoder.weights_hash``; image, audio or text)
+  to embed the input, then applies the head. It is refused (409) when no
+  served encoder has those weights, since the numbers would otherwise be
+  meaningless. Audio and text inputs get a prediction per window / chunk
+  and one for the pooled record (frame -1).
 * An artifact that carries its fine-tuned backbone is served with that
   backbone, loaded with the head, on this replica.
 
@@ -68,12 +70,23 @@ def check_head_card(card: Any, head_dim: int, served: Mapping[str, Any]) -> None
         raise HeadRefused(f"head '{card.id}' expects {head_dim}-d embeddings, the encoder gives {served.get('dim')}")
 
 
+def _warm_imports() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        import medray.encoders  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head load that needs them will tell
+        pass
+
+
 class HeadsDeployment:
     """Serve deployment body: predictions of many heads over one encoder.
 
     Args:
         heads: ``{head id: artifact uri}``.
-        encoder: handle of the encoder deployment.
+        encoder: handle of the encoder deployment, or ``{modality: handle}`` when
+            several encoders are served.
         settings: decode options (for heads that bring their own backbone).
         max_loaded: heads kept per replica (LRU beyond).
         storage_options: fsspec options for the artifacts.
@@ -85,12 +98,12 @@ class HeadsDeployment:
                  storage_options: Optional[Mapping[str, Any]] = None, cache_dir: Optional[str] = None,
                  device: str = "auto") -> None:
         self._heads = dict(heads)
-        self._encoder = encoder
+        self._encoders = dict(encoder) if isinstance(encoder, Mapping) else {"image": encoder}
         self._settings = settings
         self._storage_options = dict(storage_options or {})
         self._cache_dir = cache_dir
         self._device = device
-        self._served: Optional[dict] = None
+        self._served: Optional[dict] = None  # modality -> describe()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="medray-heads")
         self._salt = secrets.token_hex(16)
         self._replica = replica_tag()
@@ -98,13 +111,27 @@ class HeadsDeployment:
         async def load_head(head_id: str) -> LoadedHead:
             return await self._load(head_id)
 
+        # A head with its own backbone needs torch and the model code: import them now, in the
+        # background, so that the first request for such a head does not pay for it.
+        self._pool.submit(_warm_imports)
         # Wrapped here, not at class level, so that max_loaded comes from config.
         self._get_head = serve.multiplexed(max_num_models_per_replica=int(max_loaded))(load_head)
 
-    async def _served_encoder(self) -> dict:
+    async def _served_encoders(self) -> dict:
         if self._served is None:
-            self._served = await self._encoder.describe.remote()
+            described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
+            self._served = dict(zip(self._encoders, described))
         return self._served
+
+    async def _encoder_for(self, card: Any) -> str:
+        """The modality of the served encoder with the head's base weights (else the first, to refuse)."""
+        served = await self._served_encoders()
+        want = (card.encoder or {}).get("weights_hash")
+        return next((m for m, d in served.items() if want and d.get("weights_hash") == want), next(iter(served)))
+
+    async def ready(self) -> bool:
+        """For ``/readyz``: this replica runs."""
+        return True
 
     async def _load(self, head_id: str) -> LoadedHead:
         from medray.encoders.heads import load_artifact
@@ -119,7 +146,7 @@ class HeadsDeployment:
                 raise HeadRefused(f"head '{card.id}' expects {head.dim}-d embeddings, its backbone gives {encoder.dim}")
             log.info("loaded head %s with its own backbone", head_id)
             return LoadedHead(head, card, encoder)
-        check_head_card(card, head.dim, await self._served_encoder())
+        check_head_card(card, head.dim, (await self._served_encoders())[await self._encoder_for(card)])
         log.info("loaded head %s", head_id)
         return LoadedHead(head, card)
 
@@ -161,23 +188,32 @@ class HeadsDeployment:
             return {"error": {"class": "HeadUnavailable", "stage": "load",
                               "message": f"head '{head_id}' could not be loaded ({type(err).__name__})"}}
         if loaded.encoder is None:
-            res = await self._encoder.embed.remote(payload)
+            res = await self._encoders[await self._encoder_for(loaded.card)].embed.remote(payload)
             if "error" in res:
                 return res
             if res["encoder"].get("weights_hash") != (loaded.card.encoder or {}).get("weights_hash"):
                 # The encoder deployment was redeployed with other weights since the head loaded.
                 return {"error": {"class": "HeadRefused", "stage": "predict",
                                   "message": f"head '{head_id}' does not match the encoder now served"}}
-            emb, frames, ident = res["embeddings"], res["frames"], res["encoder"]
+            emb, frames, ident = res["embeddings"], list(res["frames"]), res["encoder"]
+            if res.get("pooled") is not None:  # audio / text: the record-level row, frame -1
+                emb = np.concatenate([emb, np.asarray(res["pooled"]["embedding"], np.float32)[None]])
+                frames.append(-1)
         else:
             loop = asyncio.get_running_loop()
             try:
+                from medray.encoders import family_modality
+
+                modality = family_modality(str((loaded.card.encoder or {}).get("family", "hf_image")))
                 decoded = await loop.run_in_executor(self._pool, functools.partial(
-                    decode_input, payload, self._settings, loaded.encoder, salt=self._salt))
+                    decode_input, payload, self._settings, loaded.encoder, salt=self._salt, modality=modality))
                 emb = await loop.run_in_executor(self._pool, loaded.encoder.embed, decoded.pixels)
             except Exception as err:  # noqa: BLE001
                 return error_result(err)
-            frames = decoded.frames
+            frames = list(decoded.frames)
+            if decoded.pool == "mean":
+                emb = np.concatenate([emb, emb.mean(axis=0, keepdims=True)])
+                frames.append(-1)
             ident = {k: v for k, v in loaded.encoder.describe().items() if k != "checkpoint"}
         probs = loaded.head.predict(np.asarray(emb, dtype=np.float32))
         return {"head": head_id, "model_card_id": loaded.card.id, "task": loaded.card.task,

@@ -3,8 +3,9 @@
 Routes (OpenAPI at ``/docs``)::
 
     POST /v1/embeddings        upload (multipart ``file``), raw body (application/dicom,
-                               image/png, image/jpeg, application/octet-stream) or JSON
-                               {"bytes_b64": ...} | {"uri": "s3://..."}
+                               image/png, image/jpeg, audio/wav, audio/flac, audio/ogg,
+                               text/plain, application/octet-stream) or JSON
+                               {"bytes_b64": ...} | {"uri": "s3://..."} | {"text": ...}
     POST /v1/predict/{head}    the same inputs; the head's label probabilities
     GET  /v1/models            the encoder and the heads served
     GET  /healthz, /readyz     liveness; readiness (the encoder answers)
@@ -45,19 +46,25 @@ __all__ = ["ApiError", "IngressSettings", "Ingress", "api", "error_for_result", 
 
 log = logging.getLogger("ray.serve.medray.ingress")  # a "ray.serve" child: lines carry the request id
 
-RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
+#: Raw body media types and the file-name hint each gives the decoder (content decides; this only helps).
+RAW_TYPES = {"application/dicom": "input.dcm", "image/png": "input.png", "image/jpeg": "input.jpg",
+             "audio/wav": "input.wav", "audio/x-wav": "input.wav", "audio/wave": "input.wav",
+             "audio/vnd.wave": "input.wav", "audio/flac": "input.flac", "audio/x-flac": "input.flac",
+             "audio/ogg": "input.ogg", "text/plain": "input.txt", "application/octet-stream": "input"}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "string", "format": "binary", "description": "DICOM, PNG or JPEG"}}}},
+                "file": {"type": "string", "format": "binary",
+                         "description": "DICOM, PNG, JPEG, WAV/FLAC/OGG or UTF-8 text, as the encoder embeds"}}}},
             "application/json": {"schema": {"type": "object", "properties": {
                 "bytes_b64": {"type": "string", "description": "the file, base64"},
-                "uri": {"type": "string", "description": "object-storage URI under an allowed prefix"}}}},
-            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "uri": {"type": "string", "description": "object-storage URI under an allowed prefix"},
+                "text": {"type": "string", "description": "a report (text encoders)"}}}},
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in (
+                "application/dicom", "image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg")},
+            "text/plain": {"schema": {"type": "string"}},
         },
     }
 }
@@ -90,6 +97,7 @@ class IngressSettings:
     """What the ingress enforces (from the ``serve:`` section)."""
 
     heads: list = field(default_factory=list)
+    primary: str = "image"  # the modality of `encoder:`; others come from `encoders:`
     max_body_bytes: int = 64 << 20
     request_timeout_s: float = 60.0
     allowed_uri_prefixes: list = field(default_factory=list)
@@ -172,11 +180,11 @@ async def parse_input(content_type: str, body: bytes, settings: IngressSettings)
     if ctype in RAW_TYPES:
         if not body:
             raise ApiError(422, "invalid_request", "empty body")
-        return {"data": body, "name": {"application/dicom": "input.dcm", "image/png": "input.png",
-                                       "image/jpeg": "input.jpg"}.get(ctype, "input")}
+        return {"data": body, "name": RAW_TYPES[ctype]}
     raise ApiError(415, "unsupported_media",
                    f"unsupported Content-Type {ctype or '(none)'}; send multipart/form-data (field 'file'), "
-                   f"application/json ({{\"bytes_b64\"}} or {{\"uri\"}}) or one of {', '.join(RAW_TYPES)}")
+                   f"application/json ({{\"bytes_b64\"}}, {{\"uri\"}} or {{\"text\"}}) or one of "
+                   f"{', '.join(RAW_TYPES)}")
 
 
 async def _parse_multipart(content_type: str, body: bytes) -> dict:
@@ -211,8 +219,12 @@ async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
         doc = await asyncio.to_thread(json.loads, body) if len(body) > (1 << 20) else json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(422, "invalid_request", "body is not valid JSON") from None
-    if not isinstance(doc, dict) or len({"bytes_b64", "uri"} & set(doc)) != 1:
-        raise ApiError(422, "invalid_request", 'JSON body must hold exactly one of "bytes_b64" or "uri"')
+    if not isinstance(doc, dict) or len({"bytes_b64", "uri", "text"} & set(doc)) != 1:
+        raise ApiError(422, "invalid_request", 'JSON body must hold exactly one of "bytes_b64", "uri" or "text"')
+    if "text" in doc:
+        if not isinstance(doc["text"], str) or not doc["text"].strip():
+            raise ApiError(422, "invalid_request", '"text" must be a non-empty string')
+        return {"data": doc["text"].encode("utf-8"), "name": "input.txt"}
     if "uri" in doc:
         uri = doc["uri"]
         if not isinstance(uri, str) or not uri_allowed(uri, settings.allowed_uri_prefixes):
@@ -275,7 +287,8 @@ def error_response(err: ApiError, request_id: str = "") -> JSONResponse:
 
 
 api = FastAPI(title="medray", version=medray.__version__,
-              description="Embeddings and task-head predictions for medical images (DICOM, PNG, JPEG).")
+              description="Embeddings and task-head predictions for medical images (DICOM, PNG, JPEG), "
+                          "health audio (WAV, FLAC, OGG) and clinical text, by the served encoder's modality.")
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -295,7 +308,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"), _request_id(request))
 
 
+def _segment_entry(frame: int, emb: Any, seg: Optional[dict]) -> dict:
+    out = {"frame": int(frame), "embedding": emb.tolist()}
+    if seg:
+        out.update({k: v for k, v in seg.items() if v is not None})
+    return out
+
+
 def _embedding_body(res: dict) -> dict:
+    segs = res.get("segments") or [None] * len(res["frames"])
+    items = [_segment_entry(f, e, s) for f, e, s in zip(res["frames"], res["embeddings"], segs)]
+    if res.get("pooled") is not None:  # as `medray embed` writes it: frame -1, segment "pooled"
+        pooled = dict(res["pooled"])
+        items.append(_segment_entry(-1, pooled.pop("embedding"), pooled))
     return {
         "encoder": res["encoder"].get("name"),
         "weights_hash": res["encoder"].get("weights_hash"),
@@ -303,7 +328,7 @@ def _embedding_body(res: dict) -> dict:
         "dim": res["encoder"].get("dim"),
         "untrained": bool(res["encoder"].get("untrained")),
         "modality": res.get("modality"),
-        "embeddings": [{"frame": int(f), "embedding": e.tolist()} for f, e in zip(res["frames"], res["embeddings"])],
+        "embeddings": items,
         "batch_size": res.get("batch_size"),
         "replica": res.get("replica"),
     }
@@ -328,8 +353,12 @@ def _prediction_body(res: dict) -> dict:
 class Ingress:
     """Serve deployment body of the ingress.
 
+    With several encoders (``encoders.audio=...``), an input goes to the
+    encoder of its modality, sniffed from its bytes (a URI input: from its
+    extension); content no served encoder embeds is a 415.
+
     Args:
-        encoder: handle of the encoder deployment.
+        encoder: handle of the encoder deployment, or ``{modality: handle}``.
         heads: handle of the heads deployment (``None`` when no heads are configured).
         settings: limits, auth and the head ids.
 
@@ -338,7 +367,8 @@ class Ingress:
     """
 
     def __init__(self, encoder: Any, heads: Any, settings: IngressSettings) -> None:
-        self._encoder = encoder
+        self._encoders = dict(encoder) if isinstance(encoder, dict) else {settings.primary: encoder}
+        self._encoder = self._encoders[settings.primary]
         self._heads = heads
         self._settings = settings
         self._head_ids = set(settings.heads)
@@ -375,12 +405,34 @@ class Ingress:
             raise err
         return result
 
-    @api.post("/v1/embeddings", openapi_extra=_BODY_DOC, summary="Embed a DICOM, PNG or JPEG (one vector per frame)")
+    async def _route(self, payload: dict) -> Any:
+        """The encoder handle for this input's modality."""
+        if len(self._encoders) == 1:
+            return self._encoder  # it checks the modality itself, after decoding off this loop
+        if "uri" in payload:
+            ext = str(payload["uri"]).rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
+            route = {"wav": "audio", "flac": "audio", "ogg": "audio", "txt": "text"}.get(ext, "image")
+        else:
+            from medray.platform.decoders import detect_modality
+            from medray.platform.errors import RecordError
+
+            try:
+                route, _ = await asyncio.to_thread(detect_modality, payload["data"], payload.get("name") or "")
+            except RecordError as err:
+                raise error_for_result({"error": {"class": type(err).__name__, "message": str(err)}}) from None
+            route = "image" if route in ("slide", "other") else route  # the image encoder says why it refuses
+        if route not in self._encoders:
+            raise ApiError(415, "unsupported_media", f"this server embeds {', '.join(sorted(self._encoders))} "
+                           f"inputs; the input is {route} (serve an encoder for it with encoders.{route}=...)")
+        return self._encoders[route]
+
+    @api.post("/v1/embeddings", openapi_extra=_BODY_DOC, summary="Embed an input: one vector per frame, audio window or text chunk")
     async def embeddings(self, request: Request) -> JSONResponse:
         """Embeddings of the input, one per frame, with the encoder's name and weights hash."""
         async def work() -> dict:
             payload = await self._payload(request)
-            return _embedding_body(await self._call(self._encoder.embed.remote(payload)))
+            encoder = await self._route(payload)
+            return _embedding_body(await self._call(encoder.embed.remote(payload)))
 
         return await self._answer(request, "embeddings", work)
 
@@ -396,12 +448,14 @@ class Ingress:
 
         return await self._answer(request, "predict", work)
 
-    @api.get("/v1/models", summary="The encoder and the heads served")
+    @api.get("/v1/models", summary="The encoders and the heads served")
     async def models(self, request: Request) -> JSONResponse:
-        """The served encoder (name, dim, hashes) and the head ids."""
+        """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids."""
         async def work() -> dict:
-            enc = await self._encoder.describe.remote()
-            return {"encoder": enc, "heads": [{"id": h} for h in sorted(self._head_ids)]}
+            described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
+            by_modality = dict(zip(self._encoders, described))
+            return {"encoder": by_modality[self._settings.primary], "encoders": by_modality,
+                    "heads": [{"id": h} for h in sorted(self._head_ids)]}
 
         return await self._answer(request, "models", work)
 
@@ -410,13 +464,18 @@ class Ingress:
         """200 while the ingress runs."""
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Readiness: the encoder answers")
+    @api.get("/readyz", summary="Readiness: every encoder (and the heads deployment) answers")
     async def readyz(self) -> JSONResponse:
-        """200 when an encoder replica answers within 5 s, else 503."""
+        """200 when a replica of every encoder, and of the heads deployment if any, answers within 5 s."""
+        calls = [h.describe.remote() for h in self._encoders.values()]
+        if self._heads is not None:
+            calls.append(self._heads.ready.remote())
         try:
-            enc = await asyncio.wait_for(self._encoder.describe.remote(), timeout=5.0)
+            answers = await asyncio.wait_for(asyncio.gather(*calls), timeout=5.0)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - not ready, whatever the reason
-            return error_response(ApiError(503, "not_ready", "the encoder is not ready", {"Retry-After": "1"}))
-        return JSONResponse({"status": "ready", "encoder": enc.get("name")})
+            return error_response(ApiError(503, "not_ready", "a model deployment is not ready", {"Retry-After": "1"}))
+        names = {m: a.get("name") for m, a in zip(self._encoders, answers)}
+        return JSONResponse({"status": "ready", "encoder": names[self._settings.primary], "encoders": names,
+                             "heads": self._heads is not None})

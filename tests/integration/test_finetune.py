@@ -204,6 +204,11 @@ def test_zero3_lora_learns_and_the_merged_artifact_embeds_to_the_same_prediction
 
     # W&B offline run written by rank 0
     assert list(Path(corpus["home"]).rglob("offline-run-*")), "no offline W&B run"
+    # and the driver's `model` artifact on the same W&B run: the model card + metrics, not the weights
+    cards = [json.loads(p.read_text()) for p in Path(corpus["home"]).rglob("offline-run-*/artifacts/*.manifest.json")]
+    (card_art,) = [m for m in cards if m["metadata"].get("artifact") == out + "/model"]
+    assert card_art["type"] == "model" and set(card_art["manifest"]["contents"]) == {"model_card.json", "metrics.json"}
+    assert card_art["metadata"]["artifact_sha256"] == sha and card_art["metadata"]["weights_included"] is False
 
 
 # --------------------------------------------------------------------------

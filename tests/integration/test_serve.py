@@ -138,7 +138,19 @@ def stack(s3, tmp_path_factory):
             "serve.graceful_shutdown_timeout_s=10", "serve.ingress.autoscaling.max_replicas=1",
             "serve.limits.max_body_bytes=4194304", "serve.limits.request_timeout_s=20"]
     cfg = root / "open.yaml"
+    # the emitted app also serves an audio and a text encoder: inputs are routed by content
+    more = {fam: build_tiny_checkpoint(fam, str(root / fam), arch=arch)
+            for fam, arch in (("hf_audio", "wav2vec2"), ("hf_text", "bert"))}
+    # and a linear probe trained on the audio encoder's pooled embeddings (as `medray finetune` exports one)
+    audio_head = LinearHead(rng.normal(size=(1, 32)).astype("f4"), np.zeros(1, "f4"), "binary")
+    audio_head_uri = save_artifact(f"s3://{s3.bucket}/serve/heads/cough", head=audio_head, card=ModelCard(
+        id="cough", task="binary", labels=["cough"], encoder={
+            "name": "hf_audio", "family": "hf_audio", "weights_hash": hash_directory(more["hf_audio"]), "dim": 32}))
     emit = subprocess.run([str(BIN / "medray"), "serve", *common, f"serve.name={OPEN_APP}",
+                           f"encoders.audio={{family:hf_audio,checkpoint:'{more['hf_audio']}'}}",
+                           f"encoders.text={{family:hf_text,checkpoint:'{more['hf_text']}'}}",
+                           "serve.encoder.num_cpus=0.5", "audio.window_s=1.0", f"heads=[{audio_head_uri}]",
+                           "serve.heads.autoscaling.max_replicas=1",
                            "serve.route_prefix=/open", f"emit_config={cfg}", "serve.encoder.max_batch_size=1",
                            "serve.encoder.max_ongoing_requests=1", "serve.encoder.max_queued_requests=1",
                            "serve.encoder.batch_wait_timeout_s=0", "serve.encoder.autoscaling.max_replicas=1",
@@ -168,7 +180,8 @@ def stack(s3, tmp_path_factory):
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         yield {"url": url, "open": url + "/open", "auth": {"Authorization": f"Bearer {TOKEN}"}, "inputs": inputs,
                "reference": reference, "heads": heads, "ft_head": ft_head, "weights_hash": weights_hash,
-               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg, "gcs": gcs, "env": env}
+               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg, "gcs": gcs, "env": env,
+               "more": more, "audio_head": audio_head}
     finally:
         t0 = time.time()
         _stop(proc)
@@ -434,6 +447,69 @@ def test_emitted_config_app_has_auth_off_and_answers_overload_with_503(stack, op
     assert shed and any(r[0] == 200 for r in results)
     assert all(r[2] == "1" for r in shed)
     assert np.median([r[3] for r in shed]) < 2.0  # refused at once, not after queueing
+
+
+def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
+    """WAV uploads and text bodies reach the audio / text encoder deployments of the emitted app; each
+    window / chunk embedding equals the encoder applied in this process to what `medray embed`'s decode
+    stage makes (the unit tests prove that part equal), and the pooled row (frame -1) is their mean."""
+    from medray.encoders import create_encoder, get_spec
+    from medray.platform.testing.media import encode, tone
+    from medray.serve.encoder import DecodeSettings, decode_input
+
+    wav = encode(tone(44100, 3.5, channels=2), 44100)
+    report = "Findings: small left pleural effusion, no pneumothorax. " * 60
+    cases = [("audio", {"files": {"file": ("cough.wav", wav)}}, wav, {"window_s": 1.0}),
+             ("audio", {"data": wav, "headers": {"Content-Type": "audio/wav"}}, wav, {"window_s": 1.0}),
+             ("text", {"json": {"text": report}}, report.encode(), {}),
+             ("text", {"data": report.encode(), "headers": {"Content-Type": "text/plain"}}, report.encode(), {})]
+    refs = {}
+    for modality, kwargs, data, opts in cases:
+        resp = requests.post(open_app + "/v1/embeddings", timeout=TIMEOUT, **kwargs)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["modality"] == modality and body["encoder"] == f"hf_{modality}"
+        items = [e for e in body["embeddings"] if e["frame"] >= 0]
+        pooled = [e for e in body["embeddings"] if e["frame"] == -1]
+        assert len(items) > 1 and len(pooled) == 1 and pooled[0]["segment"] == "pooled"
+        if modality not in refs:
+            family = f"hf_{modality}"
+            enc = create_encoder(get_spec(family, checkpoint=stack["more"][family]), device="cpu")
+            settings = DecodeSettings(audio=opts, max_frames=1000)
+            decoded = decode_input({"data": data, "name": "x"}, settings, enc, modality=modality)
+            refs[modality] = (enc.embed(decoded.pixels), decoded.segments)
+        want, segments = refs[modality]
+        got = np.asarray([e["embedding"] for e in items], "f4")
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(pooled[0]["embedding"], want.mean(axis=0), atol=1e-5)
+        if modality == "audio":  # 3.5 s in 1 s windows, the last one padded
+            assert [(e["start_s"], e["end_s"]) for e in items] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 3.5)]
+        else:
+            assert [(e["token_start"], e["token_end"]) for e in items] == [
+                (sg["token_start"], sg["token_end"]) for sg in segments]
+            assert report[:40] not in resp.text  # the text never comes back
+    # the audio probe: a prediction per window and one for the pooled recording (frame -1)
+    resp = requests.post(open_app + "/v1/predict/cough", data=wav, headers={"Content-Type": "audio/wav"},
+                         timeout=TIMEOUT)
+    assert resp.status_code == 200, resp.text
+    preds = {p["frame"]: p["probabilities"]["cough"] for p in resp.json()["predictions"]}
+    want, _ = refs["audio"]
+    expect = stack["audio_head"].predict(np.concatenate([want, want.mean(axis=0, keepdims=True)]))[:, 0]
+    assert sorted(preds) == [-1, 0, 1, 2, 3]
+    np.testing.assert_allclose([preds[f] for f in (0, 1, 2, 3, -1)], expect, atol=1e-5)
+    models = requests.get(open_app + "/v1/models", timeout=TIMEOUT).json()
+    assert set(models["encoders"]) == {"image", "audio", "text"} and models["heads"] == [{"id": "cough"}]
+    ready = requests.get(open_app + "/readyz", timeout=TIMEOUT).json()
+    assert ready["encoders"] == {"image": "hf_image", "audio": "hf_audio", "text": "hf_text"}
+    # the image encoder still gets images; unknown content is a 415
+    assert _upload(stack, "photos/derm_0000.png", base=open_app, headers={}).json()["modality"]
+    bad = requests.post(open_app + "/v1/embeddings", data=b"\x00\x01" * 400,
+                        headers={"Content-Type": "application/octet-stream"}, timeout=TIMEOUT)
+    assert bad.status_code == 415 and bad.json()["code"] == "unsupported_media"
+    # the auth-on app serves images only: a WAV is refused with the reason
+    only = requests.post(stack["url"] + "/v1/embeddings", data=wav, timeout=TIMEOUT,
+                         headers={"Content-Type": "audio/wav", **stack["auth"]})
+    assert only.status_code == 415 and "embeds image inputs; the input is audio" in only.json()["message"]
 
 
 def test_redeploy_under_load_finishes_in_flight_requests(stack, open_app, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -44,7 +45,12 @@ def head(tmp_path_factory, s3):
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MEDRAY_PATIENT_SALT="test-salt",
                MEDRAY_HOME=str(root / "home"), MEDRAY_CACHE_DIR=str(root / "cache"), MEDRAY_PROGRESS="0")
-    ports = [_free_port() for _ in range(5)]
+    ports: list[int] = []
+    while len(ports) < 5:  # distinct, and none inside the worker port range (ports[4] .. +200)
+        port = _free_port()
+        if port not in ports and not (ports[4:] and ports[4] <= port <= ports[4] + 200) and not (
+                len(ports) == 4 and any(port <= p <= port + 200 for p in ports)):
+            ports.append(port)
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={ports[0]}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
            f"--dashboard-agent-listen-port={ports[3]}", f"--min-worker-port={ports[4]}",
@@ -105,3 +111,43 @@ def test_without_token_the_cluster_refuses(head):
     env["HOME"] = str(head["root"])  # no ~/.ray/auth_token there
     proc = _medray(head, "jobs", "status", "raysubmit_none", "--address", head["address"], env=env, timeout=120)
     assert proc.returncode == 2 and "cannot reach the Ray Jobs API" in proc.stderr
+
+
+def test_submit_multirun_submits_one_job_per_point_each_into_its_own_output(head, s3, tmp_path):
+    samples = tmp_path / "s"
+    generate_samples(str(samples), n=4, hostile=False)
+    from medray.encoders import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint("hf_image", str(tmp_path / "tiny-vit"), arch="vit")
+    fs = s3.filesystem()
+    fs.put(str(samples / "dicom"), f"{s3.bucket}/sweep/in/", recursive=True)
+    fs.put(ckpt, f"{s3.bucket}/sweep/tiny-vit", recursive=True)
+    base = f"s3://{s3.bucket}/sweep/out"
+    t0 = time.perf_counter()
+    proc = _medray(head, "submit", "-m", "embed", "encoder=demo_tiny_vit,hf_image",
+                   f"encoder.checkpoint=s3://{s3.bucket}/sweep/tiny-vit", f"input=s3://{s3.bucket}/sweep/in/",
+                   f"output={base}/${{encoder.name}}", "tracking.mode=offline", "compute.batch_size=4",
+                   "cluster=remote",  # ray.address=auto: the cluster the job runs in (RAY_ADDRESS)
+                   # both jobs run at once on the 2-CPU head: each must fit in half of it, or each job's
+                   # encoder actor holds a CPU the other job's decode tasks wait for (Ray Data plans per job)
+                   "compute.actor_num_cpus=0.5", "compute.decode_num_cpus=0.5",
+                   "--address", head["address"], "--wait", timeout=900)
+    print(f"submit -m with 2 points: {time.perf_counter() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ids = [w for w in proc.stdout.split() if w.startswith("raysubmit_")]
+    assert len(set(ids)) == 2, proc.stdout
+    assert all(f"{i} SUCCEEDED" in proc.stdout for i in set(ids))
+    for name in ("demo_tiny_vit", "hf_image"):
+        summary = json.loads(fs.cat(f"{s3.bucket}/sweep/out/{name}/summary.json"))
+        assert summary["encoder"] == name and summary["records_embedded"] == summary["records_total_in_output"] > 0
+        assert summary["output"] == f"{base}/{name}"
+        assert fs.find(f"{s3.bucket}/sweep/out/{name}/embeddings")
+    # each point logged its W&B run offline with the summary as an `embeddings` artifact, in one group
+    manifests = sorted(Path(head["env"]["MEDRAY_HOME"]).glob("wandb/offline-run-*/artifacts/*.manifest.json"))
+    by_output = {json.loads(m.read_text())["metadata"]["output"]: json.loads(m.read_text()) for m in manifests}
+    assert set(by_output) >= {f"{base}/demo_tiny_vit", f"{base}/hf_image"}
+    for output, m in by_output.items():
+        assert m["type"] == "embeddings" and set(m["manifest"]["contents"]) == {"summary.json"}
+    logs = [p.read_bytes() for p in Path(head["env"]["MEDRAY_HOME"]).glob("wandb/offline-run-*/run-*.wandb")]
+    groups = {g for g in (re.search(rb"sweep-[0-9a-f]{8}", b) for b in logs) if g}
+    assert len({g.group() for g in groups}) == 1

@@ -321,7 +321,7 @@ def test_list_encoders_and_families() -> None:
     everything = list_encoders()
     for name in ("rad_dino", "phikon", "vit_base", "timm_vit_small", "demo_tiny_vit", "timm_image"):
         assert name in everything
-    assert list_families() == ["hf_audio", "hf_image", "hf_text", "timm_image"]
+    assert list_families() == ["hf_audio", "hf_image", "hf_text", "timm_image", "torchvision_video"]
 
 
 def test_duplicate_family_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,7 +124,7 @@ def test_split_modes_and_counts(compose_ft):
     (["task.labels=[lesion]", "data.cache=sometimes"], "data.cache"),
     (["task.labels=[lesion]", "encoder=hf_image", "encoder.checkpoint=???"], "encoder.checkpoint"),
     (["task.labels=[lesion]", "data.train=/nowhere/labels.parquet"], "data.train"),
-    (["task.labels=[lesion]", "encoder=hf_text"], "encoder"),
+    (["task.labels=[lesion]", "encoder=hf_text"], "train.strategy"),  # text: a head on pooled embeddings only
 ])
 def test_bad_values_name_the_key(compose_ft, overrides, key):
     with pytest.raises(ConfigError) as err:

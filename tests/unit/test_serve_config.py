@@ -68,12 +68,26 @@ def test_serve_presets_compose_and_validate(compose_serve, preset):
     ("decode.frames=some", "decode.frames"),
     ("encoder.family=nope", "encoder.family"),
     ("heads=3", "heads"),
-    ("encoder.modality=text", "encoder"),
+    ("encoder.modality=text", "encoder.modality"),  # hf_image embeds images
+    ("encoder.modality=slide", "encoder"),
 ])
 def test_bad_values_name_the_key(compose_serve, override, key):
     with pytest.raises(ConfigError) as err:
         ServeJob(compose_serve(override))
     assert err.value.key == key
+
+
+def test_autoscaling_shorthand_sets_the_encoder(compose_serve):
+    job = ServeJob(compose_serve("serve.autoscaling.max_replicas=8", "serve.autoscaling.min_replicas=2"))
+    a = job.cfg.serve.encoder.autoscaling
+    assert (a.min_replicas, a.max_replicas) == (2, 8)
+    assert a.target_ongoing_requests == 8  # untouched fields keep the encoder's values
+    assert job.cfg.serve.heads.autoscaling.max_replicas == 2  # only the encoder scales by the shorthand
+    with pytest.raises(ConfigError) as err:
+        ServeJob(compose_serve("serve.autoscaling.max_replicas=0"))
+    assert err.value.key == "serve.encoder.autoscaling.max_replicas"
+    with pytest.raises(Exception, match="max_replica"):  # a misspelt key fails in composition, named
+        compose_serve("serve.autoscaling.max_replica=3")
 
 
 def test_generic_encoder_requires_checkpoint(compose_serve):

@@ -87,11 +87,17 @@ def test_multipart_json_and_raw_inputs():
     assert got["data"] == png
     assert _run(parse_input("application/json", b'{"uri": "s3://b/cxr/1.dcm"}', s)) == {"uri": "s3://b/cxr/1.dcm"}
     assert _run(parse_input("image/png", png, s))["data"] == png
+    assert _run(parse_input("application/json", b'{"text": "No effusion."}', s)) == {
+        "data": b"No effusion.", "name": "input.txt"}
+    assert _run(parse_input("text/plain; charset=utf-8", b"No effusion.", s))["name"] == "input.txt"
+    assert _run(parse_input("audio/wav", b"RIFF....WAVE", s))["name"] == "input.wav"
 
 
 @pytest.mark.parametrize("ctype,body,status,code", [
-    ("text/plain", b"x", 415, "unsupported_media"),
+    ("text/html", b"x", 415, "unsupported_media"),
     ("", b"x", 415, "unsupported_media"),
+    ("application/json", b'{"text": ""}', 422, "invalid_request"),
+    ("application/json", b'{"text": "a", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
     ("application/json", b"{", 422, "invalid_request"),
     ("application/json", b'{"bytes_b64": "%%%"}', 422, "invalid_request"),
     ("application/json", b'{"bytes_b64": "aGk=", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
@@ -226,3 +232,34 @@ def _multiframe() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         info = generate_samples(tmp, n=5, hostile=False, phi=False)
         return (Path(tmp) / info["multiframe"][0]).read_bytes()
+
+
+@pytest.mark.parametrize("family,arch", [("hf_audio", "wav2vec2"), ("hf_text", "bert")])
+def test_audio_and_text_inputs_equal_the_batch_job(family, arch, tmp_path):
+    """Windows / chunks and their provenance as `medray embed`'s decode stage makes them; other
+    modalities than the encoder's are refused with 415's class."""
+    from medray.encoders import build_tiny_checkpoint, create_preprocessor, get_spec
+    from medray.platform.pipeline import StageOptions, decode_batch
+    from medray.platform.testing.media import encode, tone
+
+    spec = get_spec(family, checkpoint=build_tiny_checkpoint(family, str(tmp_path / "ckpt"), arch=arch))
+    pre = create_preprocessor(spec)
+    if family == "hf_audio":
+        data, modality = encode(tone(44100, 5.0, channels=2), 44100), "audio"
+    else:
+        data, modality = ("Findings: no effusion. " * 200).encode(), "text"
+    settings = DecodeSettings(max_frames=1000)
+    served = decode_input({"data": data, "name": "x"}, settings, pre, modality=modality)
+    table = pa.table({"uri": ["x"], "member": [""], "data": pa.array([data], pa.large_binary()),
+                      "status": ["ok"], "stage": [None], "error_class": [None], "message": [None]})
+    opts = StageOptions(encoder_spec=spec)
+    row = decode_batch(table, opts).to_pylist()[0]
+    assert row["status"] == "ok", row
+    batch = np.frombuffer(row["pixel_values"], np.dtype(row["pixel_dtype"])).reshape(row["pixel_shape"])
+    np.testing.assert_array_equal(served.pixels, batch)
+    assert served.segments == json.loads(row["segments"]) and served.pool == row["pool"] == "mean"
+    assert len(served.frames) > 1  # 5 s in 2 s windows (last padded); a long report in several chunks
+    with pytest.raises(UnsupportedFormat, match=f"embeds {modality} inputs; the input is image"):
+        decode_input({"data": _png()}, settings, pre, modality=modality)
+    with pytest.raises(LimitExceeded, match="max_frames"):
+        decode_input({"data": data, "name": "x"}, DecodeSettings(max_frames=1), pre, modality=modality)

@@ -253,7 +253,7 @@ def detect_format(data: bytes, name: str = "") -> str:
 
 #: Encoder modalities a record can be routed to (``slide``: whole-slide images, embedded
 #: by ``encoders.slide`` or else the image encoder).
-MODALITIES = ("image", "audio", "text", "slide")
+MODALITIES = ("image", "audio", "text", "slide", "volume")  # volume: CT/MR series (series.mode=volume)
 
 
 def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:

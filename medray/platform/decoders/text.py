@@ -26,6 +26,8 @@ __all__ = ["is_text", "decode_text", "text_facts", "sr_text", "is_structured_rep
 _BOM = b"\xef\xbb\xbf"
 #: Share of characters that must be printable or whitespace for content to count as text.
 _PRINTABLE_SHARE = 0.95
+#: Whitespace that counts as printable text: deleted before the fast ``str.isprintable`` check.
+_WHITESPACE_OK = str.maketrans("", "", "\t\r\n\f")
 
 
 def is_text(head: bytes) -> bool:
@@ -46,6 +48,8 @@ def is_text(head: bytes) -> bool:
         text = head[:err.start].decode("utf-8")
     if not text:
         return False
+    if text.translate(_WHITESPACE_OK).isprintable():  # the common case, checked in C
+        return True
     good = sum(1 for ch in text if ch.isprintable() or ch in "\t\r\n\f")
     return good / len(text) >= _PRINTABLE_SHARE
 

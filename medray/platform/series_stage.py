@@ -1,0 +1,261 @@
+"""The CT/MR series branch of the embed pipeline (``series.mode=slicewise|volume``).
+
+``source ─► header pass ─► groupby(series_key) ─► assemble+preprocess ─┐
+                                                                      ├─► encode ─► sink
+source ─► read ─► decode (series slices become "noop" rows) ──────────┘``
+
+The header pass reads only headers (pydicom ``stop_before_pixels`` over an
+fsspec file; archive members are streamed) and emits one small row per series
+slice: no pixel data travels through the shuffle. Each group task re-reads its
+own instances by ``uri``/``member``, checks the series
+(:func:`~medray.platform.decoders.series.plan_series`), assembles the volume
+and applies the encoder's preprocessing, emitting one record per series with
+the same columns :func:`~medray.platform.pipeline.decode_batch` emits. A
+broken series becomes one quarantine row with the reason; the others go on.
+
+The per-instance path and the header pass use the same test
+(:func:`~medray.platform.decoders.series.read_slice_header`), so every
+instance is embedded exactly once: alone or as part of its series.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from medray.platform.errors import PreprocessError, RecordError
+from medray.platform.records import quarantine_fields, record_id
+
+__all__ = ["series_options", "is_series_slice", "series_header_batch", "assemble_group", "plan_series_branch",
+           "series_record_id", "HEADER_SCHEMA"]
+
+#: Rows of the header pass: one per series slice.
+HEADER_SCHEMA = pa.schema([("series_key", pa.string()), ("uri", pa.string()), ("member", pa.string()),
+                           ("header", pa.string())])
+
+
+@functools.lru_cache(maxsize=8)
+def _options(text: str) -> Any:
+    from medray.platform.decoders.series import SeriesOptions
+
+    fields = json.loads(text)
+    for key in ("spacing", "modalities", "channels"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    return SeriesOptions(**fields)
+
+
+def series_options(opts: Any) -> Any:
+    """The job's :class:`~medray.platform.decoders.series.SeriesOptions`, or ``None`` when the mode is off."""
+    fields = getattr(opts, "series", None) or {}
+    if not fields or fields.get("mode", "off") == "off":
+        return None
+    # no sort_keys: the order of series.windows is the order of the channels
+    return _options(json.dumps(fields, default=list))
+
+
+def is_series_slice(data: bytes, opts: Any) -> bool:
+    """True when the series branch owns this instance (the per-instance path then skips it)."""
+    from medray.platform.decoders.series import read_slice_header
+
+    sopts = series_options(opts)
+    return sopts is not None and read_slice_header(data, salt=opts.salt, options=sopts) is not None
+
+
+def series_record_id(key: str) -> str:
+    """Record id of a series (all its rows share it, as a multi-frame record's frames do)."""
+    return record_id(f"medray-series:{key}", "series")
+
+
+def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
+    """Header pass: one row per series slice (``series_key``, ``uri``, ``member``, header JSON).
+
+    Anything that is not a series slice, or cannot be read, is left to the
+    per-instance path, which reads, embeds or quarantines it as before.
+    """
+    from medray.platform.decoders.series import read_slice_header
+    from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
+    from medray.platform.storage import open_fs
+
+    sopts = series_options(opts)
+    cols: dict[str, list] = {name: [] for name in HEADER_SCHEMA.names}
+
+    def emit(uri: str, member: str, header: Any) -> None:
+        if header is None:
+            return
+        header.uri, header.member = uri, member
+        cols["series_key"].append(header.series_key)
+        cols["uri"].append(uri)
+        cols["member"].append(member)
+        cols["header"].append(json.dumps(header.to_dict(), default=str))
+
+    uris = table.column("uri").to_pylist()
+    members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
+    texts = (table.column(opts.text_column).to_pylist()
+             if opts.text_column and opts.text_column in table.column_names else [None] * len(uris))
+    for uri, member, text in zip(uris, members, texts):
+        member = member or ""
+        if sopts is None or text is not None:
+            continue
+        try:
+            if member == ARCHIVE_MEMBER_PENDING:
+                for name, data in iter_archive_members(uri, opts.storage_options, opts.max_bytes):
+                    if not isinstance(data, RecordError):
+                        emit(uri, name, read_slice_header(data, salt=opts.salt, options=sopts))
+                continue
+            fs, path = open_fs(uri, opts.storage_options)
+            with fs.open(path, "rb", block_size=1 << 16) as f:
+                emit(uri, member, read_slice_header(f, salt=opts.salt, options=sopts))
+        except Exception:  # noqa: BLE001 - unreadable: the per-instance path quarantines it with its reason
+            continue
+    return pa.table(cols, schema=HEADER_SCHEMA)
+
+
+def _read_instances(headers: list[Any], opts: Any) -> list[bytes]:
+    """The bytes of each instance, in ``headers`` order; an archive is streamed once per group."""
+    from medray.platform.errors import ReadError
+    from medray.platform.sources import iter_archive_members, is_archive
+    from medray.platform.storage import open_fs, read_bytes
+
+    out: list[bytes | None] = [None] * len(headers)
+    wanted: dict[str, dict[str, list[int]]] = {}
+    for k, h in enumerate(headers):
+        if h.member and is_archive(h.uri):
+            wanted.setdefault(h.uri, {}).setdefault(h.member, []).append(k)
+        else:
+            fs, path = open_fs(h.uri, opts.storage_options)
+            out[k] = read_bytes(fs, path, opts.max_bytes)
+    for uri, names in wanted.items():
+        for name, data in iter_archive_members(uri, opts.storage_options, opts.max_bytes):
+            if name in names and not isinstance(data, RecordError):
+                for k in names[name]:
+                    out[k] = data
+    if any(d is None for d in out):
+        raise ReadError(f"{sum(d is None for d in out)} slice(s) of the series could not be read again")
+    return out  # type: ignore[return-value]
+
+
+_OUT_TYPES = {
+    "uri": pa.string(), "member": pa.string(), "record_id": pa.string(), "t_read": pa.float64(),
+    "content_sha256": pa.string(), "modality": pa.string(), "patient_key": pa.string(), "metadata": pa.string(),
+    "pixel_values": pa.large_binary(), "pixel_shape": pa.list_(pa.int64()), "pixel_dtype": pa.string(),
+    "frames": pa.list_(pa.int32()), "segments": pa.string(), "pool": pa.string(), "route": pa.string(),
+    "t_decode": pa.float64(), "t_preprocess": pa.float64(), "status": pa.string(), "stage": pa.string(),
+    "error_class": pa.string(), "message": pa.string(),
+}
+_OUT_SCHEMA = pa.schema(list(_OUT_TYPES.items()))
+
+
+def _slice_images(channels: np.ndarray) -> list[np.ndarray]:
+    """``(C, D, H, W)`` in ``[0, 1]`` -> D uint8 RGB images, the windows as the colour channels."""
+    c = channels.shape[0]
+    if c == 1:
+        channels = np.repeat(channels, 3, axis=0)
+    elif c != 3:
+        raise PreprocessError(f"slicewise series need 1 or 3 windows (a 2D encoder takes RGB), got {c}")
+    rgb = np.round(np.transpose(channels, (1, 2, 3, 0)) * 255.0).astype(np.uint8)
+    return [np.ascontiguousarray(s) for s in rgb]
+
+
+def assemble_group(group: pa.Table, opts: Any) -> pa.Table:
+    """``map_groups`` body: one series' header rows -> one record (or one quarantine row).
+
+    Slicewise: ``pixel_values`` holds every (multi-window) slice preprocessed
+    for the image encoder, one row per slice plus a pooled row (``series.pool``).
+    Volume: one ``(1, C, D, H, W)`` input for the 3D encoder, one row.
+    A series already in the output (resume) yields nothing.
+    """
+    from medray.platform.decoders import DecodeLimits
+    from medray.platform.decoders.series import SliceHeader, assemble_series, plan_series
+    from medray.platform.pipeline import _preprocessors
+
+    t0 = time.perf_counter()
+    sopts = series_options(opts)
+    headers = sorted((SliceHeader.from_dict(json.loads(h)) for h in group.column("header").to_pylist()),
+                     key=lambda h: (h.uri, h.member))
+    key = headers[0].series_key
+    rid = series_record_id(key)
+    if rid in opts.done or sopts is None:
+        return _OUT_SCHEMA.empty_table()
+    row: dict[str, Any] = {name: None for name in _OUT_TYPES}
+    first = headers[0]
+    row.update(uri=first.uri, member=first.member, record_id=rid, status="ok", t_read=0.0,
+               modality=first.modality, patient_key=first.patient_key)
+    try:
+        plan = plan_series(headers, sopts)  # geometry and limits before any pixel is read
+        first = headers[plan.order[0]]
+        row.update(uri=first.uri, member=first.member)
+        t_read = time.perf_counter()
+        datas = _read_instances(headers, opts)
+        row["t_read"] = time.perf_counter() - t_read
+        limits = DecodeLimits(max_bytes=opts.max_bytes, max_pixels=opts.max_pixels)
+        volume = assemble_series(datas, sopts, salt=opts.salt, limits=limits, headers=headers)
+        digest = hashlib.sha256()
+        for k in plan.order:
+            digest.update(hashlib.sha256(datas[k]).digest())
+        row["content_sha256"] = digest.hexdigest()
+        channels = volume.channels(sopts.windows)
+        t1 = time.perf_counter()
+        row["t_decode"] = t1 - t0 - row["t_read"]
+        pres = _preprocessors(opts)
+        spacing = [round(float(v), 6) for v in volume.spacing]
+        base = {"series_key": key, "spacing_mm": spacing}
+        n_src = volume.source_shape[0]
+        if sopts.mode == "volume":
+            pre = pres.get("volume")
+            if pre is None:
+                raise RecordError("no volume encoder configured (series.mode=volume)", stage="route")
+            pixels = pre.preprocess_volume(channels)
+            segments = [dict(base, segment="volume", slice_start=0, slice_end=n_src - 1, n_items=n_src)]
+            frames, pool, route = [0], "none", "volume"
+        else:
+            pre = pres.get("image")
+            if pre is None:
+                raise RecordError("no image encoder configured for slicewise series", stage="route")
+            try:
+                pixels = pre.preprocess(_slice_images(channels))
+            except RecordError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise PreprocessError(f"preprocessing failed ({type(err).__name__})") from None
+            segments = []
+            for z in range(pixels.shape[0]):
+                lo, hi = volume.source_range(z)
+                segments.append(dict(base, segment="slice", slice_start=lo, slice_end=hi))
+            frames, pool, route = list(range(pixels.shape[0])), sopts.pool, "image"
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        meta = dict(volume.metadata)
+        meta.update(series=volume.provenance(), series_mode=sopts.mode, windows=list(sopts.windows))
+        row.update(metadata=json.dumps(meta, sort_keys=True, default=str), pixel_values=pixels.tobytes(),
+                   pixel_shape=list(pixels.shape), pixel_dtype="float32", frames=frames,
+                   segments=json.dumps(segments), pool=pool, route=route, modality=volume.modality,
+                   patient_key=volume.patient_key, t_preprocess=time.perf_counter() - t1)
+    except Exception as err:  # noqa: BLE001 - a broken series is one quarantine row; its neighbours go on
+        q = quarantine_fields(err, "decode" if not isinstance(err, RecordError) else None)
+        if isinstance(err, RecordError):
+            q["message"] = f"series of {len(headers)} instance(s): {q['message']}"
+        row.update(q, pixel_values=None, metadata=None)
+        row["route"] = "image" if sopts.mode == "slicewise" else "volume"
+    return pa.Table.from_pylist([row], schema=_OUT_SCHEMA)
+
+
+def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: float = 1.0,
+                       task_retries: int = 2) -> Any:
+    """Header pass, ``groupby("series_key").map_groups(assemble_group)`` on a source dataset."""
+    import ray
+
+    hdr = ds.map_batches(series_header_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
+                         batch_size=batch_size, num_cpus=num_cpus, max_retries=task_retries)
+    # Ray Data's default is 200 hash partitions (one map_groups task each): on a small cluster the
+    # per-task overhead dominates, so partition by the cluster's CPUs (at least 1, at most Ray's default).
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    partitions = max(1, min(200, 2 * cpus))
+    grouped = hdr.groupby("series_key", num_partitions=partitions)
+    return grouped.map_groups(assemble_group, fn_kwargs={"opts": opts}, batch_format="pyarrow", num_cpus=num_cpus,
+                              max_retries=task_retries)
