@@ -36,7 +36,7 @@ import numpy as np
 
 from medray.encoders.registry import Encoder, Preprocessor, preprocessing_digest, register_family, register_preset
 from medray.encoders.spec import EncoderSpec
-from medray.platform.errors import ConfigError, EncodeError, PreprocessError
+from medray.platform.errors import ConfigError, PreprocessError
 
 if TYPE_CHECKING:
     import torch
@@ -169,19 +169,8 @@ class VideoEncoder(Encoder):
         self.input_shape = tuple(int(v) for v in pixels.shape[1:])  # type: ignore[assignment]
         self.dim = int(self.embed(pixels).shape[1])
 
-    def embed(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Embed ``(N, C, D, H, W)`` volumes -> float32 ``(N, dim)``."""
-        import torch
-
-        batch = np.asarray(pixel_values, dtype=np.float32)
-        if batch.ndim != 5:
-            raise EncodeError(f"expected volumes (N, C, D, H, W), got shape {batch.shape}")
-        if batch.shape[0] == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self._forward(x)
-        return out.float().cpu().numpy()
+    input_ndims = (5,)
+    input_desc = "volumes (N, C, D, H, W)"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._model(x)

@@ -259,6 +259,8 @@ class EmbedJob:
         _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
                                              cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
         pre = create_preprocessor(self.spec)
+        # the checkpoint's own MEDRAY_UNTRAINED marker counts too, not only encoder.untrained
+        untrained = bool(pre.spec.untrained)
         ident = {"encoder": self.spec.name, "checkpoint": self.spec.checkpoint, "weights_hash": weights_hash,
                  "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__}
         provenances: dict[str, dict] = {}
@@ -291,7 +293,7 @@ class EmbedJob:
             text=self.text_opts, text_column=c.text_column, slide=self.slide_opts, series=self.series_opts)
         provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
                       "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
-                      "untrained": bool(self.spec.untrained)}
+                      "untrained": untrained}
         records = self._records(ray)
         ds = plan_dataset(
             records, opts, encoder_spec=spec_to_dict(self.spec), provenance=provenance,
@@ -325,7 +327,7 @@ class EmbedJob:
         config["storage"] = {"options": redact_options(c.storage.options)}
         config.get("encoder", {}).pop("storage_options", None)
         result = EmbedResult(
-            run_id=run_id, output=c.output, encoder=self.spec.name, untrained=bool(self.spec.untrained),
+            run_id=run_id, output=c.output, encoder=self.spec.name, untrained=untrained,
             records_done_before=len(done), records_read=read, records_embedded=embedded,
             rows_written=int(stats.get("rows", 0)) + slides["pooled"], quarantined=quarantined,
             error_fraction=(quarantined / read) if read else 0.0, wall_s=wall, pipeline_s=pipeline_s,

@@ -103,6 +103,8 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     assert set(emb.column("weights_hash").to_pylist()) == {corpus["ckpt"]["hf_image"]["sha256"]}
     assert set(emb.column("encoder").to_pylist()) == {"hf_image"}
     assert all(emb.column("preprocessing_hash").to_pylist()) and all(emb.column("medray_version").to_pylist())
+    # the tiny checkpoint carries the MEDRAY_UNTRAINED marker: rows say so without encoder.untrained=true
+    assert set(emb.column("untrained").to_pylist()) == {True}
     assert all(len(s) == 64 for s in emb.column("content_sha256").to_pylist())
     # multi-frame DICOM: one row per frame with its index
     mf = info["multiframe"][0]

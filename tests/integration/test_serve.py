@@ -125,7 +125,7 @@ def stack(s3, tmp_path_factory):
     # 2. `medray serve` (auth on, the heads, one refused at load; fast autoscaling), started first
     port = _free_port()
     log_path = root / "serve.log"
-    common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=6"]
+    common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=8"]
     args = [str(BIN / "medray"), "serve", *common, f"serve.name={APP}", "check_artifacts=false",
             "heads=[" + ",".join(uris) + "]", "serve.auth.enabled=true",
             f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
