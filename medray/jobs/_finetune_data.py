@@ -336,6 +336,14 @@ def count_examples(batches: Iterator[Mapping[str, Any]], spec: ExampleSpec) -> d
 # --------------------------------------------------------------------------
 # Ray Data stages (plain functions over pyarrow tables)
 # --------------------------------------------------------------------------
+def target_or_none(values: Sequence[Any], spec: ExampleSpec) -> list[float] | None:
+    """:func:`parse_target`, with an unparseable label meaning "no target" (the row is not an example)."""
+    try:
+        return parse_target(values, spec)
+    except ValueError:
+        return None
+
+
 def split_batch(table: pa.Table, plan: SplitPlan) -> pa.Table:
     """Add (or normalise) the ``split`` column of each row."""
     n = table.num_rows
@@ -437,10 +445,7 @@ def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = 
     for i in range(table.num_rows):
         if status[i] != "ok" or pixels[i] is None:
             continue
-        try:
-            y = parse_target([col[i] for col in label_cols], spec)
-        except ValueError:
-            y = None
+        y = target_or_none([col[i] for col in label_cols], spec)
         if y is None:
             continue
         shape = shapes[i]

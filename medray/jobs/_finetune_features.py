@@ -38,7 +38,7 @@ from medray.jobs._finetune_data import (
     QuarantineTarget,
     SplitPlan,
     _subgroup_values,
-    parse_target,
+    target_or_none,
     write_quarantine,
 )
 from medray.platform.records import record_id as _record_id
@@ -117,10 +117,7 @@ def embedding_examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan
         seg = segs[i]
         if seg in ("window", "chunk"):
             continue
-        try:
-            y = parse_target([col[i] for col in label_cols], spec)
-        except ValueError:
-            y = None
+        y = target_or_none([col[i] for col in label_cols], spec)
         if y is None:
             continue
         out["x"].append(np.asarray(embs[i], dtype=np.float32).tobytes())
