@@ -117,7 +117,7 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                                              *_STATUS_COLS)}
 
     def emit(i: int, uri: str, member: str, data: bytes | None, err: BaseException | None, dt: float,
-             tile: str | None = None, rid: str | None = None) -> None:
+             tile: str | None = None, rid: str | None = None, status: dict | None = None) -> None:
         index.append(i)
         cols["uri"].append(uri)
         cols["member"].append(member)
@@ -125,7 +125,7 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         cols["data"].append(data)
         cols["tile"].append(tile)
         cols["t_read"].append(dt)
-        q = quarantine_fields(err, "read") if err is not None else {"status": "ok"}
+        q = quarantine_fields(err, "read") if err is not None else (status or {"status": "ok"})
         for c in _STATUS_COLS:
             cols[c].append(q.get(c))
 
@@ -164,6 +164,10 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             if slide is not None:
                 _emit_tiles(i, uri, member, slide, opts, emit, t0)
                 continue
+            if _series_slice_object(fs, path, opts):
+                # the series branch reads it with its series: only its header is fetched here
+                emit(i, uri, member, None, None, time.perf_counter() - t0, status=_SERIES_NOOP)
+                continue
             data = read_bytes(fs, path, opts.max_bytes)
             emit(i, uri, member, data, None, time.perf_counter() - t0)
         except RecordError as err:
@@ -171,6 +175,34 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest
             emit(i, uri, member, None, err, time.perf_counter() - t0)
     return _assemble(table, index, cols, drop=(col,) if texts is not None else ())
+
+
+_SERIES_NOOP = {"status": "noop", "stage": "series"}
+
+
+def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
+    """``series.mode`` on and the object is a CT/MR series slice, judged from its header alone.
+
+    A ranged read of the header (``stop_before_pixels``) instead of the whole
+    object: a series slice's pixels are read once, by its series' assembly task.
+    """
+    if not opts.series or opts.series.get("mode", "off") == "off":
+        return False
+    if path.rsplit("/", 1)[-1].lower().endswith(_NOT_DICOM):
+        return False
+    from medray.platform.decoders.series import read_slice_header
+    from medray.platform.series_stage import series_options
+
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) as f:
+            return read_slice_header(f, salt=opts.salt, options=series_options(opts)) is not None
+    except Exception:  # noqa: BLE001 - unreadable: read_bytes reports it with its reason
+        return False
+
+
+# Extensions that are never DICOM Part-10 (others, .dcm or none, may be).
+_NOT_DICOM = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".svs", ".wav", ".flac", ".ogg", ".txt",
+              ".json", ".xml", ".csv", ".zip", ".tar", ".gz", ".tgz")
 
 
 # Extensions that are never TIFF: such objects skip the slide sniff (one ranged read saved).

@@ -249,6 +249,43 @@ def test_decode_marks_series_slices_and_the_group_task_assembles(files, image_ck
     assert assemble_group(headers, done).num_rows == 0
 
 
+def test_read_stage_fetches_only_the_header_of_series_slices(files, image_ckpt, tmp_path):
+    """A series slice's pixels are read once, by its series' task: the read stage stops at the header."""
+    from medray.platform.pipeline import read_batch
+
+    (tmp_path / "slice.dcm").write_bytes(files[0])
+    xray = pydicom.dcmread(io.BytesIO(files[0]))
+    xray.Modality = "CR"  # a projection image: no series branch, embedded as an image
+    xray.save_as(tmp_path / "xray.dcm")
+    table = pa.table({"uri": [str(tmp_path / "slice.dcm"), str(tmp_path / "xray.dcm")], "member": ["", ""]})
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_batch(table, _opts(image_ckpt)).to_pylist()}
+    assert (rows["slice.dcm"]["status"], rows["slice.dcm"]["stage"], rows["slice.dcm"]["data"]) == \
+        ("noop", "series", None)
+    assert rows["xray.dcm"]["status"] == "ok" and rows["xray.dcm"]["data"]  # not a CT/MR series: read whole
+    off = {r["uri"].rsplit("/", 1)[-1]: r for r in read_batch(table, _opts(image_ckpt, mode="off")).to_pylist()}
+    assert off["slice.dcm"]["status"] == "ok" and off["slice.dcm"]["data"] == files[0]
+
+
+def test_group_rows_list_a_series_and_assemble_one_record_each(phantom, files, image_ckpt, tmp_path):
+    """``collect_group`` (the light map_groups body) + ``assemble_batch`` equal ``assemble_group``."""
+    from medray.platform.series_stage import GROUP_SCHEMA, assemble_batch, assemble_group, collect_group
+
+    opts = _opts(image_ckpt)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    headers = _group(files, tmp_path / "a", opts)
+    headers_b = _group(ct_series(phantom, seed=9, series="other"), tmp_path / "b", opts)
+    rows = pa.concat_tables([collect_group(headers), collect_group(headers_b)])
+    assert rows.schema == GROUP_SCHEMA and rows.num_rows == 2
+    assert [len(h) for h in rows.column("headers").to_pylist()] == [16, 16]
+    assert collect_group(headers.slice(0, 0)).num_rows == 0
+    out = assemble_batch(rows, opts).to_pylist()
+    ref = assemble_group(headers, opts).to_pylist()[0]
+    assert [r["status"] for r in out] == ["ok", "ok"]
+    assert out[0]["record_id"] == ref["record_id"] and out[0]["pixel_values"] == ref["pixel_values"]
+    assert out[1]["record_id"] != ref["record_id"]
+
+
 def test_a_broken_series_is_one_quarantine_row(phantom, image_ckpt, tmp_path):
     from medray.platform.series_stage import assemble_group
 
