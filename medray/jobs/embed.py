@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -236,11 +236,13 @@ class EmbedJob:
         """The source dataset: one row per object / archive / manifest row."""
         c = self.cfg
         if self.input.kind == "manifest":
+            self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
             return _read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
         # Paths only (no contents) are listed on the driver; Ray Data streams the rest.
         rows = list(list_objects(c.input, c.storage.options))
         if not rows:
             raise ConfigError("input", f"no objects found under '{c.input}'")
+        self.slide_inputs = may_hold_slides(r["uri"] for r in rows)
         return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 200)))
 
     def run(self) -> EmbedResult:
@@ -304,7 +306,8 @@ class EmbedJob:
             decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus,
             encoder_specs={m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
             provenances={self.primary: provenance, **provenances} if provenances else None,
-            series_source=records if self.series_opts["mode"] != "off" else None)
+            series_source=records if self.series_opts["mode"] != "off" else None,
+            slide_branch=self.slide_inputs)
         sink = make_sink(c.output, c.storage.options, medray.__version__,
                          subdirs={m: f"embeddings/{m}" for m in provenances})
         t_pipe = time.perf_counter()
@@ -390,6 +393,36 @@ def _steady_rate(parts: list) -> Optional[float]:
     t0, t1 = parts[0][0], parts[-1][0]
     records = sum(n for _, n in parts[1:])
     return records / (t1 - t0) if t1 > t0 else None
+
+
+def may_hold_slides(uris: Iterable[str]) -> bool:
+    """Whether whole-slide images may be among the inputs, by name (TIFF and slide-format extensions).
+
+    Only decides whether the pipeline adds its slide branch (tiles of one slide
+    spread over many tasks); a slide with another name is still found by its
+    content and tiled, by the task that reads it.
+    """
+    from medray.platform.decoders.slide import SLIDE_EXTENSIONS
+
+    exts = (*SLIDE_EXTENSIONS, ".tif", ".tiff")
+    return any(str(u).lower().endswith(exts) for u in uris)
+
+
+def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> bool:
+    """:func:`may_hold_slides` over the first ``rows`` URIs of a manifest (read on the driver)."""
+    from medray.jobs._finetune_data import iter_manifest_batches
+
+    try:
+        seen = 0
+        for batch in iter_manifest_batches(uri, ["uri"], options):
+            if may_hold_slides(v for v in batch.column(0).to_pylist() if v):
+                return True
+            seen += batch.num_rows
+            if seen >= rows:
+                break
+    except Exception:  # noqa: BLE001 - no uri column (documents) or unreadable: _read_manifest reports it
+        return False
+    return False
 
 
 def _read_manifest(ray: Any, uri: str, options: Any, text_column: Optional[str] = None) -> Any:

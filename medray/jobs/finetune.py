@@ -270,6 +270,35 @@ class FinetuneResult:
 # --------------------------------------------------------------------------
 # the recipe
 # --------------------------------------------------------------------------
+def _lists_slides(manifest: str, storage_options: Any, sample: int = 8) -> bool:
+    """True when one of the manifest's first ``sample`` objects is a whole-slide image.
+
+    Judged by content (TIFF magic, then tiled pyramid via tiffslide), reading
+    a few bytes of each; a manifest that cannot be read yet answers ``False``
+    (the data checks report it with its key).
+    """
+    from medray.jobs._finetune_data import iter_manifest_batches
+    from medray.platform.decoders.slide import is_slide, is_tiff, open_slide
+    from medray.platform.storage import open_fs
+
+    try:
+        batch = next(iter_manifest_batches(manifest, ["uri"], storage_options), None)
+    except Exception:  # noqa: BLE001 - no manifest / no uri column: _check_data names the key
+        return False
+    uris = [u for u in (batch.column(0).to_pylist() if batch is not None else []) if u][:sample]
+    for uri in uris:
+        try:
+            fs, path = open_fs(uri, storage_options)
+            with fs.open(path, "rb", block_size=1 << 12) as f:
+                if not is_tiff(f.read(4)):
+                    continue
+            if is_slide(open_slide(uri, storage_options), path.rsplit("/", 1)[-1]):
+                return True
+        except Exception:  # noqa: BLE001 - unreadable objects are quarantined later, with their reason
+            continue
+    return False
+
+
 class FinetuneJob:
     """The fine-tuning recipe: validate on construction, then :meth:`run`.
 
@@ -429,6 +458,11 @@ class FinetuneJob:
         features = d.features
         if features == "auto":
             features = "embeddings" if (modality != "image" or d.embeddings or d.text_column) else "inputs"
+            if features == "inputs" and _lists_slides(d.train, c.storage.options):
+                # slide-level labels: one example per slide, the mean of its tissue tiles' embeddings
+                log.info("data.features=auto: data.train lists whole-slide images; training a head on each "
+                         "slide's mean tissue-tile embedding (data.features=embeddings)")
+                features = "embeddings"
         if d.text_column and modality != "text":
             raise ConfigError("data.text_column", f"documents need a text encoder; '{self.spec.name}' is a "
                               f"{modality} encoder (e.g. encoder=hf_text encoder.checkpoint=...)")

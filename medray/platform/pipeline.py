@@ -103,7 +103,7 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
 }
 
 
-def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
+def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Table:
     """Fetch the bytes of each record; expand archives into member records.
 
     Records whose id is in ``opts.done`` are dropped (resume). A record that
@@ -111,7 +111,13 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     its neighbours. A whole-slide image is not read here: it is opened lazily
     and expands into one record per tissue tile (``tile`` column, JSON; no
     ``data``), so its tiles spread over the decode tasks.
+
+    ``part`` splits the work between the pipeline's two read branches:
+    ``"main"`` leaves whole-slide images out, ``"slides"`` handles nothing
+    else (see :func:`plan_dataset`); ``"all"`` does both in one call.
     """
+    if part not in ("all", "main", "slides"):
+        raise ValueError(f"part must be all, main or slides, not {part!r}")
     index: list[int] = []
     cols: dict[str, list] = {k: [] for k in ("uri", "member", "record_id", "data", "tile", "t_read",
                                              *_STATUS_COLS)}
@@ -135,6 +141,8 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     texts = table.column(col).to_pylist() if col and col in table.column_names else None
     for i, (uri, member) in enumerate(zip(uris, members)):
         member = member or ""
+        if part == "slides" and (member or (texts is not None and texts[i] is not None)):
+            continue  # archive members and documents are never lazily read slides
         if texts is not None and texts[i] is not None:
             # The document is the manifest cell; it travels as bytes and the column is dropped below.
             if record_id(uri, member) not in opts.done:
@@ -161,6 +169,13 @@ def read_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
         try:
             fs, path = open_fs(uri, opts.storage_options)
             slide = _sniff_slide(uri, fs, path, opts)
+        except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest: reported once, by the main part
+            if part != "slides":
+                emit(i, uri, member, None, err, time.perf_counter() - t0)
+            continue
+        if (part == "main" and slide is not None) or (part == "slides" and slide is None):
+            continue  # the other branch's record
+        try:
             if slide is not None:
                 _emit_tiles(i, uri, member, slide, opts, emit, t0)
                 continue
@@ -614,13 +629,15 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
                  dtype: str, task_retries: int = 2, decode_num_cpus: float = 1.0,
                  actor_num_cpus: float = 1.0, encoder_specs: Mapping[str, dict] | None = None,
                  provenances: Mapping[str, Mapping[str, Any]] | None = None,
-                 series_source: Any = None) -> Any:
+                 series_source: Any = None, slide_branch: bool = False) -> Any:
     """Chain the stages on a Ray Dataset of source records.
 
     With ``series_source`` (the same source records, ``series.mode`` on), CT/MR
     series slices are grouped by series in a branch of their own
     (:mod:`medray.platform.series_stage`) whose records join the decoded stream
-    before the encoder pool.
+    before the encoder pool. With ``slide_branch``, whole-slide images are read
+    in a branch of their own whose tiles are spread over many decode tasks
+    (without it they are still tiled, by the task that reads them).
 
     Decode/preprocess run as CPU tasks and the encoder as an actor pool, so the
     two scale independently. Retries are bounded (Ray Data retries actor tasks
@@ -634,10 +651,27 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
     with warnings.catch_warnings():
         # Bounded retries have no named parameter yet; Ray warns about ``**ray_remote_args``.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = ds.map_batches(read_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow", compute=tasks,
-                            batch_size=read_batch_size, num_cpus=decode_num_cpus, max_retries=task_retries)
+        source = ds
+        slides = slide_branch and _slide_wanted(opts)
+        ds = source.map_batches(read_batch, fn_kwargs={"opts": opts, "part": "main" if slides else "all"},
+                                batch_format="pyarrow", compute=tasks, batch_size=read_batch_size,
+                                num_cpus=decode_num_cpus, max_retries=task_retries)
         ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow", compute=tasks,
                             batch_size=decode_batch_size, num_cpus=decode_num_cpus, max_retries=task_retries)
+        if slides:
+            # Whole slides in a branch of their own: a read task expands a slide into its tissue tiles,
+            # which a streaming repartition cuts into decode-sized blocks, so one large slide's tiles
+            # are decoded by many tasks in parallel. (Read and decode fuse into one task on the main
+            # branch; a repartition there halved image throughput on 2 cores, and the branch itself
+            # costs ~7 s of fixed start-up there, hence only when the inputs may hold slides.)
+            tiles = source.map_batches(read_batch, fn_kwargs={"opts": opts, "part": "slides"},
+                                       batch_format="pyarrow", compute=tasks, batch_size=read_batch_size,
+                                       num_cpus=decode_num_cpus, max_retries=task_retries)
+            tiles = tiles.repartition(target_num_rows_per_block=decode_batch_size)
+            tiles = tiles.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
+                                      compute=tasks, batch_size=decode_batch_size, num_cpus=decode_num_cpus,
+                                      max_retries=task_retries)
+            ds = ds.union(tiles)
         if series_source is not None:
             from medray.platform.series_stage import plan_series_branch
 

@@ -33,8 +33,27 @@ from medray.platform.errors import PreprocessError, RecordError
 from medray.platform.records import quarantine_fields, record_id
 
 __all__ = ["series_options", "is_series_slice", "series_header_batch", "collect_group", "assemble_batch",
+           "carried_columns",
            "assemble_group", "plan_series_branch",
            "series_record_id", "HEADER_SCHEMA"]
+
+#: Key of a header row's JSON holding the slice's manifest columns (carried onto the series row).
+_CARRIED = "_carried"
+
+
+def carried_columns(per_slice: list[dict]) -> dict[str, Any]:
+    """Manifest columns for a series row: each column's value where all its slices agree, else null.
+
+    A manifest usually labels a study or series on every one of its files; a
+    column whose slices disagree (e.g. a per-file path or note) has no single
+    value for the series and is written as null.
+    """
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(k for d in per_slice for k in d):
+        values = {json.dumps(d.get(name), sort_keys=True, default=str) for d in per_slice}
+        out[name] = per_slice[0].get(name) if len(values) == 1 else None
+    return out
+
 
 #: Rows of the header pass: one per series slice.
 HEADER_SCHEMA = pa.schema([("series_key", pa.string()), ("uri", pa.string()), ("member", pa.string()),
@@ -87,20 +106,23 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
     sopts = series_options(opts)
     cols: dict[str, list] = {name: [] for name in HEADER_SCHEMA.names}
 
-    def emit(uri: str, member: str, header: Any) -> None:
+    def emit(uri: str, member: str, header: Any, carried: dict) -> None:
         if header is None:
             return
         header.uri, header.member = uri, member
         cols["series_key"].append(header.series_key)
         cols["uri"].append(uri)
         cols["member"].append(member)
-        cols["header"].append(json.dumps(header.to_dict(), default=str))
+        cols["header"].append(json.dumps({**header.to_dict(), _CARRIED: carried}, default=str))
 
     uris = table.column("uri").to_pylist()
     members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
     texts = (table.column(opts.text_column).to_pylist()
              if opts.text_column and opts.text_column in table.column_names else [None] * len(uris))
-    for uri, member, text in zip(uris, members, texts):
+    # manifest columns travel with each slice's header; the series row keeps those its slices agree on
+    extra = [c for c in table.column_names if c not in ("uri", "member", opts.text_column)]
+    rows = table.select(extra).to_pylist() if extra else [{}] * len(uris)
+    for uri, member, text, carried in zip(uris, members, texts, rows):
         member = member or ""
         if sopts is None or text is not None:
             continue
@@ -108,11 +130,11 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
             if member == ARCHIVE_MEMBER_PENDING:
                 for name, data in iter_archive_members(uri, opts.storage_options, opts.max_bytes):
                     if not isinstance(data, RecordError):
-                        emit(uri, name, read_slice_header(data, salt=opts.salt, options=sopts))
+                        emit(uri, name, read_slice_header(data, salt=opts.salt, options=sopts), carried)
                 continue
             fs, path = open_fs(uri, opts.storage_options)
             with fs.open(path, "rb", block_size=1 << 16) as f:
-                emit(uri, member, read_slice_header(f, salt=opts.salt, options=sopts))
+                emit(uri, member, read_slice_header(f, salt=opts.salt, options=sopts), carried)
         except Exception:  # noqa: BLE001 - unreadable: the per-instance path quarantines it with its reason
             continue
     return pa.table(cols, schema=HEADER_SCHEMA)
@@ -184,7 +206,7 @@ def collect_group(group: pa.Table) -> pa.Table:
 def assemble_batch(batch: pa.Table, opts: Any) -> pa.Table:
     """One record (or quarantine row) per series row of ``batch`` (see :func:`assemble_group`)."""
     outs = [_assemble(headers, opts) for headers in batch.column("headers").to_pylist()]
-    return pa.concat_tables(outs) if outs else _OUT_SCHEMA.empty_table()
+    return pa.concat_tables(outs, promote_options="permissive") if outs else _OUT_SCHEMA.empty_table()
 
 
 def assemble_group(group: pa.Table, opts: Any) -> pa.Table:
@@ -206,7 +228,9 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
 
     t0 = time.perf_counter()
     sopts = series_options(opts)
-    headers = sorted((SliceHeader.from_dict(json.loads(h)) for h in header_json), key=lambda h: (h.uri, h.member))
+    raw = [json.loads(h) for h in header_json]
+    carried = carried_columns([r.pop(_CARRIED, None) or {} for r in raw])
+    headers = sorted((SliceHeader.from_dict(r) for r in raw), key=lambda h: (h.uri, h.member))
     key = headers[0].series_key
     rid = series_record_id(key)
     if rid in opts.done or sopts is None:
@@ -270,7 +294,11 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
             q["message"] = f"series of {len(headers)} instance(s): {q['message']}"
         row.update(q, pixel_values=None, metadata=None)
         row["route"] = "image" if sopts.mode == "slicewise" else "volume"
-    return pa.Table.from_pylist([row], schema=_OUT_SCHEMA)
+    out = pa.Table.from_pylist([row], schema=_OUT_SCHEMA)
+    for name, value in carried.items():
+        if name not in out.column_names:
+            out = out.append_column(name, pa.array([value]))
+    return out
 
 
 def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: float = 1.0,

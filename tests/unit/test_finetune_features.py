@@ -83,6 +83,25 @@ def test_features_resolve(compose_ft, overrides, features):
     assert job.features == features
 
 
+def test_auto_features_train_slides_on_pooled_tile_embeddings(tmp_path, compose_ft):
+    """A manifest of whole slides (judged by content, not the name) trains on mean tile embeddings."""
+    from medray.platform.testing.media import slide_tiff
+
+    data = slide_tiff(size=256, levels=2)
+    rows = []
+    for i in range(20):
+        (tmp_path / f"{i}.bin").write_bytes(data)
+        rows.append({"uri": str(tmp_path / f"{i}.bin"), "high": i % 2, "patient": f"P{i}"})
+    slides = tmp_path / "slides.csv"
+    pcsv.write_csv(pa.Table.from_pylist(rows), slides)
+    job = FinetuneJob(compose_ft("encoder=hf_image", "train=linear_probe", f"data.train={slides}"))
+    assert job.features == "embeddings"
+    with pytest.raises(ConfigError) as err:  # end to end on slides is not offered: the key says what to change
+        FinetuneJob(compose_ft("encoder=hf_image", "train=full", f"data.train={slides}"))
+    assert err.value.key == "train.strategy"
+    assert FinetuneJob(compose_ft("encoder=hf_image", "train=linear_probe")).features == "inputs"  # WAV paths
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
     (["encoder=hf_audio"], "train.strategy"),                                   # train=full on pooled embeddings
     (["encoder=hf_audio", "train=lora"], "train.strategy"),

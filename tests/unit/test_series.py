@@ -286,6 +286,22 @@ def test_group_rows_list_a_series_and_assemble_one_record_each(phantom, files, i
     assert out[1]["record_id"] != ref["record_id"]
 
 
+def test_manifest_columns_its_slices_agree_on_are_carried_onto_the_series_row(files, image_ckpt, tmp_path):
+    from medray.platform.series_stage import assemble_group, carried_columns, series_header_batch
+
+    uris = []
+    for k, data in enumerate(files):
+        (tmp_path / f"{k:03d}.dcm").write_bytes(data)
+        uris.append(str(tmp_path / f"{k:03d}.dcm"))
+    opts = _opts(image_ckpt)
+    table = pa.table({"uri": uris, "member": [""] * len(uris), "label": [1] * len(uris),
+                      "site": ["A"] * len(uris), "note": [f"file {k}" for k in range(len(uris))]})
+    rec = assemble_group(series_header_batch(table, opts), opts).to_pylist()[0]
+    assert rec["status"] == "ok" and (rec["label"], rec["site"], rec["note"]) == (1, "A", None)
+    assert carried_columns([{"a": 1, "b": None}, {"a": 1, "b": 2}]) == {"a": 1, "b": None}
+    assert carried_columns([{}, {}]) == {}
+
+
 def test_a_broken_series_is_one_quarantine_row(phantom, image_ckpt, tmp_path):
     from medray.platform.series_stage import assemble_group
 

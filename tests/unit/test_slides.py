@@ -118,6 +118,24 @@ def test_slide_options_name_the_key():
         SlideOptions(min_tissue_fraction=2)
 
 
+def test_read_parts_split_slides_from_everything_else(slide_path, tmp_path):
+    """The pipeline's two read branches: slides (tiles, spread by a repartition) and the rest; each record once."""
+    opts = StageOptions(encoder_spec=get_spec("hf_image", checkpoint="/x"), slide={"target_mpp": 0.5, "tile_size": 64})
+    photo = tmp_path / "photo.tif"
+    photo.write_bytes(_photo_tiff())
+    src = pa.table({"uri": [slide_path, str(photo), "nope://bucket/x.dcm"], "member": ["", "", ""]})
+    n = len(plan_slide(open_slide(slide_path), SlideOptions(target_mpp=0.5, tile_size=64)).tiles)
+
+    def uris(part: str) -> list[str]:
+        return read_batch(src, opts, part=part).column("uri").to_pylist()
+
+    assert uris("slides") == [slide_path] * n                      # tiles only; the bad URI is not its to report
+    assert uris("main") == [str(photo), "nope://bucket/x.dcm"]     # no slide; the bad URI quarantined here
+    assert uris("all") == [slide_path] * n + [str(photo), "nope://bucket/x.dcm"]
+    with pytest.raises(ValueError):
+        read_batch(src, opts, part="tiles")
+
+
 def test_stages_expand_tiles_embed_resume_and_pool(slide_path, tmp_path):
     ckpt = build_tiny_checkpoint("hf_image", str(tmp_path / "vit"), arch="vit", image_size=32)
     spec = get_spec("hf_image", checkpoint=ckpt)
@@ -216,3 +234,16 @@ def test_slide_without_slide_or_image_encoder_is_skipped_unread(slide_path, tmp_
     assert decoded.column("status").to_pylist() == ["skipped"]
     assert decoded.column("route").to_pylist() == ["slide"]
     assert decoded.column("record_id").to_pylist() == [record_id(slide_path, "")]
+
+
+def test_slide_branch_is_planned_when_inputs_may_hold_slides(tmp_path):
+    """Names decide only whether the pipeline adds its slide branch; content still decides what is a slide."""
+    from medray.jobs.embed import _manifest_may_hold_slides, may_hold_slides
+
+    assert may_hold_slides(["s3://b/a.dcm", "s3://b/case.SVS"]) and may_hold_slides(["x/y.tiff"])
+    assert not may_hold_slides(["s3://b/a.dcm", "s3://b/1.2.840.113619", "r.txt", "a.wav"])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,label\n/a/1.dcm,0\n/a/2.ndpi,1\n")
+    assert _manifest_may_hold_slides(str(manifest), {})
+    manifest.write_text("report,label\nno uri column here,0\n")
+    assert not _manifest_may_hold_slides(str(manifest), {})
