@@ -75,7 +75,7 @@ HIDDEN, LAYERS = 192, 6  # every model: ViT-Tiny-like width/depth, as embed_pipe
 AUDIO_RATE, AUDIO_SECONDS, WINDOW_S = 44100, 10.0, 2.0
 TEXT_MAX_LENGTH, TEXT_CHUNKS = 128, 5
 SLIDE_SIZE, TILE = 4096, 224
-SERIES_DEPTH, SERIES_SIZE, VOLUME_INPUT = 32, 128, (16, 64, 64)
+SERIES_DEPTH, SERIES_SIZE, VOLUME_INPUT = 48, 256, (16, 64, 64)
 #: series.windows' default (CT Foundation's lung, mediastinum, bone), in channel order
 SERIES_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
 
@@ -595,7 +595,7 @@ def main() -> None:
     ap.add_argument("--audio-n", type=int, default=48, help=f"recordings of {AUDIO_SECONDS:g} s")
     ap.add_argument("--text-n", type=int, default=80, help=f"documents of ~{TEXT_CHUNKS} chunks")
     ap.add_argument("--slides", type=int, default=2, help=f"{SLIDE_SIZE}^2 slides of ~165 tissue tiles")
-    ap.add_argument("--series", type=int, default=24, help=f"CT series of {SERIES_DEPTH} slices")
+    ap.add_argument("--series", type=int, default=16, help=f"CT series of {SERIES_DEPTH} slices")
     ap.add_argument("--series-batch", type=int, default=2, help="volumes per encoder batch")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--plain-niceness", type=int, default=int(os.environ.get("RAY_worker_niceness", 15)),

@@ -37,6 +37,9 @@ __all__ = ["series_options", "is_series_slice", "series_header_batch", "collect_
            "assemble_group", "plan_series_branch",
            "series_record_id", "HEADER_SCHEMA"]
 
+#: Objects per header-pass task (at least; ``compute.read_batch_size`` when larger).
+HEADER_BATCH_SIZE = 256
+
 #: Key of a header row's JSON holding the slice's manifest columns (carried onto the series row).
 _CARRIED = "_carried"
 
@@ -312,8 +315,9 @@ def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: fl
     """
     from ray.data.context import ShuffleStrategy
 
+    # A header is a few kB and ~1 ms to parse: large header tasks, or Ray's per-task cost dominates.
     hdr = ds.map_batches(series_header_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
-                         batch_size=batch_size, num_cpus=num_cpus, max_retries=task_retries)
+                         batch_size=max(batch_size, HEADER_BATCH_SIZE), num_cpus=num_cpus, max_retries=task_retries)
     # Group with the sort-based exchange, not the hash-shuffle operator: its map/reduce tasks run
     # as one short all-to-all step over the header rows. The hash shuffle's reduce tasks each ask
     # Ray Data's resource budget for a whole CPU, which the encoder pool holds on a small cluster,
