@@ -37,13 +37,15 @@ Plain loops:
 * ``series`` (``series.mode=volume``, when the series modality exists): pydicom
   read of every file, group by SeriesInstanceUID, sort along the slice normal,
   rescale and stack, windows as channels, trilinear resize, normalise,
-  torchvision ``r3d_18``. Its steady-state figure leaves the grouping barrier
-  out; the figures including start-up are the ones to read.
+  torchvision ``r3d_18``. Its pipeline units/s is the **marginal** rate (the job
+  on all series and on half of them, in the same round: extra volumes / extra
+  seconds), which removes the per-job fixed cost and keeps every per-volume
+  cost; the steady window does not apply behind the grouping barrier.
 
 Usage::
 
     python benchmarks/modalities.py [--modalities audio,text,slide,series] [--rounds 2]
-        [--audio-n 48] [--text-n 80] [--slides 2] [--series 8] [--out benchmarks/results/modalities.json] [--merge]
+        [--audio-n 48] [--text-n 80] [--slides 2] [--series 16] [--out benchmarks/results/modalities.json] [--merge]
 
 Each modality's plain loop and pipeline alternate within a round; ``--merge`` keeps the
 other modalities' entries of an existing ``--out``, so modalities can be measured in

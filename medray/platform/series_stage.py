@@ -1,17 +1,21 @@
 """The CT/MR series branch of the embed pipeline (``series.mode=slicewise|volume``).
 
 ``source ─► header pass ─► groupby(series_key) ─► one row per series ─► assemble+preprocess ─┐
-                                                                      ├─► encode ─► sink
+                                                                                             ├─► encode ─► sink
 source ─► read (series slices: header only, "noop" rows) ─► decode ─────────────────────────┘``
 
 The header pass reads only headers (pydicom ``stop_before_pixels`` over an
 fsspec file; archive members are streamed) and emits one small row per series
-slice: no pixel data travels through the shuffle. Each group task re-reads its
-own instances by ``uri``/``member``, checks the series
-(:func:`~medray.platform.decoders.series.plan_series`), assembles the volume
-and applies the encoder's preprocessing, emitting one record per series with
-the same columns :func:`~medray.platform.pipeline.decode_batch` emits. A
-broken series becomes one quarantine row with the reason; the others go on.
+slice: no pixel data travels through the shuffle. The group-by (sort-based
+exchange) only lists each series' header rows (:func:`collect_group`); a
+streaming repartition gives each series its own block, and one task per
+series (:func:`assemble_batch`) re-reads its instances by ``uri``/``member``,
+checks the series (:func:`~medray.platform.decoders.series.plan_series`),
+assembles the volume and applies the encoder's preprocessing, emitting one
+record per series with the same columns
+:func:`~medray.platform.pipeline.decode_batch` emits, plus the manifest
+columns its slices agree on. A broken series becomes one quarantine row with
+the reason; the others go on.
 
 The per-instance path and the header pass use the same test
 (:func:`~medray.platform.decoders.series.read_slice_header`), so every
