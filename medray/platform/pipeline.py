@@ -193,6 +193,8 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
 
 
 _SERIES_NOOP = {"status": "noop", "stage": "series"}
+#: Objects per main-branch read task (at least) when ``series.mode`` is on.
+SERIES_MODE_READ_BATCH = 64
 
 
 def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
@@ -648,13 +650,18 @@ def plan_dataset(ds: Any, opts: StageOptions, *, encoder_spec: dict, provenance:
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     tasks = TaskPoolStrategy(size=decode_concurrency) if decode_concurrency else None
+    main_read_batch = read_batch_size
+    if series_source is not None:
+        # Series slices are header-only reads on the main branch (their series' task reads the pixels):
+        # larger read tasks there, or Ray's per-task cost is most of what the series mode costs.
+        main_read_batch = max(read_batch_size, SERIES_MODE_READ_BATCH)
     with warnings.catch_warnings():
         # Bounded retries have no named parameter yet; Ray warns about ``**ray_remote_args``.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         source = ds
         slides = slide_branch and _slide_wanted(opts)
         ds = source.map_batches(read_batch, fn_kwargs={"opts": opts, "part": "main" if slides else "all"},
-                                batch_format="pyarrow", compute=tasks, batch_size=read_batch_size,
+                                batch_format="pyarrow", compute=tasks, batch_size=main_read_batch,
                                 num_cpus=decode_num_cpus, max_retries=task_retries)
         ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow", compute=tasks,
                             batch_size=decode_batch_size, num_cpus=decode_num_cpus, max_retries=task_retries)
