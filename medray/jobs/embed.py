@@ -413,16 +413,10 @@ def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> boo
     from medray.jobs._finetune_data import iter_manifest_batches
 
     try:
-        seen = 0
-        for batch in iter_manifest_batches(uri, ["uri"], options):
-            if may_hold_slides(v for v in batch.column(0).to_pylist() if v):
-                return True
-            seen += batch.num_rows
-            if seen >= rows:
-                break
+        batch = next(iter_manifest_batches(uri, ["uri"], options), None)
     except Exception:  # noqa: BLE001 - no uri column (documents) or unreadable: _read_manifest reports it
         return False
-    return False
+    return batch is not None and may_hold_slides(u for u in batch.column(0).slice(0, rows).to_pylist() if u)
 
 
 def _read_manifest(ray: Any, uri: str, options: Any, text_column: Optional[str] = None) -> Any:

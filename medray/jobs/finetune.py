@@ -273,12 +273,11 @@ class FinetuneResult:
 def _lists_slides(manifest: str, storage_options: Any, sample: int = 8) -> bool:
     """True when one of the manifest's first ``sample`` objects is a whole-slide image.
 
-    Judged by content (TIFF magic, then tiled pyramid via tiffslide), reading
-    a few bytes of each; a manifest that cannot be read yet answers ``False``
-    (the data checks report it with its key).
+    Judged by content, as the read stage does (:func:`~medray.platform.decoders.slide.sniff_slide`);
+    a manifest that cannot be read yet answers ``False`` (the data checks report it with its key).
     """
     from medray.jobs._finetune_data import iter_manifest_batches
-    from medray.platform.decoders.slide import is_slide, is_tiff, open_slide
+    from medray.platform.decoders.slide import sniff_slide
     from medray.platform.storage import open_fs
 
     try:
@@ -289,13 +288,10 @@ def _lists_slides(manifest: str, storage_options: Any, sample: int = 8) -> bool:
     for uri in uris:
         try:
             fs, path = open_fs(uri, storage_options)
-            with fs.open(path, "rb", block_size=1 << 12) as f:
-                if not is_tiff(f.read(4)):
-                    continue
-            if is_slide(open_slide(uri, storage_options), path.rsplit("/", 1)[-1]):
-                return True
-        except Exception:  # noqa: BLE001 - unreadable objects are quarantined later, with their reason
+        except Exception:  # noqa: BLE001 - a bad URI is quarantined later, with its reason
             continue
+        if sniff_slide(uri, fs, path, storage_options) is not None:
+            return True
     return False
 
 

@@ -135,6 +135,8 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
         for c in _STATUS_COLS:
             cols[c].append(q.get(c))
 
+    from medray.platform.decoders.slide import sniff_slide
+
     uris = table.column("uri").to_pylist()
     members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
     col = opts.text_column
@@ -168,7 +170,7 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
         t0 = time.perf_counter()
         try:
             fs, path = open_fs(uri, opts.storage_options)
-            slide = _sniff_slide(uri, fs, path, opts)
+            slide = sniff_slide(uri, fs, path, opts.storage_options)
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest: reported once, by the main part
             if part != "slides":
                 emit(i, uri, member, None, err, time.perf_counter() - t0)
@@ -203,16 +205,13 @@ def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
     A ranged read of the header (``stop_before_pixels``) instead of the whole
     object: a series slice's pixels are read once, by its series' assembly task.
     """
-    if not opts.series or opts.series.get("mode", "off") == "off":
-        return False
-    if path.rsplit("/", 1)[-1].lower().endswith(_NOT_DICOM):
-        return False
-    from medray.platform.decoders.series import read_slice_header
-    from medray.platform.series_stage import series_options
+    from medray.platform.series_stage import is_series_slice, series_options
 
+    if series_options(opts) is None or path.rsplit("/", 1)[-1].lower().endswith(_NOT_DICOM):
+        return False
     try:
         with fs.open(path, "rb", block_size=1 << 16) as f:
-            return read_slice_header(f, salt=opts.salt, options=series_options(opts)) is not None
+            return is_series_slice(f, opts)
     except Exception:  # noqa: BLE001 - unreadable: read_bytes reports it with its reason
         return False
 
@@ -220,11 +219,6 @@ def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
 # Extensions that are never DICOM Part-10 (others, .dcm or none, may be).
 _NOT_DICOM = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".svs", ".wav", ".flac", ".ogg", ".txt",
               ".json", ".xml", ".csv", ".zip", ".tar", ".gz", ".tgz")
-
-
-# Extensions that are never TIFF: such objects skip the slide sniff (one ranged read saved).
-_NOT_TIFF = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".wav", ".flac", ".ogg",
-             ".txt", ".json", ".xml")
 
 
 def _slide_wanted(opts: StageOptions) -> bool:
@@ -236,27 +230,6 @@ def _slide_wanted(opts: StageOptions) -> bool:
     from medray.encoders import family_modality
 
     return family_modality(opts.encoder_spec.family) == "image"
-
-
-def _sniff_slide(uri: str, fs: Any, path: str, opts: StageOptions) -> Any:
-    """The opened slide when the object is a whole-slide image, else ``None`` (read its bytes)."""
-    from medray.platform.decoders.slide import is_slide, is_tiff, open_slide
-
-    name = path.rsplit("/", 1)[-1]
-    if name.lower().endswith(_NOT_TIFF):
-        return None
-    try:
-        with fs.open(path, "rb", block_size=1 << 16) as f:
-            head = f.read(4)
-    except Exception:  # noqa: BLE001 - read_bytes reports it
-        return None
-    if not is_tiff(head):
-        return None
-    try:
-        slide = open_slide(uri, opts.storage_options)
-    except RecordError:
-        return None  # a damaged TIFF: the image decoder quarantines it with its own reason
-    return slide if is_slide(slide, name) else None
 
 
 def _emit_tiles(i: int, uri: str, member: str, slide: Any, opts: StageOptions, emit: Any, t0: float) -> None:

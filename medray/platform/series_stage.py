@@ -87,8 +87,11 @@ def series_options(opts: Any) -> Any:
     return _options(json.dumps(fields, default=list))
 
 
-def is_series_slice(data: bytes, opts: Any) -> bool:
-    """True when the series branch owns this instance (the per-instance path then skips it)."""
+def is_series_slice(data: bytes | Any, opts: Any) -> bool:
+    """True when the series branch owns this instance (the per-instance path then skips it).
+
+    ``data``: the instance's bytes, or a binary file positioned at its start (only the header is read).
+    """
     from medray.platform.decoders.series import read_slice_header
 
     sopts = series_options(opts)
@@ -326,7 +329,8 @@ def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: fl
     # as one short all-to-all step over the header rows. The hash shuffle's reduce tasks each ask
     # Ray Data's resource budget for a whole CPU, which the encoder pool holds on a small cluster,
     # so they ran one at a time, seconds apart (8 CT series: 44 s -> 20 s end to end on 2 cores).
-    # Only this group-by is an all-to-all operation in the embed plan.
+    # The context is the plan's own (shared by every dataset of this plan, not process-wide), and
+    # this group-by is the embed plan's only all-to-all operation.
     hdr.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     grouped = hdr.groupby("series_key").map_groups(
         collect_group, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25), max_retries=task_retries)

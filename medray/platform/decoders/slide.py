@@ -32,7 +32,7 @@ import numpy as np
 
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded
 
-__all__ = ["SlideOptions", "SlideTile", "SlidePlan", "is_tiff", "is_slide", "open_slide", "plan_slide",
+__all__ = ["SlideOptions", "SlideTile", "SlidePlan", "is_tiff", "is_slide", "open_slide", "sniff_slide", "plan_slide",
            "read_tile", "tissue_mask", "otsu_threshold"]
 
 #: Extensions that make a tiled TIFF a slide even without a pyramid.
@@ -146,6 +146,38 @@ def is_slide(slide: Any, name: str = "") -> bool:
     vendor = str(slide.properties.get("tiffslide.vendor") or "")
     return slide.level_count > 1 or vendor in ("aperio", "hamamatsu", "leica", "ventana") or \
         name.lower().endswith(SLIDE_EXTENSIONS)
+
+
+# Extensions that are never TIFF: such objects skip the slide sniff (one ranged read saved).
+_NOT_TIFF = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".wav", ".flac", ".ogg",
+             ".txt", ".json", ".xml")
+
+
+def sniff_slide(uri: str, fs: Any, path: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The opened slide when the object is a whole-slide image, else ``None``.
+
+    Judged by content: the TIFF magic (a 4-byte ranged read), then a tiled
+    pyramid (:func:`is_slide`). Names that are never TIFF skip the read. An
+    object that cannot be read, or a damaged TIFF, answers ``None``: the image
+    path reads it and quarantines it with its own reason.
+    """
+    from medray.platform.errors import RecordError
+
+    name = path.rsplit("/", 1)[-1]
+    if name.lower().endswith(_NOT_TIFF):
+        return None
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) as f:
+            head = f.read(4)
+    except Exception:  # noqa: BLE001 - the read stage reports it
+        return None
+    if not is_tiff(head):
+        return None
+    try:
+        slide = open_slide(uri, storage_options)
+    except RecordError:
+        return None
+    return slide if is_slide(slide, name) else None
 
 
 def open_slide(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
