@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medray-installed
 
-.PHONY: setup demo test test-fast bench bench-modalities clean
+.PHONY: setup demo lint test test-fast bench bench-modalities clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medray demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check medray tests benchmarks
+	$(BIN)/ruff format --check medray tests benchmarks
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest tests -q --timeout=900
 
 test-fast: $(STAMP)

@@ -31,7 +31,6 @@ import numpy as np
 
 
 def _make_dicoms(root: Path, n: int, size: int, syntax: str) -> list[Path]:
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -54,7 +53,7 @@ def _make_dicoms(root: Path, n: int, size: int, syntax: str) -> list[Path]:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
         yy, xx = np.mgrid[:size, :size]
-        img = (1500 + 800 * np.sin(xx / 17.0 + i) * np.cos(yy / 23.0) + rng.normal(0, 60, (size, size)))
+        img = 1500 + 800 * np.sin(xx / 17.0 + i) * np.cos(yy / 23.0) + rng.normal(0, 60, (size, size))
         ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
         if syntax == "rle":
             from pydicom.uid import RLELossless
@@ -75,8 +74,14 @@ def _make_checkpoint(root: Path, image_size: int, hidden: int, layers: int) -> s
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=image_size, patch_size=16, hidden_size=hidden, num_hidden_layers=layers,
-                    num_attention_heads=max(1, hidden // 64), intermediate_size=hidden * 4)
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=16,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=hidden * 4,
+    )
     out = root / "ckpt"
     ViTModel(cfg).save_pretrained(out)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
@@ -122,8 +127,12 @@ def _serial(paths: list[Path], ckpt: str, batch: int) -> dict:
     wall = time.perf_counter() - t0
     n = len(paths)
     per = {k: v / n for k, v in t.items()}
-    return {"per_record_s": per, "per_record_total_s": sum(per.values()), "plain_loop_records_per_s": n / wall,
-            "plain_loop_wall_s": wall}
+    return {
+        "per_record_s": per,
+        "per_record_total_s": sum(per.values()),
+        "plain_loop_records_per_s": n / wall,
+        "plain_loop_wall_s": wall,
+    }
 
 
 def _pipeline(input_dir: Path, out: Path, ckpt: str, batch: int, cores: int) -> dict:
@@ -155,9 +164,13 @@ def _pipeline(input_dir: Path, out: Path, ckpt: str, batch: int, cores: int) -> 
         shutil.copy(p, warm / p.name)
     job(warm, out.parent / "warm_out")  # workers and imports warm, checkpoint hashed
     res = job(input_dir, out)
-    return {"records": res.records_embedded, "pipeline_wall_s": res.pipeline_s,
-            "pipeline_records_per_s_including_startup": res.records_embedded / res.pipeline_s,
-            "pipeline_records_per_s": res.steady_records_per_s, "quarantined": res.quarantined}
+    return {
+        "records": res.records_embedded,
+        "pipeline_wall_s": res.pipeline_s,
+        "pipeline_records_per_s_including_startup": res.records_embedded / res.pipeline_s,
+        "pipeline_records_per_s": res.steady_records_per_s,
+        "quarantined": res.quarantined,
+    }
 
 
 def _decode_mbps(paths: list[Path]) -> dict:
@@ -169,10 +182,10 @@ def _decode_mbps(paths: list[Path]) -> dict:
     mb = sum(len(b) for b in blobs) / 1e6
     for b in blobs[:4]:
         decode_bytes(b)
-        pydicom.dcmread(io.BytesIO(b)).pixel_array
+        _ = pydicom.dcmread(io.BytesIO(b)).pixel_array
     t0 = time.perf_counter()
     for b in blobs:
-        pydicom.dcmread(io.BytesIO(b)).pixel_array
+        _ = pydicom.dcmread(io.BytesIO(b)).pixel_array
     raw = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b in blobs:
@@ -208,15 +221,21 @@ def main() -> None:
         j2k_dir = tmp / "j2k"
         j2k_dir.mkdir()
         j2k = _make_dicoms(j2k_dir, min(args.n, 30), args.size, "j2k")
-        decode = {"explicit_vr_le": _decode_mbps(paths), "rle_lossless": _decode_mbps(rle),
-                  "jpeg2000_lossless": _decode_mbps(j2k)}
+        decode = {
+            "explicit_vr_le": _decode_mbps(paths),
+            "rle_lossless": _decode_mbps(rle),
+            "jpeg2000_lossless": _decode_mbps(j2k),
+        }
         pipe = _pipeline(data, tmp / "out", ckpt, args.batch, args.cores)
         ideal = args.cores / serial["per_record_total_s"]
         result = {
             "benchmark": "embed_pipeline",
-            "inputs": {"records": args.n, "dicom": f"{args.size}x{args.size} uint16 CR", "model":
-                       f"ViT hidden={args.hidden} layers={args.layers} image={args.image_size} (random)",
-                       "batch_size": args.batch},
+            "inputs": {
+                "records": args.n,
+                "dicom": f"{args.size}x{args.size} uint16 CR",
+                "model": f"ViT hidden={args.hidden} layers={args.layers} image={args.image_size} (random)",
+                "batch_size": args.batch,
+            },
             "hardware": {"cores": args.cores, "machine": platform.machine(), "python": platform.python_version()},
             "serial": serial,
             "pipeline": pipe,

@@ -39,8 +39,14 @@ def _make_checkpoint(root: Path, image_size: int, hidden: int, layers: int) -> s
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=image_size, patch_size=16, hidden_size=hidden, num_hidden_layers=layers,
-                    num_attention_heads=max(1, hidden // 64), intermediate_size=hidden * 4)
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=16,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=hidden * 4,
+    )
     out = root / "ckpt"
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(out)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
@@ -49,8 +55,14 @@ def _make_checkpoint(root: Path, image_size: int, hidden: int, layers: int) -> s
 
 def _rows(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal(shape, dtype=np.float32).tobytes(), "y": [float(i % 2), float(i % 3 == 0)],
-             "modality": "DX"} for i in range(n)]
+    return [
+        {
+            "x": rng.standard_normal(shape, dtype=np.float32).tobytes(),
+            "y": [float(i % 2), float(i % 3 == 0)],
+            "modality": "DX",
+        }
+        for i in range(n)
+    ]
 
 
 def _spec(ckpt: str) -> dict:
@@ -65,7 +77,7 @@ def _spec(ckpt: str) -> dict:
 def plain_loop(spec: dict, rows: list[dict], shape: tuple, batch: int, skip: int, threads: int) -> dict:
     import torch
 
-    from medray.jobs._finetune_model import build_classifier, stack_examples, task_loss
+    from medray.jobs.finetune.model import build_classifier, stack_examples, task_loss
 
     torch.set_num_threads(threads)
     model, _, _ = build_classifier(spec, n_outputs=2, strategy="full", lora={}, seed=0, input_shape=shape)
@@ -73,7 +85,7 @@ def plain_loop(spec: dict, rows: list[dict], shape: tuple, batch: int, skip: int
     opt = torch.optim.AdamW(params, lr=1e-4)
     times = []
     for s in range(0, len(rows) - batch + 1, batch):
-        chunk = rows[s:s + batch]
+        chunk = rows[s : s + batch]
         t0 = time.perf_counter()
         x, y = stack_examples({"x": [r["x"] for r in chunk], "y": [r["y"] for r in chunk]}, shape)
         loss = task_loss("multilabel", model(torch.from_numpy(x)), torch.from_numpy(y))
@@ -87,7 +99,7 @@ def plain_loop(spec: dict, rows: list[dict], shape: tuple, batch: int, skip: int
 
 def build_classifier_params(spec: dict, shape: tuple) -> list:
     """The trainable parameters of the benchmark's classifier (for counting)."""
-    from medray.jobs._finetune_model import build_classifier
+    from medray.jobs.finetune.model import build_classifier
 
     model, _, _ = build_classifier(spec, n_outputs=2, strategy="full", lora={}, seed=0, input_shape=shape)
     return [p for p in model.parameters() if p.requires_grad]
@@ -95,8 +107,13 @@ def build_classifier_params(spec: dict, shape: tuple) -> list:
 
 def _summary(times: list[float], skip: int) -> dict:
     kept = times[skip:]
-    return {"steps_timed": len(kept), "mean_s": statistics.fmean(kept), "median_s": statistics.median(kept),
-            "min_s": min(kept), "first_step_s": times[0]}
+    return {
+        "steps_timed": len(kept),
+        "mean_s": statistics.fmean(kept),
+        "median_s": statistics.median(kept),
+        "min_s": min(kept),
+        "first_step_s": times[0],
+    }
 
 
 # --------------------------------------------------------------------------
@@ -130,14 +147,18 @@ def _tensor_bytes(engine) -> dict:
     for state in inner.state.values():
         for v in state.values():
             out["optimizer"] += add(v)
-    for name in ("averaged_gradients", "grad_partitions_flat_buffer", "fp32_partitioned_groups_flat",
-                 "single_partition_of_fp32_groups"):
+    for name in (
+        "averaged_gradients",
+        "grad_partitions_flat_buffer",
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+    ):
         value = getattr(opt, name, None)
         if value is None:
             continue
         items = [value] if isinstance(value, torch.Tensor) else (value.values() if isinstance(value, dict) else value)
         for t in items:
-            for tt in (t if isinstance(t, (list, tuple)) else [t]):
+            for tt in t if isinstance(t, (list, tuple)) else [t]:
                 out["grads" if "grad" in name else "optimizer"] += add(tt)
                 out["grads"] += add(getattr(tt, "grad", None))
     out["total"] = sum(out.values())
@@ -150,15 +171,25 @@ def ray_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from medray.jobs._finetune_model import build_classifier, build_engine, stack_examples, task_loss
+    from medray.jobs.finetune.model import build_classifier, build_engine, stack_examples, task_loss
 
     torch.set_num_threads(config["threads"])
     shape = tuple(config["shape"])
     model, _, _ = build_classifier(config["spec"], n_outputs=2, strategy="full", lora={}, seed=0, input_shape=shape)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, _ = build_engine(model, stage=config["stage"], micro_batch=config["batch"], grad_accum=1, clip=1.0,
-                             precision="fp32", lr=1e-4, weight_decay=0.01, total_steps=1000, warmup_steps=0,
-                             schedule="constant")
+    engine, _ = build_engine(
+        model,
+        stage=config["stage"],
+        micro_batch=config["batch"],
+        grad_accum=1,
+        clip=1.0,
+        precision="fp32",
+        lr=1e-4,
+        weight_decay=0.01,
+        total_steps=1000,
+        warmup_steps=0,
+        schedule="constant",
+    )
     times, grads = [], {}
     it = ray.train.get_dataset_shard("train")
     t0 = time.perf_counter()
@@ -173,17 +204,32 @@ def ray_loop(config: dict) -> None:
         times.append(t1 - t0)
         t0 = t1
     held = _tensor_bytes(engine)  # parameters and optimizer states after the step
-    metrics = {"n_params": n_params, "times": times, "rss": psutil.Process().memory_info().rss,
-               "bytes_params": held["params"], "bytes_optimizer": held["optimizer"],
-               "bytes_grads": grads.get("grads", 0)}
+    metrics = {
+        "n_params": n_params,
+        "times": times,
+        "rss": psutil.Process().memory_info().rss,
+        "bytes_params": held["params"],
+        "bytes_optimizer": held["optimizer"],
+        "bytes_grads": grads.get("grads", 0),
+    }
     metrics["bytes_total"] = metrics["bytes_params"] + metrics["bytes_optimizer"] + metrics["bytes_grads"]
     ray.train.report(metrics)
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["result"]).write_text(json.dumps(metrics))
 
 
-def ray_run(spec: dict, rows: list[dict], shape: tuple, *, stage: int, workers: int, threads: int, batch: int,
-            storage: str, measure: bool = False) -> dict:
+def ray_run(
+    spec: dict,
+    rows: list[dict],
+    shape: tuple,
+    *,
+    stage: int,
+    workers: int,
+    threads: int,
+    batch: int,
+    storage: str,
+    measure: bool = False,
+) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -191,10 +237,20 @@ def ray_run(spec: dict, rows: list[dict], shape: tuple, *, stage: int, workers: 
     result = os.path.join(storage, f"result-{stage}-{workers}-{threads}.json")
     ds = ray.data.from_items(rows).materialize()
     trainer = TorchTrainer(
-        ray_loop, train_loop_config={"spec": spec, "shape": list(shape), "stage": stage, "batch": batch,
-                                     "threads": threads, "result": result, "measure": measure},
+        ray_loop,
+        train_loop_config={
+            "spec": spec,
+            "shape": list(shape),
+            "stage": stage,
+            "batch": batch,
+            "threads": threads,
+            "result": result,
+            "measure": measure,
+        },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        datasets={"train": ds}, run_config=RunConfig(storage_path=storage, name=f"bench-{stage}-{workers}-{threads}"))
+        datasets={"train": ds},
+        run_config=RunConfig(storage_path=storage, name=f"bench-{stage}-{workers}-{threads}"),
+    )
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
@@ -212,8 +268,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--skip", type=int, default=4, help="steps excluded as warm-up")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (plain and per worker)")
-    ap.add_argument("--parts", nargs="+", default=["step", "memory"], choices=["step", "memory"],
-                    help="what to measure; parts not measured are kept from an existing --out file")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["step", "memory"],
+        choices=["step", "memory"],
+        help="what to measure; parts not measured are kept from an existing --out file",
+    )
     ap.add_argument("--out", default="benchmarks/results/finetune.json")
     args = ap.parse_args()
 
@@ -233,59 +294,100 @@ def main() -> None:
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
     step_time = previous.get("step_time", {})
-    for threads in (args.threads if "step" in args.parts else []):
+    for threads in args.threads if "step" in args.parts else []:
         # plain and Ray runs interleaved, the plain loop in this (Ray driver) process: same machine state
         plain = [plain_loop(spec, rows, shape, args.batch, args.skip, threads)]
         ray_steps = {}
         for stage in (0, 2):
-            r = ray_run(spec, rows, shape, stage=stage, workers=1, threads=threads, batch=args.batch,
-                        storage=str(tmp / "runs"))
+            r = ray_run(
+                spec, rows, shape, stage=stage, workers=1, threads=threads, batch=args.batch, storage=str(tmp / "runs")
+            )
             ray_steps[f"zero{stage}"] = {**_summary(r["times"], args.skip), "wall_s": r["wall_s"]}
             plain.append(plain_loop(spec, rows, shape, args.batch, args.skip, threads))
         ref = statistics.median(p["median_s"] for p in plain)
         overhead = {k: v["median_s"] / ref - 1.0 for k, v in ray_steps.items()}
         step_time[f"threads_{threads}"] = {
-            "plain_runs": plain, "plain_median_s": ref, "ray_train_deepspeed_1_worker": ray_steps,
-            "overhead": overhead, "meets_10pct_target": {k: v <= 0.10 for k, v in overhead.items()}}
+            "plain_runs": plain,
+            "plain_median_s": ref,
+            "ray_train_deepspeed_1_worker": ray_steps,
+            "overhead": overhead,
+            "meets_10pct_target": {k: v <= 0.10 for k, v in overhead.items()},
+        }
 
     memory = previous.get("memory_2_workers", {})
-    for stage in ((0, 3) if "memory" in args.parts else ()):
-        r = ray_run(spec, rows[: 6 * args.batch], shape, stage=stage, workers=2, threads=1, batch=args.batch // 2,
-                    storage=str(tmp / "runs"), measure=True)
+    for stage in (0, 3) if "memory" in args.parts else ():
+        r = ray_run(
+            spec,
+            rows[: 6 * args.batch],
+            shape,
+            stage=stage,
+            workers=2,
+            threads=1,
+            batch=args.batch // 2,
+            storage=str(tmp / "runs"),
+            measure=True,
+        )
         p = r["n_params"]
         expected = 16 * p / (2 if stage == 3 else 1)
         memory[f"zero{stage}"] = {
-            "n_params": p, "params_bytes": r["bytes_params"], "grads_bytes": r["bytes_grads"],
-            "optimizer_bytes": r["bytes_optimizer"], "total_bytes": r["bytes_total"],
-            "bytes_per_param": r["bytes_total"] / p, "rss_bytes": r["rss"],
-            "accounting_16B_per_param_bytes": 16 * p, "expected_bytes": expected,
-            "ratio_to_expected": r["bytes_total"] / expected}
+            "n_params": p,
+            "params_bytes": r["bytes_params"],
+            "grads_bytes": r["bytes_grads"],
+            "optimizer_bytes": r["bytes_optimizer"],
+            "total_bytes": r["bytes_total"],
+            "bytes_per_param": r["bytes_total"] / p,
+            "rss_bytes": r["rss"],
+            "accounting_16B_per_param_bytes": 16 * p,
+            "expected_bytes": expected,
+            "ratio_to_expected": r["bytes_total"] / expected,
+        }
     ray.shutdown()
 
     n_params = sum(p.numel() for p in build_classifier_params(spec, shape))
     result = {
         "benchmark": "finetune",
-        "inputs": {"model": f"ViT hidden {args.hidden} x {args.layers} layers, {args.image_size}px, patch 16",
-                   "n_params": n_params, "batch": args.batch, "steps": args.steps,
-                   "skip": args.skip, "threads": args.threads, "precision": "fp32", "optimizer": "torch AdamW",
-                   "data": "Ray Data shard of a materialized dataset (Ray) / the same rows in memory (plain)"},
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                     "ray": ray.__version__, "python": platform.python_version(),
-                     "load_avg_1m_at_end": os.getloadavg()[0]},
+        "inputs": {
+            "model": f"ViT hidden {args.hidden} x {args.layers} layers, {args.image_size}px, patch 16",
+            "n_params": n_params,
+            "batch": args.batch,
+            "steps": args.steps,
+            "skip": args.skip,
+            "threads": args.threads,
+            "precision": "fp32",
+            "optimizer": "torch AdamW",
+            "data": "Ray Data shard of a materialized dataset (Ray) / the same rows in memory (plain)",
+        },
+        "hardware": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+            "load_avg_1m_at_end": os.getloadavg()[0],
+        },
         "step_time": step_time,
         "target_overhead": 0.10,
         "memory_2_workers": memory,
         "memory_zero3_vs_zero0": memory["zero3"]["total_bytes"] / memory["zero0"]["total_bytes"] if memory else None,
-        "wall_s": {**(previous.get("wall_s") if isinstance(previous.get("wall_s"), dict) else {}),
-                   "+".join(args.parts): time.perf_counter() - t_start},
+        "wall_s": {
+            **(previous.get("wall_s") if isinstance(previous.get("wall_s"), dict) else {}),
+            "+".join(args.parts): time.perf_counter() - t_start,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({"overhead": {k: v["overhead"] for k, v in step_time.items()},
-                      "plain_median_s": {k: v["plain_median_s"] for k, v in step_time.items()},
-                      "memory_MB": {k: round(v["total_bytes"] / 1e6, 1) for k, v in memory.items()},
-                      "bytes_per_param": {k: round(v["bytes_per_param"], 2) for k, v in memory.items()},
-                      "zero3_vs_zero0": result["memory_zero3_vs_zero0"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "overhead": {k: v["overhead"] for k, v in step_time.items()},
+                "plain_median_s": {k: v["plain_median_s"] for k, v in step_time.items()},
+                "memory_MB": {k: round(v["total_bytes"] / 1e6, 1) for k, v in memory.items()},
+                "bytes_per_param": {k: round(v["bytes_per_param"], 2) for k, v in memory.items()},
+                "zero3_vs_zero0": result["memory_zero3_vs_zero0"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

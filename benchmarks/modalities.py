@@ -65,8 +65,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -81,9 +82,11 @@ SERIES_DEPTH, SERIES_SIZE, VOLUME_INPUT = 48, 256, (16, 64, 64)
 #: series.windows' default (CT Foundation's lung, mediastinum, bone), in channel order
 SERIES_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
 
-_WORDS = ("the of and no with without normal acute chest lung heart right left mild small large effusion "
-          "pneumonia fracture findings impression patient history pain report study mass nodule opacity "
-          "stable change is are was in on at to for a an").split()
+_WORDS = (
+    "the of and no with without normal acute chest lung heart right left mild small large effusion "
+    "pneumonia fracture findings impression patient history pain report study mass nodule opacity "
+    "stable change is are was in on at to for a an"
+).split()
 
 
 def _load() -> list[float]:
@@ -146,7 +149,7 @@ class _CpuSampler:
             self._sample()
             self.samples.append((time.time(), self.total))
 
-    def __enter__(self) -> "_CpuSampler":
+    def __enter__(self) -> _CpuSampler:
         self._thread.start()
         return self
 
@@ -176,8 +179,11 @@ def _steady_cpu(out: Path, sampler: _CpuSampler) -> dict:
         return {"steady_cpu_s_per_unit": None, "steady_parts": len(parts)}
     units = sum(n for _, n in parts[1:])
     cpu = sampler.at(parts[-1][0]) - sampler.at(parts[0][0])
-    return {"steady_cpu_s_per_unit": cpu / units, "steady_parts": len(parts),
-            "steady_cpu_utilisation": cpu / ((parts[-1][0] - parts[0][0]) * (os.cpu_count() or 1))}
+    return {
+        "steady_cpu_s_per_unit": cpu / units,
+        "steady_parts": len(parts),
+        "steady_cpu_utilisation": cpu / ((parts[-1][0] - parts[0][0]) * (os.cpu_count() or 1)),
+    }
 
 
 # --------------------------------------------------------------------------------- data + checkpoints
@@ -202,13 +208,20 @@ def _audio_ckpt(root: Path) -> str:
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(0)
-    cfg = Wav2Vec2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HIDDEN // 64,
-                         intermediate_size=4 * HIDDEN, conv_dim=(128,) * 7, feat_extract_norm="group",
-                         do_stable_layer_norm=False)
+    cfg = Wav2Vec2Config(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HIDDEN // 64,
+        intermediate_size=4 * HIDDEN,
+        conv_dim=(128,) * 7,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
+    )
     out = root / "audio-ckpt"
     Wav2Vec2Model(cfg).save_pretrained(out)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=False).save_pretrained(out)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    ).save_pretrained(out)
     (out / "MEDRAY_UNTRAINED").write_text("benchmark: random weights\n")
     return str(out)
 
@@ -219,7 +232,7 @@ def _text_data(root: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
         words = rng.choice(_WORDS, size=int(TEXT_CHUNKS * (TEXT_MAX_LENGTH - 2) * 0.97))
-        sentences = [" ".join(words[k:k + 12]).capitalize() + "." for k in range(0, len(words), 12)]
+        sentences = [" ".join(words[k : k + 12]).capitalize() + "." for k in range(0, len(words), 12)]
         p = root / f"report{i:04d}.txt"
         p.write_text(" ".join(sentences) + "\n")
         paths.append(p)
@@ -232,12 +245,18 @@ def _text_ckpt(root: Path) -> str:
 
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,:;-/()%")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *_WORDS]
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
-                            model_max_length=TEXT_MAX_LENGTH)
+    tok = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=TEXT_MAX_LENGTH
+    )
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                     num_attention_heads=HIDDEN // 64, intermediate_size=4 * HIDDEN,
-                     max_position_embeddings=TEXT_MAX_LENGTH)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HIDDEN // 64,
+        intermediate_size=4 * HIDDEN,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+    )
     out = root / "text-ckpt"
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -246,7 +265,7 @@ def _text_ckpt(root: Path) -> str:
 
 
 def _slide_data(root: Path, n: int) -> list[Path]:
-    from medray.platform.testing.media import slide_tiff
+    from medray.testing.media import slide_tiff
 
     paths = []
     for i in range(n):
@@ -260,13 +279,14 @@ def _slide_data(root: Path, n: int) -> list[Path]:
 def _series_data(root: Path, n: int) -> list[Path]:
     import random
 
-    from medray.platform.samples import ct_phantom, ct_series
+    from medray.testing.samples import ct_phantom, ct_series
 
     rng = random.Random(0)
     paths = []
     for i in range(n):
-        for data in ct_series(ct_phantom(SERIES_DEPTH, SERIES_SIZE, seed=i), seed=i, series=f"bench{i}",
-                              patient_id=f"BENCH{i}"):
+        for data in ct_series(
+            ct_phantom(SERIES_DEPTH, SERIES_SIZE, seed=i), seed=i, series=f"bench{i}", patient_id=f"BENCH{i}"
+        ):
             p = root / f"{rng.getrandbits(48):012x}.dcm"  # shuffled names: order comes from the headers
             p.write_bytes(data)
             paths.append(p)
@@ -295,8 +315,8 @@ class _Batcher:
     def add(self, x: np.ndarray) -> None:
         self.pending.extend(x)
         while len(self.pending) >= self.batch:
-            self._run(self.pending[:self.batch])
-            self.pending = self.pending[self.batch:]
+            self._run(self.pending[: self.batch])
+            self.pending = self.pending[self.batch :]
 
     def _run(self, items: list) -> None:
         t = time.perf_counter()
@@ -352,7 +372,7 @@ def _plain_audio(paths: list[Path], ckpt: str, batch: int) -> dict:
         wave = samples.mean(axis=1)
         wave = AF.resample(torch.from_numpy(wave), sr, rate).numpy()
         c = time.perf_counter()
-        windows = [wave[s:s + size] for s in range(0, len(wave), size)]
+        windows = [wave[s : s + size] for s in range(0, len(wave), size)]
         windows[-1] = np.pad(windows[-1], (0, size - len(windows[-1])))
         feats = fe(windows, sampling_rate=rate, return_tensors="np")["input_values"].astype(np.float32)
         d = time.perf_counter()
@@ -381,8 +401,15 @@ def _plain_text(paths: list[Path], ckpt: str, batch: int) -> dict:
         b = time.perf_counter()
         text = data.decode("utf-8")
         c = time.perf_counter()
-        enc = tok(text, truncation=True, max_length=TEXT_MAX_LENGTH, stride=0, return_overflowing_tokens=True,
-                  padding="max_length", return_attention_mask=True)
+        enc = tok(
+            text,
+            truncation=True,
+            max_length=TEXT_MAX_LENGTH,
+            stride=0,
+            return_overflowing_tokens=True,
+            padding="max_length",
+            return_attention_mask=True,
+        )
         x = np.stack([np.asarray(enc["input_ids"], np.int64), np.asarray(enc["attention_mask"], np.int64)], 1)
         d = time.perf_counter()
         t["read"] += b - a
@@ -467,12 +494,14 @@ def _plain_series(paths: list[Path], ckpt: str, batch: int) -> dict:
         iop = np.asarray(dss[0].ImageOrientationPatient, np.float64)
         normal = np.cross(iop[:3], iop[3:])
         dss.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, np.float64), normal)))
-        vol = np.stack([ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-                        for ds in dss])
+        vol = np.stack(
+            [ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss]
+        )
         c = time.perf_counter()
         chans = np.stack([np.clip((vol - (cen - wid / 2.0)) / wid, 0.0, 1.0) for cen, wid in SERIES_WINDOWS.values()])
-        x = F.interpolate(torch.from_numpy(chans.astype(np.float32))[None], size=VOLUME_INPUT, mode="trilinear",
-                          align_corners=False)
+        x = F.interpolate(
+            torch.from_numpy(chans.astype(np.float32))[None], size=VOLUME_INPUT, mode="trilinear", align_corners=False
+        )
         x = ((x - mean) / std).numpy()
         d = time.perf_counter()
         t["sort_stack"] += c - b
@@ -486,14 +515,19 @@ def _plain_series(paths: list[Path], ckpt: str, batch: int) -> dict:
 def _plain_result(t: dict, model: _Batcher, units: int, wall: float, cpu: float) -> dict:
     t = dict(t, model=model.model_s)
     per = {k: v / units for k, v in t.items()}
-    return {"units": units, "per_unit_s": per, "per_unit_total_s": sum(per.values()),
-            "plain_units_per_s": units / wall, "plain_wall_s": wall, "cpu_s_per_unit": cpu / units,
-            "_first": model.first}
+    return {
+        "units": units,
+        "per_unit_s": per,
+        "per_unit_total_s": sum(per.values()),
+        "plain_units_per_s": units / wall,
+        "plain_wall_s": wall,
+        "cpu_s_per_unit": cpu / units,
+        "_first": model.first,
+    }
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def _job(inp: Path, outp: Path, family: str, ckpt: str, pooling: str, batch: int, cores: int,
-         overrides: dict) -> Any:
+def _job(inp: Path, outp: Path, family: str, ckpt: str, pooling: str, batch: int, cores: int, overrides: dict) -> Any:
     from omegaconf import OmegaConf
 
     from medray.config import EmbedConf
@@ -521,57 +555,88 @@ def _pipeline(inp: Path, outp: Path, case: dict, batch: int, cores: int) -> dict
     half = None
     if case.get("marginal_dir"):
         # the same job on half the inputs first: the difference between the two runs is the marginal rate
-        half = _job(case["marginal_dir"], outp.with_name(outp.name + "_half"), case["family"], case["ckpt"],
-                    case["pooling"], batch, cores, case["overrides"])
+        half = _job(
+            case["marginal_dir"],
+            outp.with_name(outp.name + "_half"),
+            case["family"],
+            case["ckpt"],
+            case["pooling"],
+            batch,
+            cores,
+            case["overrides"],
+        )
     with _CpuSampler() as sampler:
         res = _job(inp, outp, case["family"], case["ckpt"], case["pooling"], batch, cores, case["overrides"])
     cpu = sampler.total
     steady_cpu = _steady_cpu(outp, sampler)
     if case["name"] == "slide":
-        units = rows = int(res.slides["tiles"])   # one record per tile; the pooled slide row is written after
+        units = rows = int(res.slides["tiles"])  # one record per tile; the pooled slide row is written after
         records = units
     elif case["name"] == "series":
         units = rows = records = int(res.records_embedded)  # series.mode=volume: one row per series
     else:
         records = int(res.records_embedded)
         rows = int(res.rows_written)
-        units = rows - records                      # minus one pooled row per recording/document
+        units = rows - records  # minus one pooled row per recording/document
     per_record = units / max(1, records)
     steady = res.steady_records_per_s * per_record if res.steady_records_per_s else None
     marginal = None
     if half is not None:
         extra_units = units - int(half.records_embedded)
         extra_s = res.pipeline_s - half.pipeline_s
-        marginal = {"half_units": int(half.records_embedded), "half_pipeline_s": half.pipeline_s,
-                    "marginal_units_per_s": extra_units / extra_s if extra_s > 0 else None}
+        marginal = {
+            "half_units": int(half.records_embedded),
+            "half_pipeline_s": half.pipeline_s,
+            "marginal_units_per_s": extra_units / extra_s if extra_s > 0 else None,
+        }
         steady = marginal["marginal_units_per_s"]
     # stage_seconds sums per-row columns, and a record's t_read/t_decode repeat on each of its rows
     st = res.stage_seconds
     stage = {k: st[k] / max(1, rows) * records / max(1, units) for k in ("read", "decode", "preprocess")}
     stage["encode"] = st["encode"] / max(1, units)  # per item already; pooled rows carry 0
-    return {"units": units, "records": records, "quarantined": res.quarantined, "pipeline_wall_s": res.pipeline_s,
-            "pipeline_units_per_s": steady, "pipeline_units_per_s_including_startup": units / res.pipeline_s,
-            "stage_s_per_unit_in_workers": stage, "cpu_s_per_unit": cpu / max(1, units),
-            "cpu_utilisation": cpu / (res.wall_s * cores), **steady_cpu, **(marginal or {}), "output": str(outp)}
+    return {
+        "units": units,
+        "records": records,
+        "quarantined": res.quarantined,
+        "pipeline_wall_s": res.pipeline_s,
+        "pipeline_units_per_s": steady,
+        "pipeline_units_per_s_including_startup": units / res.pipeline_s,
+        "stage_s_per_unit_in_workers": stage,
+        "cpu_s_per_unit": cpu / max(1, units),
+        "cpu_utilisation": cpu / (res.wall_s * cores),
+        **steady_cpu,
+        **(marginal or {}),
+        "output": str(outp),
+    }
 
 
 def _parity(out: str, first_record: str, plain_first: np.ndarray, segment: str) -> float:
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(p) for p in sorted(Path(out, "embeddings").glob("part-*.parquet"))]
-    rows = [r for t in tables for r in t.select(["uri", "segment", "frame", "embedding"]).to_pylist()
-            if r["uri"].endswith(first_record) and r["segment"] == segment]
+    rows = [
+        r
+        for t in tables
+        for r in t.select(["uri", "segment", "frame", "embedding"]).to_pylist()
+        if r["uri"].endswith(first_record) and r["segment"] == segment
+    ]
     rows.sort(key=lambda r: r["frame"])
-    got = np.asarray([r["embedding"] for r in rows[:len(plain_first)]], np.float32)
-    return float(np.abs(got - plain_first[:len(got)]).max())
+    got = np.asarray([r["embedding"] for r in rows[: len(plain_first)]], np.float32)
+    return float(np.abs(got - plain_first[: len(got)]).max())
 
 
 def _parity_by_content(out: str, plain_first: np.ndarray) -> float:
     """Series rows are keyed by series, not file: match each plain embedding to its nearest row."""
     import pyarrow.parquet as pq
 
-    rows = np.asarray([e for p in sorted(Path(out, "embeddings").glob("part-*.parquet"))
-                       for e in pq.read_table(p, columns=["embedding"]).column("embedding").to_pylist()], np.float32)
+    rows = np.asarray(
+        [
+            e
+            for p in sorted(Path(out, "embeddings").glob("part-*.parquet"))
+            for e in pq.read_table(p, columns=["embedding"]).column("embedding").to_pylist()
+        ],
+        np.float32,
+    )
     return float(max(np.abs(rows - e).max(axis=1).min() for e in plain_first))
 
 
@@ -579,7 +644,7 @@ def _parity_by_content(out: str, plain_first: np.ndarray) -> float:
 def _series_status() -> str | None:
     """``None`` when the series modality is there to measure, else why not."""
     root = Path(__file__).resolve().parents[1] / "medray"
-    for rel in ("platform/decoders/series.py", "platform/series_stage.py", "encoders/video.py"):
+    for rel in ("platform/decoders/series.py", "pipeline/series.py", "encoders/video.py"):
         if not (root / rel).exists():
             return f"not measured: medray/{rel} does not exist in this checkout"
     try:
@@ -600,13 +665,20 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=16, help=f"CT series of {SERIES_DEPTH} slices")
     ap.add_argument("--series-batch", type=int, default=2, help="volumes per encoder batch")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--plain-niceness", type=int, default=int(os.environ.get("RAY_worker_niceness", 15)),
-                    help="niceness of the plain loop; default: Ray's worker niceness (15)")
+    ap.add_argument(
+        "--plain-niceness",
+        type=int,
+        default=int(os.environ.get("RAY_worker_niceness", 15)),
+        help="niceness of the plain loop; default: Ray's worker niceness (15)",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="benchmarks/results/modalities.json")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the other modalities' entries of an existing --out (measure modalities in separate runs)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other modalities' entries of an existing --out (measure modalities in separate runs)",
+    )
     args = ap.parse_args()
     wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
     unknown = set(wanted) - {"audio", "text", "slide", "series"}
@@ -619,22 +691,29 @@ def main() -> None:
     os.environ.setdefault("MEDRAY_PATIENT_SALT", "benchmark")
     os.environ["MEDRAY_PROGRESS"] = "0"
     tmp = Path(tempfile.mkdtemp(prefix="medray-bench-mod-"))
-    result: dict = {"benchmark": "modalities", "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "hardware": {"cores": args.cores, "machine": platform.machine(),
-                                 "python": platform.python_version()},
-                    "method": {"rounds": args.rounds, "order": "plain then pipeline in odd rounds, reversed in even",
-                               "efficiency": "pipeline units/s (steady state) / (cores / plain per-unit serial time)",
-                               "figures": "median over rounds; per-round values beside them",
-                               "plain_loop_niceness": args.plain_niceness,
-                               "niceness": "Ray runs its workers at niceness 15; the plain loop runs at the same "
-                                           "niceness so that, on a shared machine, both get the CPU on equal terms",
-                               "cpu_efficiency": "plain CPU-s per unit / pipeline CPU-s per unit (driver + every "
-                                                 "Ray process, sampled every 0.2 s) between the first and the last "
-                                                 "output part: the efficiency if the pipeline had the cores to "
-                                                 "itself and kept them busy; little affected by other load",
-                               "cpu_utilisation": "pipeline CPU-s / (wall-s x cores): the share of the machine "
-                                                  "the pipeline got; 1.0 = both cores all the time"},
-                    "efficiency_target": 0.8, "load_avg_start": _load(), "modalities": {}}
+    result: dict = {
+        "benchmark": "modalities",
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hardware": {"cores": args.cores, "machine": platform.machine(), "python": platform.python_version()},
+        "method": {
+            "rounds": args.rounds,
+            "order": "plain then pipeline in odd rounds, reversed in even",
+            "efficiency": "pipeline units/s (steady state) / (cores / plain per-unit serial time)",
+            "figures": "median over rounds; per-round values beside them",
+            "plain_loop_niceness": args.plain_niceness,
+            "niceness": "Ray runs its workers at niceness 15; the plain loop runs at the same "
+            "niceness so that, on a shared machine, both get the CPU on equal terms",
+            "cpu_efficiency": "plain CPU-s per unit / pipeline CPU-s per unit (driver + every "
+            "Ray process, sampled every 0.2 s) between the first and the last "
+            "output part: the efficiency if the pipeline had the cores to "
+            "itself and kept them busy; little affected by other load",
+            "cpu_utilisation": "pipeline CPU-s / (wall-s x cores): the share of the machine "
+            "the pipeline got; 1.0 = both cores all the time",
+        },
+        "efficiency_target": 0.8,
+        "load_avg_start": _load(),
+        "modalities": {},
+    }
     try:
         cases = []
         for name in wanted:
@@ -648,43 +727,69 @@ def main() -> None:
             d.mkdir(parents=True)
             if name == "audio":
                 paths = _audio_data(d, args.audio_n)
-                case = {"family": "hf_audio", "ckpt": _audio_ckpt(tmp), "pooling": "mean", "plain": _plain_audio,
-                        "unit": "windows", "segment": "window",
-                        "overrides": {"audio.window_s": WINDOW_S},
-                        "inputs": f"{args.audio_n} WAV, {AUDIO_SECONDS:g} s, {AUDIO_RATE} Hz stereo PCM16 -> 16 kHz mono, "
-                                  f"{WINDOW_S:g} s windows",
-                        "model": f"wav2vec2 hidden={HIDDEN} layers={LAYERS} conv=7x128 (random), mean pooling"}
+                case = {
+                    "family": "hf_audio",
+                    "ckpt": _audio_ckpt(tmp),
+                    "pooling": "mean",
+                    "plain": _plain_audio,
+                    "unit": "windows",
+                    "segment": "window",
+                    "overrides": {"audio.window_s": WINDOW_S},
+                    "inputs": f"{args.audio_n} WAV, {AUDIO_SECONDS:g} s, {AUDIO_RATE} Hz stereo PCM16 -> 16 kHz mono, "
+                    f"{WINDOW_S:g} s windows",
+                    "model": f"wav2vec2 hidden={HIDDEN} layers={LAYERS} conv=7x128 (random), mean pooling",
+                }
             elif name == "text":
                 paths = _text_data(d, args.text_n)
-                case = {"family": "hf_text", "ckpt": _text_ckpt(tmp), "pooling": "cls", "plain": _plain_text,
-                        "unit": "chunks", "segment": "chunk", "overrides": {},
-                        "inputs": f"{args.text_n} UTF-8 reports of ~{TEXT_CHUNKS} chunks of {TEXT_MAX_LENGTH} tokens",
-                        "model": f"BERT hidden={HIDDEN} layers={LAYERS} max_length={TEXT_MAX_LENGTH} (random), CLS"}
+                case = {
+                    "family": "hf_text",
+                    "ckpt": _text_ckpt(tmp),
+                    "pooling": "cls",
+                    "plain": _plain_text,
+                    "unit": "chunks",
+                    "segment": "chunk",
+                    "overrides": {},
+                    "inputs": f"{args.text_n} UTF-8 reports of ~{TEXT_CHUNKS} chunks of {TEXT_MAX_LENGTH} tokens",
+                    "model": f"BERT hidden={HIDDEN} layers={LAYERS} max_length={TEXT_MAX_LENGTH} (random), CLS",
+                }
             elif name == "slide":
                 paths = _slide_data(d, args.slides)
-                case = {"family": "hf_image", "ckpt": make_vit_checkpoint(tmp / "slide", TILE, HIDDEN, LAYERS),
-                        "pooling": "cls", "plain": _plain_slide, "unit": "tiles",
-                        "segment": "tile", "overrides": {"slide.target_mpp": 0.5, "slide.tile_size": TILE},
-                        "inputs": f"{args.slides} pyramidal TIFF {SLIDE_SIZE}^2 at 0.5 um/px, 4 levels, zlib tiles; "
-                                  f"{TILE}-px tissue tiles at 0.5 um/px",
-                        "model": f"ViT hidden={HIDDEN} layers={LAYERS} image={TILE} (random), CLS"}
+                case = {
+                    "family": "hf_image",
+                    "ckpt": make_vit_checkpoint(tmp / "slide", TILE, HIDDEN, LAYERS),
+                    "pooling": "cls",
+                    "plain": _plain_slide,
+                    "unit": "tiles",
+                    "segment": "tile",
+                    "overrides": {"slide.target_mpp": 0.5, "slide.tile_size": TILE},
+                    "inputs": f"{args.slides} pyramidal TIFF {SLIDE_SIZE}^2 at 0.5 um/px, 4 levels, zlib tiles; "
+                    f"{TILE}-px tissue tiles at 0.5 um/px",
+                    "model": f"ViT hidden={HIDDEN} layers={LAYERS} image={TILE} (random), CLS",
+                }
             else:
                 paths = _series_data(d, args.series)
-                case = {"family": "torchvision_video", "ckpt": _series_ckpt(tmp), "pooling": "cls",
-                        "plain": _plain_series, "unit": "volumes", "segment": "volume", "batch": args.series_batch,
-                        "overrides": {"series.mode": "volume"},
-                        "marginal_dir": _half_series(tmp / name / "half", args.series // 2),
-                        "note": "pipeline units/s here is the MARGINAL rate: (volumes of the full run - volumes of "
-                                "a run on half the series) / (difference of their pipeline seconds), which removes "
-                                "the fixed per-job cost (actor start, header pass barrier) and keeps every per-"
-                                "volume cost (header read, group-by rows, read, sort-stack, resample, model). The "
-                                "steady window (first to last encoder batch) does not apply: the header pass and "
-                                "group-by are a barrier, after which assembled volumes reach the encoder in a burst",
-                        "inputs": f"{args.series} CT series of {SERIES_DEPTH} slices {SERIES_SIZE}^2 (uint16 + "
-                                  f"per-slice rescale, shuffled file names), 3 windows as channels",
-                        "model": f"torchvision r3d_18 (random), input {list(VOLUME_INPUT)}"}
+                case = {
+                    "family": "torchvision_video",
+                    "ckpt": _series_ckpt(tmp),
+                    "pooling": "cls",
+                    "plain": _plain_series,
+                    "unit": "volumes",
+                    "segment": "volume",
+                    "batch": args.series_batch,
+                    "overrides": {"series.mode": "volume"},
+                    "marginal_dir": _half_series(tmp / name / "half", args.series // 2),
+                    "note": "pipeline units/s here is the MARGINAL rate: (volumes of the full run - volumes of "
+                    "a run on half the series) / (difference of their pipeline seconds), which removes "
+                    "the fixed per-job cost (actor start, header pass barrier) and keeps every per-"
+                    "volume cost (header read, group-by rows, read, sort-stack, resample, model). The "
+                    "steady window (first to last encoder batch) does not apply: the header pass and "
+                    "group-by are a barrier, after which assembled volumes reach the encoder in a burst",
+                    "inputs": f"{args.series} CT series of {SERIES_DEPTH} slices {SERIES_SIZE}^2 (uint16 + "
+                    f"per-slice rescale, shuffled file names), 3 windows as channels",
+                    "model": f"torchvision r3d_18 (random), input {list(VOLUME_INPUT)}",
+                }
             (tmp / name / "warm").mkdir()
-            for p in (paths[:2] if name != "series" else _series_data(tmp / name / "warm", 1)[:0]):
+            for p in paths[:2] if name != "series" else _series_data(tmp / name / "warm", 1)[:0]:
                 shutil.copy(p, tmp / name / "warm" / p.name)
             cases.append(dict(case, name=name, paths=paths, dir=d))
 
@@ -694,8 +799,16 @@ def main() -> None:
         register_schemas()
         init_ray(num_cpus=args.cores)  # started before timing: Ray start-up is not the pipeline
         for case in cases:  # workers, imports and checkpoint hashing warm, once per modality
-            _job(tmp / case["name"] / "warm", tmp / case["name"] / "warm_out", case["family"], case["ckpt"],
-                 case["pooling"], case.get("batch", args.batch), args.cores, case["overrides"])
+            _job(
+                tmp / case["name"] / "warm",
+                tmp / case["name"] / "warm_out",
+                case["family"],
+                case["ckpt"],
+                case["pooling"],
+                case.get("batch", args.batch),
+                args.cores,
+                case["overrides"],
+            )
 
         rounds: dict[str, list] = {c["name"]: [] for c in cases}
         for r in range(args.rounds):
@@ -711,50 +824,64 @@ def main() -> None:
                         rec["plain"] = dict(plain, load_avg=[load0, _load()])
                     else:
                         out = tmp / case["name"] / f"out{r}"
-                        rec["pipeline"] = dict(_pipeline(case["dir"], out, case, case.get("batch", args.batch), args.cores),
-                                               load_avg=[load0, _load()])
+                        rec["pipeline"] = dict(
+                            _pipeline(case["dir"], out, case, case.get("batch", args.batch), args.cores),
+                            load_avg=[load0, _load()],
+                        )
                 pipe, plain = rec["pipeline"], rec["plain"]
                 ideal = args.cores / plain["per_unit_total_s"]
                 rec["ideal_units_per_s"] = ideal
                 rec["efficiency"] = (pipe["pipeline_units_per_s"] or 0.0) / ideal
                 rec["efficiency_including_startup"] = pipe["pipeline_units_per_s_including_startup"] / ideal
                 rec["pipeline_vs_plain"] = (pipe["pipeline_units_per_s"] or 0.0) / plain["plain_units_per_s"]
-                rec["pipeline_vs_plain_including_startup"] = (pipe["pipeline_units_per_s_including_startup"]
-                                                              / plain["plain_units_per_s"])
+                rec["pipeline_vs_plain_including_startup"] = (
+                    pipe["pipeline_units_per_s_including_startup"] / plain["plain_units_per_s"]
+                )
                 rec["cpu_efficiency_including_startup"] = plain["cpu_s_per_unit"] / pipe["cpu_s_per_unit"]
-                rec["cpu_efficiency"] = (plain["cpu_s_per_unit"] / pipe["steady_cpu_s_per_unit"]
-                                         if pipe.get("steady_cpu_s_per_unit") else None)
+                rec["cpu_efficiency"] = (
+                    plain["cpu_s_per_unit"] / pipe["steady_cpu_s_per_unit"]
+                    if pipe.get("steady_cpu_s_per_unit")
+                    else None
+                )
                 rec["units_match"] = pipe["units"] == plain["units"]
                 rec["parity_max_abs_diff_first_record"] = (
-                    _parity_by_content(pipe["output"], first) if case["name"] == "series"
-                    else _parity(pipe["output"], case["paths"][0].name, first, case["segment"]))
+                    _parity_by_content(pipe["output"], first)
+                    if case["name"] == "series"
+                    else _parity(pipe["output"], case["paths"][0].name, first, case["segment"])
+                )
                 rounds[case["name"]].append(rec)
-                print(json.dumps({case["name"]: {k: rec[k] for k in ("round", "efficiency", "pipeline_vs_plain")}}),
-                      flush=True)
+                print(
+                    json.dumps({case["name"]: {k: rec[k] for k in ("round", "efficiency", "pipeline_vs_plain")}}),
+                    flush=True,
+                )
         for case in cases:
             recs = rounds[case["name"]]
 
-            def med(f: Callable[[dict], float]) -> float:
+            def med(f: Callable[[dict], float], recs: list = recs) -> float:
                 return statistics.median(f(x) for x in recs)
 
-            def med_or_none(f: Callable[[dict], float | None]) -> float | None:
+            def med_or_none(f: Callable[[dict], float | None], recs: list = recs) -> float | None:
                 values = [f(x) for x in recs]  # None: fewer than 3 output parts, no steady window
                 return None if any(v is None for v in values) else statistics.median(values)
 
             basis = "efficiency" if case.get("steady_state", True) else "efficiency_including_startup"
             result["modalities"][case["name"]] = {
-                "unit": case["unit"], "inputs": case["inputs"], "model": case["model"], "batch_size": case.get("batch", args.batch),
+                "unit": case["unit"],
+                "inputs": case["inputs"],
+                "model": case["model"],
+                "batch_size": case.get("batch", args.batch),
                 "units": recs[-1]["plain"]["units"],
                 "plain_units_per_s": med(lambda x: x["plain"]["plain_units_per_s"]),
                 "pipeline_units_per_s": med(lambda x: x["pipeline"]["pipeline_units_per_s"] or 0.0),
-                "pipeline_units_per_s_including_startup":
-                    med(lambda x: x["pipeline"]["pipeline_units_per_s_including_startup"]),
+                "pipeline_units_per_s_including_startup": med(
+                    lambda x: x["pipeline"]["pipeline_units_per_s_including_startup"]
+                ),
                 "pipeline_vs_plain": med(lambda x: x["pipeline_vs_plain"]),
                 "pipeline_vs_plain_including_startup": med(lambda x: x["pipeline_vs_plain_including_startup"]),
                 "ideal_units_per_s": med(lambda x: x["ideal_units_per_s"]),
                 "efficiency": med(lambda x: x["efficiency"]),
                 "efficiency_including_startup": med(lambda x: x["efficiency_including_startup"]),
-                "meets_target": med(lambda x: x[basis]) >= 0.8,
+                "meets_target": med(lambda x, basis=basis: x[basis]) >= 0.8,
                 "target_measured_on": basis,
                 "parity_max_abs_diff": max(x["parity_max_abs_diff_first_record"] for x in recs),
                 "parity_ok": max(x["parity_max_abs_diff_first_record"] for x in recs) < 1e-3,
@@ -775,13 +902,22 @@ def main() -> None:
         if args.merge and Path(args.out).exists():
             old = json.loads(Path(args.out).read_text())
             runs = old.get("runs") or [{k: old.get(k) for k in ("started_utc", "load_avg_start", "load_avg_end")}]
-            result["runs"] = runs + [{"started_utc": result["started_utc"], "modalities": wanted,
-                                      "load_avg_start": result["load_avg_start"], "load_avg_end": result["load_avg_end"]}]
+            result["runs"] = runs + [
+                {
+                    "started_utc": result["started_utc"],
+                    "modalities": wanted,
+                    "load_avg_start": result["load_avg_start"],
+                    "load_avg_end": result["load_avg_end"],
+                }
+            ]
             result["modalities"] = {**old.get("modalities", {}), **result["modalities"]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-        print(json.dumps({m: {k: v for k, v in r.items() if k != "rounds"} for m, r in result["modalities"].items()},
-                         indent=2))
+        print(
+            json.dumps(
+                {m: {k: v for k, v in r.items() if k != "rounds"} for m, r in result["modalities"].items()}, indent=2
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

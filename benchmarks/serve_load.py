@@ -45,8 +45,14 @@ def _checkpoint(root: Path) -> str:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
-                    intermediate_size=768)
+    cfg = ViTConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+    )
     out = root / "vit_tiny_224"
     ViTModel(cfg).save_pretrained(out)
     ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(out)
@@ -109,8 +115,11 @@ class InProcess:
         for _ in range(2):
             self.enc.embed(x32)
         b32 = (time.perf_counter() - t0) / 64
-        return {"model_ms_per_image_batch1": 1000 * b1, "model_ms_per_image_batch32": 1000 * b32,
-                "model_batching_speedup": b1 / b32}
+        return {
+            "model_ms_per_image_batch1": 1000 * b1,
+            "model_ms_per_image_batch32": 1000 * b32,
+            "model_batching_speedup": b1 / b32,
+        }
 
 
 async def _closed_loop(url: str, data: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
@@ -162,11 +171,18 @@ def _pool(segments: list[dict], concurrency: int) -> dict:
     for s in segments:
         for k, v in s["codes"].items():
             codes[str(k)] = codes.get(str(k), 0) + v
-    return {"concurrency": concurrency, "seconds": seconds, "requests": len(lat), "rps": len(lat) / seconds,
-            "rps_per_round": [len(s["lat"]) / s["seconds"] for s in segments],
-            "p50_ms": 1000 * _pct(lat, 50), "p99_ms": 1000 * _pct(lat, 99),
-            "mean_batch_size": statistics.fmean(batch) if batch else 0.0, "max_batch_size": max(batch, default=0),
-            "status_codes": codes}
+    return {
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "requests": len(lat),
+        "rps": len(lat) / seconds,
+        "rps_per_round": [len(s["lat"]) / s["seconds"] for s in segments],
+        "p50_ms": 1000 * _pct(lat, 50),
+        "p99_ms": 1000 * _pct(lat, 99),
+        "mean_batch_size": statistics.fmean(batch) if batch else 0.0,
+        "max_batch_size": max(batch, default=0),
+        "status_codes": codes,
+    }
 
 
 def _wait(url: str, timeout: float = 180) -> None:
@@ -187,13 +203,25 @@ def _args(name: str, ckpt: str, port: int, batch: int, wait_s: float, threads: i
     fixed = {"min_replicas": 1, "max_replicas": 1}
     return {
         "encoder": {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True},
-        "serve": {"name": name, "route_prefix": f"/{name}", "http": {"port": port},
-                  "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 256, "autoscaling": fixed},
-                  # num_cpus = torch threads: Ray sets OMP_NUM_THREADS from it, as a user's replica gets
-                  "encoder": {"num_cpus": threads, "num_gpus": 0, "torch_threads": threads, "decode_threads": 2,
-                              "max_batch_size": batch, "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64,
-                              "max_queued_requests": 256, "autoscaling": fixed},
-                  "limits": {"request_timeout_s": 120}},
+        "serve": {
+            "name": name,
+            "route_prefix": f"/{name}",
+            "http": {"port": port},
+            "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 256, "autoscaling": fixed},
+            # num_cpus = torch threads: Ray sets OMP_NUM_THREADS from it, as a user's replica gets
+            "encoder": {
+                "num_cpus": threads,
+                "num_gpus": 0,
+                "torch_threads": threads,
+                "decode_threads": 2,
+                "max_batch_size": batch,
+                "batch_wait_timeout_s": wait_s,
+                "max_ongoing_requests": 64,
+                "max_queued_requests": 256,
+                "autoscaling": fixed,
+            },
+            "limits": {"request_timeout_s": 120},
+        },
     }
 
 
@@ -205,9 +233,12 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each encoder")
-    ap.add_argument("--throughput-optimized", action="store_true",
-                    help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (serve.throughput_optimized=true): direct ingress, "
-                         "gRPC between replicas, user code on the replica's event loop")
+    ap.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (serve.throughput_optimized=true): direct ingress, "
+        "gRPC between replicas, user code on the replica's event loop",
+    )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
     if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
@@ -241,9 +272,13 @@ def main() -> None:
         probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress + encoder call)": []}
         try:
             for name, batch in modes.values():
-                serve.run(build_app(ServeArgs.model_validate(
-                    _args(name, ckpt, port, batch, args.batch_wait_s, args.threads))), name=name,
-                    route_prefix=f"/{name}")
+                serve.run(
+                    build_app(
+                        ServeArgs.model_validate(_args(name, ckpt, port, batch, args.batch_wait_s, args.threads))
+                    ),
+                    name=name,
+                    route_prefix=f"/{name}",
+                )
                 _wait(f"{url}/{name}/readyz")
             for r in range(args.rounds):
                 for c in levels:
@@ -253,8 +288,9 @@ def main() -> None:
                         for probe, path in zip(probes, ("/off/healthz", "/off/v1/models")):
                             probes[probe] += asyncio.run(_get_lat(url + path, 1.5))
                     for mode, (name, _) in modes.items():
-                        seg = asyncio.run(_closed_loop(f"{url}/{name}/v1/embeddings", data, c, args.seconds,
-                                                       args.warmup))
+                        seg = asyncio.run(
+                            _closed_loop(f"{url}/{name}/v1/embeddings", data, c, args.seconds, args.warmup)
+                        )
                         segments[(mode, c)].append(seg)
                         print(f"round {r} {mode} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
                 model_rounds.append(local.model_batching_speedup())
@@ -264,8 +300,14 @@ def main() -> None:
             ray.shutdown()
         model = {k: statistics.median(m[k] for m in model_rounds) for k in model_rounds[0]} if model_rounds else {}
 
-    results = {mode: {"max_batch_size": modes[mode][1], "batch_wait_timeout_s": args.batch_wait_s,
-                      "levels": [_pool(segments[(mode, c)], c) for c in levels]} for mode in modes}
+    results = {
+        mode: {
+            "max_batch_size": modes[mode][1],
+            "batch_wait_timeout_s": args.batch_wait_s,
+            "levels": [_pool(segments[(mode, c)], c) for c in levels],
+        }
+        for mode in modes
+    }
 
     def level(mode: str, c: int) -> dict:
         return next(p for p in results[mode]["levels"] if p["concurrency"] == c)
@@ -273,8 +315,9 @@ def main() -> None:
     summary: dict = {}
     if 32 in levels:
         summary["batched_over_unbatched_rps_at_32"] = level("batched", 32)["rps"] / level("unbatched", 32)["rps"]
-        summary["per_round_ratio_at_32"] = [a / b for a, b in zip(level("batched", 32)["rps_per_round"],
-                                                                   level("unbatched", 32)["rps_per_round"])]
+        summary["per_round_ratio_at_32"] = [
+            a / b for a, b in zip(level("batched", 32)["rps_per_round"], level("unbatched", 32)["rps_per_round"])
+        ]
     if 1 in levels:
         p50 = 1000 * _pct(inproc, 50)
         summary["in_process_p50_ms"] = p50
@@ -285,21 +328,35 @@ def main() -> None:
         local_p50 = [1000 * _pct(lat, 50) for lat in inproc_rounds]
         summary["serve_added_ms_p50_unbatched_per_round"] = [h - i for h, i in zip(http, local_p50)]
         summary["serve_added_ms_p50_unbatched_median_of_rounds"] = statistics.median(
-            summary["serve_added_ms_p50_unbatched_per_round"])
+            summary["serve_added_ms_p50_unbatched_per_round"]
+        )
         summary["breakdown_p50_ms"] = {k: 1000 * _pct(v, 50) for k, v in probes.items()}
     summary["model_only_median_of_rounds"] = model
     result = {
         "benchmark": "serve_load",
-        "inputs": {"model": "ViT (hidden 192, 12 layers, 3 heads, patch 16) random weights, 224 px",
-                   "image": "224x224 RGB PNG", "payload_bytes": len(data), "route": "POST /v1/embeddings",
-                   "client": "aiohttp closed loop, same machine", "seconds_per_case_and_round": args.seconds,
-                   "rounds": args.rounds, "warmup_s": args.warmup, "encoder_replicas": 1,
-                   "torch_threads": args.threads, "encoder_num_cpus": args.threads, "ray_num_cpus": ray_cpus,
-                   "throughput_optimized": bool(args.throughput_optimized)},
-        "hardware": {"cores": os.cpu_count(), "machine": platform.machine(), "processor": _cpu_model(),
-                     "python": platform.python_version(),
-                     # other work on the machine skews every figure; the 1-min load average per round
-                     "loadavg_1m": loads},
+        "inputs": {
+            "model": "ViT (hidden 192, 12 layers, 3 heads, patch 16) random weights, 224 px",
+            "image": "224x224 RGB PNG",
+            "payload_bytes": len(data),
+            "route": "POST /v1/embeddings",
+            "client": "aiohttp closed loop, same machine",
+            "seconds_per_case_and_round": args.seconds,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "encoder_replicas": 1,
+            "torch_threads": args.threads,
+            "encoder_num_cpus": args.threads,
+            "ray_num_cpus": ray_cpus,
+            "throughput_optimized": bool(args.throughput_optimized),
+        },
+        "hardware": {
+            "cores": os.cpu_count(),
+            "machine": platform.machine(),
+            "processor": _cpu_model(),
+            "python": platform.python_version(),
+            # other work on the machine skews every figure; the 1-min load average per round
+            "loadavg_1m": loads,
+        },
         "in_process": {"p50_ms": 1000 * _pct(inproc, 50), "p99_ms": 1000 * _pct(inproc, 99), "n": len(inproc)},
         "serve": results,
         "summary": summary,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main", "run_hydra"]
 
@@ -35,8 +36,13 @@ def _usage(jobs: dict) -> str:
     return _USAGE.format(jobs="\n".join(f"  {n.ljust(width)}  {info.description}" for n, (info, _) in jobs.items()))
 
 
-def run_hydra(job: str, config_name: str, body: Callable[[Any], int], argv: Sequence[str],
-              register: Callable[[], None] | None = None) -> None:
+def run_hydra(
+    job: str,
+    config_name: str,
+    body: Callable[[Any], int],
+    argv: Sequence[str],
+    register: Callable[[], None] | None = None,
+) -> None:
     """Run ``body(cfg)`` as a Hydra app on ``conf/<config_name>.yaml`` with ``argv`` overrides.
 
     A :class:`~medray.platform.errors.ConfigError` raised by ``body`` prints one

@@ -153,8 +153,9 @@ class SeriesConf:
 
     mode: str = "off"  # off | slicewise (2D encoder per slice + pooled row) | volume (3D encoder)
     spacing: Optional[List[Optional[float]]] = None  # [z, y, x] mm to resample to; null: the series' own
-    windows: Dict[str, List[float]] = field(default_factory=lambda: {
-        "lung": [-600.0, 1500.0], "mediastinum": [40.0, 400.0], "bone": [400.0, 1800.0]})  # channels, in order
+    windows: Dict[str, List[float]] = field(
+        default_factory=lambda: {"lung": [-600.0, 1500.0], "mediastinum": [40.0, 400.0], "bone": [400.0, 1800.0]}
+    )  # channels, in order
     max_slices: int = 2000  # a series with more slices is quarantined before any pixel is read
     min_slices: int = 1
     max_voxels: int = 268_435_456  # of the resampled volume

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from medray.platform.testing import SeaweedError, SeaweedS3, find_weed_binary
+from medray.testing import SeaweedError, SeaweedS3, find_weed_binary
 
 # --------------------------------------------------------------------------
 # markers

@@ -19,9 +19,9 @@ when an encoder is built.
 """
 
 from medray.encoders import hf as _hf  # noqa: F401  (registers hf_image)
-from medray.encoders import timm_family as _timm_family  # noqa: F401  (registers timm_image)
 from medray.encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf_audio)
 from medray.encoders import hf_text as _hf_text  # noqa: F401  (registers hf_text)
+from medray.encoders import timm_family as _timm_family  # noqa: F401  (registers timm_image)
 from medray.encoders import video as _video  # noqa: F401  (registers torchvision_video: CT/MR volumes)
 from medray.encoders.checkpoint import UNTRAINED_MARKER, hash_directory, resolve_checkpoint
 from medray.encoders.registry import (

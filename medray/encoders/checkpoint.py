@@ -10,8 +10,10 @@ Four kinds of ``encoder.checkpoint`` are understood:
   node into ``<cache_dir>/<sha256(uri)>``. An ``fcntl`` lock makes concurrent
   actors on one node wait for a single copy, which lands in a temp directory
   and is renamed into place, so a half-copied checkpoint is never seen;
-* ``medray-demo://tiny_vit``: the tiny random demo model, built on first use
-  (:func:`medray.encoders.tiny.ensure_demo_checkpoint`).
+* a scheme registered by the module that owns it (:func:`register_scheme`):
+  ``medray-demo://tiny_vit``, the tiny random demo model built on first use
+  (:mod:`medray.encoders.tiny`), and ``torchvision://<arch>/<weights>``
+  (:mod:`medray.encoders.video`).
 
 The hash of a directory (:func:`hash_directory`) covers sorted relative paths
 and bytes. For cached copies it is kept in a sidecar file next to the copy,
@@ -32,7 +34,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from medray.encoders.spec import MISSING, default_cache_dir
@@ -43,6 +45,8 @@ __all__ = [
     "UNTRAINED_MARKER",
     "hash_directory",
     "is_untrained",
+    "node_lock",
+    "register_scheme",
     "resolve_checkpoint",
 ]
 
@@ -52,8 +56,22 @@ _log = logging.getLogger(__name__)
 UNTRAINED_MARKER = "MEDRAY_UNTRAINED"
 #: URI scheme of the built-in demo checkpoints (``medray-demo://tiny_vit``).
 DEMO_SCHEME = "medray-demo://"
-#: torchvision video weights (``torchvision://r3d_18/KINETICS400_V1``), saved once in the cache.
-TORCHVISION_SCHEME = "torchvision://"
+
+#: Checkpoint URI schemes built by the modules that own them (see :func:`register_scheme`).
+_SCHEMES: dict[str, Callable[[str, Path], str]] = {}
+
+
+def register_scheme(scheme: str, builder: Callable[[str, Path], str]) -> None:
+    """Make ``scheme`` (e.g. ``"medray-demo://"``) a checkpoint URI that ``builder`` resolves.
+
+    Args:
+        scheme: the URI prefix, ending in ``://``.
+        builder: ``(uri, cache_root) -> local directory``; it builds or fetches the
+            checkpoint once per node (use :func:`node_lock`) and raises
+            :class:`~medray.platform.errors.ConfigError` for a URI it cannot serve.
+    """
+    _SCHEMES[scheme] = builder
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _CHUNK = 1 << 20
@@ -131,10 +149,9 @@ def resolve_checkpoint(
     root = Path(cache_dir or default_cache_dir()).expanduser()
     expected = expected_sha256.lower() if expected_sha256 else None
 
-    if uri.startswith(DEMO_SCHEME):
-        local, sha = _demo(uri, root), None
-    elif uri.startswith(TORCHVISION_SCHEME):
-        local, sha = _torchvision(uri, root), None
+    builder = next((b for scheme, b in _SCHEMES.items() if uri.startswith(scheme)), None)
+    if builder is not None:
+        local, sha = builder(uri, root), None
     elif uri.startswith("hf-hub:"):
         local, sha = _hub(uri, uri[len("hf-hub:") :], root)
     elif uri.startswith("file://"):
@@ -210,7 +227,7 @@ def _write_sidecar(sidecar: Path, stamp: str, sha: str) -> None:
 
 
 @contextlib.contextmanager
-def _node_lock(path: Path) -> Iterator[None]:
+def node_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``fcntl`` lock on ``path`` (all processes of a node)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
@@ -241,9 +258,7 @@ def _hub(uri: str, repo: str, root: Path) -> tuple[str, str]:
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            repo_id=repo_id, revision=revision or None, local_files_only=offline
-        )
+        path = snapshot_download(repo_id=repo_id, revision=revision or None, local_files_only=offline)
     except Exception as err:  # offline, 404, gated, DNS: all need the same fix
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         raise ConfigError(
@@ -258,49 +273,7 @@ def _hub(uri: str, repo: str, root: Path) -> tuple[str, str]:
     return str(path), _cached_hash(Path(path), root / "hub" / f"{key}.json")
 
 
-def _demo(uri: str, root: Path) -> str:
-    """Build (once) and return a built-in demo checkpoint."""
-    from medray.encoders.tiny import DEMO_CHECKPOINTS, ensure_demo_checkpoint
-
-    name = uri[len(DEMO_SCHEME) :].strip("/")
-    if name not in DEMO_CHECKPOINTS:
-        raise ConfigError(
-            "encoder.checkpoint",
-            f"unknown demo checkpoint {uri}; available: "
-            + ", ".join(DEMO_SCHEME + n for n in DEMO_CHECKPOINTS),
-        )
-    return ensure_demo_checkpoint(str(root), name=name)
-
-
-def _torchvision(uri: str, root: Path) -> str:
-    """Download (once per node) torchvision video weights and save them as a ``torchvision_video`` checkpoint."""
-    from medray.encoders.video import VIDEO_ARCHS, build_video_checkpoint
-
-    arch, _, weights = uri[len(TORCHVISION_SCHEME):].strip("/").partition("/")
-    if arch not in VIDEO_ARCHS or not weights:
-        raise ConfigError("encoder.checkpoint", f"expected torchvision://<arch>/<weights> with arch one of "
-                          f"{sorted(VIDEO_ARCHS)}, e.g. torchvision://r3d_18/KINETICS400_V1")
-    target = root / "torchvision" / f"{arch}-{weights}"
-    with _node_lock(root / "torchvision" / f".{arch}-{weights}.lock"):
-        if not (target / "model.safetensors").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=".tv-", dir=str(target.parent)))
-            try:
-                build_video_checkpoint(str(tmp), arch=arch, weights=weights)
-            except ConfigError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            except Exception as err:  # noqa: BLE001 - no network, unknown weights name
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError("encoder.checkpoint", f"cannot fetch torchvision weights {arch}/{weights} "
-                                  f"({type(err).__name__}); this needs network access, or copy a checkpoint "
-                                  "directory to a bucket and set encoder.checkpoint=s3://...") from None
-            os.replace(tmp, target)
-    return str(target)
-
-
-def _remote(
-    uri: str, storage_options: dict, root: Path, expected: str | None
-) -> tuple[str, str]:
+def _remote(uri: str, storage_options: dict, root: Path, expected: str | None) -> tuple[str, str]:
     """Copy an fsspec directory into the node cache once; return (dir, sha)."""
     key = hashlib.sha256(uri.encode()).hexdigest()
     target, sidecar, lock = root / key, root / f"{key}.json", root / f"{key}.lock"
@@ -319,7 +292,7 @@ def _remote(
         if expected is None or sha == expected:
             return str(target), sha
 
-    with _node_lock(lock):
+    with node_lock(lock):
         stale = None
         if target.is_dir():
             stale = _cached_hash(target, sidecar)

@@ -20,8 +20,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,12 @@ __all__ = [
 ]
 
 #: Supported task types and the activation that turns logits into outputs.
-TASKS: dict[str, str] = {"binary": "sigmoid", "multilabel": "sigmoid", "multiclass": "softmax",
-                         "regression": "identity"}
+TASKS: dict[str, str] = {
+    "binary": "sigmoid",
+    "multilabel": "sigmoid",
+    "multiclass": "softmax",
+    "regression": "identity",
+}
 ARTIFACT_FORMAT = "medray-artifact/1"
 CARD_FILE = "model_card.json"
 HEAD_FILE = "head.safetensors"
@@ -69,7 +74,7 @@ class ModelCard:
     backbone_included: bool = False
     strategy: str = "linear_probe"
     metrics: dict[str, Any] = field(default_factory=dict)
-    data_manifest_sha256: Optional[str] = None
+    data_manifest_sha256: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     medray_version: str = ""
     created: str = ""
@@ -135,8 +140,14 @@ def is_artifact(local_dir: str) -> bool:
     return os.path.isfile(os.path.join(local_dir, CARD_FILE))
 
 
-def save_artifact(out_uri: str, *, head: LinearHead, card: ModelCard, backbone_dir: Optional[str] = None,
-                  storage_options: Mapping[str, Any] | None = None) -> str:
+def save_artifact(
+    out_uri: str,
+    *,
+    head: LinearHead,
+    card: ModelCard,
+    backbone_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
     """Write an artifact to ``out_uri`` (local path or object storage).
 
     Files are staged in a local temp dir and uploaded; the model card goes
@@ -180,8 +191,9 @@ def save_artifact(out_uri: str, *, head: LinearHead, card: ModelCard, backbone_d
     return out_uri
 
 
-def load_artifact(uri: str, *, storage_options: Mapping[str, Any] | None = None,
-                  cache_dir: Optional[str] = None) -> tuple[LinearHead, ModelCard, str, str]:
+def load_artifact(
+    uri: str, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None
+) -> tuple[LinearHead, ModelCard, str, str]:
     """Fetch (once per node, hashed) and load an artifact's head and card.
 
     Returns:
@@ -197,13 +209,12 @@ def load_artifact(uri: str, *, storage_options: Mapping[str, Any] | None = None,
 
     local, sha = resolve_checkpoint(uri, storage_options=dict(storage_options or {}), cache_dir=cache_dir)
     if not is_artifact(local):
-        raise ConfigError("heads", f"'{uri}' is not a medray artifact (no {CARD_FILE}); "
-                          "give the output of `medray finetune`")
+        raise ConfigError(
+            "heads", f"'{uri}' is not a medray artifact (no {CARD_FILE}); give the output of `medray finetune`"
+        )
     with open(os.path.join(local, CARD_FILE)) as f:
         raw = json.load(f)
     known = set(ModelCard.__dataclass_fields__)
     card = ModelCard(**{k: v for k, v in raw.items() if k in known})
     tensors = load_file(os.path.join(local, HEAD_FILE))
     return LinearHead(tensors["weight"], tensors["bias"], card.task), card, local, sha
-
-

@@ -109,14 +109,12 @@ class HFImageEncoder(Encoder):
         from transformers import AutoModel
 
         opts = spec.options
-        kwargs = {_dtype_kwarg(): torch.float32, **dict(opts.get("model_kwargs") or {})}
-        with _quiet_loading():  # float32 weights; half precision comes from autocast
+        kwargs = {dtype_kwarg(): torch.float32, **dict(opts.get("model_kwargs") or {})}
+        with quiet_loading():  # float32 weights; half precision comes from autocast
             model = AutoModel.from_pretrained(local_dir, **kwargs)
         self._model = model.to(device).eval()
         self._forward_kwargs: dict[str, Any] = {}
-        if opts.get("image_size") and "interpolate_pos_encoding" in inspect.signature(
-            model.forward
-        ).parameters:
+        if opts.get("image_size") and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
             self._forward_kwargs["interpolate_pos_encoding"] = True
         self._has_cls, self._num_prefix = _prefix_tokens(model)
         if spec.pooling == "cls" and not self._has_cls:
@@ -164,9 +162,7 @@ def _options(options: dict) -> dict:
     """Check ``encoder.options`` keys for this family."""
     for key in options:
         if key not in _OPTIONS:
-            raise ConfigError(
-                f"encoder.options.{key}", f"not an hf_image option; valid: {list(_OPTIONS)}"
-            )
+            raise ConfigError(f"encoder.options.{key}", f"not an hf_image option; valid: {list(_OPTIONS)}")
     size = options.get("image_size")
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise ConfigError("encoder.options.image_size", f"expected a positive int, got {size!r}")
@@ -196,7 +192,7 @@ def _resize_kwargs(processor: Any, side: int) -> dict[str, Any]:
     return {"size": {"height": side, "width": side}}
 
 
-def _dtype_kwarg() -> str:
+def dtype_kwarg() -> str:
     """``from_pretrained``'s dtype argument: ``dtype`` since 4.56, ``torch_dtype`` before."""
     import transformers
 
@@ -205,7 +201,7 @@ def _dtype_kwarg() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """Hide transformers' weight-loading progress bars (noise in actor logs)."""
     from transformers.utils import logging as hf_logging
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medray.encoders.hf import _dtype_kwarg, _quiet_loading
+from medray.encoders.hf import dtype_kwarg, quiet_loading
 from medray.encoders.registry import (
     Encoder,
     Preprocessor,
@@ -61,10 +61,15 @@ class HFAudioPreprocessor(Preprocessor):
             if key not in _OPTIONS:
                 raise ConfigError(f"encoder.options.{key}", f"not an hf_audio option; valid: {list(_OPTIONS)}")
         try:
-            fe = AutoFeatureExtractor.from_pretrained(local_dir, **dict(spec.options.get("feature_extractor_kwargs") or {}))
+            fe = AutoFeatureExtractor.from_pretrained(
+                local_dir, **dict(spec.options.get("feature_extractor_kwargs") or {})
+            )
         except (OSError, ValueError) as err:
-            raise ConfigError("encoder.checkpoint", f"{spec.checkpoint} has no usable feature extractor "
-                              f"(preprocessor_config.json, {type(err).__name__}); save it with the model") from err
+            raise ConfigError(
+                "encoder.checkpoint",
+                f"{spec.checkpoint} has no usable feature extractor "
+                f"(preprocessor_config.json, {type(err).__name__}); save it with the model",
+            ) from err
         self._fe = fe
         self.sampling_rate = int(getattr(fe, "sampling_rate", 16000))
         self.preprocessing_hash = preprocessing_digest(fe.to_dict(), spec.pooling)
@@ -85,8 +90,9 @@ class HFAudioPreprocessor(Preprocessor):
         lengths = {len(w) for w in windows}
         if len(lengths) != 1:
             raise PreprocessError(f"windows must have one length, got {sorted(lengths)}")
-        out = self._fe([np.asarray(w, dtype=np.float32) for w in windows], sampling_rate=self.sampling_rate,
-                       return_tensors="np")
+        out = self._fe(
+            [np.asarray(w, dtype=np.float32) for w in windows], sampling_rate=self.sampling_rate, return_tensors="np"
+        )
         key = "input_values" if "input_values" in out else "input_features"
         return np.ascontiguousarray(out[key], dtype=np.float32)
 
@@ -104,8 +110,8 @@ class HFAudioEncoder(Encoder):
         from transformers import AutoModel
 
         self.sampling_rate = pre.sampling_rate
-        kwargs = {_dtype_kwarg(): torch.float32, **dict(spec.options.get("model_kwargs") or {})}
-        with _quiet_loading():
+        kwargs = {dtype_kwarg(): torch.float32, **dict(spec.options.get("model_kwargs") or {})}
+        with quiet_loading():
             model = AutoModel.from_pretrained(local_dir, **kwargs)
         self._model = model.to(device).eval()
         self._key = "input_features" if "input_features" in model.forward.__code__.co_varnames else "input_values"
@@ -140,8 +146,7 @@ def build_hf_audio(spec: EncoderSpec, local_dir: str, device: str) -> Encoder:
 
 
 def _preset(name: str, checkpoint: str, pooling: str = "mean") -> None:
-    register_preset(EncoderSpec(name=name, family="hf_audio", checkpoint=checkpoint, modality="audio",
-                                pooling=pooling))
+    register_preset(EncoderSpec(name=name, family="hf_audio", checkpoint=checkpoint, modality="audio", pooling=pooling))
 
 
 _preset("hf_audio", "???")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medray.encoders.hf import _dtype_kwarg, _quiet_loading
+from medray.encoders.hf import dtype_kwarg, quiet_loading
 from medray.encoders.registry import (
     Encoder,
     Preprocessor,
@@ -83,12 +83,16 @@ class HFTextPreprocessor(Preprocessor):
             tok = AutoTokenizer.from_pretrained(local_dir, **dict(spec.options.get("tokenizer_kwargs") or {}))
             config = AutoConfig.from_pretrained(local_dir)
         except (OSError, ValueError) as err:
-            raise ConfigError("encoder.checkpoint", f"{spec.checkpoint} has no usable tokenizer "
-                              f"({type(err).__name__}); save it with the model") from err
+            raise ConfigError(
+                "encoder.checkpoint",
+                f"{spec.checkpoint} has no usable tokenizer ({type(err).__name__}); save it with the model",
+            ) from err
         if not getattr(tok, "is_fast", False):
             raise ConfigError("encoder.checkpoint", "hf_text needs a fast (Rust) tokenizer: tokenizer.json")
-        limit = min(int(getattr(config, "max_position_embeddings", 512) or 512),
-                    int(tok.model_max_length) if tok.model_max_length < 1_000_000 else 1 << 30)
+        limit = min(
+            int(getattr(config, "max_position_embeddings", 512) or 512),
+            int(tok.model_max_length) if tok.model_max_length < 1_000_000 else 1 << 30,
+        )
         max_length = spec.options.get("max_length") or limit
         if not isinstance(max_length, int) or not 8 <= max_length <= limit:
             raise ConfigError("encoder.options.max_length", f"expected an int in [8, {limit}], got {max_length!r}")
@@ -96,8 +100,14 @@ class HFTextPreprocessor(Preprocessor):
         self.max_length = max_length
         self.special_tokens = int(tok.num_special_tokens_to_add(pair=False))
         self.preprocessing_hash = preprocessing_digest(
-            {"tokenizer": tok.init_kwargs, "vocab_size": len(tok), "max_length": max_length,
-             "class": type(tok).__name__}, spec.pooling)
+            {
+                "tokenizer": tok.init_kwargs,
+                "vocab_size": len(tok),
+                "max_length": max_length,
+                "class": type(tok).__name__,
+            },
+            spec.pooling,
+        )
         self.input_shape = (2, max_length)
 
     def chunk_text(self, text: str, overlap: int = 0) -> TextChunks:
@@ -112,11 +122,19 @@ class HFTextPreprocessor(Preprocessor):
         """
         room = self.max_length - self.special_tokens
         if not 0 <= overlap < room:
-            raise PreprocessError(f"text.overlap_tokens must be in [0, {room - 1}] for max length "
-                                  f"{self.max_length}, got {overlap}")
-        enc = self._tok(text, truncation=True, max_length=self.max_length, stride=overlap,
-                        return_overflowing_tokens=True, padding="max_length", return_attention_mask=True,
-                        return_special_tokens_mask=True)
+            raise PreprocessError(
+                f"text.overlap_tokens must be in [0, {room - 1}] for max length {self.max_length}, got {overlap}"
+            )
+        enc = self._tok(
+            text,
+            truncation=True,
+            max_length=self.max_length,
+            stride=overlap,
+            return_overflowing_tokens=True,
+            padding="max_length",
+            return_attention_mask=True,
+            return_special_tokens_mask=True,
+        )
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         mask = np.asarray(enc["attention_mask"], dtype=np.int64)
         special = np.asarray(enc["special_tokens_mask"], dtype=np.int64)
@@ -141,8 +159,8 @@ class HFTextEncoder(Encoder):
         import torch
         from transformers import AutoModel
 
-        kwargs = {_dtype_kwarg(): torch.float32, **dict(spec.options.get("model_kwargs") or {})}
-        with _quiet_loading():
+        kwargs = {dtype_kwarg(): torch.float32, **dict(spec.options.get("model_kwargs") or {})}
+        with quiet_loading():
             model = AutoModel.from_pretrained(local_dir, **kwargs)
         self._model = model.to(device).eval()
         self.max_length = pre.max_length
@@ -186,8 +204,7 @@ def build_hf_text(spec: EncoderSpec, local_dir: str, device: str) -> Encoder:
 
 
 def _preset(name: str, checkpoint: str) -> None:
-    register_preset(EncoderSpec(name=name, family="hf_text", checkpoint=checkpoint, modality="text",
-                                pooling="cls"))
+    register_preset(EncoderSpec(name=name, family="hf_text", checkpoint=checkpoint, modality="text", pooling="cls"))
 
 
 _preset("hf_text", "???")

@@ -50,13 +50,21 @@ def default_targets(module: torch.nn.Module) -> list[str]:
     for candidate in DEFAULT_TARGETS:
         if all(c in names for c in candidate):
             return list(candidate)
-    raise ConfigError("train.lora.target_modules",
-                      f"no known attention projection in {type(module).__name__}; set it to some of its "
-                      f"linear layers, e.g. {sorted(names)[:6]}")
+    raise ConfigError(
+        "train.lora.target_modules",
+        f"no known attention projection in {type(module).__name__}; set it to some of its "
+        f"linear layers, e.g. {sorted(names)[:6]}",
+    )
 
 
-def apply_lora(module: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules: Sequence[str] | None = None) -> Any:
+def apply_lora(
+    module: torch.nn.Module,
+    *,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | None = None,
+) -> Any:
     """Inject LoRA adapters into ``module`` in place; freeze its other weights.
 
     Args:
@@ -80,8 +88,9 @@ def apply_lora(module: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, drop
     if int(r) < 1:
         raise ConfigError("train.lora.r", f"must be >= 1, got {r}")
     targets = list(target_modules) if target_modules else default_targets(module)
-    config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                        target_modules=targets, bias="none")
+    config = LoraConfig(
+        r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets, bias="none"
+    )
     try:
         return LoraModel(module, config, "default")
     except ValueError as err:  # peft: "Target modules ... not found in the base model"

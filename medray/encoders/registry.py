@@ -49,6 +49,7 @@ __all__ = [
     "list_families",
     "preprocessing_digest",
     "register_family",
+    "spec_from_entry",
     "register_preset",
 ]
 
@@ -156,9 +157,7 @@ class Encoder(Preprocessor):
         device: torch device string.
     """
 
-    def __init__(
-        self, spec: EncoderSpec, *, device: str = "cpu", preprocessor: Preprocessor | None = None
-    ) -> None:
+    def __init__(self, spec: EncoderSpec, *, device: str = "cpu", preprocessor: Preprocessor | None = None) -> None:
         super().__init__(spec)
         self.device = device
         self.dim = 0
@@ -321,9 +320,7 @@ def register_family(
     def _check() -> None:
         if name in _FAMILIES:
             owner = getattr(_FAMILIES[name], "__module__", "?")
-            raise ValueError(
-                f"encoder family {name!r} is already registered (by {owner}); pick another name"
-            )
+            raise ValueError(f"encoder family {name!r} is already registered (by {owner}); pick another name")
 
     _check()
 
@@ -405,9 +402,7 @@ def get_spec(name_or_spec: str | EncoderSpec | Mapping[str, Any], **overrides: A
         else:
             raise ConfigError("encoder", _unknown(name_or_spec, list_encoders(), "encoder"))
     else:
-        raise ConfigError(
-            "encoder", f"expected a name, EncoderSpec or mapping, got {type(name_or_spec).__name__}"
-        )
+        raise ConfigError("encoder", f"expected a name, EncoderSpec or mapping, got {type(name_or_spec).__name__}")
     if overrides:
         fields = [f.name for f in dataclasses.fields(EncoderSpec)]
         for key in overrides:
@@ -419,9 +414,7 @@ def get_spec(name_or_spec: str | EncoderSpec | Mapping[str, Any], **overrides: A
     return spec
 
 
-def create_encoder(
-    spec: EncoderSpec | str, *, device: str = "cpu", dtype: str | None = None
-) -> Encoder:
+def create_encoder(spec: EncoderSpec | str, *, device: str = "cpu", dtype: str | None = None) -> Encoder:
     """Fetch, verify and load an encoder.
 
     Args:
@@ -445,8 +438,7 @@ def create_encoder(
     spec, local_dir, sha = _resolve(spec)
     if spec.untrained:
         _log.warning(
-            "encoder %s has UNTRAINED random weights: its embeddings are meaningless "
-            "(demo and tests only)",
+            "encoder %s has UNTRAINED random weights: its embeddings are meaningless (demo and tests only)",
             spec.name,
         )
     encoder = _FAMILIES[spec.family](spec, local_dir, device)
@@ -517,9 +509,7 @@ def _check_device(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(
-                "device", "CUDA is not available on this node; use device='cpu' or request GPUs"
-            )
+            raise ConfigError("device", "CUDA is not available on this node; use device='cpu' or request GPUs")
 
 
 def _unknown(name: str, candidates: Sequence[str], what: str) -> str:
@@ -528,3 +518,37 @@ def _unknown(name: str, candidates: Sequence[str], what: str) -> str:
     if close:
         return f"unknown {what} {name!r}; did you mean {', '.join(close)}?"
     return f"unknown {what} {name!r}; available: {', '.join(candidates)}"
+
+
+def spec_from_entry(key: str, value: Any) -> EncoderSpec:
+    """The spec of a config entry such as ``encoders.audio``: a preset name, or a mapping.
+
+    A mapping names its base with ``preset`` (or ``name``/``family``) and
+    overrides fields on it.
+
+    Args:
+        key: the config key, for errors (``encoders.audio``).
+        value: a preset name or a mapping of spec fields.
+
+    Raises:
+        ConfigError: unknown preset or field, or a required checkpoint missing (named by ``key``).
+    """
+    if isinstance(value, str):
+        spec = get_spec(value)
+    elif isinstance(value, dict):
+        fields = dict(value)
+        base = fields.pop("preset", None) or fields.get("name") or fields.get("family")
+        try:
+            spec = get_spec(base, **{k: v for k, v in fields.items() if k != "name"})
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err.key.split('.', 1)[-1]}", str(err).split(": ", 1)[-1]) from None
+        if "name" in fields:
+            spec.name = str(fields["name"])
+    else:
+        raise ConfigError(key, f"expected a preset name or a spec mapping, got {type(value).__name__}")
+    if spec.checkpoint_missing:
+        raise ConfigError(
+            f"{key}.checkpoint",
+            "is required for this encoder: a hub id, a local directory or an object-storage URI (s3://...)",
+        )
+    return spec

@@ -96,9 +96,7 @@ class EncoderSpec:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"encoder.{key}", f"expected a non-empty string, got {value!r}")
         if self.pooling not in POOLINGS:
-            raise ConfigError(
-                "encoder.pooling", f"expected one of {list(POOLINGS)}, got {self.pooling!r}"
-            )
+            raise ConfigError("encoder.pooling", f"expected one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.sha256 is not None:
             if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256.lower()):
                 raise ConfigError(

@@ -109,19 +109,13 @@ class TimmImageEncoder(Encoder):
 
         _options(spec.options)
         _check_layout(spec, Path(local_dir))
-        model = timm.create_model(
-            f"local-dir:{local_dir}", pretrained=True, **_model_kwargs(spec.options)
-        )
-        super().__init__(
-            spec, device=device, preprocessor=TimmImagePreprocessor(spec, local_dir, model)
-        )
+        model = timm.create_model(f"local-dir:{local_dir}", pretrained=True, **_model_kwargs(spec.options))
+        super().__init__(spec, device=device, preprocessor=TimmImagePreprocessor(spec, local_dir, model))
         self._model = model.to(device).eval()
         self._has_cls = getattr(model, "cls_token", None) is not None
         self._num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         if spec.pooling == "cls" and not self._has_cls:
-            raise ConfigError(
-                "encoder.pooling", f"{type(model).__name__} has no class token; use 'pooler' or 'mean'"
-            )
+            raise ConfigError("encoder.pooling", f"{type(model).__name__} has no class token; use 'pooler' or 'mean'")
         self._probe()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,9 +168,7 @@ def _options(options: dict) -> dict:
     """Check ``encoder.options`` keys for this family."""
     for key in options:
         if key not in _OPTIONS:
-            raise ConfigError(
-                f"encoder.options.{key}", f"not a timm_image option; valid: {list(_OPTIONS)}"
-            )
+            raise ConfigError(f"encoder.options.{key}", f"not a timm_image option; valid: {list(_OPTIONS)}")
     size = options.get("image_size")
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise ConfigError("encoder.options.image_size", f"expected a positive int, got {size!r}")

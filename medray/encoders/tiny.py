@@ -22,9 +22,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from medray.encoders.checkpoint import DEMO_SCHEME, UNTRAINED_MARKER, _node_lock
+from medray.encoders.checkpoint import DEMO_SCHEME, UNTRAINED_MARKER, node_lock, register_scheme
 from medray.encoders.registry import register_preset
 from medray.encoders.spec import EncoderSpec, default_cache_dir
+from medray.platform.errors import ConfigError
 
 __all__ = [
     "DEMO_CHECKPOINTS",
@@ -50,9 +51,7 @@ _IMAGENET_STD = [0.229, 0.224, 0.225]
 _MARKER_TEXT = "Random weights written by medray.encoders.tiny; embeddings are meaningless.\n"
 
 
-def build_tiny_checkpoint(
-    family: str, out_dir: str, *, arch: str = "vit", image_size: int = 32, seed: int = 0
-) -> str:
+def build_tiny_checkpoint(family: str, out_dir: str, *, arch: str = "vit", image_size: int = 32, seed: int = 0) -> str:
     """Write a tiny random checkpoint (hidden 32, 2 layers, patch 8).
 
     Args:
@@ -133,8 +132,9 @@ def _tiny_audio(arch: str) -> tuple:
         model = Wav2Vec2Model(Wav2Vec2Config(**common))
     else:
         model = HubertModel(HubertConfig(**common))
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                  return_attention_mask=False)
+    fe = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    )
     return model, fe
 
 
@@ -151,10 +151,15 @@ def _tiny_text(out: Path) -> tuple:
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,:;-/()%")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *_TEXT_WORDS]
     # transformers 5 takes the vocabulary as a mapping (``vocab=``); 4.x as ``vocab_file``.
-    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
-                                  model_max_length=64)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
-                        num_attention_heads=_HEADS, intermediate_size=2 * _HIDDEN, max_position_embeddings=64)
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=64)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=_HIDDEN,
+        num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS,
+        intermediate_size=2 * _HIDDEN,
+        max_position_embeddings=64,
+    )
     return BertModel(config), tokenizer
 
 
@@ -193,7 +198,7 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
     target = root / name
     if target.is_dir():
         return str(target)
-    with _node_lock(root / f"{name}.lock"):
+    with node_lock(root / f"{name}.lock"):
         if not target.is_dir():
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
             try:
@@ -271,3 +276,17 @@ register_preset(
         untrained=True,
     )
 )
+
+
+def _demo(uri: str, root: Path) -> str:
+    """Build (once) and return a built-in demo checkpoint."""
+    name = uri[len(DEMO_SCHEME) :].strip("/")
+    if name not in DEMO_CHECKPOINTS:
+        raise ConfigError(
+            "encoder.checkpoint",
+            f"unknown demo checkpoint {uri}; available: " + ", ".join(DEMO_SCHEME + n for n in DEMO_CHECKPOINTS),
+        )
+    return ensure_demo_checkpoint(str(root), name=name)
+
+
+register_scheme(DEMO_SCHEME, _demo)

@@ -28,12 +28,16 @@ Options (``encoder.options``):
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medray.encoders.checkpoint import UNTRAINED_MARKER, node_lock, register_scheme
 from medray.encoders.registry import Encoder, Preprocessor, preprocessing_digest, register_family, register_preset
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError, PreprocessError
@@ -44,8 +48,17 @@ if TYPE_CHECKING:
 __all__ = ["VIDEO_ARCHS", "VolumePreprocessor", "VideoEncoder", "build_video_checkpoint", "build_torchvision_video"]
 
 #: torchvision.models.video builders this family loads; the value is the classifier attribute.
-VIDEO_ARCHS = {"r3d_18": "fc", "mc3_18": "fc", "r2plus1d_18": "fc", "s3d": "classifier", "mvit_v1_b": "head",
-               "mvit_v2_s": "head", "swin3d_t": "head", "swin3d_s": "head", "swin3d_b": "head"}
+VIDEO_ARCHS = {
+    "r3d_18": "fc",
+    "mc3_18": "fc",
+    "r2plus1d_18": "fc",
+    "s3d": "classifier",
+    "mvit_v1_b": "head",
+    "mvit_v2_s": "head",
+    "swin3d_t": "head",
+    "swin3d_s": "head",
+    "swin3d_b": "head",
+}
 _KINETICS_MEAN = [0.43216, 0.394666, 0.37645]
 _KINETICS_STD = [0.22803, 0.22145, 0.216989]
 _OPTIONS = ("input_size",)
@@ -57,9 +70,12 @@ def _read_config(spec: EncoderSpec, local_dir: str) -> dict[str, Any]:
     except (OSError, ValueError):
         config = None
     if not isinstance(config, dict) or config.get("architecture") not in VIDEO_ARCHS:
-        raise ConfigError("encoder.checkpoint", f"{spec.checkpoint} is not a torchvision_video checkpoint: expected "
-                          f"config.json with 'architecture' one of {sorted(VIDEO_ARCHS)} and model.safetensors "
-                          "(medray.encoders.video.build_video_checkpoint writes one)")
+        raise ConfigError(
+            "encoder.checkpoint",
+            f"{spec.checkpoint} is not a torchvision_video checkpoint: expected "
+            f"config.json with 'architecture' one of {sorted(VIDEO_ARCHS)} and model.safetensors "
+            "(medray.encoders.video.build_video_checkpoint writes one)",
+        )
     for key in spec.options:
         if key not in _OPTIONS:
             raise ConfigError(f"encoder.options.{key}", f"not a torchvision_video option; valid: {list(_OPTIONS)}")
@@ -94,8 +110,16 @@ class VolumePreprocessor(Preprocessor):
         self.std = np.asarray(config["std"], dtype=np.float32)
         self.channels = len(self.mean)
         self.preprocessing_hash = preprocessing_digest(
-            {"architecture": self.architecture, "input_size": self.size, "mean": config["mean"],
-             "std": config["std"], "layout": "NCDHW", "resize": "trilinear"}, spec.pooling)
+            {
+                "architecture": self.architecture,
+                "input_size": self.size,
+                "mean": config["mean"],
+                "std": config["std"],
+                "layout": "NCDHW",
+                "resize": "trilinear",
+            },
+            spec.pooling,
+        )
         self._probe_shape()
 
     def _probe_shape(self) -> None:
@@ -119,8 +143,10 @@ class VolumePreprocessor(Preprocessor):
         if vol.shape[0] == 1 and self.channels != 1:
             vol = np.repeat(vol, self.channels, axis=0)
         if vol.shape[0] != self.channels:
-            raise PreprocessError(f"{self.architecture} takes {self.channels} channels, the volume has "
-                                  f"{vol.shape[0]}; configure {self.channels} series.windows (or one)")
+            raise PreprocessError(
+                f"{self.architecture} takes {self.channels} channels, the volume has "
+                f"{vol.shape[0]}; configure {self.channels} series.windows (or one)"
+            )
         x = torch.from_numpy(np.ascontiguousarray(vol))[None]
         if self.size is not None and tuple(x.shape[2:]) != tuple(self.size):
             x = F.interpolate(x, size=tuple(self.size), mode="trilinear", align_corners=False)
@@ -157,15 +183,18 @@ class VideoEncoder(Encoder):
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in (*missing, *unexpected) if not k.startswith(head + ".")]
         if bad:
-            raise ConfigError("encoder.checkpoint", f"{spec.checkpoint} does not match {pre.architecture}: "
-                              f"{len(bad)} mismatched tensors (e.g. {bad[0]})")
+            raise ConfigError(
+                "encoder.checkpoint",
+                f"{spec.checkpoint} does not match {pre.architecture}: {len(bad)} mismatched tensors (e.g. {bad[0]})",
+            )
         setattr(model, head, torch.nn.Identity())
         self._model = model.to(device).eval()
         self._probe()
 
     def _probe(self) -> None:
         pixels = self.preprocessor.preprocess_volume(  # type: ignore[union-attr]
-            np.zeros((self.preprocessor.channels, 8, 32, 32), np.float32))  # type: ignore[union-attr]
+            np.zeros((self.preprocessor.channels, 8, 32, 32), np.float32)
+        )  # type: ignore[union-attr]
         self.input_shape = tuple(int(v) for v in pixels.shape[1:])  # type: ignore[assignment]
         self.dim = int(self.embed(pixels).shape[1])
 
@@ -189,8 +218,14 @@ def build_torchvision_video(spec: EncoderSpec, local_dir: str, device: str) -> E
     return VideoEncoder(spec, local_dir, device)
 
 
-def build_video_checkpoint(out_dir: str, *, arch: str = "r3d_18", weights: str | None = None,
-                           input_size: Sequence[int] | None = None, seed: int = 0) -> str:
+def build_video_checkpoint(
+    out_dir: str,
+    *,
+    arch: str = "r3d_18",
+    weights: str | None = None,
+    input_size: Sequence[int] | None = None,
+    seed: int = 0,
+) -> str:
     """Write a ``torchvision_video`` checkpoint directory and return its path.
 
     Args:
@@ -206,17 +241,15 @@ def build_video_checkpoint(out_dir: str, *, arch: str = "r3d_18", weights: str |
     import torchvision.models.video as tvv
     from safetensors.torch import save_file
 
-    from medray.encoders.checkpoint import UNTRAINED_MARKER
-
     if arch not in VIDEO_ARCHS:
-        raise ConfigError("encoder.checkpoint", f"unknown torchvision video architecture {arch!r}; "
-                          f"known: {sorted(VIDEO_ARCHS)}")
+        raise ConfigError(
+            "encoder.checkpoint", f"unknown torchvision video architecture {arch!r}; known: {sorted(VIDEO_ARCHS)}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mean, std = _KINETICS_MEAN, _KINETICS_STD
     if weights:
         from torchvision.models import get_model_weights
-
 
         enum = get_model_weights(arch)[weights]
         model = getattr(tvv, arch)(weights=enum)
@@ -225,20 +258,76 @@ def build_video_checkpoint(out_dir: str, *, arch: str = "r3d_18", weights: str |
     else:
         torch.manual_seed(seed)
         model = getattr(tvv, arch)(weights=None)
-        (out / UNTRAINED_MARKER).write_text("Random weights written by medray.encoders.video; "
-                                            "embeddings are meaningless.\n")
+        (out / UNTRAINED_MARKER).write_text(
+            "Random weights written by medray.encoders.video; embeddings are meaningless.\n"
+        )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"architecture": arch, "weights": weights,
-                                                 "input_size": list(input_size) if input_size else None,
-                                                 "mean": mean, "std": std}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": arch,
+                "weights": weights,
+                "input_size": list(input_size) if input_size else None,
+                "mean": mean,
+                "std": std,
+            },
+            indent=1,
+        )
+    )
     return str(out)
 
 
-register_preset(EncoderSpec(name="torchvision_video", family="torchvision_video", checkpoint="???",
-                            modality="volume", pooling="pooler"))
+register_preset(
+    EncoderSpec(
+        name="torchvision_video", family="torchvision_video", checkpoint="???", modality="volume", pooling="pooler"
+    )
+)
 # Kinetics-400 ResNet-3D-18 (torchvision): downloaded once by torchvision (network access needed),
 # then saved in this family's layout in the checkpoint cache.
-register_preset(EncoderSpec(name="r3d_18_kinetics", family="torchvision_video",
-                            checkpoint="torchvision://r3d_18/KINETICS400_V1", modality="volume",
-                            pooling="pooler"))
+register_preset(
+    EncoderSpec(
+        name="r3d_18_kinetics",
+        family="torchvision_video",
+        checkpoint="torchvision://r3d_18/KINETICS400_V1",
+        modality="volume",
+        pooling="pooler",
+    )
+)
+
+
+#: torchvision video weights (``torchvision://r3d_18/KINETICS400_V1``), saved once in the cache.
+TORCHVISION_SCHEME = "torchvision://"
+
+
+def _torchvision(uri: str, root: Path) -> str:
+    """Download (once per node) torchvision video weights and save them as a ``torchvision_video`` checkpoint."""
+    arch, _, weights = uri[len(TORCHVISION_SCHEME) :].strip("/").partition("/")
+    if arch not in VIDEO_ARCHS or not weights:
+        raise ConfigError(
+            "encoder.checkpoint",
+            f"expected torchvision://<arch>/<weights> with arch one of "
+            f"{sorted(VIDEO_ARCHS)}, e.g. torchvision://r3d_18/KINETICS400_V1",
+        )
+    target = root / "torchvision" / f"{arch}-{weights}"
+    with node_lock(root / "torchvision" / f".{arch}-{weights}.lock"):
+        if not (target / "model.safetensors").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".tv-", dir=str(target.parent)))
+            try:
+                build_video_checkpoint(str(tmp), arch=arch, weights=weights)
+            except ConfigError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            except Exception as err:  # noqa: BLE001 - no network, unknown weights name
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(
+                    "encoder.checkpoint",
+                    f"cannot fetch torchvision weights {arch}/{weights} "
+                    f"({type(err).__name__}); this needs network access, or copy a checkpoint "
+                    "directory to a bucket and set encoder.checkpoint=s3://...",
+                ) from None
+            os.replace(tmp, target)
+    return str(target)
+
+
+register_scheme(TORCHVISION_SCHEME, _torchvision)

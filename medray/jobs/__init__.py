@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 __all__ = ["JobInfo", "discover_jobs"]
 
@@ -30,8 +30,8 @@ class JobInfo:
 
     name: str
     description: str
-    config_name: Optional[str] = None
-    register: Optional[Callable[[], None]] = field(default=None, compare=False)
+    config_name: str | None = None
+    register: Callable[[], None] | None = field(default=None, compare=False)
     order: int = 50
 
 

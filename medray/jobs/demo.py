@@ -16,13 +16,17 @@ from medray.jobs.embed import main as _embed_main
 
 __all__ = ["JOB", "main", "prepare_argv"]
 
-JOB = JobInfo("demo", "generate sample DICOMs locally and embed them with the tiny (untrained) demo encoder",
-              config_name="embed", order=11)
+JOB = JobInfo(
+    "demo",
+    "generate sample DICOMs locally and embed them with the tiny (untrained) demo encoder",
+    config_name="embed",
+    order=11,
+)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Generate the samples once and point ``input``/``output`` at them."""
-    from medray.platform.samples import generate_samples
+    from medray.testing.samples import generate_samples
 
     home = os.path.abspath(os.environ.get("MEDRAY_HOME", ".medray"))
     samples = os.path.join(home, "demo", "samples")
@@ -34,8 +38,11 @@ def prepare_argv(argv: list[str]) -> list[str]:
             if os.path.exists(os.path.join(samples, name)):
                 shutil.move(os.path.join(samples, name), os.path.join(home, "demo", name))
         exp = info.get("expected", {})
-        print(f"medray demo: generated {exp.get('dicom_files', '?')} DICOMs, {exp.get('photos', '?')} photos, "
-              f"2 archives and {exp.get('hostile_files', '?')} hostile files in {samples}", flush=True)
+        print(
+            f"medray demo: generated {exp.get('dicom_files', '?')} DICOMs, {exp.get('photos', '?')} photos, "
+            f"2 archives and {exp.get('hostile_files', '?')} hostile files in {samples}",
+            flush=True,
+        )
     defaults = [f"input={samples}", f"output={output}", "encoder=demo_tiny_vit", "max_error_fraction=0.5"]
     given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
     return [d for d in defaults if d.split("=", 1)[0] not in given] + list(argv)

@@ -19,25 +19,30 @@ import posixpath
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 import medray
 from medray.config import EmbedConf, patient_salt
-from medray.platform.errors import ConfigError
-from medray.platform.records import RESERVED_COLUMNS
-from medray.platform.sources import InputSpec, classify_input, list_objects, resolve_member_uri
-from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
-
+from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
+from medray.platform.errors import ConfigError
+from medray.platform.manifest import iter_manifest_batches, read_manifest
+from medray.platform.sources import InputSpec, classify_input, list_objects
+from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
 
 __all__ = ["JOB", "EmbedJob", "EmbedResult", "main"]
 
-JOB = JobInfo("embed", "stream DICOM/images from a prefix, manifest or archive into embeddings (Parquet)",
-              config_name="embed", order=10)
+JOB = JobInfo(
+    "embed",
+    "stream DICOM/images from a prefix, manifest or archive into embeddings (Parquet)",
+    config_name="embed",
+    order=10,
+)
 
 log = logging.getLogger("medray.embed")
 
@@ -59,7 +64,7 @@ class EmbedResult:
     wall_s: float
     pipeline_s: float
     records_per_s: float
-    steady_records_per_s: Optional[float]
+    steady_records_per_s: float | None
     stage_seconds: dict
     records_total_in_output: int
     config: dict
@@ -77,12 +82,16 @@ class EmbedResult:
             skipped = f"{self.skipped} skipped (no encoder for {by}), "
         if self.slides and self.slides.get("slides"):
             s = self.slides
-            skipped += (f"{s['slides']} slides ({s['tiles']} tissue tiles, {s['background_tiles']} background "
-                        f"tiles skipped, {s['pooled']} pooled rows added), ")
-        return (f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
-                f"{self.quarantined} quarantined, {skipped}{self.records_done_before} already done; "
-                f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
-                f"output {self.output} (now {self.records_total_in_output} records)")
+            skipped += (
+                f"{s['slides']} slides ({s['tiles']} tissue tiles, {s['background_tiles']} background "
+                f"tiles skipped, {s['pooled']} pooled rows added), "
+            )
+        return (
+            f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
+            f"{self.quarantined} quarantined, {skipped}{self.records_done_before} already done; "
+            f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
+            f"output {self.output} (now {self.records_total_in_output} records)"
+        )
 
 
 class EmbedJob:
@@ -99,13 +108,13 @@ class EmbedJob:
         if isinstance(cfg, DictConfig):
             missing = sorted(k for k in ("input", "output") if OmegaConf.is_missing(cfg, k))
             if missing:
-                raise ConfigError(missing[0], "is required, e.g. "
-                                  "`medray embed input=s3://bucket/dicoms/ output=s3://bucket/emb`")
+                raise ConfigError(
+                    missing[0], "is required, e.g. `medray embed input=s3://bucket/dicoms/ output=s3://bucket/emb`"
+                )
             try:
                 self.cfg: EmbedConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
             except MissingMandatoryValue as err:
-                hint = (" (a hub id, a local directory or an s3:// URI)"
-                        if err.full_key == "encoder.checkpoint" else "")
+                hint = " (a hub id, a local directory or an s3:// URI)" if err.full_key == "encoder.checkpoint" else ""
                 raise ConfigError(str(err.full_key), f"is required{hint}") from None
             self.resolved = OmegaConf.to_container(cfg, resolve=True)
         else:
@@ -143,8 +152,10 @@ class EmbedJob:
         if enc.family not in list_families():
             raise ConfigError("encoder.family", f"unknown family '{enc.family}'; known: {', '.join(list_families())}")
         if not enc.checkpoint or enc.checkpoint == "???":
-            raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local "
-                              "directory or an object-storage URI (s3://...)")
+            raise ConfigError(
+                "encoder.checkpoint",
+                "is required for this encoder: a hub id, a local directory or an object-storage URI (s3://...)",
+            )
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
         self.primary = family_modality(self.spec.family)
         self.specs: dict[str, EncoderSpec] = {self.primary: self.spec}
@@ -155,17 +166,18 @@ class EmbedJob:
             if modality not in MODALITIES:
                 raise ConfigError(key, f"unknown modality '{modality}'; known: {', '.join(MODALITIES)}")
             if modality == self.primary:
-                raise ConfigError(key, f"encoder={self.spec.name} already embeds {modality} records; "
-                                  f"drop {key} or pick an encoder of another modality")
-            spec = _extra_spec(key, value)
+                raise ConfigError(
+                    key,
+                    f"encoder={self.spec.name} already embeds {modality} records; "
+                    f"drop {key} or pick an encoder of another modality",
+                )
+            spec = spec_from_entry(key, value)
             if family_modality(spec.family) != ("image" if modality == "slide" else modality):
-                raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, "
-                                  f"not {modality}")
+                raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
             self.specs[modality] = spec
         from medray.platform.decoders.audio import AudioOptions
-        from medray.platform.modalities import TextOptions
-
         from medray.platform.decoders.slide import SlideOptions
+        from medray.platform.modalities import TextOptions
 
         self._validate_series()
         self.audio_opts = asdict(c.audio)
@@ -190,24 +202,40 @@ class EmbedJob:
         raw = asdict(self.cfg.series)
         if "volume" in self.specs and raw["mode"] == "off":
             raw["mode"] = "volume"  # a 3D encoder embeds nothing but series: its presence asks for them
-        opts = SeriesOptions(**{**raw, "spacing": tuple(raw["spacing"]) if raw["spacing"] is not None else None,
-                                "modalities": tuple(raw["modalities"]),
-                                "channels": tuple(raw["channels"]) if raw.get("channels") is not None else None})
+        opts = SeriesOptions(
+            **{
+                **raw,
+                "spacing": tuple(raw["spacing"]) if raw["spacing"] is not None else None,
+                "modalities": tuple(raw["modalities"]),
+                "channels": tuple(raw["channels"]) if raw.get("channels") is not None else None,
+            }
+        )
         # the chosen windows, in channel order, travel to the tasks
         self.series_opts = {**raw, "windows": {k: list(v) for k, v in opts.windows.items()}, "channels": None}
         if opts.mode == "slicewise":
             if "image" not in self.specs:
-                raise ConfigError("series.mode", "slicewise embeds each slice with an image encoder: set "
-                                  "encoder=<image preset> (e.g. rad_dino) or encoders.image=...")
+                raise ConfigError(
+                    "series.mode",
+                    "slicewise embeds each slice with an image encoder: set "
+                    "encoder=<image preset> (e.g. rad_dino) or encoders.image=...",
+                )
             if len(opts.windows) not in (1, 3):
-                raise ConfigError("series.windows", f"slicewise needs 1 or 3 windows (an image encoder takes "
-                                  f"RGB), got {len(opts.windows)}")
+                raise ConfigError(
+                    "series.windows",
+                    f"slicewise needs 1 or 3 windows (an image encoder takes RGB), got {len(opts.windows)}",
+                )
         if opts.mode == "volume" and "volume" not in self.specs:
-            raise ConfigError("series.mode", "volume needs a 3D encoder: encoder=r3d_18_kinetics, "
-                              "encoder=torchvision_video encoder.checkpoint=..., or encoders.volume=...")
+            raise ConfigError(
+                "series.mode",
+                "volume needs a 3D encoder: encoder=r3d_18_kinetics, "
+                "encoder=torchvision_video encoder.checkpoint=..., or encoders.volume=...",
+            )
         if "volume" in self.specs and opts.mode != "volume":
-            raise ConfigError("series.mode", f"a volume encoder embeds whole CT/MR series, not {opts.mode}: "
-                              "set series.mode=volume (or drop the volume encoder)")
+            raise ConfigError(
+                "series.mode",
+                f"a volume encoder embeds whole CT/MR series, not {opts.mode}: "
+                "set series.mode=volume (or drop the volume encoder)",
+            )
 
     # --------------------------------------------------------------- the run
     def _check_output(self, ident: dict) -> None:
@@ -219,14 +247,20 @@ class EmbedJob:
                 have = json.loads(f.read())
             for key in ("weights_hash", "preprocessing_hash"):
                 if have.get(key) != ident[key]:
-                    raise ConfigError("output", f"already holds embeddings of encoder '{have.get('encoder')}' "
-                                      f"({key} differs); choose a new output location")
+                    raise ConfigError(
+                        "output",
+                        f"already holds embeddings of encoder '{have.get('encoder')}' "
+                        f"({key} differs); choose a new output location",
+                    )
             extra, known = ident.get("encoders") or {}, dict(have.get("encoders") or {})
             for modality, mine in extra.items():
                 theirs = known.get(modality)
                 if theirs and any(theirs.get(k) != mine[k] for k in ("weights_hash", "preprocessing_hash")):
-                    raise ConfigError(f"encoders.{modality}", f"output already holds {modality} embeddings of "
-                                      f"encoder '{theirs.get('encoder')}'; choose a new output location")
+                    raise ConfigError(
+                        f"encoders.{modality}",
+                        f"output already holds {modality} embeddings of "
+                        f"encoder '{theirs.get('encoder')}'; choose a new output location",
+                    )
             if any(m not in known for m in extra):
                 atomic_write_bytes(fs, marker, json.dumps({**have, "encoders": {**known, **extra}}, indent=2).encode())
         else:
@@ -237,7 +271,7 @@ class EmbedJob:
         c = self.cfg
         if self.input.kind == "manifest":
             self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
-            return _read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
+            return read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
         # Paths only (no contents) are listed on the driver; Ray Data streams the rest.
         rows = list(list_objects(c.input, c.storage.options))
         if not rows:
@@ -248,9 +282,9 @@ class EmbedJob:
     def run(self) -> EmbedResult:
         """Run the pipeline and write embeddings, quarantine and the summary."""
         from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
-        from medray.platform.pipeline import StageOptions, plan_dataset
+        from medray.pipeline import StageOptions, plan_dataset
+        from medray.pipeline.sink import existing_record_ids, make_sink, pool_slides
         from medray.platform.runtime import cluster_gpus, init_ray
-        from medray.platform.sink import existing_record_ids, make_sink, pool_slides
         from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
 
         c = self.cfg
@@ -258,58 +292,108 @@ class EmbedJob:
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         # Resolve (download once, verify) the checkpoint and its preprocessing on the driver,
         # so a wrong checkpoint fails before Ray starts and provenance is known up front.
-        _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
-                                             cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
+        _, weights_hash = resolve_checkpoint(
+            self.spec.checkpoint,
+            storage_options=self.spec.storage_options,
+            cache_dir=self.spec.cache_dir,
+            expected_sha256=self.spec.sha256,
+        )
         pre = create_preprocessor(self.spec)
         # the checkpoint's own MEDRAY_UNTRAINED marker counts too, not only encoder.untrained
         untrained = bool(pre.spec.untrained)
-        ident = {"encoder": self.spec.name, "checkpoint": self.spec.checkpoint, "weights_hash": weights_hash,
-                 "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__}
+        ident = {
+            "encoder": self.spec.name,
+            "checkpoint": self.spec.checkpoint,
+            "weights_hash": weights_hash,
+            "preprocessing_hash": pre.preprocessing_hash,
+            "medray_version": medray.__version__,
+        }
         provenances: dict[str, dict] = {}
         for modality, spec in self.specs.items():
             if modality == self.primary:
                 continue
-            _, extra_hash = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options,
-                                               cache_dir=spec.cache_dir, expected_sha256=spec.sha256)
+            _, extra_hash = resolve_checkpoint(
+                spec.checkpoint,
+                storage_options=spec.storage_options,
+                cache_dir=spec.cache_dir,
+                expected_sha256=spec.sha256,
+            )
             extra_pre = create_preprocessor(spec)
             ident.setdefault("encoders", {})[modality] = {
-                "encoder": spec.name, "checkpoint": spec.checkpoint, "weights_hash": extra_hash,
-                "preprocessing_hash": extra_pre.preprocessing_hash}
-            provenances[modality] = {"encoder": spec.name, "weights_hash": extra_hash,
-                                     "preprocessing_hash": extra_pre.preprocessing_hash,
-                                     "medray_version": medray.__version__, "untrained": bool(extra_pre.spec.untrained)}
+                "encoder": spec.name,
+                "checkpoint": spec.checkpoint,
+                "weights_hash": extra_hash,
+                "preprocessing_hash": extra_pre.preprocessing_hash,
+            }
+            provenances[modality] = {
+                "encoder": spec.name,
+                "weights_hash": extra_hash,
+                "preprocessing_hash": extra_pre.preprocessing_hash,
+                "medray_version": medray.__version__,
+                "untrained": bool(extra_pre.spec.untrained),
+            }
         self._check_output(ident)
         done = existing_record_ids(c.output, c.storage.options)
 
-        ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard,
-                       max_errored_blocks=c.compute.max_errored_blocks)
+        ray = init_ray(
+            c.ray.address,
+            num_cpus=c.ray.num_cpus,
+            include_dashboard=c.ray.include_dashboard,
+            max_errored_blocks=c.compute.max_errored_blocks,
+        )
         gpus = c.compute.num_gpus if c.compute.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
         device = c.compute.device
         if device == "auto":
             device = "cuda" if gpus > 0 else "cpu"
         opts = StageOptions(
-            storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
-            frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
-            prefer_file_voi=c.decode.prefer_file_voi, salt=patient_salt(c.patient_salt),
-            encoder_spec=self.spec, done=done, encoder_specs=dict(self.specs), audio=self.audio_opts,
-            text=self.text_opts, text_column=c.text_column, slide=self.slide_opts, series=self.series_opts)
-        provenance = {"encoder": self.spec.name, "weights_hash": weights_hash,
-                      "preprocessing_hash": pre.preprocessing_hash, "medray_version": medray.__version__,
-                      "untrained": untrained}
+            storage_options=dict(c.storage.options),
+            max_bytes=c.decode.max_bytes,
+            max_pixels=c.decode.max_pixels,
+            frames=c.decode.frames,
+            windows={k: list(v) for k, v in c.decode.windows.items()},
+            prefer_file_voi=c.decode.prefer_file_voi,
+            salt=patient_salt(c.patient_salt),
+            encoder_spec=self.spec,
+            done=done,
+            encoder_specs=dict(self.specs),
+            audio=self.audio_opts,
+            text=self.text_opts,
+            text_column=c.text_column,
+            slide=self.slide_opts,
+            series=self.series_opts,
+        )
+        provenance = {
+            "encoder": self.spec.name,
+            "weights_hash": weights_hash,
+            "preprocessing_hash": pre.preprocessing_hash,
+            "medray_version": medray.__version__,
+            "untrained": untrained,
+        }
         records = self._records(ray)
         ds = plan_dataset(
-            records, opts, encoder_spec=spec_to_dict(self.spec), provenance=provenance,
-            decode_concurrency=c.compute.decode_concurrency, read_batch_size=c.compute.read_batch_size,
-            decode_batch_size=c.compute.decode_batch_size, encode_batch_size=c.compute.batch_size,
-            actors=(c.compute.min_actors, c.compute.max_actors), num_gpus=gpus, device=device,
-            dtype=c.compute.dtype, task_retries=c.compute.task_retries,
-            decode_num_cpus=c.compute.decode_num_cpus, actor_num_cpus=c.compute.actor_num_cpus,
+            records,
+            opts,
+            encoder_spec=spec_to_dict(self.spec),
+            provenance=provenance,
+            decode_concurrency=c.compute.decode_concurrency,
+            read_batch_size=c.compute.read_batch_size,
+            decode_batch_size=c.compute.decode_batch_size,
+            encode_batch_size=c.compute.batch_size,
+            actors=(c.compute.min_actors, c.compute.max_actors),
+            num_gpus=gpus,
+            device=device,
+            dtype=c.compute.dtype,
+            task_retries=c.compute.task_retries,
+            decode_num_cpus=c.compute.decode_num_cpus,
+            actor_num_cpus=c.compute.actor_num_cpus,
             encoder_specs={m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
             provenances={self.primary: provenance, **provenances} if provenances else None,
             series_source=records if self.series_opts["mode"] != "off" else None,
-            slide_branch=self.slide_inputs)
-        sink = make_sink(c.output, c.storage.options, medray.__version__,
-                         subdirs={m: f"embeddings/{m}" for m in provenances})
+            slide_branch=self.slide_inputs,
+        )
+        sink = make_sink(
+            c.output, c.storage.options, medray.__version__, subdirs={m: f"embeddings/{m}" for m in provenances}
+        )
         t_pipe = time.perf_counter()
         ds.write_datasink(sink)
         stats = dict(sink.result)
@@ -317,8 +401,11 @@ class EmbedJob:
         slide_route = "slide" if "slide" in self.specs else "image"
         slides = {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
         if slide_route in self.specs and stats.get("slide_rows"):
-            slides = pool_slides(c.output, c.storage.options,
-                                 "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}")
+            slides = pool_slides(
+                c.output,
+                c.storage.options,
+                "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}",
+            )
         pipeline_s = time.perf_counter() - t_pipe
         wall = time.perf_counter() - t_start
         embedded = int(stats.get("records", 0))
@@ -330,53 +417,52 @@ class EmbedJob:
         config["storage"] = {"options": redact_options(c.storage.options)}
         config.get("encoder", {}).pop("storage_options", None)
         result = EmbedResult(
-            run_id=run_id, output=c.output, encoder=self.spec.name, untrained=untrained,
-            records_done_before=len(done), records_read=read, records_embedded=embedded,
-            rows_written=int(stats.get("rows", 0)) + slides["pooled"], quarantined=quarantined,
-            error_fraction=(quarantined / read) if read else 0.0, wall_s=wall, pipeline_s=pipeline_s,
-            records_per_s=(read / wall) if wall > 0 else 0.0, steady_records_per_s=steady,
-            stage_seconds={k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode",
-                                                                                 "t_preprocess", "t_encode")},
-            records_total_in_output=total, config=config, skipped=int(stats.get("skipped", 0)),
+            run_id=run_id,
+            output=c.output,
+            encoder=self.spec.name,
+            untrained=untrained,
+            records_done_before=len(done),
+            records_read=read,
+            records_embedded=embedded,
+            rows_written=int(stats.get("rows", 0)) + slides["pooled"],
+            quarantined=quarantined,
+            error_fraction=(quarantined / read) if read else 0.0,
+            wall_s=wall,
+            pipeline_s=pipeline_s,
+            records_per_s=(read / wall) if wall > 0 else 0.0,
+            steady_records_per_s=steady,
+            stage_seconds={
+                k[2:]: round(float(stats.get(k, 0.0)), 4) for k in ("t_read", "t_decode", "t_preprocess", "t_encode")
+            },
+            records_total_in_output=total,
+            config=config,
+            skipped=int(stats.get("skipped", 0)),
             skipped_by_modality=_count_pairs(stats.get("skipped_by_modality") or []),
-            encoders={m: s.name for m, s in self.specs.items()}, slides=slides)
+            encoders={m: s.name for m, s in self.specs.items()},
+            slides=slides,
+        )
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
         if c.tracking.enabled:
-            log_run(job="embed", config=config, summary=asdict(result), project=c.tracking.project,
-                    mode=c.tracking.mode, group=c.tracking.group or default_group(),
-                    name=c.tracking.name or c.run_name,
-                    directory=c.tracking.dir,
-                    artifact=RunArtifact(  # the summary, not the embeddings: the output URI is metadata
-                        artifact_name("embeddings", self.spec.name, c.output), "embeddings",
-                        files={"summary.json": summary}, metadata={**ident, "output": c.output, "run_id": run_id,
-                                                                   "records_total_in_output": total}))
+            log_run(
+                job="embed",
+                config=config,
+                summary=asdict(result),
+                project=c.tracking.project,
+                mode=c.tracking.mode,
+                group=c.tracking.group or default_group(),
+                name=c.tracking.name or c.run_name,
+                directory=c.tracking.dir,
+                artifact=RunArtifact(  # the summary, not the embeddings: the output URI is metadata
+                    artifact_name("embeddings", self.spec.name, c.output),
+                    "embeddings",
+                    files={"summary.json": summary},
+                    metadata={**ident, "output": c.output, "run_id": run_id, "records_total_in_output": total},
+                ),
+            )
         return result
-
-
-def _extra_spec(key: str, value: Any) -> Any:
-    """An ``encoders.<modality>`` entry: a preset name, or a spec mapping (optionally on a preset)."""
-    from medray.encoders import get_spec
-
-    if isinstance(value, str):
-        spec = get_spec(value)
-    elif isinstance(value, dict):
-        fields = dict(value)
-        base = fields.pop("preset", None) or fields.get("name") or fields.get("family")
-        try:
-            spec = get_spec(base, **{k: v for k, v in fields.items() if k != "name"})
-        except ConfigError as err:
-            raise ConfigError(f"{key}.{err.key.split('.', 1)[-1]}", str(err).split(": ", 1)[-1]) from None
-        if "name" in fields:
-            spec.name = str(fields["name"])
-    else:
-        raise ConfigError(key, f"expected a preset name or a spec mapping, got {type(value).__name__}")
-    if spec.checkpoint_missing:
-        raise ConfigError(f"{key}.checkpoint", "is required for this encoder: a hub id, a local directory "
-                          "or an object-storage URI (s3://...)")
-    return spec
 
 
 def _count_pairs(pairs: list) -> dict:
@@ -386,7 +472,7 @@ def _count_pairs(pairs: list) -> dict:
     return out
 
 
-def _steady_rate(parts: list) -> Optional[float]:
+def _steady_rate(parts: list) -> float | None:
     """Records/s between the first and the last committed part (start-up excluded)."""
     if len(parts) < 3:
         return None
@@ -410,74 +496,24 @@ def may_hold_slides(uris: Iterable[str]) -> bool:
 
 def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> bool:
     """:func:`may_hold_slides` over the first ``rows`` URIs of a manifest (read on the driver)."""
-    from medray.jobs._finetune_data import iter_manifest_batches
-
     try:
         batch = next(iter_manifest_batches(uri, ["uri"], options), None)
-    except Exception:  # noqa: BLE001 - no uri column (documents) or unreadable: _read_manifest reports it
+    except Exception:  # noqa: BLE001 - no uri column (documents) or unreadable: read_manifest reports it
         return False
     return batch is not None and may_hold_slides(u for u in batch.column(0).slice(0, rows).to_pylist() if u)
 
 
-def _read_manifest(ray: Any, uri: str, options: Any, text_column: Optional[str] = None) -> Any:
-    """Read a CSV/JSONL/Parquet manifest as a Ray Dataset with ``uri``/``member`` columns.
-
-    With ``text_column`` a row's document is that cell; a manifest without a
-    ``uri`` column keys each document as ``<manifest>#sha256=<text digest>``.
-    """
-    import pyarrow as pa
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = open_fs(uri, options)
-    pafs = PyFileSystem(FSSpecHandler(fs))
-    lower = path.lower()
-    if lower.endswith(".csv"):
-        ds = ray.data.read_csv(path, filesystem=pafs)
-    elif lower.endswith((".jsonl", ".json")):
-        ds = ray.data.read_json(path, filesystem=pafs, lines=lower.endswith(".jsonl"))
-    else:
-        ds = ray.data.read_parquet(path, filesystem=pafs)
-    names = ds.schema().names
-    if text_column is not None and text_column not in names:
-        raise ConfigError("text_column", f"manifest has no column '{text_column}' (columns: {', '.join(names)})")
-    synth = text_column is not None and "uri" not in names
-    if "uri" not in names and not synth:
-        raise ConfigError("input", f"manifest has no 'uri' column (columns: {', '.join(names)})")
-    # Manifest columns named like medray's own (e.g. "modality") are kept as "manifest_<name>".
-    renames = {c: f"manifest_{c}" for c in names if c in RESERVED_COLUMNS and c not in ("uri", "member")}
-
-    def resolve(batch: pa.Table) -> pa.Table:
-        if synth:
-            import hashlib
-
-            keys = [f"{uri}#sha256=" + hashlib.sha256(str(t or "").encode()).hexdigest()[:32]
-                    for t in batch.column(text_column).to_pylist()]
-            batch = batch.append_column("uri", pa.array(keys, pa.string()))
-            batch = batch.append_column("member", pa.array([""] * len(keys), pa.string()))
-        if renames:
-            batch = batch.rename_columns([renames.get(c, c) for c in batch.column_names])
-        uris = [u if synth else resolve_member_uri(str(u), uri) for u in batch.column("uri").to_pylist()]
-        batch = batch.set_column(batch.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
-        if "member" not in batch.column_names:
-            from medray.platform.sources import ARCHIVE_MEMBER_PENDING, is_archive
-
-            members = [ARCHIVE_MEMBER_PENDING if is_archive(u) else "" for u in uris]
-            batch = batch.append_column("member", pa.array(members, pa.string()))
-        return batch
-
-    return ds.map_batches(resolve, batch_format="pyarrow")
-
-
 def main(cfg: DictConfig) -> int:
     """Hydra entry point body; returns the process exit code."""
-    job = EmbedJob(cfg)                   # ConfigError names the key and the fix
-    result = job.run()                    # first line that touches Ray
+    job = EmbedJob(cfg)  # ConfigError names the key and the fix
+    result = job.run()  # first line that touches Ray
     print(result.one_line(), flush=True)
     if result.error_fraction > job.cfg.max_error_fraction:
-        print(f"error: {result.quarantined} of {result.records_read} records quarantined "
-              f"({result.error_fraction:.1%}) > max_error_fraction={job.cfg.max_error_fraction:.1%}; "
-              f"see {posixpath.join(job.cfg.output, 'quarantine')}", file=sys.stderr)
+        print(
+            f"error: {result.quarantined} of {result.records_read} records quarantined "
+            f"({result.error_fraction:.1%}) > max_error_fraction={job.cfg.max_error_fraction:.1%}; "
+            f"see {posixpath.join(job.cfg.output, 'quarantine')}",
+            file=sys.stderr,
+        )
         return 3
     return 0
-
-

@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
 
@@ -40,8 +41,13 @@ def register() -> None:
     ConfigStore.instance().store(name="serve_schema", node=ServeJobConf)
 
 
-JOB = JobInfo("serve", "serve an encoder and its task heads over HTTP with Ray Serve (autoscaling, batching)",
-              config_name="serve", register=register, order=30)
+JOB = JobInfo(
+    "serve",
+    "serve an encoder and its task heads over HTTP with Ray Serve (autoscaling, batching)",
+    config_name="serve",
+    register=register,
+    order=30,
+)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
@@ -81,8 +87,7 @@ class ServeJob:
             try:
                 self.cfg: ServeJobConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
             except MissingMandatoryValue as err:
-                hint = (" (a hub id, a local directory or an s3:// URI)"
-                        if err.full_key == "encoder.checkpoint" else "")
+                hint = " (a hub id, a local directory or an s3:// URI)" if err.full_key == "encoder.checkpoint" else ""
                 raise ConfigError(str(err.full_key), f"is required{hint}") from None
         else:
             self.cfg = cfg
@@ -95,15 +100,19 @@ class ServeJob:
         c = self.cfg
         check_options(c.serve, c.decode, c.encoder)
         if c.encoder.family not in list_families():
-            raise ConfigError("encoder.family", f"unknown family '{c.encoder.family}'; known: "
-                              f"{', '.join(list_families())}")
+            raise ConfigError(
+                "encoder.family", f"unknown family '{c.encoder.family}'; known: {', '.join(list_families())}"
+            )
         from medray.encoders import family_modality
 
         embeds = family_modality(c.encoder.family)
         if c.encoder.modality != embeds:
-            raise ConfigError("encoder.modality", f"'{c.encoder.modality}' does not match family "
-                              f"'{c.encoder.family}', which embeds {embeds} inputs; set encoder.modality={embeds} "
-                              "or choose an encoder of that modality")
+            raise ConfigError(
+                "encoder.modality",
+                f"'{c.encoder.modality}' does not match family "
+                f"'{c.encoder.family}', which embeds {embeds} inputs; set encoder.modality={embeds} "
+                "or choose an encoder of that modality",
+            )
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(c.encoder)))
         self.specs: dict = {embeds: self.spec}
         for modality, value in (c.encoders or {}).items():
@@ -113,18 +122,21 @@ class ServeJob:
             if modality not in ("image", "audio", "text"):
                 raise ConfigError(key, f"medray serve routes image, audio and text inputs; got '{modality}'")
             if modality == embeds:
-                raise ConfigError(key, f"encoder={self.spec.name} already embeds {modality} inputs; drop {key} "
-                                  "or pick an encoder of another modality")
-            from medray.jobs.embed import _extra_spec
+                raise ConfigError(
+                    key,
+                    f"encoder={self.spec.name} already embeds {modality} inputs; drop {key} "
+                    "or pick an encoder of another modality",
+                )
 
-            spec = _extra_spec(key, value)
+            spec = spec_from_entry(key, value)
             if family_modality(spec.family) != modality:
                 raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
             self.specs[modality] = spec
         heads = c.heads
         if heads is not None and not isinstance(heads, (list, tuple, dict)):
-            raise ConfigError("heads", "must be a list of artifact URIs, e.g. heads=[s3://b/runs/cxr-v1], "
-                              "or a mapping {id: uri}")
+            raise ConfigError(
+                "heads", "must be a list of artifact URIs, e.g. heads=[s3://b/runs/cxr-v1], or a mapping {id: uri}"
+            )
         self.heads = resolve_heads(heads, c.storage.options)
         self.weights_hash = None
         if c.check_artifacts:
@@ -134,12 +146,18 @@ class ServeJob:
             from medray.serve.ingress import IngressSettings, load_token
 
             try:
-                load_token(IngressSettings(auth_enabled=True, token_env=c.serve.auth.token_env,
-                                           token_file=c.serve.auth.token_file))
+                load_token(
+                    IngressSettings(
+                        auth_enabled=True, token_env=c.serve.auth.token_env, token_file=c.serve.auth.token_file
+                    )
+                )
             except RuntimeError:
                 key = "serve.auth.token_file" if c.serve.auth.token_file else "serve.auth.token_env"
-                raise ConfigError(key, "auth is enabled but no token was found: set "
-                                  f"${c.serve.auth.token_env} or serve.auth.token_file to a readable file") from None
+                raise ConfigError(
+                    key,
+                    "auth is enabled but no token was found: set "
+                    f"${c.serve.auth.token_env} or serve.auth.token_file to a readable file",
+                ) from None
 
     def _check_artifacts(self) -> None:
         """Fetch the encoder once (its hash) and refuse heads trained on other weights."""
@@ -148,8 +166,12 @@ class ServeJob:
 
         hashes = {}
         for spec in self.specs.values():
-            _, hashes[spec.name] = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options,
-                                                      cache_dir=spec.cache_dir, expected_sha256=spec.sha256)
+            _, hashes[spec.name] = resolve_checkpoint(
+                spec.checkpoint,
+                storage_options=spec.storage_options,
+                cache_dir=spec.cache_dir,
+                expected_sha256=spec.sha256,
+            )
         self.weights_hash = hashes[self.spec.name]
         for head_id, uri in self.heads.items():
             card = read_model_card(uri, self.cfg.storage.options)
@@ -158,9 +180,12 @@ class ServeJob:
             want = (card.get("encoder") or {}).get("weights_hash")
             if want not in hashes.values():
                 served = ", ".join(f"'{n}' {h[:12]}..." for n, h in hashes.items())
-                raise ConfigError("heads", f"head '{head_id}' ({uri}) was trained on encoder weights "
-                                  f"{str(want)[:12]}..., but the served encoders have weights {served}; serve it "
-                                  "with the encoder it was trained on")
+                raise ConfigError(
+                    "heads",
+                    f"head '{head_id}' ({uri}) was trained on encoder weights "
+                    f"{str(want)[:12]}..., but the served encoders have weights {served}; serve it "
+                    "with the encoder it was trained on",
+                )
 
     def args(self) -> dict:
         """The application's arguments (:class:`medray.serve.app.ServeArgs`) as JSON-ready data."""
@@ -174,9 +199,16 @@ class ServeJob:
             if spec is not self.spec:
                 d = {k: v for k, v in spec_to_dict(spec).items() if k in fields}
                 extra[modality] = dict(d, modality=family_modality(spec.family))
-        return {"encoder": asdict(c.encoder), "encoders": extra, "heads": dict(self.heads), "serve": asdict(c.serve),
-                "decode": asdict(c.decode), "audio": asdict(c.audio), "text": asdict(c.text),
-                "storage": asdict(c.storage)}
+        return {
+            "encoder": asdict(c.encoder),
+            "encoders": extra,
+            "heads": dict(self.heads),
+            "serve": asdict(c.serve),
+            "decode": asdict(c.decode),
+            "audio": asdict(c.audio),
+            "text": asdict(c.text),
+            "storage": asdict(c.storage),
+        }
 
     def emit(self, path: str) -> dict:
         """Write the Serve deploy config (``serve deploy`` / RayService ``serveConfigV2``) to ``path``."""
@@ -187,10 +219,12 @@ class ServeJob:
 
         config = deploy_config(self.args(), self.cfg.serve)
         ServeDeploySchema.model_validate(config)  # what `serve deploy` will check
-        head = (f"# Ray Serve config for medray (written by `medray serve ... emit_config={path}`).\n"
-                "#   serve deploy " + os.path.basename(path) + "\n"
-                "# or paste it under RayService.spec.serveConfigV2. Credentials are not written:\n"
-                "# give them to the cluster (AWS_* env, IAM role, Kubernetes secret).\n")
+        head = (
+            f"# Ray Serve config for medray (written by `medray serve ... emit_config={path}`).\n"
+            "#   serve deploy " + os.path.basename(path) + "\n"
+            "# or paste it under RayService.spec.serveConfigV2. Credentials are not written:\n"
+            "# give them to the cluster (AWS_* env, IAM role, Kubernetes secret).\n"
+        )
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = path + ".tmp"
@@ -212,9 +246,12 @@ class ServeJob:
             if local:  # read by every Serve process at import: set before Ray starts them
                 os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
             elif os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
-                print("medray serve: serve.throughput_optimized needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the "
-                      "cluster's environment (RayCluster/RayService container env); it is not set here",
-                      file=sys.stderr, flush=True)
+                print(
+                    "medray serve: serve.throughput_optimized needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the "
+                    "cluster's environment (RayCluster/RayService container env); it is not set here",
+                    file=sys.stderr,
+                    flush=True,
+                )
         ray = init_ray(c.ray.address, num_cpus=c.ray.num_cpus, include_dashboard=c.ray.include_dashboard)
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -229,9 +266,12 @@ class ServeJob:
             url = f"http://{s.http.host}:{s.http.port}{s.route_prefix.rstrip('/')}"
             tag = " [UNTRAINED demo weights]" if self.spec.untrained else ""
             more = "".join(f", {m}: {sp.name}" for m, sp in self.specs.items() if sp is not self.spec)
-            print(f"medray serve: application '{s.name}' ready at {url} (docs {url}/docs); encoder "
-                  f"{self.spec.name}{tag}{more}; heads: {', '.join(sorted(self.heads)) or 'none'}; "
-                  f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops", flush=True)
+            print(
+                f"medray serve: application '{s.name}' ready at {url} (docs {url}/docs); encoder "
+                f"{self.spec.name}{tag}{more}; heads: {', '.join(sorted(self.heads)) or 'none'}; "
+                f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops",
+                flush=True,
+            )
             while not stop.wait(1.0):
                 pass
             print("medray serve: stopping (in-flight requests finish first)", flush=True)
@@ -250,12 +290,15 @@ class ServeJob:
 
 def main(cfg: DictConfig) -> int:
     """Hydra entry point body; returns the process exit code."""
-    job = ServeJob(cfg)                 # ConfigError names the key and the fix
+    job = ServeJob(cfg)  # ConfigError names the key and the fix
     if job.cfg.emit_config:
         config = job.emit(job.cfg.emit_config)
         app = config["applications"][0]
-        print(f"medray serve: wrote {job.cfg.emit_config} (application '{app['name']}', import_path "
-              f"{app['import_path']}); deploy it with `serve deploy {job.cfg.emit_config}` or as a RayService's "
-              "serveConfigV2", flush=True)
+        print(
+            f"medray serve: wrote {job.cfg.emit_config} (application '{app['name']}', import_path "
+            f"{app['import_path']}); deploy it with `serve deploy {job.cfg.emit_config}` or as a RayService's "
+            "serveConfigV2",
+            flush=True,
+        )
         return 0
-    return job.run()                    # first line that touches Ray
+    return job.run()  # first line that touches Ray

@@ -17,19 +17,25 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medray.jobs import JobInfo
 
 __all__ = ["JOB", "main", "expand_sweep"]
 
-JOB = JobInfo("submit", "submit any job to a Ray cluster: medray submit embed input=... --address http://head:8265",
-              order=40)
+JOB = JobInfo(
+    "submit", "submit any job to a Ray cluster: medray submit embed input=... --address http://head:8265", order=40
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medray submit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="medray submit",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("job")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--address")
@@ -93,12 +99,18 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
             elif o.is_discrete_sweep():
                 axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
             else:
-                raise ConfigError("overrides", f"'{o.input_line}': an {o.value_type.name.lower()} cannot be "
-                                               "enumerated; sweep a list: a=1,2 or a=range(1,3)")
+                raise ConfigError(
+                    "overrides",
+                    f"'{o.input_line}': an {o.value_type.name.lower()} cannot be "
+                    "enumerated; sweep a list: a=1,2 or a=range(1,3)",
+                )
     except HydraException as err:
         text = str(err).strip().splitlines()
-        raise ConfigError("overrides", f"{text[0] if text else type(err).__name__} (Hydra override syntax: "
-                                       "a=1,2 | a=range(1,3) | a=choice(x,y) | encoder=glob(*vit*))") from err
+        raise ConfigError(
+            "overrides",
+            f"{text[0] if text else type(err).__name__} (Hydra override syntax: "
+            "a=1,2 | a=range(1,3) | a=choice(x,y) | encoder=glob(*vit*))",
+        ) from err
     return [list(p) for p in itertools.product(*axes.values())]
 
 
@@ -137,8 +149,10 @@ def main(argv: Sequence[str]) -> int:
     overrides = list(args.overrides) + [u for u in unknown if "=" in u and not u.startswith("-")]
     jobs = discover_jobs()
     if args.job not in jobs or args.job in ("submit", "jobs"):
-        print(f"error: unknown job '{args.job}'; one of: {', '.join(j for j in jobs if j not in ('submit', 'jobs'))}",
-              file=sys.stderr)
+        print(
+            f"error: unknown job '{args.job}'; one of: {', '.join(j for j in jobs if j not in ('submit', 'jobs'))}",
+            file=sys.stderr,
+        )
         return 2
     env = dict(e.split("=", 1) for e in args.env if "=" in e)
     try:
@@ -154,8 +168,9 @@ def main(argv: Sequence[str]) -> int:
         client = ClusterClient(args.address, auth=args.auth)
         ids = []
         for point, extra in zip(points, extras):
-            job_id = client.submit(args.job, point + extra, image=args.image, env_vars=env,
-                                   num_gpus=args.num_gpus, num_cpus=args.num_cpus)
+            job_id = client.submit(
+                args.job, point + extra, image=args.image, env_vars=env, num_gpus=args.num_gpus, num_cpus=args.num_cpus
+            )
             ids.append(job_id)
             print(job_id, flush=True)
         if not args.wait:

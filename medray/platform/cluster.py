@@ -16,16 +16,28 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 from medray.platform.errors import ConfigError
 
 __all__ = ["ClusterClient", "token_available", "DEFAULT_EXCLUDES", "source_root"]
 
 #: Paths never uploaded with the working directory.
-DEFAULT_EXCLUDES = [".venv", ".git", ".medray", "outputs", "multirun", "wandb", "*.egg-info",
-                    "__pycache__", "benchmarks/results", "build", "dist"]
+DEFAULT_EXCLUDES = [
+    ".venv",
+    ".git",
+    ".medray",
+    "outputs",
+    "multirun",
+    "wandb",
+    "*.egg-info",
+    "__pycache__",
+    "benchmarks/results",
+    "build",
+    "dist",
+]
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -52,7 +64,7 @@ class ClusterClient:
         auth: ``auto`` (token mode when a token is available), ``token`` or ``disabled``.
     """
 
-    def __init__(self, address: Optional[str] = None, *, auth: str = "auto") -> None:
+    def __init__(self, address: str | None = None, *, auth: str = "auto") -> None:
         from ray.job_submission import JobSubmissionClient
 
         if auth not in ("auto", "token", "disabled"):
@@ -63,20 +75,34 @@ class ClusterClient:
             os.environ["RAY_AUTH_MODE"] = "disabled"
         self.address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
         if self.address.startswith("ray://") or "://" not in self.address:
-            raise ConfigError("address", f"expected the dashboard's http(s):// address (port 8265), got "
-                              f"'{self.address}'")
+            raise ConfigError(
+                "address", f"expected the dashboard's http(s):// address (port 8265), got '{self.address}'"
+            )
         try:
             self._client = JobSubmissionClient(self.address)
         except Exception as err:  # noqa: BLE001 - connection/auth errors: say what to check
-            raise ConfigError("address", f"cannot reach the Ray Jobs API at {self.address} "
-                              f"({type(err).__name__}); is the head up, and is RAY_AUTH_MODE/token set "
-                              "when the cluster uses token auth?") from None
+            raise ConfigError(
+                "address",
+                f"cannot reach the Ray Jobs API at {self.address} "
+                f"({type(err).__name__}); is the head up, and is RAY_AUTH_MODE/token set "
+                "when the cluster uses token auth?",
+            ) from None
 
-    def submit(self, job: str, overrides: Sequence[str], *, image: Optional[str] = None,
-               working_dir: Optional[str] = None, excludes: Iterable[str] = DEFAULT_EXCLUDES,
-               env_vars: Optional[Mapping[str, str]] = None, pip: Optional[Sequence[str]] = None,
-               num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
-               submission_id: Optional[str] = None, metadata: Optional[Mapping[str, str]] = None) -> str:
+    def submit(
+        self,
+        job: str,
+        overrides: Sequence[str],
+        *,
+        image: str | None = None,
+        working_dir: str | None = None,
+        excludes: Iterable[str] = DEFAULT_EXCLUDES,
+        env_vars: Mapping[str, str] | None = None,
+        pip: Sequence[str] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        submission_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
         """Submit ``medray <job> <overrides>``; return the submission id.
 
         Args:
@@ -99,9 +125,13 @@ class ClusterClient:
         if pip:
             runtime_env["pip"] = list(pip)
         return self._client.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-            entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus,
-            metadata={"medray_job": job, **(metadata or {})})
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            entrypoint_num_cpus=num_cpus,
+            entrypoint_num_gpus=num_gpus,
+            metadata={"medray_job": job, **(metadata or {})},
+        )
 
     def status(self, job_id: str) -> str:
         """``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED`` or ``STOPPED``."""
@@ -110,8 +140,14 @@ class ClusterClient:
     def info(self, job_id: str) -> dict[str, Any]:
         """Status, message, entrypoint, start/end times of a job."""
         info = self._client.get_job_info(job_id)
-        return {"job_id": job_id, "status": str(info.status.value), "message": info.message,
-                "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
+        return {
+            "job_id": job_id,
+            "status": str(info.status.value),
+            "message": info.message,
+            "entrypoint": info.entrypoint,
+            "start_time": info.start_time,
+            "end_time": info.end_time,
+        }
 
     def logs(self, job_id: str) -> str:
         """The driver's log so far."""

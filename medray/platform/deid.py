@@ -95,7 +95,7 @@ def _get(ds: Dataset, keyword: str) -> Any:
     """
     try:
         return ds.get(keyword)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a damaged element is as good as absent
         return None
 
 
@@ -170,7 +170,7 @@ def _functional_group_value(ds: Dataset, macro: str, keyword: str) -> Any:
             inner = shared[0].get(macro)
             if inner:
                 return inner[0].get(keyword)
-    except Exception:  # damaged sequence: as for _get
+    except Exception:  # noqa: BLE001 - damaged sequence: as for _get
         pass
     return None
 
@@ -239,7 +239,7 @@ def patient_key(ds: Dataset, salt: str) -> str | None:
     if not patient_id:
         return None
     issuer = str(_get(ds, "IssuerOfPatientID") or "").strip()
-    digest = hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode("utf-8"))
+    digest = hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode())
     return digest.hexdigest()[:32]
 
 

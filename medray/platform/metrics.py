@@ -137,8 +137,9 @@ def _shape(task: str, y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
     return y, p
 
 
-def task_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str],
-                 *, n_bins: int = 10) -> dict[str, Any]:
+def task_metrics(
+    task: str, y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str], *, n_bins: int = 10
+) -> dict[str, Any]:
     """Every metric of one task on one set of predictions.
 
     Args:
@@ -161,8 +162,11 @@ def task_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, labels: Seque
     if task == "regression":
         y = np.asarray(y_true, dtype=np.float64).reshape(p.shape)
         err = p - y
-        return {"n": n, "mse": float(np.mean(err ** 2)) if n else float("nan"),
-                "mae": float(np.mean(np.abs(err))) if n else float("nan")}
+        return {
+            "n": n,
+            "mse": float(np.mean(err**2)) if n else float("nan"),
+            "mae": float(np.mean(np.abs(err))) if n else float("nan"),
+        }
     y, p = _shape(task, y_true, p)
     per: dict[str, float] = {}
     for k, name in enumerate(labels):
@@ -178,9 +182,16 @@ def task_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, labels: Seque
     }
 
 
-def subgroup_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str],
-                     groups: Mapping[str, Sequence[Any]], *, n_bins: int = 10,
-                     min_size: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
+def subgroup_metrics(
+    task: str,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    groups: Mapping[str, Sequence[Any]],
+    *,
+    n_bins: int = 10,
+    min_size: int = 1,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """:func:`task_metrics` per value of each subgroup column.
 
     Args:

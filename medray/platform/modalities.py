@@ -2,7 +2,7 @@
 
 Pure Python, no Ray: :func:`prepare_record` is what the decode stage runs for
 audio and text records (images keep their own path in
-:func:`medray.platform.pipeline.decode_batch`). It returns a
+:func:`medray.pipeline.stages.decode_batch`). It returns a
 :class:`Prepared`: the model input (first axis = items: windows or chunks),
 one provenance dict per item, and whether a pooled row is wanted.
 
@@ -32,11 +32,23 @@ from medray.platform.errors import DecodeError, LimitExceeded, RecordError
 __all__ = ["Prepared", "TextOptions", "SEGMENT_FIELDS", "prepare_record", "pooled_segment"]
 
 #: Per-row provenance columns, in output order, with their Arrow type names.
-SEGMENT_FIELDS = (("segment", "string"), ("start_s", "float64"), ("end_s", "float64"), ("channel", "int32"),
-                  ("token_start", "int32"), ("token_end", "int32"), ("tile_x", "int64"), ("tile_y", "int64"),
-                  ("level", "int32"), ("mpp", "float64"), ("tissue_fraction", "float64"),
-                  ("series_key", "string"), ("slice_start", "int32"), ("slice_end", "int32"),
-                  ("spacing_mm", "list<float64>"))
+SEGMENT_FIELDS = (
+    ("segment", "string"),
+    ("start_s", "float64"),
+    ("end_s", "float64"),
+    ("channel", "int32"),
+    ("token_start", "int32"),
+    ("token_end", "int32"),
+    ("tile_x", "int64"),
+    ("tile_y", "int64"),
+    ("level", "int32"),
+    ("mpp", "float64"),
+    ("tissue_fraction", "float64"),
+    ("series_key", "string"),
+    ("slice_start", "int32"),
+    ("slice_end", "int32"),
+    ("spacing_mm", "list<float64>"),
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +102,9 @@ def pooled_segment(segments: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def prepare_record(data: bytes, fmt: str, pre: Any, *, audio: Any = None, text: TextOptions = TextOptions(),
-                   salt: str = "") -> Prepared:
+def prepare_record(
+    data: bytes, fmt: str, pre: Any, *, audio: Any = None, text: TextOptions = TextOptions(), salt: str = ""
+) -> Prepared:
     """Decode an audio or text record and build its model input.
 
     Args:
@@ -120,13 +133,21 @@ def _prepare_audio(data: bytes, pre: Any, options: Any) -> Prepared:
     decoded = decode_audio(data, target_rate=pre.sampling_rate, options=options)
     windows = split_windows(decoded, window_s=options.window_s, hop_s=options.hop_s, last=options.last)
     if not windows:
-        raise DecodeError(f"recording of {decoded.metadata['duration_s']} s is shorter than one window "
-                          f"(audio.window_s = {options.window_s}) and audio.last = drop")
+        raise DecodeError(
+            f"recording of {decoded.metadata['duration_s']} s is shorter than one window "
+            f"(audio.window_s = {options.window_s}) and audio.last = drop"
+        )
     inputs = _preprocess(lambda: pre.preprocess_audio([w.samples for w in windows]))
-    segments = [{"segment": "window", "start_s": round(w.start_s, 6), "end_s": round(w.end_s, 6),
-                 "channel": w.channel} for w in windows]
-    meta = dict(decoded.metadata, sample_rate=decoded.sample_rate, window_s=options.window_s,
-                hop_s=options.hop_s or options.window_s)
+    segments = [
+        {"segment": "window", "start_s": round(w.start_s, 6), "end_s": round(w.end_s, 6), "channel": w.channel}
+        for w in windows
+    ]
+    meta = dict(
+        decoded.metadata,
+        sample_rate=decoded.sample_rate,
+        window_s=options.window_s,
+        hop_s=options.hop_s or options.window_s,
+    )
     return Prepared(inputs, segments, options.pool, "audio", meta)
 
 
@@ -141,10 +162,16 @@ def _prepare_text(data: bytes, fmt: str, pre: Any, options: TextOptions, salt: s
     if len(text) > options.max_chars:
         raise LimitExceeded(f"text has {len(text)} characters, over text.max_chars = {options.max_chars}")
     chunks = _preprocess(lambda: pre.chunk_text(text, options.overlap_tokens))
-    segments = [{"segment": "chunk", "token_start": s, "token_end": e}
-                for s, e in zip(chunks.token_start, chunks.token_end)]
-    meta = dict(meta, **text_facts(text), n_tokens=chunks.n_tokens, max_length=pre.max_length,
-                overlap_tokens=options.overlap_tokens)
+    segments = [
+        {"segment": "chunk", "token_start": s, "token_end": e} for s, e in zip(chunks.token_start, chunks.token_end)
+    ]
+    meta = dict(
+        meta,
+        **text_facts(text),
+        n_tokens=chunks.n_tokens,
+        max_length=pre.max_length,
+        overlap_tokens=options.overlap_tokens,
+    )
     return Prepared(chunks.inputs, segments, options.pool, modality, meta, key)
 
 

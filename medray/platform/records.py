@@ -13,7 +13,8 @@ tile's is :func:`tile_record_id` and the slide's pooled row has the slide's own.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -31,16 +32,57 @@ __all__ = [
 
 #: Columns every embedding row has before the carried manifest columns.
 CORE_COLUMNS = (
-    "record_id", "uri", "member", "frame", "n_frames", "content_sha256", "modality", "patient_key",
-    "metadata", "embedding", "encoder", "weights_hash", "preprocessing_hash", "medray_version", "untrained",
-    "segment", "start_s", "end_s", "channel", "token_start", "token_end",
-    "tile_x", "tile_y", "level", "mpp", "tissue_fraction",
-    "series_key", "slice_start", "slice_end", "spacing_mm",
+    "record_id",
+    "uri",
+    "member",
+    "frame",
+    "n_frames",
+    "content_sha256",
+    "modality",
+    "patient_key",
+    "metadata",
+    "embedding",
+    "encoder",
+    "weights_hash",
+    "preprocessing_hash",
+    "medray_version",
+    "untrained",
+    "segment",
+    "start_s",
+    "end_s",
+    "channel",
+    "token_start",
+    "token_end",
+    "tile_x",
+    "tile_y",
+    "level",
+    "mpp",
+    "tissue_fraction",
+    "series_key",
+    "slice_start",
+    "slice_end",
+    "spacing_mm",
 )
 #: Columns a manifest may not carry because medray writes them.
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
-    "status", "stage", "error_class", "message", "pixel_values", "pixel_shape", "data", "frames",
-    "t_read", "t_decode", "t_preprocess", "t_encode", "pixel_dtype", "segments", "pool", "route", "tile"}
+    "status",
+    "stage",
+    "error_class",
+    "message",
+    "pixel_values",
+    "pixel_shape",
+    "data",
+    "frames",
+    "t_read",
+    "t_decode",
+    "t_preprocess",
+    "t_encode",
+    "pixel_dtype",
+    "segments",
+    "pool",
+    "route",
+    "tile",
+}
 
 QUARANTINE_SCHEMA = pa.schema(
     [

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["init_ray", "cluster_gpus"]
 
 log = logging.getLogger("medray")
 
 
-def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-             include_dashboard: bool = False, runtime_env: Optional[dict] = None,
-             max_errored_blocks: int = 0) -> Any:
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    include_dashboard: bool = False,
+    runtime_env: dict | None = None,
+    max_errored_blocks: int = 0,
+) -> Any:
     """Connect to Ray, or start a local one.
 
     ``address=None`` connects to the cluster a submitted job runs in
@@ -31,8 +36,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         return ray
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
-                              "runtime_env": runtime_env}
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "runtime_env": runtime_env}
     if address == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = include_dashboard

@@ -10,7 +10,7 @@ archive (``uri`` + ``member``). Three kinds of input are understood:
   under a prefix: their members stream as records, never unpacked to disk.
 
 Functions here are pure (fsspec and pyarrow only) so they test without Ray;
-``medray.platform.pipeline`` wires them into Ray Data.
+``medray.pipeline.stages`` wires them into Ray Data.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from medray.platform.errors import ConfigError, LimitExceeded, ReadError, RecordError
 from medray.platform.storage import open_fs, unstrip
@@ -118,7 +119,7 @@ def list_objects(uri: str, options: Mapping[str, Any] | None = None) -> Iterator
         paths = [path]
         root = posixpath.dirname(path)
     for p in paths:
-        rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
+        rel = p[len(root) :].lstrip("/") if p.startswith(root) else posixpath.basename(p)
         if any(part.startswith((".", "_")) for part in rel.split("/") if part):
             continue
         full = unstrip(fs, p)

@@ -54,7 +54,7 @@ class SplitFractions:
 
 def split_value(group: str, *, seed: int, salt: str = "") -> float:
     """The group's position in ``[0, 1)``: a pure function of (salt, seed, group)."""
-    digest = hashlib.sha256(f"medray-split\x00{salt}\x00{int(seed)}\x00{group}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"medray-split\x00{salt}\x00{int(seed)}\x00{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / float(1 << 64)
 
 
@@ -80,8 +80,14 @@ def assign_split(group: Any, *, seed: int, fractions: SplitFractions, salt: str 
     return "test"
 
 
-def assign_splits(groups: Iterable[Any], *, seed: int, fractions: SplitFractions, salt: str = "",
-                  fallbacks: Sequence[Any] | None = None) -> list[str]:
+def assign_splits(
+    groups: Iterable[Any],
+    *,
+    seed: int,
+    fractions: SplitFractions,
+    salt: str = "",
+    fallbacks: Sequence[Any] | None = None,
+) -> list[str]:
     """:func:`assign_split` for a batch; an empty group uses ``fallbacks[i]`` instead."""
     out: list[str] = []
     for i, g in enumerate(groups):

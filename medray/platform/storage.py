@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs

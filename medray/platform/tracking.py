@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 __all__ = ["wandb_mode", "log_run", "default_group", "RunArtifact", "artifact_name"]
 
@@ -22,7 +23,7 @@ def wandb_mode(mode: str = "auto") -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def default_group() -> Optional[str]:
+def default_group() -> str | None:
     """The W&B group shared by the runs of one Hydra multirun sweep (None outside a sweep)."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -58,11 +59,11 @@ class RunArtifact:
 
     name: str
     type: str
-    files: Dict[str, bytes] = field(default_factory=dict)
-    metadata: Dict[str, Any] = field(default_factory=dict)
-    source: Optional[str] = None
-    storage_options: Dict[str, Any] = field(default_factory=dict)
-    include: Optional[List[str]] = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    include: list[str] | None = None
 
 
 def artifact_name(prefix: str, *parts: str) -> str:
@@ -90,10 +91,9 @@ def _stage_artifact(run: Any, spec: RunArtifact) -> str:
     if spec.source:
         fs, base = open_fs(spec.source, spec.storage_options)
         base = base.rstrip("/")
-        paths = (sorted(fs.find(base)) if spec.include is None
-                 else [f"{base}/{rel}" for rel in spec.include])
+        paths = sorted(fs.find(base)) if spec.include is None else [f"{base}/{rel}" for rel in spec.include]
         for path in paths:
-            rel = path[len(base):].lstrip("/")
+            rel = path[len(base) :].lstrip("/")
             local = os.path.join(root, *rel.split("/"))
             os.makedirs(os.path.dirname(local), exist_ok=True)
             fs.get_file(path, local)
@@ -110,15 +110,34 @@ def _stage_artifact(run: Any, spec: RunArtifact) -> str:
         art.add_file(local, name=rel, policy="immutable")
     run.log_artifact(art)
     with open(os.path.join(os.path.dirname(root), f"{spec.name}.manifest.json"), "w") as f:
-        json.dump({"name": spec.name, "type": spec.type, "metadata": art.metadata,
-                   "manifest": art.manifest.to_manifest_json()}, f, indent=2, default=str)
+        json.dump(
+            {
+                "name": spec.name,
+                "type": spec.type,
+                "metadata": art.metadata,
+                "manifest": art.manifest.to_manifest_json(),
+            },
+            f,
+            indent=2,
+            default=str,
+        )
     return root
 
 
-def log_run(*, job: str, config: Mapping[str, Any], summary: Mapping[str, Any], project: str = "medray",
-            mode: str = "auto", group: Optional[str] = None, name: Optional[str] = None,
-            directory: Optional[str] = None, metrics: Optional[Mapping[str, float]] = None,
-            artifact: Optional[RunArtifact] = None, run_id: Optional[str] = None) -> Optional[str]:
+def log_run(
+    *,
+    job: str,
+    config: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    project: str = "medray",
+    mode: str = "auto",
+    group: str | None = None,
+    name: str | None = None,
+    directory: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifact: RunArtifact | None = None,
+    run_id: str | None = None,
+) -> str | None:
     """Log one finished run (config, summary, metrics, optionally an artifact) to W&B.
 
     Args:
@@ -140,10 +159,19 @@ def log_run(*, job: str, config: Mapping[str, Any], summary: Mapping[str, Any], 
 
         directory = os.path.abspath(directory or os.path.join(os.environ.get("MEDRAY_HOME", ".medray")))
         os.makedirs(directory, exist_ok=True)
-        run = wandb.init(project=project, job_type=job, group=group, name=name, dir=directory,
-                         mode=mode, config=dict(config), reinit="finish_previous",
-                         id=run_id, resume="allow" if run_id else None,
-                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run = wandb.init(
+            project=project,
+            job_type=job,
+            group=group,
+            name=name,
+            dir=directory,
+            mode=mode,
+            config=dict(config),
+            reinit="finish_previous",
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
         if metrics:
             run.log(dict(metrics))
         for k, v in summary.items():

@@ -17,7 +17,7 @@ limits, graceful shutdown and resources of each deployment come from
 # annotation at runtime to turn the config's `args:` into ServeArgs.
 
 import dataclasses
-from typing import Any, Dict, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -57,8 +57,8 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: EncoderConf
-    encoders: Dict[str, EncoderConf] = Field(default_factory=dict)
-    heads: Union[Dict[str, str], list] = Field(default_factory=dict)
+    encoders: dict[str, EncoderConf] = Field(default_factory=dict)
+    heads: dict[str, str] | list = Field(default_factory=dict)
     serve: ServeOptions = Field(default_factory=ServeOptions)
     decode: DecodeConf = Field(default_factory=DecodeConf)
     audio: AudioConf = Field(default_factory=AudioConf)
@@ -66,11 +66,12 @@ class ServeArgs(BaseModel):
     storage: StorageConf = Field(default_factory=StorageConf)
 
 
-def _deployment_options(d: DeploymentConf, serve_opts: ServeOptions, *, max_ongoing: int,
-                        num_gpus: float = 0.0) -> Dict[str, Any]:
+def _deployment_options(
+    d: DeploymentConf, serve_opts: ServeOptions, *, max_ongoing: int, num_gpus: float = 0.0
+) -> dict[str, Any]:
     a = d.autoscaling
     autoscaling = {k: v for k, v in dataclasses.asdict(a).items() if v is not None}
-    actor: Dict[str, Any] = {"num_cpus": float(d.num_cpus)}
+    actor: dict[str, Any] = {"num_cpus": float(d.num_cpus)}
     if num_gpus:
         actor["num_gpus"] = float(num_gpus)
     return {
@@ -120,36 +121,72 @@ def build_app(args: ServeArgs) -> Application:
     s = args.serve
     check_options(s, args.decode, args.encoder)
     heads = resolve_heads(args.heads, args.storage.options)
-    settings = DecodeSettings.from_conf(dataclasses.asdict(args.decode), max_frames=s.limits.max_frames,
-                                        storage_options=args.storage.options,
-                                        allowed_uri_prefixes=s.inputs.allowed_uri_prefixes,
-                                        audio=dataclasses.asdict(args.audio), text=dataclasses.asdict(args.text))
+    settings = DecodeSettings.from_conf(
+        dataclasses.asdict(args.decode),
+        max_frames=s.limits.max_frames,
+        storage_options=args.storage.options,
+        allowed_uri_prefixes=s.inputs.allowed_uri_prefixes,
+        audio=dataclasses.asdict(args.audio),
+        text=dataclasses.asdict(args.text),
+    )
     enc = s.encoder
     gpus = _encoder_gpus(enc.num_gpus)
     primary = _modality(args.encoder)
     specs = {primary: args.encoder, **{m: e for m, e in args.encoders.items() if m != primary}}
     encoders = {}
     for modality, spec in specs.items():
-        encoders[modality] = serve.deployment(EncoderDeployment).options(
-            name="Encoder" if modality == primary else f"Encoder_{modality}",
-            user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
-            **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
-        ).bind(dataclasses.asdict(spec), settings, device=enc.device, dtype=enc.dtype,
-               torch_threads=enc.torch_threads, decode_threads=enc.decode_threads, num_cpus=enc.num_cpus)
+        encoders[modality] = (
+            serve.deployment(EncoderDeployment)
+            .options(
+                name="Encoder" if modality == primary else f"Encoder_{modality}",
+                user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+                **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
+            )
+            .bind(
+                dataclasses.asdict(spec),
+                settings,
+                device=enc.device,
+                dtype=enc.dtype,
+                torch_threads=enc.torch_threads,
+                decode_threads=enc.decode_threads,
+                num_cpus=enc.num_cpus,
+            )
+        )
     head_app = None
     if heads:
         h = s.heads
-        head_app = serve.deployment(HeadsDeployment).options(
-            name="Heads", **_deployment_options(h, s, max_ongoing=h.max_ongoing_requests or 32,
-                                                num_gpus=h.num_gpus or 0.0),
-        ).bind(heads, encoders, settings, max_loaded=h.max_loaded, storage_options=args.storage.options,
-               cache_dir=args.encoder.cache_dir, device=enc.device)
+        head_app = (
+            serve.deployment(HeadsDeployment)
+            .options(
+                name="Heads",
+                **_deployment_options(h, s, max_ongoing=h.max_ongoing_requests or 32, num_gpus=h.num_gpus or 0.0),
+            )
+            .bind(
+                heads,
+                encoders,
+                settings,
+                max_loaded=h.max_loaded,
+                storage_options=args.storage.options,
+                cache_dir=args.encoder.cache_dir,
+                device=enc.device,
+            )
+        )
     ing = s.ingress
     ingress_settings = IngressSettings(
-        heads=sorted(heads), primary=primary, max_body_bytes=s.limits.max_body_bytes,
+        heads=sorted(heads),
+        primary=primary,
+        max_body_bytes=s.limits.max_body_bytes,
         request_timeout_s=s.limits.request_timeout_s,
-        allowed_uri_prefixes=list(s.inputs.allowed_uri_prefixes), auth_enabled=s.auth.enabled,
-        token_env=s.auth.token_env, token_file=s.auth.token_file)
-    return serve.deployment(Ingress).options(
-        name="Ingress", **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
-    ).bind(encoders, head_app, ingress_settings)
+        allowed_uri_prefixes=list(s.inputs.allowed_uri_prefixes),
+        auth_enabled=s.auth.enabled,
+        token_env=s.auth.token_env,
+        token_file=s.auth.token_file,
+    )
+    return (
+        serve.deployment(Ingress)
+        .options(
+            name="Ingress",
+            **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
+        )
+        .bind(encoders, head_app, ingress_settings)
+    )

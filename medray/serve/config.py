@@ -250,14 +250,19 @@ def _check_deployment(prefix: str, d: DeploymentConf) -> None:
     if d.max_ongoing_requests is not None:
         _positive(f"{prefix}.max_ongoing_requests", d.max_ongoing_requests)
     if d.max_queued_requests != -1 and not (isinstance(d.max_queued_requests, int) and d.max_queued_requests > 0):
-        raise ConfigError(f"{prefix}.max_queued_requests", f"must be -1 (no limit) or > 0, got "
-                          f"{d.max_queued_requests!r}; a bound answers overload with 503 instead of queueing")
+        raise ConfigError(
+            f"{prefix}.max_queued_requests",
+            f"must be -1 (no limit) or > 0, got "
+            f"{d.max_queued_requests!r}; a bound answers overload with 503 instead of queueing",
+        )
     a = d.autoscaling
     if not (isinstance(a.min_replicas, int) and a.min_replicas >= 0):
         raise ConfigError(f"{prefix}.autoscaling.min_replicas", f"must be an int >= 0, got {a.min_replicas!r}")
     if not (isinstance(a.max_replicas, int) and a.max_replicas >= max(1, a.min_replicas)):
-        raise ConfigError(f"{prefix}.autoscaling.max_replicas",
-                          f"must be >= max(1, min_replicas={a.min_replicas}), got {a.max_replicas!r}")
+        raise ConfigError(
+            f"{prefix}.autoscaling.max_replicas",
+            f"must be >= max(1, min_replicas={a.min_replicas}), got {a.max_replicas!r}",
+        )
     if a.initial_replicas is not None and not (a.min_replicas <= a.initial_replicas <= a.max_replicas):
         raise ConfigError(f"{prefix}.autoscaling.initial_replicas", "must lie within [min_replicas, max_replicas]")
     _positive(f"{prefix}.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
@@ -291,9 +296,11 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
             raise ConfigError(f"serve.encoder.{key}", f"must be an int >= 1, got {value!r}")
     _positive("serve.encoder.batch_wait_timeout_s", enc.batch_wait_timeout_s, allow_zero=True)
     if max_ongoing_for(enc) < enc.max_batch_size:
-        raise ConfigError("serve.encoder.max_ongoing_requests",
-                          f"{enc.max_ongoing_requests} cannot fill a batch of max_batch_size={enc.max_batch_size}; "
-                          "set it >= max_batch_size (or null for 2 x max_batch_size)")
+        raise ConfigError(
+            "serve.encoder.max_ongoing_requests",
+            f"{enc.max_ongoing_requests} cannot fill a batch of max_batch_size={enc.max_batch_size}; "
+            "set it >= max_batch_size (or null for 2 x max_batch_size)",
+        )
     if enc.torch_threads is not None and not (isinstance(enc.torch_threads, int) and enc.torch_threads >= 1):
         raise ConfigError("serve.encoder.torch_threads", f"must be null or an int >= 1, got {enc.torch_threads!r}")
     if enc.device not in ("auto", "cpu") and not str(enc.device).startswith("cuda"):
@@ -307,13 +314,19 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         _positive(f"serve.limits.{key}", getattr(lim, key))
     for prefix in serve.inputs.allowed_uri_prefixes:
         if not isinstance(prefix, str) or not prefix.startswith(_URI_SCHEMES) or len(prefix.split("://", 1)[1]) < 1:
-            raise ConfigError("serve.inputs.allowed_uri_prefixes",
-                              f"entries must be object-storage prefixes such as s3://bucket/ or "
-                              f"s3://bucket/cxr/, got {prefix!r} (local paths are never served)")
+            raise ConfigError(
+                "serve.inputs.allowed_uri_prefixes",
+                f"entries must be object-storage prefixes such as s3://bucket/ or "
+                f"s3://bucket/cxr/, got {prefix!r} (local paths are never served)",
+            )
     if serve.auth.enabled and not (serve.auth.token_file or serve.auth.token_env):
         raise ConfigError("serve.auth.token_env", "auth is enabled but neither token_env nor token_file is set")
-    for key in ("graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s", "health_check_period_s",
-                "health_check_timeout_s"):
+    for key in (
+        "graceful_shutdown_wait_loop_s",
+        "graceful_shutdown_timeout_s",
+        "health_check_period_s",
+        "health_check_timeout_s",
+    ):
         _positive(f"serve.{key}", getattr(serve, key))
     if serve.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("serve.log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {serve.log_level!r}")
@@ -328,11 +341,15 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         if len(win) != 2 or float(win[1]) <= 0:
             raise ConfigError(f"decode.windows.{mod}", "must be [center, width] with width > 0")
     if encoder.modality not in ("image", "audio", "text"):
-        raise ConfigError("encoder", f"medray serve serves image, audio and text encoders; "
-                          f"'{encoder.name}' is a {encoder.modality} encoder")
+        raise ConfigError(
+            "encoder",
+            f"medray serve serves image, audio and text encoders; '{encoder.name}' is a {encoder.modality} encoder",
+        )
     if not encoder.checkpoint or encoder.checkpoint == "???":
-        raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory or an "
-                          "object-storage URI (s3://...)")
+        raise ConfigError(
+            "encoder.checkpoint",
+            "is required for this encoder: a hub id, a local directory or an object-storage URI (s3://...)",
+        )
 
 
 def uri_allowed(uri: str, prefixes: List[str]) -> bool:
@@ -368,8 +385,11 @@ def read_model_card(uri: str, storage_options: Mapping[str, Any] | None = None) 
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - any storage/JSON error means "not a usable artifact"
-        raise ConfigError("heads", f"cannot read {CARD_FILE} under '{uri}' ({type(err).__name__}); give the "
-                          "output directory of `medray finetune`") from None
+        raise ConfigError(
+            "heads",
+            f"cannot read {CARD_FILE} under '{uri}' ({type(err).__name__}); give the "
+            "output directory of `medray finetune`",
+        ) from None
 
 
 def resolve_heads(heads: Any, storage_options: Mapping[str, Any] | None = None) -> Dict[str, str]:
@@ -396,25 +416,30 @@ def resolve_heads(heads: Any, storage_options: Mapping[str, Any] | None = None) 
                 raise ConfigError("heads", f"entries must be artifact URIs, got {uri!r}")
             items.append((str(read_model_card(uri, storage_options).get("id") or ""), uri))
     else:
-        raise ConfigError("heads", f"must be a list of artifact URIs or a mapping id -> URI, got "
-                          f"{type(heads).__name__}")
+        raise ConfigError(
+            "heads", f"must be a list of artifact URIs or a mapping id -> URI, got {type(heads).__name__}"
+        )
     for head_id, uri in items:
         if not isinstance(uri, str) or not uri:
             raise ConfigError(f"heads.{head_id}", f"must be an artifact URI, got {uri!r}")
         if not HEAD_ID_PATTERN.match(head_id):
-            raise ConfigError("heads", f"head id {head_id!r} (of {uri}) must match {HEAD_ID_PATTERN.pattern}; "
-                              "give the heads as a mapping {id: uri} to choose ids")
+            raise ConfigError(
+                "heads",
+                f"head id {head_id!r} (of {uri}) must match {HEAD_ID_PATTERN.pattern}; "
+                "give the heads as a mapping {id: uri} to choose ids",
+            )
         if head_id in out:
-            raise ConfigError("heads", f"two heads have the id {head_id!r}; give the heads as a mapping "
-                              "{id: uri} to tell them apart")
+            raise ConfigError(
+                "heads",
+                f"two heads have the id {head_id!r}; give the heads as a mapping {{id: uri}} to tell them apart",
+            )
         out[head_id] = uri
     return out
 
 
 def _drop_secrets(options: Any) -> Any:
     if isinstance(options, Mapping):
-        return {k: _drop_secrets(v) for k, v in options.items()
-                if not any(h in str(k).lower() for h in _SECRET_HINTS)}
+        return {k: _drop_secrets(v) for k, v in options.items() if not any(h in str(k).lower() for h in _SECRET_HINTS)}
     return options
 
 
@@ -443,15 +468,20 @@ def deploy_config(args: Mapping[str, Any], serve: ServeOptions) -> dict:
     return {
         "proxy_location": "EveryNode",
         "http_options": http,
-        "logging_config": {"encoding": serve.log_encoding.upper(), "log_level": serve.log_level.upper(),
-                           "enable_access_log": True},
-        "applications": [{
-            "name": serve.name,
-            "route_prefix": serve.route_prefix,
-            "import_path": IMPORT_PATH,
-            "runtime_env": {},
-            "args": clean,
-        }],
+        "logging_config": {
+            "encoding": serve.log_encoding.upper(),
+            "log_level": serve.log_level.upper(),
+            "enable_access_log": True,
+        },
+        "applications": [
+            {
+                "name": serve.name,
+                "route_prefix": serve.route_prefix,
+                "import_path": IMPORT_PATH,
+                "runtime_env": {},
+                "args": clean,
+            }
+        ],
     }
 
 

@@ -5,8 +5,8 @@ raw bytes or an allowed object-storage URI; it is routed by content and
 decoded and preprocessed with the functions the batch job uses
 (:func:`decode_input`), in a thread pool: an image becomes its frames, a
 recording its windows, a report its token chunks. The items join a
-``@serve.batch`` queue shared by every request on the replica. The forward pass runs in its own thread, so the event loop
-keeps accepting and decoding while the model works.
+``@serve.batch`` queue shared by every request on the replica. The forward pass runs in its own
+thread, so the event loop keeps accepting and decoding while the model works.
 
 Bad input never raises out of a handle call: :meth:`EncoderDeployment.embed`
 returns ``{"error": {...}}`` with the :class:`~medray.platform.errors.RecordError`
@@ -20,14 +20,15 @@ import functools
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 from ray import serve
 
-from medray.platform.errors import EncodeError, LimitExceeded, RecordError, ReadError
+from medray.platform.errors import EncodeError, LimitExceeded, ReadError, RecordError
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
@@ -50,16 +51,30 @@ class DecodeSettings:
     text: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_conf(cls, decode: Any, *, max_frames: int, storage_options: Mapping[str, Any],
-                  allowed_uri_prefixes: Any, audio: Optional[Mapping[str, Any]] = None,
-                  text: Optional[Mapping[str, Any]] = None) -> "DecodeSettings":
+    def from_conf(
+        cls,
+        decode: Any,
+        *,
+        max_frames: int,
+        storage_options: Mapping[str, Any],
+        allowed_uri_prefixes: Any,
+        audio: Mapping[str, Any] | None = None,
+        text: Mapping[str, Any] | None = None,
+    ) -> DecodeSettings:
         """Build from a :class:`medray.config.DecodeConf` (or its dict) and the ``audio:``/``text:`` sections."""
         d = decode if isinstance(decode, Mapping) else decode.__dict__
-        return cls(frames=d.get("frames", "all"), windows=dict(d.get("windows") or {}),
-                   prefer_file_voi=bool(d.get("prefer_file_voi", True)), max_bytes=int(d.get("max_bytes", 1 << 30)),
-                   max_pixels=int(d.get("max_pixels", 1_000_000_000)), max_frames=int(max_frames),
-                   storage_options=dict(storage_options or {}), allowed_uri_prefixes=tuple(allowed_uri_prefixes or ()),
-                   audio=dict(audio or {}), text=dict(text or {}))
+        return cls(
+            frames=d.get("frames", "all"),
+            windows=dict(d.get("windows") or {}),
+            prefer_file_voi=bool(d.get("prefer_file_voi", True)),
+            max_bytes=int(d.get("max_bytes", 1 << 30)),
+            max_pixels=int(d.get("max_pixels", 1_000_000_000)),
+            max_frames=int(max_frames),
+            storage_options=dict(storage_options or {}),
+            allowed_uri_prefixes=tuple(allowed_uri_prefixes or ()),
+            audio=dict(audio or {}),
+            text=dict(text or {}),
+        )
 
 
 @dataclass
@@ -76,7 +91,7 @@ class DecodedInput:
     pixels: np.ndarray
     frames: list
     modality: str
-    segments: Optional[list] = None
+    segments: list | None = None
     pool: str = "none"
 
 
@@ -103,11 +118,12 @@ def _fetch(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes,
 
 def _extension(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
-    return "input" + (base[base.rfind("."):].lower()[:8] if "." in base else "")
+    return "input" + (base[base.rfind(".") :].lower()[:8] if "." in base else "")
 
 
-def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *,
-                 salt: str = "", modality: str = "image") -> DecodedInput:
+def decode_input(
+    payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *, salt: str = "", modality: str = "image"
+) -> DecodedInput:
     """Route, decode and preprocess one request exactly as ``medray embed`` does.
 
     Args:
@@ -125,23 +141,31 @@ def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preproces
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
-    from medray.platform.decoders import UnsupportedFormat, _check_size, decode_bytes, detect_modality
     # The batch job's own StageOptions -> (DicomOptions, DecodeLimits) mapping, so that
     # windows, frame selection and limits are read exactly as `medray embed` reads them.
-    from medray.platform.pipeline import StageOptions, _decode_options
+    from medray.pipeline.options import StageOptions, decode_options
+    from medray.platform.decoders import UnsupportedFormat, check_size, decode_bytes, detect_modality
 
     data, name = _fetch(payload, settings)
-    dicom, limits = _decode_options(StageOptions(
-        max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, frames=settings.frames,
-        windows={k: list(v) for k, v in settings.windows.items()}, prefer_file_voi=settings.prefer_file_voi))
-    _check_size(data, limits)
+    dicom, limits = decode_options(
+        StageOptions(
+            max_bytes=settings.max_bytes,
+            max_pixels=settings.max_pixels,
+            frames=settings.frames,
+            windows={k: list(v) for k, v in settings.windows.items()},
+            prefer_file_voi=settings.prefer_file_voi,
+        )
+    )
+    check_size(data, limits)
     route, fmt = detect_modality(data, name)
     if route == "slide":
-        raise UnsupportedFormat("whole-slide images are not served over HTTP (too large for one request); "
-                                "embed them with `medray embed`")
+        raise UnsupportedFormat(
+            "whole-slide images are not served over HTTP (too large for one request); embed them with `medray embed`"
+        )
     if route == "other":
-        raise UnsupportedFormat("DICOM object without pixel data or report text (e.g. RTSTRUCT, "
-                                "presentation state); nothing to embed")
+        raise UnsupportedFormat(
+            "DICOM object without pixel data or report text (e.g. RTSTRUCT, presentation state); nothing to embed"
+        )
     if route != modality:
         raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
     if route in ("audio", "text"):
@@ -156,14 +180,16 @@ def decode_input(payload: Mapping[str, Any], settings: DecodeSettings, preproces
         raise
     except Exception as err:  # noqa: BLE001
         raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
-    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), [int(f.frame) for f in decoded.frames],
-                        decoded.modality)
+    return DecodedInput(
+        np.ascontiguousarray(pixels, dtype=np.float32), [int(f.frame) for f in decoded.frames], decoded.modality
+    )
 
 
 def _check_items(n: int, settings: DecodeSettings, what: str, hint: str) -> None:
     if n > settings.max_frames:
-        raise LimitExceeded(f"input has {n} {what}, over serve.limits.max_frames={settings.max_frames}; "
-                            f"{hint} or raise the limit")
+        raise LimitExceeded(
+            f"input has {n} {what}, over serve.limits.max_frames={settings.max_frames}; {hint} or raise the limit"
+        )
 
 
 def _prepare(data: bytes, fmt: str, preprocessor: Any, settings: DecodeSettings, salt: str) -> DecodedInput:
@@ -171,13 +197,24 @@ def _prepare(data: bytes, fmt: str, preprocessor: Any, settings: DecodeSettings,
     from medray.platform.decoders.audio import AudioOptions
     from medray.platform.modalities import TextOptions, prepare_record
 
-    prepared = prepare_record(data, fmt, preprocessor, audio=AudioOptions(**dict(settings.audio)),
-                              text=TextOptions(**dict(settings.text)), salt=salt)
+    prepared = prepare_record(
+        data,
+        fmt,
+        preprocessor,
+        audio=AudioOptions(**dict(settings.audio)),
+        text=TextOptions(**dict(settings.text)),
+        salt=salt,
+    )
     n = len(prepared.segments)
     hint = "lengthen audio.window_s" if fmt == "audio" else "send a shorter document"
     _check_items(n, settings, "windows" if fmt == "audio" else "chunks", hint)
-    return DecodedInput(np.ascontiguousarray(prepared.inputs), list(range(n)), prepared.modality,
-                        segments=prepared.segments, pool=prepared.pool)
+    return DecodedInput(
+        np.ascontiguousarray(prepared.inputs),
+        list(range(n)),
+        prepared.modality,
+        segments=prepared.segments,
+        pool=prepared.pool,
+    )
 
 
 def error_result(err: BaseException) -> dict:
@@ -193,8 +230,13 @@ def error_result(err: BaseException) -> dict:
         tb = tb.tb_next
     where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
     log.warning("unexpected %s at %s while decoding an input", type(err).__name__, where)
-    return {"error": {"class": "DecodeError", "stage": "decode",
-                      "message": f"input could not be decoded ({type(err).__name__})"}}
+    return {
+        "error": {
+            "class": "DecodeError",
+            "stage": "decode",
+            "message": f"input could not be decoded ({type(err).__name__})",
+        }
+    }
 
 
 def replica_tag() -> str:
@@ -221,13 +263,20 @@ class EncoderDeployment:
     by :meth:`reconfigure`, so batching can change without a restart.
     """
 
-    def __init__(self, encoder: dict, settings: DecodeSettings, *, device: str = "auto", dtype: str = "auto",
-                 torch_threads: Optional[int] = None, decode_threads: int = 2, num_cpus: float = 1.0) -> None:
+    def __init__(
+        self,
+        encoder: dict,
+        settings: DecodeSettings,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        torch_threads: int | None = None,
+        decode_threads: int = 2,
+        num_cpus: float = 1.0,
+    ) -> None:
         import torch
 
-        from medray.encoders import create_encoder, get_spec
-
-        from medray.encoders import family_modality
+        from medray.encoders import create_encoder, family_modality, get_spec
 
         threads = torch_threads or max(1, int(round(num_cpus)))
         torch.set_num_threads(threads)
@@ -243,19 +292,25 @@ class EncoderDeployment:
         self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
         # OpenMP's thread count is per thread and starts from OMP_NUM_THREADS, which Ray sets to the
         # replica's num_cpus: set it inside each pool thread, or the model runs on fewer cores than asked.
-        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="medray-decode",
-                                               initializer=torch.set_num_threads, initargs=(1,))
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medray-model",
-                                              initializer=torch.set_num_threads, initargs=(threads,))
+        self._decode_pool = ThreadPoolExecutor(
+            max(1, int(decode_threads)),
+            thread_name_prefix="medray-decode",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self._model_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="medray-model", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self._batches = 0
         self._frames = 0
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
         # handed to the model (and parks it until the model is free), so under load batches
         # would only hold what arrives within batch_wait_timeout_s. Frames wait here instead
         # while the model works, then enter the batch queue together: batches grow with load.
-        self._model_idle: Optional[asyncio.Event] = None
-        log.info("encoder %s ready on %s (dim %d, %d torch threads)", self._ident["name"], device,
-                 self._encoder.dim, threads)
+        self._model_idle: asyncio.Event | None = None
+        log.info(
+            "encoder %s ready on %s (dim %d, %d torch threads)", self._ident["name"], device, self._encoder.dim, threads
+        )
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         """Apply ``user_config``: ``max_batch_size``, ``batch_wait_timeout_s``."""
@@ -270,8 +325,12 @@ class EncoderDeployment:
 
     async def stats(self) -> dict:
         """Batches and frames embedded by this replica so far."""
-        return {"replica": self._replica, "batches": self._batches, "frames": self._frames,
-                "max_batch_size": self._embed_frames.get_max_batch_size()}
+        return {
+            "replica": self._replica,
+            "batches": self._batches,
+            "frames": self._frames,
+            "max_batch_size": self._embed_frames.get_max_batch_size(),
+        }
 
     async def embed(self, payload: dict) -> dict:
         """Embed one input.
@@ -287,8 +346,12 @@ class EncoderDeployment:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            decoded = await loop.run_in_executor(self._decode_pool, functools.partial(
-                decode_input, payload, self._settings, self._encoder, salt=self._salt, modality=self._modality))
+            decoded = await loop.run_in_executor(
+                self._decode_pool,
+                functools.partial(
+                    decode_input, payload, self._settings, self._encoder, salt=self._salt, modality=self._modality
+                ),
+            )
         except Exception as err:  # noqa: BLE001 - bad input is an answer, not a crash
             out = error_result(err)
             log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])
@@ -305,9 +368,15 @@ class EncoderDeployment:
                 log.warning("encode failed: %s", out["error"]["message"])
                 return out
         emb = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
-        out = {"embeddings": emb, "frames": decoded.frames, "modality": decoded.modality,
-               "encoder": dict(self._ident), "batch_size": max(r[1] for r in results), "replica": self._replica,
-               "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1}}
+        out = {
+            "embeddings": emb,
+            "frames": decoded.frames,
+            "modality": decoded.modality,
+            "encoder": dict(self._ident),
+            "batch_size": max(r[1] for r in results),
+            "replica": self._replica,
+            "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1},
+        }
         if decoded.segments is not None:
             from medray.platform.modalities import pooled_segment
 
@@ -334,8 +403,14 @@ class EncoderDeployment:
                         one = await loop.run_in_executor(self._model_pool, self._forward, frame[None])
                         out.append((one[0], n))
                     except Exception as err:  # noqa: BLE001
-                        out.append((err if isinstance(err, RecordError) else
-                                    EncodeError(f"model failed ({type(err).__name__})"), n))
+                        out.append(
+                            (
+                                err
+                                if isinstance(err, RecordError)
+                                else EncodeError(f"model failed ({type(err).__name__})"),
+                                n,
+                            )
+                        )
         finally:
             if self._model_idle is not None:
                 self._model_idle.set()

@@ -23,9 +23,10 @@ import asyncio
 import functools
 import logging
 import secrets
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -47,7 +48,7 @@ class LoadedHead:
 
     head: Any
     card: Any
-    encoder: Optional[Any] = None
+    encoder: Any | None = None
 
 
 def check_head_card(card: Any, head_dim: int, served: Mapping[str, Any]) -> None:
@@ -63,9 +64,11 @@ def check_head_card(card: Any, head_dim: int, served: Mapping[str, Any]) -> None
     """
     want = (card.encoder or {}).get("weights_hash")
     if not want or want != served.get("weights_hash"):
-        raise HeadRefused(f"head '{card.id}' was trained on encoder weights {str(want)[:12] or '?'}..., but this "
-                          f"server runs '{served.get('name')}' with weights {str(served.get('weights_hash'))[:12]}...; "
-                          "serve it with its own encoder")
+        raise HeadRefused(
+            f"head '{card.id}' was trained on encoder weights {str(want)[:12] or '?'}..., but this "
+            f"server runs '{served.get('name')}' with weights {str(served.get('weights_hash'))[:12]}...; "
+            "serve it with its own encoder"
+        )
     if head_dim != int(served.get("dim") or -1):
         raise HeadRefused(f"head '{card.id}' expects {head_dim}-d embeddings, the encoder gives {served.get('dim')}")
 
@@ -94,16 +97,24 @@ class HeadsDeployment:
         device: ``auto``, ``cpu`` or ``cuda`` for heads with a backbone.
     """
 
-    def __init__(self, heads: Mapping[str, str], encoder: Any, settings: DecodeSettings, *, max_loaded: int = 8,
-                 storage_options: Optional[Mapping[str, Any]] = None, cache_dir: Optional[str] = None,
-                 device: str = "auto") -> None:
+    def __init__(
+        self,
+        heads: Mapping[str, str],
+        encoder: Any,
+        settings: DecodeSettings,
+        *,
+        max_loaded: int = 8,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+        device: str = "auto",
+    ) -> None:
         self._heads = dict(heads)
         self._encoders = dict(encoder) if isinstance(encoder, Mapping) else {"image": encoder}
         self._settings = settings
         self._storage_options = dict(storage_options or {})
         self._cache_dir = cache_dir
         self._device = device
-        self._served: Optional[dict] = None  # modality -> describe()
+        self._served: dict | None = None  # modality -> describe()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="medray-heads")
         self._salt = secrets.token_hex(16)
         self._replica = replica_tag()
@@ -138,8 +149,11 @@ class HeadsDeployment:
 
         loop = asyncio.get_running_loop()
         head, card, local, _ = await loop.run_in_executor(
-            self._pool, lambda: load_artifact(self._heads[head_id], storage_options=self._storage_options,
-                                              cache_dir=self._cache_dir))
+            self._pool,
+            lambda: load_artifact(
+                self._heads[head_id], storage_options=self._storage_options, cache_dir=self._cache_dir
+            ),
+        )
         if card.backbone_included:
             encoder = await loop.run_in_executor(self._pool, self._backbone, card, local)
             if encoder.dim != head.dim:
@@ -159,9 +173,15 @@ class HeadsDeployment:
         device = self._device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        spec = get_spec({"name": f"{card.id}-backbone", "family": enc.get("family", "hf_image"),
-                         "checkpoint": local_dir, "pooling": enc.get("pooling", "cls"),
-                         "options": dict(enc.get("options") or {})})
+        spec = get_spec(
+            {
+                "name": f"{card.id}-backbone",
+                "family": enc.get("family", "hf_image"),
+                "checkpoint": local_dir,
+                "pooling": enc.get("pooling", "cls"),
+                "options": dict(enc.get("options") or {}),
+            }
+        )
         return create_encoder(spec, device=device)
 
     async def predict(self, payload: dict) -> dict:
@@ -185,16 +205,26 @@ class HeadsDeployment:
             return {"error": {"class": "HeadRefused", "stage": "load", "message": str(err)}}
         except Exception as err:  # noqa: BLE001 - storage down, damaged artifact: not the caller's fault
             log.error("head %s could not be loaded (%s)", head_id, type(err).__name__)
-            return {"error": {"class": "HeadUnavailable", "stage": "load",
-                              "message": f"head '{head_id}' could not be loaded ({type(err).__name__})"}}
+            return {
+                "error": {
+                    "class": "HeadUnavailable",
+                    "stage": "load",
+                    "message": f"head '{head_id}' could not be loaded ({type(err).__name__})",
+                }
+            }
         if loaded.encoder is None:
             res = await self._encoders[await self._encoder_for(loaded.card)].embed.remote(payload)
             if "error" in res:
                 return res
             if res["encoder"].get("weights_hash") != (loaded.card.encoder or {}).get("weights_hash"):
                 # The encoder deployment was redeployed with other weights since the head loaded.
-                return {"error": {"class": "HeadRefused", "stage": "predict",
-                                  "message": f"head '{head_id}' does not match the encoder now served"}}
+                return {
+                    "error": {
+                        "class": "HeadRefused",
+                        "stage": "predict",
+                        "message": f"head '{head_id}' does not match the encoder now served",
+                    }
+                }
             emb, frames, ident = res["embeddings"], list(res["frames"]), res["encoder"]
             if res.get("pooled") is not None:  # audio / text: the record-level row, frame -1
                 emb = np.concatenate([emb, np.asarray(res["pooled"]["embedding"], np.float32)[None]])
@@ -205,8 +235,12 @@ class HeadsDeployment:
                 from medray.encoders import family_modality
 
                 modality = family_modality(str((loaded.card.encoder or {}).get("family", "hf_image")))
-                decoded = await loop.run_in_executor(self._pool, functools.partial(
-                    decode_input, payload, self._settings, loaded.encoder, salt=self._salt, modality=modality))
+                decoded = await loop.run_in_executor(
+                    self._pool,
+                    functools.partial(
+                        decode_input, payload, self._settings, loaded.encoder, salt=self._salt, modality=modality
+                    ),
+                )
                 emb = await loop.run_in_executor(self._pool, loaded.encoder.embed, decoded.pixels)
             except Exception as err:  # noqa: BLE001
                 return error_result(err)
@@ -216,6 +250,13 @@ class HeadsDeployment:
                 frames.append(-1)
             ident = {k: v for k, v in loaded.encoder.describe().items() if k != "checkpoint"}
         probs = loaded.head.predict(np.asarray(emb, dtype=np.float32))
-        return {"head": head_id, "model_card_id": loaded.card.id, "task": loaded.card.task,
-                "labels": list(loaded.card.labels), "probabilities": probs, "frames": frames,
-                "encoder": ident, "replica": self._replica}
+        return {
+            "head": head_id,
+            "model_card_id": loaded.card.id,
+            "task": loaded.card.task,
+            "labels": list(loaded.card.labels),
+            "probabilities": probs,
+            "frames": frames,
+            "encoder": ident,
+            "replica": self._replica,
+        }

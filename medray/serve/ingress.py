@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,29 +41,66 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import medray
 from medray.serve.config import uri_allowed
 
-__all__ = ["ApiError", "IngressSettings", "Ingress", "api", "error_for_result", "read_body", "parse_input",
-           "load_token", "check_bearer"]
+__all__ = [
+    "ApiError",
+    "IngressSettings",
+    "Ingress",
+    "api",
+    "error_for_result",
+    "read_body",
+    "parse_input",
+    "load_token",
+    "check_bearer",
+]
 
 log = logging.getLogger("ray.serve.medray.ingress")  # a "ray.serve" child: lines carry the request id
 
 #: Raw body media types and the file-name hint each gives the decoder (content decides; this only helps).
-RAW_TYPES = {"application/dicom": "input.dcm", "image/png": "input.png", "image/jpeg": "input.jpg",
-             "audio/wav": "input.wav", "audio/x-wav": "input.wav", "audio/wave": "input.wav",
-             "audio/vnd.wave": "input.wav", "audio/flac": "input.flac", "audio/x-flac": "input.flac",
-             "audio/ogg": "input.ogg", "text/plain": "input.txt", "application/octet-stream": "input"}
+RAW_TYPES = {
+    "application/dicom": "input.dcm",
+    "image/png": "input.png",
+    "image/jpeg": "input.jpg",
+    "audio/wav": "input.wav",
+    "audio/x-wav": "input.wav",
+    "audio/wave": "input.wav",
+    "audio/vnd.wave": "input.wav",
+    "audio/flac": "input.flac",
+    "audio/x-flac": "input.flac",
+    "audio/ogg": "input.ogg",
+    "text/plain": "input.txt",
+    "application/octet-stream": "input",
+}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "string", "format": "binary",
-                         "description": "DICOM, PNG, JPEG, WAV/FLAC/OGG or UTF-8 text, as the encoder embeds"}}}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "bytes_b64": {"type": "string", "description": "the file, base64"},
-                "uri": {"type": "string", "description": "object-storage URI under an allowed prefix"},
-                "text": {"type": "string", "description": "a report (text encoders)"}}}},
-            **{t: {"schema": {"type": "string", "format": "binary"}} for t in (
-                "application/dicom", "image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg")},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "DICOM, PNG, JPEG, WAV/FLAC/OGG or UTF-8 text, as the encoder embeds",
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "bytes_b64": {"type": "string", "description": "the file, base64"},
+                        "uri": {"type": "string", "description": "object-storage URI under an allowed prefix"},
+                        "text": {"type": "string", "description": "a report (text encoders)"},
+                    },
+                }
+            },
+            **{
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("application/dicom", "image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg")
+            },
             "text/plain": {"schema": {"type": "string"}},
         },
     }
@@ -87,7 +124,7 @@ _RECORD_ERRORS = {
 class ApiError(Exception):
     """An error answer: HTTP status, stable code, PHI-free message."""
 
-    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
@@ -102,11 +139,11 @@ class IngressSettings:
     request_timeout_s: float = 60.0
     allowed_uri_prefixes: list = field(default_factory=list)
     auth_enabled: bool = False
-    token_env: Optional[str] = "MEDRAY_SERVE_TOKEN"
-    token_file: Optional[str] = None
+    token_env: str | None = "MEDRAY_SERVE_TOKEN"
+    token_file: str | None = None
 
 
-def load_token(settings: IngressSettings) -> Optional[str]:
+def load_token(settings: IngressSettings) -> str | None:
     """The bearer token, from ``token_file`` else ``token_env``; ``None`` when auth is off.
 
     Raises:
@@ -128,7 +165,7 @@ def load_token(settings: IngressSettings) -> Optional[str]:
     return token
 
 
-def check_bearer(header: Optional[str], token: Optional[str]) -> None:
+def check_bearer(header: str | None, token: str | None) -> None:
     """Accept ``Authorization: Bearer <token>``; constant-time compare.
 
     Raises:
@@ -181,10 +218,13 @@ async def parse_input(content_type: str, body: bytes, settings: IngressSettings)
         if not body:
             raise ApiError(422, "invalid_request", "empty body")
         return {"data": body, "name": RAW_TYPES[ctype]}
-    raise ApiError(415, "unsupported_media",
-                   f"unsupported Content-Type {ctype or '(none)'}; send multipart/form-data (field 'file'), "
-                   f"application/json ({{\"bytes_b64\"}}, {{\"uri\"}} or {{\"text\"}}) or one of "
-                   f"{', '.join(RAW_TYPES)}")
+    raise ApiError(
+        415,
+        "unsupported_media",
+        f"unsupported Content-Type {ctype or '(none)'}; send multipart/form-data (field 'file'), "
+        f'application/json ({{"bytes_b64"}}, {{"uri"}} or {{"text"}}) or one of '
+        f"{', '.join(RAW_TYPES)}",
+    )
 
 
 async def _parse_multipart(content_type: str, body: bytes) -> dict:
@@ -196,8 +236,9 @@ async def _parse_multipart(content_type: str, body: bytes) -> dict:
         yield b""
 
     try:
-        form = await MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=1,
-                                     max_fields=16).parse()
+        form = await MultiPartParser(
+            Headers({"content-type": content_type}), stream(), max_files=1, max_fields=16
+        ).parse()
     except MultiPartException as err:
         raise ApiError(422, "invalid_request", f"malformed multipart body ({err.message})") from None
     except Exception as err:  # noqa: BLE001
@@ -228,22 +269,29 @@ async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
     if "uri" in doc:
         uri = doc["uri"]
         if not isinstance(uri, str) or not uri_allowed(uri, settings.allowed_uri_prefixes):
-            raise ApiError(403, "uri_not_allowed", "this URI is not under an allowed prefix "
-                           "(serve.inputs.allowed_uri_prefixes)" if settings.allowed_uri_prefixes
-                           else "URI inputs are disabled (serve.inputs.allowed_uri_prefixes is empty)")
+            raise ApiError(
+                403,
+                "uri_not_allowed",
+                "this URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)"
+                if settings.allowed_uri_prefixes
+                else "URI inputs are disabled (serve.inputs.allowed_uri_prefixes is empty)",
+            )
         return {"uri": uri}
     text = doc["bytes_b64"]
     if not isinstance(text, str) or not text:
         raise ApiError(422, "invalid_request", '"bytes_b64" must be a non-empty base64 string')
     try:
-        data = (await asyncio.to_thread(base64.b64decode, text, validate=True) if len(text) > (1 << 18)
-                else base64.b64decode(text, validate=True))
+        data = (
+            await asyncio.to_thread(base64.b64decode, text, validate=True)
+            if len(text) > (1 << 18)
+            else base64.b64decode(text, validate=True)
+        )
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_request", '"bytes_b64" is not valid base64') from None
     return {"data": data, "name": str(doc.get("name") or "")}
 
 
-def error_for_result(result: dict) -> Optional[ApiError]:
+def error_for_result(result: dict) -> ApiError | None:
     """The :class:`ApiError` for a deployment's ``{"error": ...}`` result, else ``None``."""
     err = result.get("error") if isinstance(result, dict) else None
     if not err:
@@ -282,13 +330,19 @@ def _request_id(request: Request) -> str:
 def error_response(err: ApiError, request_id: str = "") -> JSONResponse:
     """The JSON answer for an :class:`ApiError`."""
     # The Serve proxy adds the X-Request-ID header to every response itself.
-    return JSONResponse({"code": err.code, "message": err.message, "request_id": request_id},
-                        status_code=err.status, headers=dict(err.headers))
+    return JSONResponse(
+        {"code": err.code, "message": err.message, "request_id": request_id},
+        status_code=err.status,
+        headers=dict(err.headers),
+    )
 
 
-api = FastAPI(title="medray", version=medray.__version__,
-              description="Embeddings and task-head predictions for medical images (DICOM, PNG, JPEG), "
-                          "health audio (WAV, FLAC, OGG) and clinical text, by the served encoder's modality.")
+api = FastAPI(
+    title="medray",
+    version=medray.__version__,
+    description="Embeddings and task-head predictions for medical images (DICOM, PNG, JPEG), "
+    "health audio (WAV, FLAC, OGG) and clinical text, by the served encoder's modality.",
+)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -308,7 +362,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"), _request_id(request))
 
 
-def _segment_entry(frame: int, emb: Any, seg: Optional[dict]) -> dict:
+def _segment_entry(frame: int, emb: Any, seg: dict | None) -> dict:
     out = {"frame": int(frame), "embedding": emb.tolist()}
     if seg:
         out.update({k: v for k, v in seg.items() if v is not None})
@@ -341,8 +395,10 @@ def _prediction_body(res: dict) -> dict:
         "model_card_id": res["model_card_id"],
         "task": res["task"],
         "labels": labels,
-        "predictions": [{"frame": int(f), "probabilities": {lab: float(p) for lab, p in zip(labels, row)}}
-                        for f, row in zip(res["frames"], res["probabilities"])],
+        "predictions": [
+            {"frame": int(f), "probabilities": {lab: float(p) for lab, p in zip(labels, row)}}
+            for f, row in zip(res["frames"], res["probabilities"])
+        ],
         "encoder": res["encoder"].get("name"),
         "weights_hash": res["encoder"].get("weights_hash"),
         "replica": res.get("replica"),
@@ -375,8 +431,9 @@ class Ingress:
         self._token = load_token(settings)
         from ray.serve.metrics import Counter
 
-        self._requests = Counter("medray_requests", description="medray API requests by route and status code.",
-                                 tag_keys=("route", "code"))
+        self._requests = Counter(
+            "medray_requests", description="medray API requests by route and status code.", tag_keys=("route", "code")
+        )
 
     async def _answer(self, request: Request, route: str, work) -> JSONResponse:
         rid = _request_id(request)
@@ -422,13 +479,22 @@ class Ingress:
                 raise error_for_result({"error": {"class": type(err).__name__, "message": str(err)}}) from None
             route = "image" if route in ("slide", "other") else route  # the image encoder says why it refuses
         if route not in self._encoders:
-            raise ApiError(415, "unsupported_media", f"this server embeds {', '.join(sorted(self._encoders))} "
-                           f"inputs; the input is {route} (serve an encoder for it with encoders.{route}=...)")
+            raise ApiError(
+                415,
+                "unsupported_media",
+                f"this server embeds {', '.join(sorted(self._encoders))} "
+                f"inputs; the input is {route} (serve an encoder for it with encoders.{route}=...)",
+            )
         return self._encoders[route]
 
-    @api.post("/v1/embeddings", openapi_extra=_BODY_DOC, summary="Embed an input: one vector per frame, audio window or text chunk")
+    @api.post(
+        "/v1/embeddings",
+        openapi_extra=_BODY_DOC,
+        summary="Embed an input: one vector per frame, audio window or text chunk",
+    )
     async def embeddings(self, request: Request) -> JSONResponse:
         """Embeddings of the input, one per frame, with the encoder's name and weights hash."""
+
         async def work() -> dict:
             payload = await self._payload(request)
             encoder = await self._route(payload)
@@ -439,6 +505,7 @@ class Ingress:
     @api.post("/v1/predict/{head}", openapi_extra=_BODY_DOC, summary="Label probabilities of a task head")
     async def predict(self, head: str, request: Request) -> JSONResponse:
         """Probabilities of the head's labels for each frame, and the head's model card id."""
+
         async def work() -> dict:
             if self._heads is None or head not in self._head_ids:
                 raise ApiError(404, "unknown_head", f"no head named {head!r}; GET /v1/models lists them")
@@ -451,11 +518,15 @@ class Ingress:
     @api.get("/v1/models", summary="The encoders and the heads served")
     async def models(self, request: Request) -> JSONResponse:
         """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids."""
+
         async def work() -> dict:
             described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
             by_modality = dict(zip(self._encoders, described))
-            return {"encoder": by_modality[self._settings.primary], "encoders": by_modality,
-                    "heads": [{"id": h} for h in sorted(self._head_ids)]}
+            return {
+                "encoder": by_modality[self._settings.primary],
+                "encoders": by_modality,
+                "heads": [{"id": h} for h in sorted(self._head_ids)],
+            }
 
         return await self._answer(request, "models", work)
 
@@ -477,5 +548,11 @@ class Ingress:
         except Exception:  # noqa: BLE001 - not ready, whatever the reason
             return error_response(ApiError(503, "not_ready", "a model deployment is not ready", {"Retry-After": "1"}))
         names = {m: a.get("name") for m, a in zip(self._encoders, answers)}
-        return JSONResponse({"status": "ready", "encoder": names[self._settings.primary], "encoders": names,
-                             "heads": self._heads is not None})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "encoder": names[self._settings.primary],
+                "encoders": names,
+                "heads": self._heads is not None,
+            }
+        )

@@ -23,7 +23,7 @@ import pytest
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.platform.decoders import DicomOptions
-from medray.platform.samples import generate_samples, write_manifest
+from medray.testing.samples import generate_samples, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,8 +49,11 @@ def corpus(s3, tmp_path_factory):
     for family, arch in (("hf_image", "dinov2"), ("timm_image", "vit")):
         local = build_tiny_checkpoint(family, str(root / f"{family}-{arch}"), arch=arch, image_size=32)
         fs.put(local, f"{s3.bucket}/models/{family}-{arch}", recursive=True)
-        ckpts[family] = {"local": local, "uri": f"s3://{s3.bucket}/models/{family}-{arch}",
-                         "sha256": hash_directory(local)}
+        ckpts[family] = {
+            "local": local,
+            "uri": f"s3://{s3.bucket}/models/{family}-{arch}",
+            "sha256": hash_directory(local),
+        }
     home = root / "home"
     home.mkdir()
     return {"info": info, "samples": samples, "ckpt": ckpts, "home": home, "bucket": s3.bucket, "fs": fs}
@@ -58,9 +61,16 @@ def corpus(s3, tmp_path_factory):
 
 def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env.update({"MEDRAY_HOME": str(corpus["home"]), "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
-                "MEDRAY_PATIENT_SALT": "test-salt", "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0",
-                "WANDB_DIR": str(corpus["home"])})
+    env.update(
+        {
+            "MEDRAY_HOME": str(corpus["home"]),
+            "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
+            "MEDRAY_PATIENT_SALT": "test-salt",
+            "WANDB_MODE": "offline",
+            "MEDRAY_PROGRESS": "0",
+            "WANDB_DIR": str(corpus["home"]),
+        }
+    )
     env.pop("WANDB_API_KEY", None)
     return subprocess.run([MEDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -77,15 +87,20 @@ def read_parts(fs, uri: str) -> pa.Table:
 
 def common(corpus, ckpt_family="hf_image"):
     c = corpus["ckpt"][ckpt_family]
-    return [f"encoder={ckpt_family}", f"encoder.checkpoint={c['uri']}", "ray.num_cpus=2",
-            "tracking.mode=offline"]
+    return [f"encoder={ckpt_family}", f"encoder.checkpoint={c['uri']}", "ray.num_cpus=2", "tracking.mode=offline"]
 
 
 @pytest.fixture(scope="module")
 def prefix_run(corpus):
     out = f"s3://{corpus['bucket']}/out/prefix"
-    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/in/", f"output={out}",
-                      "max_error_fraction=0.5", *common(corpus))
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{corpus['bucket']}/in/",
+        f"output={out}",
+        "max_error_fraction=0.5",
+        *common(corpus),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "proc": proc}
 
@@ -108,8 +123,7 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     assert all(len(s) == 64 for s in emb.column("content_sha256").to_pylist())
     # multi-frame DICOM: one row per frame with its index
     mf = info["multiframe"][0]
-    frames = sorted(f for u, f in zip(emb.column("uri").to_pylist(), emb.column("frame").to_pylist())
-                    if u.endswith(mf))
+    frames = sorted(f for u, f in zip(emb.column("uri").to_pylist(), emb.column("frame").to_pylist()) if u.endswith(mf))
     assert frames == list(range(info["frames"][mf]))
     # archive members are records of their own, keyed by member name
     members = {m for m in emb.column("member").to_pylist() if m}
@@ -117,8 +131,9 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     # allow-listed metadata only, and a salted patient key
     meta = json.loads(emb.column("metadata")[0].as_py())
     assert "PatientName" not in meta and "patient_name" not in meta
-    dicom_rows = [m for m, u in zip(emb.column("modality").to_pylist(), emb.column("uri").to_pylist())
-                  if "/dicom/" in u]
+    dicom_rows = [
+        m for m, u in zip(emb.column("modality").to_pylist(), emb.column("uri").to_pylist()) if "/dicom/" in u
+    ]
     assert set(dicom_rows) >= {"DX", "CR", "CT"}
     summary = json.loads(fs.cat(prefix_run["out"].split("://")[1] + "/summary.json"))
     assert summary["records_embedded"] == exp["dicom_files"] + exp["photos"] + n_archive
@@ -170,8 +185,14 @@ def test_no_phi_in_outputs_or_logs(corpus, prefix_run):
 def test_rerun_is_a_noop(corpus, prefix_run):
     fs = corpus["fs"]
     before = sorted(fs.find(prefix_run["out"].split("://")[1] + "/embeddings"))
-    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/in/", f"output={prefix_run['out']}",
-                      "max_error_fraction=0.5", *common(corpus))
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{corpus['bucket']}/in/",
+        f"output={prefix_run['out']}",
+        "max_error_fraction=0.5",
+        *common(corpus),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = sorted(fs.find(prefix_run["out"].split("://")[1] + "/embeddings"))
     assert before == after
@@ -180,8 +201,13 @@ def test_rerun_is_a_noop(corpus, prefix_run):
 
 
 def test_other_encoder_into_same_output_is_refused(corpus, prefix_run):
-    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/in/dicom/", f"output={prefix_run['out']}",
-                      *common(corpus, "timm_image"))
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{corpus['bucket']}/in/dicom/",
+        f"output={prefix_run['out']}",
+        *common(corpus, "timm_image"),
+    )
     assert proc.returncode == 2
     assert "config key 'output'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -194,8 +220,14 @@ def test_manifest_to_local_with_timm_carries_columns_and_matches_plain_python(co
     from medray.platform.decoders import decode_bytes
 
     out = tmp_path / "emb"
-    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/meta/manifest.parquet", f"output={out}",
-                      *common(corpus, "timm_image"), "encoder.pooling=pooler")
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{corpus['bucket']}/meta/manifest.parquet",
+        f"output={out}",
+        *common(corpus, "timm_image"),
+        "encoder.pooling=pooler",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     emb = pq.read_table(out / "embeddings").to_pylist()
     manifest = pq.read_table(corpus["samples"] / "manifest.parquet").to_pylist()
@@ -244,8 +276,7 @@ def test_prefix_embedding_matches_plain_transformers(corpus, prefix_run):
 
 def test_error_fraction_over_limit_exits_nonzero_after_writing_quarantine(corpus, tmp_path):
     out = tmp_path / "hostile"
-    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/in/hostile/", f"output={out}",
-                      *common(corpus))
+    proc = run_medray(corpus, "embed", f"input=s3://{corpus['bucket']}/in/hostile/", f"output={out}", *common(corpus))
     assert proc.returncode == 3
     assert "max_error_fraction" in proc.stderr and "Traceback" not in proc.stderr
     assert pq.read_table(out / "quarantine").num_rows == corpus["info"]["expected"]["hostile_files"]
@@ -253,14 +284,25 @@ def test_error_fraction_over_limit_exits_nonzero_after_writing_quarantine(corpus
 
 def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     out = tmp_path / "resume"
-    args = ["embed", f"input=s3://{corpus['bucket']}/in/dicom/", f"output={out}", *common(corpus),
-            "compute.read_batch_size=1", "compute.decode_batch_size=1", "compute.batch_size=1",
-            "tracking.enabled=false"]
-    env = dict(os.environ, MEDRAY_HOME=str(corpus["home"]), MEDRAY_CACHE_DIR=str(corpus["home"] / "cache"),
-               MEDRAY_PATIENT_SALT="test-salt", MEDRAY_PROGRESS="0")
+    args = [
+        "embed",
+        f"input=s3://{corpus['bucket']}/in/dicom/",
+        f"output={out}",
+        *common(corpus),
+        "compute.read_batch_size=1",
+        "compute.decode_batch_size=1",
+        "compute.batch_size=1",
+        "tracking.enabled=false",
+    ]
+    env = dict(
+        os.environ,
+        MEDRAY_HOME=str(corpus["home"]),
+        MEDRAY_CACHE_DIR=str(corpus["home"] / "cache"),
+        MEDRAY_PATIENT_SALT="test-salt",
+        MEDRAY_PROGRESS="0",
+    )
     log = open(tmp_path / "killed-run.log", "wb")
-    proc = subprocess.Popen([MEDRAY, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([MEDRAY, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     parts = out / "embeddings"
     deadline = time.time() + 300
     killed = False
@@ -298,9 +340,16 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
 
 def test_multirun_sweep_writes_one_output_per_point_in_one_wandb_group(corpus, tmp_path):
     out = tmp_path / "sweep"
-    proc = run_medray(corpus, "embed", "-m", f"input=s3://{corpus['bucket']}/in/photos/",
-                      f"output={out}/" + "${encoder.pooling}", "encoder.pooling=cls,mean",
-                      "tracking.dir=" + str(tmp_path / "wb"), *common(corpus)[:-1])
+    proc = run_medray(
+        corpus,
+        "embed",
+        "-m",
+        f"input=s3://{corpus['bucket']}/in/photos/",
+        f"output={out}/" + "${encoder.pooling}",
+        "encoder.pooling=cls,mean",
+        "tracking.dir=" + str(tmp_path / "wb"),
+        *common(corpus)[:-1],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for pooling in ("cls", "mean"):
         summary = json.loads((out / pooling / "summary.json").read_text())

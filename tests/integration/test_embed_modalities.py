@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
 
 from medray.encoders import build_tiny_checkpoint
-from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
-from medray.platform.testing.media import REPORT, encode, lying_wav, sr_dataset, tone
+from medray.testing.media import REPORT, encode, lying_wav, sr_dataset, tone
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,9 +54,17 @@ def mixed(s3, tmp_path_factory):
 def test_mixed_archive_routes_by_content_skips_then_resumes(mixed):
     fs, bucket, ck = mixed["fs"], mixed["bucket"], mixed["ckpt"]
     out = f"s3://{bucket}/out/mixed"
-    base = ["embed", f"input=s3://{bucket}/mixed/archive.zip", f"output={out}", "encoder=hf_image",
-            f"encoder.checkpoint={ck['hf_image']}", f"encoders.audio={{family:hf_audio,checkpoint:'{ck['hf_audio']}'}}",
-            "ray.num_cpus=2", "tracking.mode=offline", "max_error_fraction=0.5"]
+    base = [
+        "embed",
+        f"input=s3://{bucket}/mixed/archive.zip",
+        f"output={out}",
+        "encoder=hf_image",
+        f"encoder.checkpoint={ck['hf_image']}",
+        f"encoders.audio={{family:hf_audio,checkpoint:'{ck['hf_audio']}'}}",
+        "ray.num_cpus=2",
+        "tracking.mode=offline",
+        "max_error_fraction=0.5",
+    ]
     proc = run_medray(mixed, *base)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 skipped (no encoder for text: 2)" in proc.stdout
@@ -68,11 +76,13 @@ def test_mixed_archive_routes_by_content_skips_then_resumes(mixed):
     assert [(r["member"], r["segment"]) for r in images] == [("study/ct.dcm", "frame")]
     audio = read_parts(fs, out + "/embeddings/audio").to_pylist()
     segs = sorted((r["member"], r["segment"], r["start_s"], r["end_s"], r["frame"]) for r in audio)
-    assert segs == [("audio/breath_44k.flac", "pooled", 0.0, 1.5, -1),
-                    ("audio/breath_44k.flac", "window", 0.0, 1.5, 0),
-                    ("audio/cough_8k.wav", "pooled", 0.0, 3.0, -1),
-                    ("audio/cough_8k.wav", "window", 0.0, 2.0, 0),
-                    ("audio/cough_8k.wav", "window", 2.0, 3.0, 1)]
+    assert segs == [
+        ("audio/breath_44k.flac", "pooled", 0.0, 1.5, -1),
+        ("audio/breath_44k.flac", "window", 0.0, 1.5, 0),
+        ("audio/cough_8k.wav", "pooled", 0.0, 3.0, -1),
+        ("audio/cough_8k.wav", "window", 0.0, 2.0, 0),
+        ("audio/cough_8k.wav", "window", 2.0, 3.0, 1),
+    ]
     assert {r["encoder"] for r in audio} == {"hf_audio"} and all(len(r["embedding"]) == 32 for r in audio)
     quarantine = read_parts(fs, out + "/quarantine").to_pylist()
     assert [(q["member"], q["error_class"]) for q in quarantine] == [("audio/ten_hours.wav", "LimitExceeded")]

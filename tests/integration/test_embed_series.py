@@ -19,12 +19,12 @@ import pyarrow as pa
 import pydicom
 import pytest
 from PIL import Image
+from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
 
 from medray.encoders import build_tiny_checkpoint
 from medray.encoders.video import build_video_checkpoint
 from medray.platform.decoders.series import series_key
-from medray.platform.samples import claiming_series_instance, ct_phantom, ct_series
-from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
+from medray.testing.samples import claiming_series_instance, ct_phantom, ct_series
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,8 +38,14 @@ def series_corpus(s3, tmp_path_factory):
     rng = random.Random(0)
     series = {
         "ct": ct_series(ct_phantom(16, 32, seed=1), seed=1, series="ct", patient_id="PHIID-SERIES-1"),
-        "mr": ct_series(ct_phantom(12, 32, seed=2) + 1100, seed=2, series="mr", modality="MR",
-                        patient_id="PHIID-SERIES-2", orientation=(0, 1, 0, 0, 0, -1)),
+        "mr": ct_series(
+            ct_phantom(12, 32, seed=2) + 1100,
+            seed=2,
+            series="mr",
+            modality="MR",
+            patient_id="PHIID-SERIES-2",
+            orientation=(0, 1, 0, 0, 0, -1),
+        ),
         "gap": ct_series(ct_phantom(16, 32, seed=3), seed=3, series="gap", patient_id="PHIID-SERIES-3"),
     }
     del series["gap"][6]
@@ -57,21 +63,35 @@ def series_corpus(s3, tmp_path_factory):
     fs.pipe(f"{s3.bucket}/series/in/photo.png", buf.getvalue())
     home = root / "home"
     home.mkdir()
-    return {"bucket": s3.bucket, "fs": fs, "home": home, "uids": uids, "keys": expected,
-            "image": build_tiny_checkpoint("hf_image", str(root / "img"), arch="vit", image_size=32),
-            "volume": build_video_checkpoint(str(root / "r3d"), arch="r3d_18")}
+    return {
+        "bucket": s3.bucket,
+        "fs": fs,
+        "home": home,
+        "uids": uids,
+        "keys": expected,
+        "image": build_tiny_checkpoint("hf_image", str(root / "img"), arch="vit", image_size=32),
+        "volume": build_video_checkpoint(str(root / "r3d"), arch="r3d_18"),
+    }
 
 
 def _args(c, out: str, *extra: str) -> list[str]:
-    return ["embed", f"input=s3://{c['bucket']}/series/in/", f"output={out}", "ray.num_cpus=2",
-            "tracking.enabled=false", "max_error_fraction=0.5", *extra]
+    return [
+        "embed",
+        f"input=s3://{c['bucket']}/series/in/",
+        f"output={out}",
+        "ray.num_cpus=2",
+        "tracking.enabled=false",
+        "max_error_fraction=0.5",
+        *extra,
+    ]
 
 
 def test_slicewise_series_rows_quarantine_and_rerun(series_corpus):
     c = series_corpus
     out = f"s3://{c['bucket']}/series/out/slicewise"
-    proc = run_medray(c, *_args(c, out, "encoder=hf_image", f"encoder.checkpoint={c['image']}",
-                                "series.mode=slicewise"))
+    proc = run_medray(
+        c, *_args(c, out, "encoder=hf_image", f"encoder.checkpoint={c['image']}", "series.mode=slicewise")
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(c["fs"].cat(f"{c['bucket']}/series/out/slicewise/summary.json"))
     assert summary["records_embedded"] == 3 and summary["quarantined"] == 2  # 2 series + the photo
@@ -92,8 +112,7 @@ def test_slicewise_series_rows_quarantine_and_rerun(series_corpus):
         assert {r["modality"] for r in rows} == {modality} and {r["n_frames"] for r in rows} == {depth}
         assert all(r["spacing_mm"] == [2.5, 0.8, 0.8] for r in rows)
         assert len({r["record_id"] for r in rows}) == 1 and all(r["patient_key"] for r in rows)
-        np.testing.assert_allclose(rows[0]["embedding"], np.mean([r["embedding"] for r in rows[1:]], axis=0),
-                                   atol=1e-4)
+        np.testing.assert_allclose(rows[0]["embedding"], np.mean([r["embedding"] for r in rows[1:]], axis=0), atol=1e-4)
         meta = json.loads(rows[0]["metadata"])
         assert meta["series"]["shape"] == [depth, 32, 32] and meta["series_mode"] == "slicewise"
 
@@ -108,8 +127,9 @@ def test_slicewise_series_rows_quarantine_and_rerun(series_corpus):
             blob = c["fs"].cat(p)
             assert b"PHIID-SERIES" not in blob and not any(u.encode() in blob for u in c["uids"].values())
 
-    again = run_medray(c, *_args(c, out, "encoder=hf_image", f"encoder.checkpoint={c['image']}",
-                                 "series.mode=slicewise"))
+    again = run_medray(
+        c, *_args(c, out, "encoder=hf_image", f"encoder.checkpoint={c['image']}", "series.mode=slicewise")
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert "0 records embedded (0 rows), 0 quarantined" in again.stdout and "5 already done" in again.stdout
     assert read_parts(c["fs"], out + "/embeddings").num_rows == len(emb)
@@ -118,8 +138,17 @@ def test_slicewise_series_rows_quarantine_and_rerun(series_corpus):
 def test_volume_series_through_a_3d_encoder(series_corpus):
     c = series_corpus
     out = f"s3://{c['bucket']}/series/out/volume"
-    proc = run_medray(c, *_args(c, out, "encoder=torchvision_video", f"encoder.checkpoint={c['volume']}",
-                                "series.mode=volume", "series.spacing=[5.0,1.6,1.6]"))
+    proc = run_medray(
+        c,
+        *_args(
+            c,
+            out,
+            "encoder=torchvision_video",
+            f"encoder.checkpoint={c['volume']}",
+            "series.mode=volume",
+            "series.spacing=[5.0,1.6,1.6]",
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "1 skipped (no encoder for image: 1)" in proc.stdout  # the photo
     emb = read_parts(c["fs"], out + "/embeddings")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tiffslide
 from PIL import Image
+from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
 
 from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
 from medray.platform.decoders.slide import SlideOptions, plan_slide
-from medray.platform.testing.media import slide_tiff
-from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
+from medray.testing.media import slide_tiff
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,17 +37,33 @@ def slides(s3, tmp_path_factory):
     fs.put(local, f"{s3.bucket}/models/slide-vit", recursive=True)
     home = root / "home"
     home.mkdir()
-    return {"bucket": s3.bucket, "fs": fs, "slide": slide, "local": local, "home": home,
-            "ckpt": f"s3://{s3.bucket}/models/slide-vit"}
+    return {
+        "bucket": s3.bucket,
+        "fs": fs,
+        "slide": slide,
+        "local": local,
+        "home": home,
+        "ckpt": f"s3://{s3.bucket}/models/slide-vit",
+    }
 
 
 def test_slide_tiles_pooled_row_and_idempotent_rerun(slides):
     fs, bucket = slides["fs"], slides["bucket"]
     out = f"s3://{bucket}/out/slides"
-    args = ["embed", f"input=s3://{bucket}/slides/", f"output={out}", "encoder=hf_image",
-            f"encoder.checkpoint={slides['ckpt']}", "ray.num_cpus=2", "tracking.mode=offline",
-            "slide.tile_size=64", "slide.target_mpp=0.5", "decode.max_bytes=1000000",
-            "compute.read_batch_size=1", "compute.decode_batch_size=4"]
+    args = [
+        "embed",
+        f"input=s3://{bucket}/slides/",
+        f"output={out}",
+        "encoder=hf_image",
+        f"encoder.checkpoint={slides['ckpt']}",
+        "ray.num_cpus=2",
+        "tracking.mode=offline",
+        "slide.tile_size=64",
+        "slide.target_mpp=0.5",
+        "decode.max_bytes=1000000",
+        "compute.read_batch_size=1",
+        "compute.decode_batch_size=4",
+    ]
     assert len(slides["slide"]) > 1_000_000  # larger than decode.max_bytes: only ranged reads get it in
     proc = run_medray(slides, *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -63,8 +79,7 @@ def test_slide_tiles_pooled_row_and_idempotent_rerun(slides):
     photo = [r for r in rows if r["uri"].endswith("photo.tif")]
     assert [(r["segment"], r["modality"]) for r in photo] == [("frame", "photo")]
     tiles = sorted((r for r in rows if r["segment"] == "tile"), key=lambda r: r["frame"])
-    assert [(r["tile_x"], r["tile_y"], r["level"], r["mpp"]) for r in tiles] == \
-        [(t.x, t.y, 1, 0.5) for t in plan.tiles]
+    assert [(r["tile_x"], r["tile_y"], r["level"], r["mpp"]) for r in tiles] == [(t.x, t.y, 1, 0.5) for t in plan.tiles]
     assert all(r["n_frames"] == n and r["modality"] == "slide" for r in tiles)
     assert [r["tissue_fraction"] for r in tiles] == pytest.approx([t.tissue_fraction for t in plan.tiles])
     pooled = [r for r in rows if r["segment"] == "pooled"]
@@ -74,8 +89,9 @@ def test_slide_tiles_pooled_row_and_idempotent_rerun(slides):
     encoder = create_encoder(get_spec("hf_image", checkpoint=slides["local"]), device="cpu", dtype="float32")
     t = plan.tiles[-1]
     region = tiffslide.TiffSlide(io.BytesIO(slides["slide"])).read_region((t.x, t.y), 1, (64, 64)).convert("RGB")
-    np.testing.assert_allclose(tiles[-1]["embedding"], encoder.embed(encoder.preprocess([np.asarray(region)]))[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        tiles[-1]["embedding"], encoder.embed(encoder.preprocess([np.asarray(region)]))[0], atol=1e-5
+    )
 
     proc = run_medray(slides, *args)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
-from medray.platform.samples_train import generate_training_samples, write_training_manifest
+from medray.testing.samples_train import generate_training_samples, write_training_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,15 +68,31 @@ def corpus(s3, tmp_path_factory, deepspeed_warm):
     fs.put(ckpt, f"{s3.bucket}/ft/models/tiny-vit", recursive=True)
     home = root / "home"
     home.mkdir()
-    return {"info": info, "data": data, "fs": fs, "bucket": s3.bucket, "home": home, "ckpt_local": ckpt,
-            "ckpt": f"s3://{s3.bucket}/ft/models/tiny-vit", "manifest": f"s3://{s3.bucket}/ft/meta/manifest.parquet"}
+    return {
+        "info": info,
+        "data": data,
+        "fs": fs,
+        "bucket": s3.bucket,
+        "home": home,
+        "ckpt_local": ckpt,
+        "ckpt": f"s3://{s3.bucket}/ft/models/tiny-vit",
+        "manifest": f"s3://{s3.bucket}/ft/meta/manifest.parquet",
+    }
 
 
 def _env(corpus) -> dict:
     env = dict(os.environ)
-    env.update({"MEDRAY_HOME": str(corpus["home"]), "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
-                "MEDRAY_PATIENT_SALT": "test-salt", "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0",
-                "WANDB_DIR": str(corpus["home"]), "RAY_DEDUP_LOGS": "0"})
+    env.update(
+        {
+            "MEDRAY_HOME": str(corpus["home"]),
+            "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
+            "MEDRAY_PATIENT_SALT": "test-salt",
+            "WANDB_MODE": "offline",
+            "MEDRAY_PROGRESS": "0",
+            "WANDB_DIR": str(corpus["home"]),
+            "RAY_DEDUP_LOGS": "0",
+        }
+    )
     env.pop("WANDB_API_KEY", None)
     return env
 
@@ -86,10 +102,21 @@ def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def common(corpus, **over: str) -> list[str]:
-    args = {"data.train": corpus["manifest"], "encoder": "hf_image", "encoder.checkpoint": corpus["ckpt"],
-            "task": "multilabel", "task.labels": "[lesion,effusion]", "scaling.num_workers": "2",
-            "scaling.use_gpu": "false", "train.epochs": str(EPOCHS), "train.batch_size": "8", "train.lr": "3e-3",
-            "data.val_fraction": "0.25", "eval.subgroups": "[sex,age_band,site]", "tracking.mode": "offline"}
+    args = {
+        "data.train": corpus["manifest"],
+        "encoder": "hf_image",
+        "encoder.checkpoint": corpus["ckpt"],
+        "task": "multilabel",
+        "task.labels": "[lesion,effusion]",
+        "scaling.num_workers": "2",
+        "scaling.use_gpu": "false",
+        "train.epochs": str(EPOCHS),
+        "train.batch_size": "8",
+        "train.lr": "3e-3",
+        "data.val_fraction": "0.25",
+        "eval.subgroups": "[sex,age_band,site]",
+        "tracking.mode": "offline",
+    }
     args.update(over)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -110,7 +137,7 @@ def check_trained(summary: dict, stage: int) -> None:
     val = summary["metrics"]["val"]
     base = summary["baseline"]["val"]
     assert val["auroc_macro"] >= 0.9, val
-    assert 0.2 <= base["auroc_macro"] <= 0.8, base   # untrained: about chance
+    assert 0.2 <= base["auroc_macro"] <= 0.8, base  # untrained: about chance
     assert set(val["auroc"]) == {"lesion", "effusion"}
     assert 0 <= val["ece"] <= 1 and 0 <= val["accuracy"] <= 1
     groups = summary["metrics"]["subgroups"]
@@ -124,8 +151,12 @@ def check_trained(summary: dict, stage: int) -> None:
 def test_zero3_lora_learns_and_the_merged_artifact_embeds_to_the_same_predictions(corpus, tmp_path):
     out = f"s3://{corpus['bucket']}/ft/runs/zero3-lora"
     t0 = time.perf_counter()
-    proc = run_medray(corpus, "finetune", *common(corpus, **{"deepspeed.stage": "3", "train": "lora",
-                                                              "train.lr": "1e-2"}), f"output={out}")
+    proc = run_medray(
+        corpus,
+        "finetune",
+        *common(corpus, **{"deepspeed.stage": "3", "train": "lora", "train.lr": "1e-2"}),
+        f"output={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     print(f"zero3 lora run: {time.perf_counter() - t0:.1f}s")
     assert "medray finetune:" in proc.stdout and "ZeRO-3" in proc.stdout
@@ -142,8 +173,9 @@ def test_zero3_lora_learns_and_the_merged_artifact_embeds_to_the_same_prediction
     from medray.platform.records import record_id
 
     assigned = s3_table(corpus, out + "/splits/assignments").to_pylist()
-    patient_of = {record_id(r["uri"], ""): r["patient"]
-                  for r in pq.read_table(corpus["data"] / "manifest.parquet").to_pylist()}
+    patient_of = {
+        record_id(r["uri"], ""): r["patient"] for r in pq.read_table(corpus["data"] / "manifest.parquet").to_pylist()
+    }
     assert len(assigned) == corpus["info"]["n"]
     by_key: dict[str, set] = {}
     by_patient: dict[str, set] = {}
@@ -183,20 +215,33 @@ def test_zero3_lora_learns_and_the_merged_artifact_embeds_to_the_same_prediction
 
     # `medray embed encoder.checkpoint=<artifact>` + the head == the model's predictions at the end of training
     val_uris = {r["record_id"] for r in assigned if r["split"] == "val"}
-    val_rows = [{"uri": r["uri"]} for r in pq.read_table(corpus["data"] / "manifest.parquet").to_pylist()
-                if record_id(r["uri"], "") in val_uris]
+    val_rows = [
+        {"uri": r["uri"]}
+        for r in pq.read_table(corpus["data"] / "manifest.parquet").to_pylist()
+        if record_id(r["uri"], "") in val_uris
+    ]
     manifest = tmp_path / "val.parquet"
     pq.write_table(pa.Table.from_pylist(val_rows), manifest)
     emb_out = tmp_path / "emb"
     t0 = time.perf_counter()
-    proc = run_medray(corpus, "embed", f"input={manifest}", f"output={emb_out}", "encoder=hf_image",
-                      f"encoder.checkpoint={out}/model", f"encoder.sha256={sha}", "ray.num_cpus=2",
-                      "tracking.enabled=false")
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input={manifest}",
+        f"output={emb_out}",
+        "encoder=hf_image",
+        f"encoder.checkpoint={out}/model",
+        f"encoder.sha256={sha}",
+        "ray.num_cpus=2",
+        "tracking.enabled=false",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"embed run: {time.perf_counter() - t0:.1f}s")
     emb = pq.read_table(emb_out / "embeddings").to_pylist()
-    preds = {(r["record_id"], r["frame"]): r["prediction"]
-             for r in s3_table(corpus, out + "/predictions/val.parquet").to_pylist()}
+    preds = {
+        (r["record_id"], r["frame"]): r["prediction"]
+        for r in s3_table(corpus, out + "/predictions/val.parquet").to_pylist()
+    }
     assert len(emb) == len(val_rows) == len(preds)
     got = head.predict(np.array([r["embedding"] for r in emb], np.float32))
     want = np.array([preds[(r["record_id"], r["frame"])] for r in emb], np.float32)
@@ -258,11 +303,19 @@ def test_zero2_full_survives_a_killed_worker_and_resumes_a_stopped_run(corpus):
     killed (a stopped run) and ``resume=true`` finishes it. The step counter continues throughout."""
     out = f"s3://{corpus['bucket']}/ft/runs/zero2-kill"
     ckpt_dir = f"{corpus['bucket']}/ft/runs/zero2-kill/checkpoints/train"
-    args = [*common(corpus, **{"deepspeed.stage": "2", "data.group_by": "patient", "tracking.enabled": "false"}),
-            f"output={out}"]
+    args = [
+        *common(corpus, **{"deepspeed.stage": "2", "data.group_by": "patient", "tracking.enabled": "false"}),
+        f"output={out}",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([MEDRAY, "finetune", *args], env=_env(corpus), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [MEDRAY, "finetune", *args],
+        env=_env(corpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     fs = corpus["fs"]
     worker_killed_after = driver_killed_after = None
     try:
@@ -272,8 +325,10 @@ def test_zero2_full_survives_a_killed_worker_and_resumes_a_stopped_run(corpus):
             if worker_killed_after is None and epochs:
                 workers = _train_workers(proc.pid)
                 if workers:
-                    print(f"{time.perf_counter() - t0:.1f}s: killing worker {workers[-1].pid} of "
-                          f"{[w.pid for w in workers]} after registered epoch {epochs[-1]}")
+                    print(
+                        f"{time.perf_counter() - t0:.1f}s: killing worker {workers[-1].pid} of "
+                        f"{[w.pid for w in workers]} after registered epoch {epochs[-1]}"
+                    )
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     worker_killed_after = epochs[-1]
             elif worker_killed_after is not None and epochs and epochs[-1] >= worker_killed_after + 2:
@@ -327,8 +382,11 @@ def test_bad_configs_stop_before_ray_starts(corpus, tmp_path):
     cases = [
         ({"task.labels": "[lesion,pneumothorax]"}, "task.labels", "unknown label column 'pneumothorax'"),
         ({"deepspeed.stage": "5"}, "deepspeed.stage", "ZeRO stage"),
-        ({"data.train": str(local), "task": "binary", "task.labels": "[lesion]", "data.split_column": "fold"},
-         "task.labels", "no positive examples in the val split"),
+        (
+            {"data.train": str(local), "task": "binary", "task.labels": "[lesion]", "data.split_column": "fold"},
+            "task.labels",
+            "no positive examples in the val split",
+        ),
         ({"train.strategy": "adapters"}, "train.strategy", "unknown strategy"),
     ]
     for over, key, text in cases:

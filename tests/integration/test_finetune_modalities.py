@@ -1,7 +1,7 @@
 """``medray finetune`` on record-level labels of audio recordings and text documents.
 
 Real Ray Train + DeepSpeed (gloo), the console script in a subprocess, local
-files. The corpus (:mod:`medray.platform.samples_modalities`, written under
+files. The corpus (:mod:`medray.testing.samples_modalities`, written under
 ``$MEDRAY_HOME/samples/records`` so the ``data=`` presets find it): tones whose
 label is their frequency band, reports whose label is whether they mention an
 effusion, and one truncated WAV. Tiny random ``hf_audio`` / ``hf_text``
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_finetune import deepspeed_warm, run_medray  # noqa: F401 - same directory; the fixture is used
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
-from medray.platform.samples_modalities import BROKEN_AUDIO, generate_modality_training_samples
-from test_finetune import deepspeed_warm, run_medray  # noqa: F401 - same directory; the fixture is used
+from medray.testing.samples_modalities import BROKEN_AUDIO, generate_modality_training_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,15 +36,24 @@ def records(tmp_path_factory, deepspeed_warm):  # noqa: F811
     home = root / "home"
     data = home / "samples" / "records"
     info = generate_modality_training_samples(str(data), n_patients=40, seed=0)
-    ckpt = {fam: build_tiny_checkpoint(fam, str(root / fam), arch=arch)
-            for fam, arch in (("hf_audio", "wav2vec2"), ("hf_text", "bert"))}
+    ckpt = {
+        fam: build_tiny_checkpoint(fam, str(root / fam), arch=arch)
+        for fam, arch in (("hf_audio", "wav2vec2"), ("hf_text", "bert"))
+    }
     return {"home": home, "data": data, "info": info, "ckpt": ckpt, "root": root}
 
 
 def _common(**over: str) -> list[str]:
-    args = {"train": "linear_probe", "train.epochs": "12", "train.batch_size": "8", "train.lr": "3e-2",
-            "train.warmup_fraction": "0.0", "scaling.num_workers": "2", "tracking.mode": "offline",
-            "eval.subgroups": "[site]"}
+    args = {
+        "train": "linear_probe",
+        "train.epochs": "12",
+        "train.batch_size": "8",
+        "train.lr": "3e-2",
+        "train.warmup_fraction": "0.0",
+        "scaling.num_workers": "2",
+        "tracking.mode": "offline",
+        "eval.subgroups": "[site]",
+    }
     args.update(over)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -61,8 +70,12 @@ def _check_head(out: Path, summary: dict, ckpt: str, task_label: str) -> None:
     assert sorted(os.listdir(local)) == ["head.safetensors", "model_card.json"]  # references, never copies, weights
     assert card.encoder["weights_hash"] == hash_directory(ckpt) and card.encoder["checkpoint"] == ckpt
     assert card.encoder["features"] == "embeddings" and card.encoder["record_pooling"].startswith("mean")
-    encoder = create_encoder(get_spec({"name": "base", "family": card.encoder["family"], "checkpoint": ckpt,
-                                       "pooling": card.encoder["pooling"]}), device="cpu")
+    encoder = create_encoder(
+        get_spec(
+            {"name": "base", "family": card.encoder["family"], "checkpoint": ckpt, "pooling": card.encoder["pooling"]}
+        ),
+        device="cpu",
+    )
     check_head_card(card, head.dim, {**encoder.describe(), "weights_hash": hash_directory(ckpt)})
     assert card.metrics["val"]["auroc_macro"] == summary["metrics"]["val"]["auroc_macro"]
 
@@ -70,9 +83,17 @@ def _check_head(out: Path, summary: dict, ckpt: str, task_label: str) -> None:
 def test_audio_recording_labels_train_a_head_on_pooled_windows(records, tmp_path):
     out = tmp_path / "audio-run"
     t0 = time.perf_counter()
-    proc = run_medray(records, "finetune", "data=audio_tones", "encoder=hf_audio",
-                      f"encoder.checkpoint={records['ckpt']['hf_audio']}", "task.labels=[high]",
-                      "audio.window_s=1.0", *_common(), f"output={out}")
+    proc = run_medray(
+        records,
+        "finetune",
+        "data=audio_tones",
+        "encoder=hf_audio",
+        f"encoder.checkpoint={records['ckpt']['hf_audio']}",
+        "task.labels=[high]",
+        "audio.window_s=1.0",
+        *_common(),
+        f"output={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     print(f"audio run: {time.perf_counter() - t0:.1f}s")
     assert "1 records quarantined" in proc.stdout
@@ -98,9 +119,17 @@ def test_audio_recording_labels_train_a_head_on_pooled_windows(records, tmp_path
 def test_report_labels_from_a_text_column_train_a_head_on_pooled_chunks(records, tmp_path):
     out = tmp_path / "text-run"
     t0 = time.perf_counter()
-    proc = run_medray(records, "finetune", "data=report_keywords", "encoder=hf_text",
-                      f"encoder.checkpoint={records['ckpt']['hf_text']}", "encoder.pooling=mean",
-                      "task.labels=[effusion]", *_common(**{"scaling.num_workers": "1"}), f"output={out}")
+    proc = run_medray(
+        records,
+        "finetune",
+        "data=report_keywords",
+        "encoder=hf_text",
+        f"encoder.checkpoint={records['ckpt']['hf_text']}",
+        "encoder.pooling=mean",
+        "task.labels=[effusion]",
+        *_common(**{"scaling.num_workers": "1"}),
+        f"output={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     print(f"text run: {time.perf_counter() - t0:.1f}s")
     summary = json.loads((out / "summary.json").read_text())

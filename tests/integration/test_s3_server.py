@@ -8,7 +8,7 @@ import uuid
 import pytest
 import s3fs
 
-from medray.platform.testing import SeaweedS3
+from medray.testing import SeaweedS3
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

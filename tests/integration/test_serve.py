@@ -41,15 +41,15 @@ import yaml
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.encoders.heads import LinearHead, ModelCard, save_artifact
-from medray.platform.samples import generate_samples
+from medray.testing.samples import generate_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-token-" + uuid.uuid4().hex
-APP = "mrt" + uuid.uuid4().hex[:6]          # unique: replica processes are found by this name
+APP = "mrt" + uuid.uuid4().hex[:6]  # unique: replica processes are found by this name
 OPEN_APP = APP + "open"
-TIMEOUT = 30                                 # client timeout: nothing may hang past it
+TIMEOUT = 30  # client timeout: nothing may hang past it
 
 
 def _free_port() -> int:
@@ -62,17 +62,24 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     """PIDs of live replica processes of ``app``/``deployment``."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     tag = f"ServeReplica:{app}:{deployment}"
-    return [int(line.split()[0]) for line in out.splitlines()
-            if tag in line and "Z" not in line.split()[1]]
+    return [int(line.split()[0]) for line in out.splitlines() if tag in line and "Z" not in line.split()[1]]
 
 
 def _env(home: Path) -> dict:
     env = dict(os.environ)
-    env.update({"MEDRAY_HOME": str(home), "MEDRAY_CACHE_DIR": str(home / "cache"), "MEDRAY_SERVE_TOKEN": TOKEN,
-                "MEDRAY_PATIENT_SALT": "test-salt", "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0",
-                "RAY_AUTH_MODE": "disabled",  # loopback-only test cluster; a second driver joins it
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"})
+    env.update(
+        {
+            "MEDRAY_HOME": str(home),
+            "MEDRAY_CACHE_DIR": str(home / "cache"),
+            "MEDRAY_SERVE_TOKEN": TOKEN,
+            "MEDRAY_PATIENT_SALT": "test-salt",
+            "WANDB_MODE": "offline",
+            "MEDRAY_PROGRESS": "0",
+            "RAY_AUTH_MODE": "disabled",  # loopback-only test cluster; a second driver joins it
+            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        }
+    )
     env.pop("WANDB_API_KEY", None)
     env.pop("RAY_ADDRESS", None)
     return env
@@ -108,54 +115,116 @@ def stack(s3, tmp_path_factory):
     rng = np.random.default_rng(7)
     heads, uris = {}, []
     enc = {"name": "hf_image", "family": "hf_image", "weights_hash": weights_hash, "dim": 32, "pooling": "cls"}
-    for i, (task, labels) in enumerate([("binary", ["effusion"]), ("multilabel", ["a", "b", "c"]),
-                                        ("multiclass", ["x", "y", "z", "w"])]):
-        head = LinearHead(rng.normal(size=(len(labels), 32)).astype("f4"),
-                          rng.normal(size=len(labels)).astype("f4"), task)
+    for i, (task, labels) in enumerate(
+        [("binary", ["effusion"]), ("multilabel", ["a", "b", "c"]), ("multiclass", ["x", "y", "z", "w"])]
+    ):
+        head = LinearHead(
+            rng.normal(size=(len(labels), 32)).astype("f4"), rng.normal(size=len(labels)).astype("f4"), task
+        )
         heads[f"probe{i}"] = head
-        uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/probe{i}", head=head,
-                                  card=ModelCard(id=f"probe{i}", task=task, labels=labels, encoder=enc)))
-    uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/other", head=LinearHead(
-        np.ones((1, 32), "f4"), np.zeros(1, "f4"), "binary"), card=ModelCard(
-        id="other", task="binary", labels=["q"], encoder={**enc, "weights_hash": "f" * 64})))
+        uris.append(
+            save_artifact(
+                f"s3://{s3.bucket}/serve/heads/probe{i}",
+                head=head,
+                card=ModelCard(id=f"probe{i}", task=task, labels=labels, encoder=enc),
+            )
+        )
+    uris.append(
+        save_artifact(
+            f"s3://{s3.bucket}/serve/heads/other",
+            head=LinearHead(np.ones((1, 32), "f4"), np.zeros(1, "f4"), "binary"),
+            card=ModelCard(id="other", task="binary", labels=["q"], encoder={**enc, "weights_hash": "f" * 64}),
+        )
+    )
     ft_head = LinearHead(rng.normal(size=(2, 32)).astype("f4"), np.zeros(2, "f4"), "multiclass")
-    uris.append(save_artifact(f"s3://{s3.bucket}/serve/heads/ft", head=ft_head, backbone_dir=ckpt, card=ModelCard(
-        id="ft", task="multiclass", labels=["neg", "pos"], encoder=enc, strategy="full")))
+    uris.append(
+        save_artifact(
+            f"s3://{s3.bucket}/serve/heads/ft",
+            head=ft_head,
+            backbone_dir=ckpt,
+            card=ModelCard(id="ft", task="multiclass", labels=["neg", "pos"], encoder=enc, strategy="full"),
+        )
+    )
 
     # 2. `medray serve` (auth on, the heads, one refused at load; fast autoscaling), started first
     port = _free_port()
     log_path = root / "serve.log"
     common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=8"]
-    args = [str(BIN / "medray"), "serve", *common, f"serve.name={APP}", "check_artifacts=false",
-            "heads=[" + ",".join(uris) + "]", "serve.auth.enabled=true",
-            f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
-            "serve.heads.max_loaded=3", "serve.heads.autoscaling.max_replicas=1",
-            "serve.encoder.max_batch_size=8", "serve.encoder.batch_wait_timeout_s=0.02",
-            "serve.encoder.autoscaling.min_replicas=1", "serve.encoder.autoscaling.max_replicas=2",
-            "serve.encoder.autoscaling.target_ongoing_requests=2", "serve.encoder.autoscaling.upscale_delay_s=0.5",
-            "serve.encoder.autoscaling.downscale_delay_s=2", "serve.encoder.autoscaling.metrics_interval_s=0.5",
-            "serve.encoder.autoscaling.look_back_period_s=2", "serve.graceful_shutdown_wait_loop_s=0.5",
-            "serve.graceful_shutdown_timeout_s=10", "serve.ingress.autoscaling.max_replicas=1",
-            "serve.limits.max_body_bytes=4194304", "serve.limits.request_timeout_s=20"]
+    args = [
+        str(BIN / "medray"),
+        "serve",
+        *common,
+        f"serve.name={APP}",
+        "check_artifacts=false",
+        "heads=[" + ",".join(uris) + "]",
+        "serve.auth.enabled=true",
+        f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
+        "serve.heads.max_loaded=3",
+        "serve.heads.autoscaling.max_replicas=1",
+        "serve.encoder.max_batch_size=8",
+        "serve.encoder.batch_wait_timeout_s=0.02",
+        "serve.encoder.autoscaling.min_replicas=1",
+        "serve.encoder.autoscaling.max_replicas=2",
+        "serve.encoder.autoscaling.target_ongoing_requests=2",
+        "serve.encoder.autoscaling.upscale_delay_s=0.5",
+        "serve.encoder.autoscaling.downscale_delay_s=2",
+        "serve.encoder.autoscaling.metrics_interval_s=0.5",
+        "serve.encoder.autoscaling.look_back_period_s=2",
+        "serve.graceful_shutdown_wait_loop_s=0.5",
+        "serve.graceful_shutdown_timeout_s=10",
+        "serve.ingress.autoscaling.max_replicas=1",
+        "serve.limits.max_body_bytes=4194304",
+        "serve.limits.request_timeout_s=20",
+    ]
     cfg = root / "open.yaml"
     # the emitted app also serves an audio and a text encoder: inputs are routed by content
-    more = {fam: build_tiny_checkpoint(fam, str(root / fam), arch=arch)
-            for fam, arch in (("hf_audio", "wav2vec2"), ("hf_text", "bert"))}
+    more = {
+        fam: build_tiny_checkpoint(fam, str(root / fam), arch=arch)
+        for fam, arch in (("hf_audio", "wav2vec2"), ("hf_text", "bert"))
+    }
     # and a linear probe trained on the audio encoder's pooled embeddings (as `medray finetune` exports one)
     audio_head = LinearHead(rng.normal(size=(1, 32)).astype("f4"), np.zeros(1, "f4"), "binary")
-    audio_head_uri = save_artifact(f"s3://{s3.bucket}/serve/heads/cough", head=audio_head, card=ModelCard(
-        id="cough", task="binary", labels=["cough"], encoder={
-            "name": "hf_audio", "family": "hf_audio", "weights_hash": hash_directory(more["hf_audio"]), "dim": 32}))
-    emit = subprocess.run([str(BIN / "medray"), "serve", *common, f"serve.name={OPEN_APP}",
-                           f"encoders.audio={{family:hf_audio,checkpoint:'{more['hf_audio']}'}}",
-                           f"encoders.text={{family:hf_text,checkpoint:'{more['hf_text']}'}}",
-                           "serve.encoder.num_cpus=0.5", "audio.window_s=1.0", f"heads=[{audio_head_uri}]",
-                           "serve.heads.autoscaling.max_replicas=1",
-                           "serve.route_prefix=/open", f"emit_config={cfg}", "serve.encoder.max_batch_size=1",
-                           "serve.encoder.max_ongoing_requests=1", "serve.encoder.max_queued_requests=1",
-                           "serve.encoder.batch_wait_timeout_s=0", "serve.encoder.autoscaling.max_replicas=1",
-                           "serve.ingress.autoscaling.max_replicas=1"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    audio_head_uri = save_artifact(
+        f"s3://{s3.bucket}/serve/heads/cough",
+        head=audio_head,
+        card=ModelCard(
+            id="cough",
+            task="binary",
+            labels=["cough"],
+            encoder={
+                "name": "hf_audio",
+                "family": "hf_audio",
+                "weights_hash": hash_directory(more["hf_audio"]),
+                "dim": 32,
+            },
+        ),
+    )
+    emit = subprocess.run(
+        [
+            str(BIN / "medray"),
+            "serve",
+            *common,
+            f"serve.name={OPEN_APP}",
+            f"encoders.audio={{family:hf_audio,checkpoint:'{more['hf_audio']}'}}",
+            f"encoders.text={{family:hf_text,checkpoint:'{more['hf_text']}'}}",
+            "serve.encoder.num_cpus=0.5",
+            "audio.window_s=1.0",
+            f"heads=[{audio_head_uri}]",
+            "serve.heads.autoscaling.max_replicas=1",
+            "serve.route_prefix=/open",
+            f"emit_config={cfg}",
+            "serve.encoder.max_batch_size=1",
+            "serve.encoder.max_ongoing_requests=1",
+            "serve.encoder.max_queued_requests=1",
+            "serve.encoder.batch_wait_timeout_s=0",
+            "serve.encoder.autoscaling.max_replicas=1",
+            "serve.ingress.autoscaling.max_replicas=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert emit.returncode == 0, emit.stderr[-3000:]
     t0 = time.time()
     log = open(log_path, "w")
@@ -163,25 +232,59 @@ def stack(s3, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         # 1. meanwhile, the reference: what `medray embed` writes for the same files and checkpoint
-        embed = subprocess.run([str(BIN / "medray"), "embed", f"input={inputs}", f"output={root / 'emb'}",
-                                "encoder=hf_image", f"encoder.checkpoint={ckpt}", "ray.num_cpus=2",
-                                "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=300)
+        embed = subprocess.run(
+            [
+                str(BIN / "medray"),
+                "embed",
+                f"input={inputs}",
+                f"output={root / 'emb'}",
+                "encoder=hf_image",
+                f"encoder.checkpoint={ckpt}",
+                "ray.num_cpus=2",
+                "tracking.enabled=false",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert embed.returncode == 0, embed.stderr[-3000:]
         rows = pq.read_table(root / "emb" / "embeddings").to_pylist()
-        reference = {(Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4")
-                     for r in rows}
+        reference = {
+            (Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4") for r in rows
+        }
         print(f"medray embed: {time.time() - t0:.1f}s")
         gcs = _wait_ready(proc, log_path, 240)
         print(f"medray serve ready: {time.time() - t0:.1f}s")
         # 3. the emitted config, deployed next to it as `serve deploy` would (auth off, tight admission);
         #    tests that use it wait for it (open_app), the others run meanwhile
-        deploy = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
-                                env=env, capture_output=True, text=True, timeout=120)
+        deploy = subprocess.run(
+            [str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert deploy.returncode == 0, deploy.stderr[-3000:]
-        yield {"url": url, "open": url + "/open", "auth": {"Authorization": f"Bearer {TOKEN}"}, "inputs": inputs,
-               "reference": reference, "heads": heads, "ft_head": ft_head, "weights_hash": weights_hash,
-               "info": info, "s3": s3, "log": log_path, "proc": proc, "config": cfg, "gcs": gcs, "env": env,
-               "more": more, "audio_head": audio_head}
+        yield {
+            "url": url,
+            "open": url + "/open",
+            "auth": {"Authorization": f"Bearer {TOKEN}"},
+            "inputs": inputs,
+            "reference": reference,
+            "heads": heads,
+            "ft_head": ft_head,
+            "weights_hash": weights_hash,
+            "info": info,
+            "s3": s3,
+            "log": log_path,
+            "proc": proc,
+            "config": cfg,
+            "gcs": gcs,
+            "env": env,
+            "more": more,
+            "audio_head": audio_head,
+        }
     finally:
         t0 = time.time()
         _stop(proc)
@@ -223,8 +326,12 @@ def open_app(stack) -> str:
 
 def _upload(stack, rel: str, path: str = "/v1/embeddings", base: str | None = None, headers=None):
     data = (stack["inputs"] / rel).read_bytes()
-    return requests.post((base or stack["url"]) + path, files={"file": (Path(rel).name, data)},
-                         headers=stack["auth"] if headers is None else headers, timeout=TIMEOUT)
+    return requests.post(
+        (base or stack["url"]) + path,
+        files={"file": (Path(rel).name, data)},
+        headers=stack["auth"] if headers is None else headers,
+        timeout=TIMEOUT,
+    )
 
 
 def _embeddings(body: dict) -> dict:
@@ -262,15 +369,23 @@ def test_embeddings_equal_what_medray_embed_writes(stack):
     checked = 0
     for i, rel in enumerate(files):
         data = (stack["inputs"] / rel).read_bytes()
-        if i % 3 == 0:    # multipart upload
+        if i % 3 == 0:  # multipart upload
             r = _upload(stack, rel)
         elif i % 3 == 1:  # base64 JSON
-            r = requests.post(stack["url"] + "/v1/embeddings", json={"bytes_b64": base64.b64encode(data).decode()},
-                              headers=stack["auth"], timeout=TIMEOUT)
-        else:             # raw body
+            r = requests.post(
+                stack["url"] + "/v1/embeddings",
+                json={"bytes_b64": base64.b64encode(data).decode()},
+                headers=stack["auth"],
+                timeout=TIMEOUT,
+            )
+        else:  # raw body
             ctype = "application/dicom" if rel.endswith(".dcm") else "application/octet-stream"
-            r = requests.post(stack["url"] + "/v1/embeddings", data=data,
-                              headers={**stack["auth"], "Content-Type": ctype}, timeout=TIMEOUT)
+            r = requests.post(
+                stack["url"] + "/v1/embeddings",
+                data=data,
+                headers={**stack["auth"], "Content-Type": ctype},
+                timeout=TIMEOUT,
+            )
         assert r.status_code == 200, (rel, r.text)
         body = r.json()
         assert body["encoder"] == "hf_image" and body["weights_hash"] == stack["weights_hash"]
@@ -282,8 +397,12 @@ def test_embeddings_equal_what_medray_embed_writes(stack):
             checked += 1
     assert checked == 12  # 10 files, one of them with 3 frames
     # an allowed object-storage URI gives the same embedding as the upload
-    r = requests.post(stack["url"] + "/v1/embeddings", headers=stack["auth"], timeout=TIMEOUT,
-                      json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/derm_0000.png"})
+    r = requests.post(
+        stack["url"] + "/v1/embeddings",
+        headers=stack["auth"],
+        timeout=TIMEOUT,
+        json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/derm_0000.png"},
+    )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(_embeddings(r.json())[0], ref[("photos/derm_0000.png", 0)], atol=1e-5, rtol=0)
 
@@ -292,8 +411,9 @@ def test_concurrent_requests_are_batched(stack):
     data = (stack["inputs"] / "photos/derm_0000.png").read_bytes()
 
     def one(_):
-        r = requests.post(stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)}, headers=stack["auth"],
-                          timeout=TIMEOUT)
+        r = requests.post(
+            stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)}, headers=stack["auth"], timeout=TIMEOUT
+        )
         assert r.status_code == 200, r.text
         return r.json()["batch_size"]
 
@@ -371,33 +491,120 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
     samples = stack["info"]["out_dir"]
     hostile = {k: Path(samples) / v for k, v in stack["info"]["hostile"].items()}
     cases = [
-        (requests.post(url + "/v1/embeddings", files={"file": ("b.dcm", hostile["bomb"].read_bytes())},
-                       headers=auth, timeout=TIMEOUT), 413, "too_large"),
-        (requests.post(url + "/v1/embeddings", files={"file": ("t.dcm", hostile["truncated"].read_bytes())},
-                       headers=auth, timeout=TIMEOUT), 422, "undecodable"),
-        (requests.post(url + "/v1/embeddings", files={"file": ("n.dcm", hostile["not_dicom"].read_bytes())},
-                       headers=auth, timeout=TIMEOUT), 415, "unsupported_media"),
-        (requests.post(url + "/v1/embeddings", data=b"hello", headers={**auth, "Content-Type": "text/plain"},
-                       timeout=TIMEOUT), 415, "unsupported_media"),
-        (requests.post(url + "/v1/embeddings", data=b"\x00" * 100, headers={**auth, "Content-Type": "image/png"},
-                       timeout=TIMEOUT), 415, "unsupported_media"),
-        (requests.post(url + "/v1/embeddings", json={"bytes_b64": "***"}, headers=auth, timeout=TIMEOUT),
-         422, "invalid_request"),
-        (requests.post(url + "/v1/embeddings", data=b"{not json", headers={**auth, "Content-Type": "application/json"},
-                       timeout=TIMEOUT), 422, "invalid_request"),
-        (requests.post(url + "/v1/embeddings", json={"uri": "/etc/passwd"}, headers=auth, timeout=TIMEOUT),
-         403, "uri_not_allowed"),
-        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/heads/ft/x"},
-                       headers=auth, timeout=TIMEOUT), 403, "uri_not_allowed"),
-        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/../heads/x"},
-                       headers=auth, timeout=TIMEOUT), 403, "uri_not_allowed"),
-        (requests.post(url + "/v1/embeddings", json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/missing.png"},
-                       headers=auth, timeout=TIMEOUT), 422, "unreadable"),
-        (requests.post(url + "/v1/embeddings", files={"note": (None, "no file here")}, headers=auth, timeout=TIMEOUT),
-         422, "invalid_request"),
-        (requests.post(url + "/v1/embeddings", data=b"x" * (5 << 20),
-                       headers={**auth, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT),
-         413, "too_large"),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                files={"file": ("b.dcm", hostile["bomb"].read_bytes())},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            413,
+            "too_large",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                files={"file": ("t.dcm", hostile["truncated"].read_bytes())},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            422,
+            "undecodable",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                files={"file": ("n.dcm", hostile["not_dicom"].read_bytes())},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            415,
+            "unsupported_media",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings", data=b"hello", headers={**auth, "Content-Type": "text/plain"}, timeout=TIMEOUT
+            ),
+            415,
+            "unsupported_media",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                data=b"\x00" * 100,
+                headers={**auth, "Content-Type": "image/png"},
+                timeout=TIMEOUT,
+            ),
+            415,
+            "unsupported_media",
+        ),
+        (
+            requests.post(url + "/v1/embeddings", json={"bytes_b64": "***"}, headers=auth, timeout=TIMEOUT),
+            422,
+            "invalid_request",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                data=b"{not json",
+                headers={**auth, "Content-Type": "application/json"},
+                timeout=TIMEOUT,
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            requests.post(url + "/v1/embeddings", json={"uri": "/etc/passwd"}, headers=auth, timeout=TIMEOUT),
+            403,
+            "uri_not_allowed",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                json={"uri": f"s3://{stack['s3'].bucket}/serve/heads/ft/x"},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            403,
+            "uri_not_allowed",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/../heads/x"},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            403,
+            "uri_not_allowed",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                json={"uri": f"s3://{stack['s3'].bucket}/serve/inputs/missing.png"},
+                headers=auth,
+                timeout=TIMEOUT,
+            ),
+            422,
+            "unreadable",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings", files={"note": (None, "no file here")}, headers=auth, timeout=TIMEOUT
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            requests.post(
+                url + "/v1/embeddings",
+                data=b"x" * (5 << 20),
+                headers={**auth, "Content-Type": "application/octet-stream"},
+                timeout=TIMEOUT,
+            ),
+            413,
+            "too_large",
+        ),
     ]
     sentinels = stack["info"]["phi"]["sentinels"]
     for r, status, code in cases:
@@ -406,15 +613,19 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
         assert r.headers.get("x-request-id")
     port = int(url.rsplit(":", 1)[1])
     # Content-Length over the limit: 413 before a byte of the body is sent
-    status, body, seconds = _raw_post(port, "/v1/embeddings", {**auth, "Content-Type": "image/png",
-                                                               "Content-Length": str(1 << 30)})
+    status, body, seconds = _raw_post(
+        port, "/v1/embeddings", {**auth, "Content-Type": "image/png", "Content-Length": str(1 << 30)}
+    )
     assert (status, body["code"]) == (413, "too_large") and seconds < 10
+
     # chunked without Content-Length: counted while it streams
     def chunks():
         for _ in range(80):
             yield b"\x00" * 65536
-    r = requests.post(url + "/v1/embeddings", data=chunks(), headers={**auth, "Content-Type": "image/png"},
-                      timeout=TIMEOUT)
+
+    r = requests.post(
+        url + "/v1/embeddings", data=chunks(), headers={**auth, "Content-Type": "image/png"}, timeout=TIMEOUT
+    )
     assert (r.status_code, r.json()["code"]) == (413, "too_large")
     # the same encoder replica (process) is alive and answers
     after = _upload(stack, "photos/derm_0000.png")
@@ -454,15 +665,17 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
     window / chunk embedding equals the encoder applied in this process to what `medray embed`'s decode
     stage makes (the unit tests prove that part equal), and the pooled row (frame -1) is their mean."""
     from medray.encoders import create_encoder, get_spec
-    from medray.platform.testing.media import encode, tone
     from medray.serve.encoder import DecodeSettings, decode_input
+    from medray.testing.media import encode, tone
 
     wav = encode(tone(44100, 3.5, channels=2), 44100)
     report = "Findings: small left pleural effusion, no pneumothorax. " * 60
-    cases = [("audio", {"files": {"file": ("cough.wav", wav)}}, wav, {"window_s": 1.0}),
-             ("audio", {"data": wav, "headers": {"Content-Type": "audio/wav"}}, wav, {"window_s": 1.0}),
-             ("text", {"json": {"text": report}}, report.encode(), {}),
-             ("text", {"data": report.encode(), "headers": {"Content-Type": "text/plain"}}, report.encode(), {})]
+    cases = [
+        ("audio", {"files": {"file": ("cough.wav", wav)}}, wav, {"window_s": 1.0}),
+        ("audio", {"data": wav, "headers": {"Content-Type": "audio/wav"}}, wav, {"window_s": 1.0}),
+        ("text", {"json": {"text": report}}, report.encode(), {}),
+        ("text", {"data": report.encode(), "headers": {"Content-Type": "text/plain"}}, report.encode(), {}),
+    ]
     refs = {}
     for modality, kwargs, data, opts in cases:
         resp = requests.post(open_app + "/v1/embeddings", timeout=TIMEOUT, **kwargs)
@@ -486,11 +699,13 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
             assert [(e["start_s"], e["end_s"]) for e in items] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 3.5)]
         else:
             assert [(e["token_start"], e["token_end"]) for e in items] == [
-                (sg["token_start"], sg["token_end"]) for sg in segments]
+                (sg["token_start"], sg["token_end"]) for sg in segments
+            ]
             assert report[:40] not in resp.text  # the text never comes back
     # the audio probe: a prediction per window and one for the pooled recording (frame -1)
-    resp = requests.post(open_app + "/v1/predict/cough", data=wav, headers={"Content-Type": "audio/wav"},
-                         timeout=TIMEOUT)
+    resp = requests.post(
+        open_app + "/v1/predict/cough", data=wav, headers={"Content-Type": "audio/wav"}, timeout=TIMEOUT
+    )
     assert resp.status_code == 200, resp.text
     preds = {p["frame"]: p["probabilities"]["cough"] for p in resp.json()["predictions"]}
     want, _ = refs["audio"]
@@ -503,12 +718,20 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
     assert ready["encoders"] == {"image": "hf_image", "audio": "hf_audio", "text": "hf_text"}
     # the image encoder still gets images; unknown content is a 415
     assert _upload(stack, "photos/derm_0000.png", base=open_app, headers={}).json()["modality"]
-    bad = requests.post(open_app + "/v1/embeddings", data=b"\x00\x01" * 400,
-                        headers={"Content-Type": "application/octet-stream"}, timeout=TIMEOUT)
+    bad = requests.post(
+        open_app + "/v1/embeddings",
+        data=b"\x00\x01" * 400,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=TIMEOUT,
+    )
     assert bad.status_code == 415 and bad.json()["code"] == "unsupported_media"
     # the auth-on app serves images only: a WAV is refused with the reason
-    only = requests.post(stack["url"] + "/v1/embeddings", data=wav, timeout=TIMEOUT,
-                         headers={"Content-Type": "audio/wav", **stack["auth"]})
+    only = requests.post(
+        stack["url"] + "/v1/embeddings",
+        data=wav,
+        timeout=TIMEOUT,
+        headers={"Content-Type": "audio/wav", **stack["auth"]},
+    )
     assert only.status_code == 415 and "embeds image inputs; the input is audio" in only.json()["message"]
 
 
@@ -532,8 +755,13 @@ def test_redeploy_under_load_finishes_in_flight_requests(stack, open_app, tmp_pa
     thread.start()
     try:
         time.sleep(1.0)
-        deploy = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", stack["gcs"],
-                                 str(changed)], env=stack["env"], capture_output=True, text=True, timeout=120)
+        deploy = subprocess.run(
+            [str(BIN / "serve"), "run", "--non-blocking", "--address", stack["gcs"], str(changed)],
+            env=stack["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -555,10 +783,12 @@ def _load(stack, stop: threading.Event, results: list, rel: str = "photos/derm_0
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
-            r = requests.post(stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)},
-                              headers=stack["auth"], timeout=TIMEOUT)
-            results.append((time.time(), r.status_code, r.json().get("replica") or r.json().get("code"),
-                            time.perf_counter() - t0))
+            r = requests.post(
+                stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)}, headers=stack["auth"], timeout=TIMEOUT
+            )
+            results.append(
+                (time.time(), r.status_code, r.json().get("replica") or r.json().get("code"), time.perf_counter() - t0)
+            )
         except requests.RequestException as err:
             results.append((time.time(), type(err).__name__, None, time.perf_counter() - t0))
 

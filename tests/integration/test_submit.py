@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from medray.platform.samples import generate_samples
+from medray.testing.samples import generate_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,20 +42,40 @@ def head(tmp_path_factory, s3):
     root.mkdir()
     token = root / "token"
     token.write_text(secrets.token_hex(32))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MEDRAY_PATIENT_SALT="test-salt",
-               MEDRAY_HOME=str(root / "home"), MEDRAY_CACHE_DIR=str(root / "cache"), MEDRAY_PROGRESS="0")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        MEDRAY_PATIENT_SALT="test-salt",
+        MEDRAY_HOME=str(root / "home"),
+        MEDRAY_CACHE_DIR=str(root / "cache"),
+        MEDRAY_PROGRESS="0",
+    )
     ports: list[int] = []
     while len(ports) < 5:  # distinct, and none inside the worker port range (ports[4] .. +200)
         port = _free_port()
-        if port not in ports and not (ports[4:] and ports[4] <= port <= ports[4] + 200) and not (
-                len(ports) == 4 and any(port <= p <= port + 200 for p in ports)):
+        if (
+            port not in ports
+            and not (ports[4:] and ports[4] <= port <= ports[4] + 200)
+            and not (len(ports) == 4 and any(port <= p <= port + 200 for p in ports))
+        ):
             ports.append(port)
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={ports[0]}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
-           f"--dashboard-agent-listen-port={ports[3]}", f"--min-worker-port={ports[4]}",
-           f"--max-worker-port={ports[4] + 200}", "--num-cpus=2", f"--temp-dir={root / 'ray'}",
-           "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={ports[0]}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports[1]}",
+        f"--ray-client-server-port={ports[2]}",
+        f"--dashboard-agent-listen-port={ports[3]}",
+        f"--min-worker-port={ports[4]}",
+        f"--max-worker-port={ports[4] + 200}",
+        "--num-cpus=2",
+        f"--temp-dir={root / 'ray'}",
+        "--disable-usage-stats",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     address = f"http://127.0.0.1:{ports[1]}"
@@ -71,8 +91,9 @@ def head(tmp_path_factory, s3):
 
 
 def _medray(head, *args, env=None, timeout=600):
-    return subprocess.run([str(BIN / "medray"), *args], env=env or head["env"], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "medray"), *args], env=env or head["env"], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_submit_embed_to_cluster_and_wait(head, s3, tmp_path):
@@ -81,8 +102,18 @@ def test_submit_embed_to_cluster_and_wait(head, s3, tmp_path):
     fs = s3.filesystem()
     fs.put(str(samples / "dicom"), f"{s3.bucket}/submit/in/", recursive=True)
     out = f"s3://{s3.bucket}/submit/out"
-    proc = _medray(head, "submit", "embed", f"input=s3://{s3.bucket}/submit/in/", f"output={out}",
-                   "encoder=demo_tiny_vit", "tracking.enabled=false", "--address", head["address"], "--wait")
+    proc = _medray(
+        head,
+        "submit",
+        "embed",
+        f"input=s3://{s3.bucket}/submit/in/",
+        f"output={out}",
+        "encoder=demo_tiny_vit",
+        "tracking.enabled=false",
+        "--address",
+        head["address"],
+        "--wait",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     job_id = proc.stdout.split()[0]
     assert job_id.startswith("raysubmit_") and f"{job_id} SUCCEEDED" in proc.stdout
@@ -97,8 +128,16 @@ def test_submit_embed_to_cluster_and_wait(head, s3, tmp_path):
 
 
 def test_failing_job_reports_failed_with_its_error(head):
-    proc = _medray(head, "submit", "embed", "input=/definitely/not/here", "output=/tmp/mr-nowhere",
-                   "--address", head["address"], "--wait")
+    proc = _medray(
+        head,
+        "submit",
+        "embed",
+        "input=/definitely/not/here",
+        "output=/tmp/mr-nowhere",
+        "--address",
+        head["address"],
+        "--wait",
+    )
     assert proc.returncode == 1
     assert "FAILED" in proc.stdout
     job_id = proc.stdout.split()[0]
@@ -124,14 +163,27 @@ def test_submit_multirun_submits_one_job_per_point_each_into_its_own_output(head
     fs.put(ckpt, f"{s3.bucket}/sweep/tiny-vit", recursive=True)
     base = f"s3://{s3.bucket}/sweep/out"
     t0 = time.perf_counter()
-    proc = _medray(head, "submit", "-m", "embed", "encoder=demo_tiny_vit,hf_image",
-                   f"encoder.checkpoint=s3://{s3.bucket}/sweep/tiny-vit", f"input=s3://{s3.bucket}/sweep/in/",
-                   f"output={base}/${{encoder.name}}", "tracking.mode=offline", "compute.batch_size=4",
-                   "cluster=remote",  # ray.address=auto: the cluster the job runs in (RAY_ADDRESS)
-                   # both jobs run at once on the 2-CPU head: each must fit in half of it, or each job's
-                   # encoder actor holds a CPU the other job's decode tasks wait for (Ray Data plans per job)
-                   "compute.actor_num_cpus=0.5", "compute.decode_num_cpus=0.5",
-                   "--address", head["address"], "--wait", timeout=900)
+    proc = _medray(
+        head,
+        "submit",
+        "-m",
+        "embed",
+        "encoder=demo_tiny_vit,hf_image",
+        f"encoder.checkpoint=s3://{s3.bucket}/sweep/tiny-vit",
+        f"input=s3://{s3.bucket}/sweep/in/",
+        f"output={base}/${{encoder.name}}",
+        "tracking.mode=offline",
+        "compute.batch_size=4",
+        "cluster=remote",  # ray.address=auto: the cluster the job runs in (RAY_ADDRESS)
+        # both jobs run at once on the 2-CPU head: each must fit in half of it, or each job's
+        # encoder actor holds a CPU the other job's decode tasks wait for (Ray Data plans per job)
+        "compute.actor_num_cpus=0.5",
+        "compute.decode_num_cpus=0.5",
+        "--address",
+        head["address"],
+        "--wait",
+        timeout=900,
+    )
     print(f"submit -m with 2 points: {time.perf_counter() - t0:.1f}s")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ids = [w for w in proc.stdout.split() if w.startswith("raysubmit_")]
@@ -146,7 +198,7 @@ def test_submit_multirun_submits_one_job_per_point_each_into_its_own_output(head
     manifests = sorted(Path(head["env"]["MEDRAY_HOME"]).glob("wandb/offline-run-*/artifacts/*.manifest.json"))
     by_output = {json.loads(m.read_text())["metadata"]["output"]: json.loads(m.read_text()) for m in manifests}
     assert set(by_output) >= {f"{base}/demo_tiny_vit", f"{base}/hf_image"}
-    for output, m in by_output.items():
+    for m in by_output.values():
         assert m["type"] == "embeddings" and set(m["manifest"]["contents"]) == {"summary.json"}
     logs = [p.read_bytes() for p in Path(head["env"]["MEDRAY_HOME"]).glob("wandb/offline-run-*/run-*.wandb")]
     groups = {g for g in (re.search(rb"sweep-[0-9a-f]{8}", b) for b in logs) if g}

@@ -23,7 +23,7 @@ from medray.encoders import (
     resolve_checkpoint,
 )
 from medray.platform.errors import ConfigError
-from medray.platform.testing import SeaweedS3
+from medray.testing import SeaweedS3
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,12 +46,11 @@ def s3_checkpoint(s3: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> tu
     return f"s3://{prefix}", hash_directory(local)
 
 
-def test_s3_checkpoint_loads_and_is_pinned(
-    s3: SeaweedS3, s3_checkpoint: tuple[str, str], tmp_path: Path
-) -> None:
+def test_s3_checkpoint_loads_and_is_pinned(s3: SeaweedS3, s3_checkpoint: tuple[str, str], tmp_path: Path) -> None:
     uri, sha = s3_checkpoint
-    spec = get_spec("timm_image", checkpoint=uri, sha256=sha, cache_dir=str(tmp_path),
-                    storage_options={"s3": s3.storage_options()})  # keyed by protocol, like storage.options
+    spec = get_spec(
+        "timm_image", checkpoint=uri, sha256=sha, cache_dir=str(tmp_path), storage_options={"s3": s3.storage_options()}
+    )  # keyed by protocol, like storage.options
     encoder = create_encoder(spec)
     info = encoder.describe()
     assert info["checkpoint"] == uri and info["weights_hash"] == sha and info["untrained"] is True
@@ -65,7 +64,10 @@ def test_concurrent_processes_download_once(s3_checkpoint: tuple[str, str], tmp_
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _RESOLVE, uri, str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
         )
         for _ in range(3)
     ]

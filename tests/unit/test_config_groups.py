@@ -18,9 +18,7 @@ from medray.jobs import finetune, serve
 from medray.platform.storage import open_fs
 
 JOBS = ("embed", "finetune", "serve")
-REQUIRED = {"embed": ["input=/data/in", "output=/data/out"],
-            "finetune": ["output=/data/run"],
-            "serve": []}
+REQUIRED = {"embed": ["input=/data/in", "output=/data/out"], "finetune": ["output=/data/run"], "serve": []}
 CLI = str(Path(sys.executable).parent / "medray")
 
 
@@ -51,8 +49,7 @@ def test_defaults_are_local_storage_and_a_local_ray(job):
 
 @pytest.mark.parametrize("job", JOBS)
 def test_plain_overrides_keep_working(job):
-    cfg = _compose(job, "+storage.options.s3.endpoint_url=http://127.0.0.1:9000", "ray.address=auto",
-                   "ray.num_cpus=2")
+    cfg = _compose(job, "+storage.options.s3.endpoint_url=http://127.0.0.1:9000", "ray.address=auto", "ray.num_cpus=2")
     assert cfg.storage.options.s3.endpoint_url == "http://127.0.0.1:9000"
     assert cfg.ray.address == "auto" and cfg.ray.num_cpus == 2
     flat = _compose(job, "+storage.options.anon=true")
@@ -120,10 +117,13 @@ def test_group_files_hold_no_secrets_and_say_how_to_run(group):
 
 
 @pytest.mark.parametrize("job", JOBS)
-@pytest.mark.parametrize("override,named", [
-    ("storage.optoins={}", "storage.optoins"),
-    ("ray.adress=auto", "ray.adress"),
-])
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("storage.optoins={}", "storage.optoins"),
+        ("ray.adress=auto", "ray.adress"),
+    ],
+)
 def test_a_misspelt_key_fails_naming_it(job, override, named):
     with pytest.raises(ConfigCompositionException, match=named.replace(".", r"\.")):
         _compose(job, override)
@@ -141,10 +141,17 @@ def test_an_unknown_option_fails_listing_the_choices(job, group):
 
 def test_the_cli_stops_before_ray_naming_the_group_and_its_choices(tmp_path):
     env = dict(os.environ, RAY_ADDRESS="", MEDRAY_HOME=str(tmp_path))
-    for override, expected in (("cluster=nope", ["cluster/nope", "local", "remote"]),
-                               ("storage.optoins={}", ["storage.optoins"])):
-        proc = subprocess.run([CLI, "embed", f"input={tmp_path}", f"output={tmp_path / 'out'}", override],
-                              env=env, capture_output=True, text=True, timeout=120)
+    for override, expected in (
+        ("cluster=nope", ["cluster/nope", "local", "remote"]),
+        ("storage.optoins={}", ["storage.optoins"]),
+    ):
+        proc = subprocess.run(
+            [CLI, "embed", f"input={tmp_path}", f"output={tmp_path / 'out'}", override],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode != 0
         assert all(e in proc.stderr for e in expected), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "Ray instance" not in proc.stdout + proc.stderr

@@ -286,10 +286,12 @@ def test_voi_lut_sequence_matches_pydicom() -> None:
 
 def test_monochrome1_is_inverted_after_windowing() -> None:
     stored = (HU + 1024).astype(np.uint16)
-    mono1 = _image(stored, "MONOCHROME1", RescaleSlope=1, RescaleIntercept=-1024,
-                   WindowCenter=40, WindowWidth=400, Modality="CR")
-    mono2 = _image(stored, "MONOCHROME2", RescaleSlope=1, RescaleIntercept=-1024,
-                   WindowCenter=40, WindowWidth=400, Modality="CR")
+    mono1 = _image(
+        stored, "MONOCHROME1", RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400, Modality="CR"
+    )
+    mono2 = _image(
+        stored, "MONOCHROME2", RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400, Modality="CR"
+    )
     got1 = decode_bytes(_to_bytes(mono1)).frames[0].image
     got2 = decode_bytes(_to_bytes(mono2)).frames[0].image
     np.testing.assert_array_equal(got1, 255 - got2)
@@ -317,8 +319,7 @@ def test_enhanced_multiframe_uses_per_frame_groups() -> None:
             setattr(item, keyword, value)
         return item
 
-    shared = group(PixelValueTransformationSequence=[
-        group(RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")])
+    shared = group(PixelValueTransformationSequence=[group(RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")])
     ds.SharedFunctionalGroupsSequence = [shared]
     ds.PerFrameFunctionalGroupsSequence = [
         group(FrameVOILUTSequence=[group(WindowCenter=40, WindowWidth=400)]),
@@ -336,8 +337,7 @@ def test_enhanced_multiframe_uses_per_frame_groups() -> None:
 @pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
 def test_generated_lossless_round_trip(syntax: str) -> None:
     stored = np.random.default_rng(2).integers(0, 4096, size=(48, 64), dtype=np.uint16)
-    ds = _image(stored, bits=12, RescaleSlope=1, RescaleIntercept=-1024,
-                WindowCenter=40, WindowWidth=400)
+    ds = _image(stored, bits=12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
     plain = _to_bytes(ds)
     ds = pydicom.dcmread(BytesIO(plain))
     ds.compress(syntax)
@@ -365,8 +365,9 @@ def test_raw_dataset_without_preamble() -> None:
     raw = buf.getvalue()
     assert raw[128:132] != b"DICM" and detect_format(raw) == "dicom"
     got = decode_bytes(raw)
-    np.testing.assert_array_equal(got.frames[0].image, decode_bytes(_to_bytes(_ct(
-        WindowCenter=40, WindowWidth=400))).frames[0].image)
+    np.testing.assert_array_equal(
+        got.frames[0].image, decode_bytes(_to_bytes(_ct(WindowCenter=40, WindowWidth=400))).frames[0].image
+    )
 
 
 def test_dicom_display_frames_on_a_read_dataset() -> None:

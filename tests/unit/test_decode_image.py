@@ -116,6 +116,7 @@ def test_exif_orientation_is_applied_and_exif_never_copied() -> None:
 
 def _png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit all-black PNG, a few hundred KB at most on disk."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 

@@ -34,8 +34,19 @@ PHI = {
     "StudyDate": "20190304",
 }
 # Fragments that must never leave the file (the year of StudyDate may).
-NEEDLES = ["Doe", "Jane", "MRN884422", "884422", "19710203", "Elsewhere", "ACC99887766",
-           "99887766", "House", "20190304", "0304"]
+NEEDLES = [
+    "Doe",
+    "Jane",
+    "MRN884422",
+    "884422",
+    "19710203",
+    "Elsewhere",
+    "ACC99887766",
+    "99887766",
+    "House",
+    "20190304",
+    "0304",
+]
 
 
 def _assert_clean(text: str) -> None:
@@ -136,9 +147,7 @@ def _broken_variants() -> dict[str, tuple[bytes, dict]]:
 
 
 @pytest.mark.parametrize("variant", list(_broken_variants()))
-def test_errors_logs_and_warnings_carry_no_phi(
-    variant: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_errors_logs_and_warnings_carry_no_phi(variant: str, caplog: pytest.LogCaptureFixture) -> None:
     data, kwargs = _broken_variants()[variant]
     caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as caught:

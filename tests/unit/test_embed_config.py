@@ -23,8 +23,8 @@ def compose_embed(tmp_path):
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return compose("embed", overrides=[f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
-                                               *overrides])
+            return compose("embed", overrides=[f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *overrides])
+
     return _compose
 
 
@@ -47,15 +47,18 @@ def test_generic_preset_requires_checkpoint(compose_embed):
         EmbedJob(compose_embed("encoder=hf_image"))
 
 
-@pytest.mark.parametrize("override,key", [
-    ("max_error_fraction=2", "max_error_fraction"),
-    ("compute.batch_size=0", "compute.batch_size"),
-    ("compute.dtype=int8", "compute.dtype"),
-    ("decode.frames=some", "decode.frames"),
-    ("decode.windows.CT=[40,-1]", "decode.windows.CT"),
-    ("encoder.pooling=max", "encoder.pooling"),
-    ("encoder.family=nope", "encoder.family"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("max_error_fraction=2", "max_error_fraction"),
+        ("compute.batch_size=0", "compute.batch_size"),
+        ("compute.dtype=int8", "compute.dtype"),
+        ("decode.frames=some", "decode.frames"),
+        ("decode.windows.CT=[40,-1]", "decode.windows.CT"),
+        ("encoder.pooling=max", "encoder.pooling"),
+        ("encoder.family=nope", "encoder.family"),
+    ],
+)
 def test_bad_values_name_the_key(compose_embed, override, key):
     with pytest.raises(ConfigError) as err:
         EmbedJob(compose_embed(override))

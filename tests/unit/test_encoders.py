@@ -226,9 +226,7 @@ def test_fsspec_checkpoint_is_cached_once_and_verified(ckpts: dict[str, str], _c
         resolve_checkpoint(uri, expected_sha256="0" * 64)
 
 
-def test_cached_copy_hash_comes_from_the_sidecar(
-    ckpts: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cached_copy_hash_comes_from_the_sidecar(ckpts: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     uri = "memory://models/tiny-vit-sidecar"
     _upload(ckpts["hf_image/vit"], uri)
     local, sha = resolve_checkpoint(uri)
@@ -248,9 +246,7 @@ def test_mismatching_download_is_not_cached(ckpts: dict[str, str], _cache: Path)
     assert not [p for p in _cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def test_concurrent_resolves_copy_once(
-    ckpts: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_concurrent_resolves_copy_once(ckpts: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     uri = "memory://models/tiny-vit-concurrent"
     _upload(ckpts["timm_image/vit"], uri)
     copies = []

@@ -32,10 +32,20 @@ def manifest(tmp_path):
     for p in range(40):
         for j in range(2):
             lesion, effusion = (p + j) % 2, (p // 2 + j) % 2
-            rows.append({"uri": f"s3://b/{p}/{j}.dcm", "patient": f"P{p}", "lesion": lesion, "effusion": effusion,
-                         "finding": ["none", "lesion", "effusion", "both"][lesion + 2 * effusion],
-                         "severity": float(p % 5), "site": "AB"[p % 2], "sex": "MF"[p % 2], "age": 30 + p,
-                         "fold": "val" if p % 4 == 0 else "train"})
+            rows.append(
+                {
+                    "uri": f"s3://b/{p}/{j}.dcm",
+                    "patient": f"P{p}",
+                    "lesion": lesion,
+                    "effusion": effusion,
+                    "finding": ["none", "lesion", "effusion", "both"][lesion + 2 * effusion],
+                    "severity": float(p % 5),
+                    "site": "AB"[p % 2],
+                    "sex": "MF"[p % 2],
+                    "age": 30 + p,
+                    "fold": "val" if p % 4 == 0 else "train",
+                }
+            )
     path = tmp_path / "labels.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -48,9 +58,17 @@ def compose_ft(tmp_path, manifest):
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return compose("finetune", overrides=[f"data.train={manifest}", f"output={tmp_path / 'out'}",
-                                                  "encoder.checkpoint=/models/x", "data.group_by=patient",
-                                                  *overrides])
+            return compose(
+                "finetune",
+                overrides=[
+                    f"data.train={manifest}",
+                    f"output={tmp_path / 'out'}",
+                    "encoder.checkpoint=/models/x",
+                    "data.group_by=patient",
+                    *overrides,
+                ],
+            )
+
     return _compose
 
 
@@ -94,38 +112,44 @@ def test_split_modes_and_counts(compose_ft):
     assert job.plan.mode == "patient_key" and job.counts is None  # counted after the header pass
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["task.type=ordinal", "task.labels=[lesion]"], "task.type"),
-    (["task.labels=[]"], "task.labels"),
-    (["task.labels=[lesion,effusion]"], "task.labels"),  # binary takes one label
-    (["task.labels=[pneumothorax]"], "task.labels"),  # unknown column
-    (["task=multiclass", "task.labels=[a,b]"], "task.column"),
-    (["task=multiclass", "task.column=nope", "task.labels=[a,b]"], "task.column"),
-    (["task=multiclass", "task.column=finding", "task.labels=[none,lesion]"], "task.labels"),  # values not classes
-    (["task.labels=[finding]"], "task.labels"),  # not 0/1
-    (["task.labels=[lesion]", "task.column=finding"], "task.column"),
-    (["task.labels=[lesion]", "deepspeed.stage=5"], "deepspeed.stage"),
-    (["task.labels=[lesion]", "deepspeed.stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
-    (["task.labels=[lesion]", "deepspeed.stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
-    (["task.labels=[lesion]", "train.strategy=adapters"], "train.strategy"),
-    (["task.labels=[lesion]", "train.precision=bf16"], "train.precision"),
-    (["task.labels=[lesion]", "train.schedule=step"], "train.schedule"),
-    (["task.labels=[lesion]", "train.epochs=0"], "train.epochs"),
-    (["task.labels=[lesion]", "train.lr=0"], "train.lr"),
-    (["task.labels=[lesion]", "train.warmup_fraction=1.5"], "train.warmup_fraction"),
-    (["task.labels=[lesion]", "train=lora", "train.lora.r=0"], "train.lora.r"),
-    (["task.labels=[lesion]", "+train.augment.DX.rotate=0.5"], "train.augment.DX.rotate"),
-    (["task.labels=[lesion]", "scaling.num_workers=0"], "scaling.num_workers"),
-    (["task.labels=[lesion]", "eval.subgroups=[ethnicity]"], "eval.subgroups"),
-    (["task.labels=[lesion]", "data.group_by=family"], "data.group_by"),
-    (["task.labels=[lesion]", "data.split_column=nope"], "data.split_column"),
-    (["task.labels=[lesion]", "data.val_fraction=0"], "data.val_fraction"),
-    (["task.labels=[lesion]", "data.val_fraction=0.7", "data.test_fraction=0.4"], "data.val_fraction"),
-    (["task.labels=[lesion]", "data.cache=sometimes"], "data.cache"),
-    (["task.labels=[lesion]", "encoder=hf_image", "encoder.checkpoint=???"], "encoder.checkpoint"),
-    (["task.labels=[lesion]", "data.train=/nowhere/labels.parquet"], "data.train"),
-    (["task.labels=[lesion]", "encoder=hf_text"], "train.strategy"),  # text: a head on pooled embeddings only
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["task.type=ordinal", "task.labels=[lesion]"], "task.type"),
+        (["task.labels=[]"], "task.labels"),
+        (["task.labels=[lesion,effusion]"], "task.labels"),  # binary takes one label
+        (["task.labels=[pneumothorax]"], "task.labels"),  # unknown column
+        (["task=multiclass", "task.labels=[a,b]"], "task.column"),
+        (["task=multiclass", "task.column=nope", "task.labels=[a,b]"], "task.column"),
+        (["task=multiclass", "task.column=finding", "task.labels=[none,lesion]"], "task.labels"),  # values not classes
+        (["task.labels=[finding]"], "task.labels"),  # not 0/1
+        (["task.labels=[lesion]", "task.column=finding"], "task.column"),
+        (["task.labels=[lesion]", "deepspeed.stage=5"], "deepspeed.stage"),
+        (["task.labels=[lesion]", "deepspeed.stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
+        (
+            ["task.labels=[lesion]", "deepspeed.stage=0", "deepspeed.offload_optimizer=true"],
+            "deepspeed.offload_optimizer",
+        ),
+        (["task.labels=[lesion]", "train.strategy=adapters"], "train.strategy"),
+        (["task.labels=[lesion]", "train.precision=bf16"], "train.precision"),
+        (["task.labels=[lesion]", "train.schedule=step"], "train.schedule"),
+        (["task.labels=[lesion]", "train.epochs=0"], "train.epochs"),
+        (["task.labels=[lesion]", "train.lr=0"], "train.lr"),
+        (["task.labels=[lesion]", "train.warmup_fraction=1.5"], "train.warmup_fraction"),
+        (["task.labels=[lesion]", "train=lora", "train.lora.r=0"], "train.lora.r"),
+        (["task.labels=[lesion]", "+train.augment.DX.rotate=0.5"], "train.augment.DX.rotate"),
+        (["task.labels=[lesion]", "scaling.num_workers=0"], "scaling.num_workers"),
+        (["task.labels=[lesion]", "eval.subgroups=[ethnicity]"], "eval.subgroups"),
+        (["task.labels=[lesion]", "data.group_by=family"], "data.group_by"),
+        (["task.labels=[lesion]", "data.split_column=nope"], "data.split_column"),
+        (["task.labels=[lesion]", "data.val_fraction=0"], "data.val_fraction"),
+        (["task.labels=[lesion]", "data.val_fraction=0.7", "data.test_fraction=0.4"], "data.val_fraction"),
+        (["task.labels=[lesion]", "data.cache=sometimes"], "data.cache"),
+        (["task.labels=[lesion]", "encoder=hf_image", "encoder.checkpoint=???"], "encoder.checkpoint"),
+        (["task.labels=[lesion]", "data.train=/nowhere/labels.parquet"], "data.train"),
+        (["task.labels=[lesion]", "encoder=hf_text"], "train.strategy"),  # text: a head on pooled embeddings only
+    ],
+)
 def test_bad_values_name_the_key(compose_ft, overrides, key):
     with pytest.raises(ConfigError) as err:
         FinetuneJob(compose_ft(*overrides))
@@ -167,21 +191,37 @@ def test_job_module_imports_no_torch_or_ray():
 # DeepSpeed config, LR schedule, checkpoint completeness (torch, no Ray)
 # --------------------------------------------------------------------------
 def test_deepspeed_config_from_settings():
-    from medray.jobs._finetune_model import deepspeed_config
+    from medray.jobs.finetune.model import deepspeed_config
 
-    cfg = deepspeed_config(stage=3, micro_batch=8, grad_accum=4, clip=1.0, precision="fp32", offload_optimizer=True,
-                           offload_params=True, extra={"zero_optimization": {"reduce_bucket_size": 1000}})
+    cfg = deepspeed_config(
+        stage=3,
+        micro_batch=8,
+        grad_accum=4,
+        clip=1.0,
+        precision="fp32",
+        offload_optimizer=True,
+        offload_params=True,
+        extra={"zero_optimization": {"reduce_bucket_size": 1000}},
+    )
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"] == {"device": "cpu"} and zero["reduce_bucket_size"] == 1000
     assert zero["offload_param"] == {"device": "cpu"} and cfg["zero_force_ds_cpu_optimizer"] is False
     assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 1.0 and "bf16" not in cfg and "optimizer" not in cfg
-    assert deepspeed_config(stage=2, micro_batch=1, grad_accum=1, clip=None, precision="bf16", offload_optimizer=False,
-                            offload_params=False, extra={})["bf16"] == {"enabled": True}
+    assert deepspeed_config(
+        stage=2,
+        micro_batch=1,
+        grad_accum=1,
+        clip=None,
+        precision="bf16",
+        offload_optimizer=False,
+        offload_params=False,
+        extra={},
+    )["bf16"] == {"enabled": True}
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from medray.jobs._finetune_model import lr_factor
+    from medray.jobs.finetune.model import lr_factor
 
     f = [lr_factor(s, total=100, warmup=10, schedule="cosine") for s in range(101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
@@ -191,7 +231,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_torn_checkpoints_are_refused(tmp_path):
-    from medray.jobs._finetune_loop import STATE_FILE, check_complete
+    from medray.jobs.finetune.loop import STATE_FILE, check_complete
 
     with pytest.raises(RuntimeError, match="incomplete"):
         check_complete(str(tmp_path), 2)  # no state file: the save never finished
@@ -211,7 +251,7 @@ def test_torn_checkpoints_are_refused(tmp_path):
 def test_augmentations_keep_shape_and_follow_the_modality():
     import torch
 
-    from medray.jobs._finetune_model import augment_batch
+    from medray.jobs.finetune.model import augment_batch
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     g = torch.Generator().manual_seed(0)

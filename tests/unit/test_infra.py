@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,8 +114,11 @@ def test_rayservice_serve_config_parses_with_ray_serve_schema():
     (doc,) = _docs(INFRA / "k8s" / "rayservice.yaml")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
-    schema = ServeDeploySchema.model_validate(serve_cfg) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(serve_cfg)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(serve_cfg)
+    )
     (app,) = schema.applications
     assert app.import_path == "medray.serve.app:build_app"
     _check_cluster_spec(doc["spec"]["rayClusterConfig"])

@@ -106,8 +106,19 @@ def test_subgroup_metrics_split_by_value_and_small_groups_report_size_only():
         subgroup_metrics("binary", y, p, ["les"], {"site": ["a"]})
 
 
-@pytest.mark.parametrize("age,band", [(12, "<40"), (40, "40-59"), (59.9, "40-59"), (60, "60-79"), (95, "80+"),
-                                      (None, None), ("n/a", None), (float("nan"), None)])
+@pytest.mark.parametrize(
+    "age,band",
+    [
+        (12, "<40"),
+        (40, "40-59"),
+        (59.9, "40-59"),
+        (60, "60-79"),
+        (95, "80+"),
+        (None, None),
+        ("n/a", None),
+        (float("nan"), None),
+    ],
+)
 def test_age_band(age, band):
     assert age_band(age, [40, 60, 80]) == band
 

@@ -13,12 +13,13 @@ import pytest
 import soundfile as sf
 
 from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec, spec_to_dict
+from medray.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
 from medray.platform.decoders import detect_modality
 from medray.platform.decoders.audio import AudioOptions, audio_header, decode_audio, split_windows
 from medray.platform.decoders.text import decode_text, is_text, sr_text
 from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
-from medray.platform.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
-from medray.platform.testing.media import REPORT, encode, lying_wav, sr_dataset, tone
+from medray.testing.media import REPORT, encode, lying_wav, sr_dataset, tone
+
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
@@ -53,8 +54,7 @@ def test_audio_windows_exact_at_every_rate(rate):
     audio = decode_audio(data, target_rate=16000)
     assert audio.sample_rate == 16000 and audio.waveform.shape == (1, 80000)
     wins = split_windows(audio, window_s=2.0)
-    assert [(w.start_s, w.end_s, w.padded) for w in wins] == [(0.0, 2.0, False), (2.0, 4.0, False),
-                                                              (4.0, 5.0, True)]
+    assert [(w.start_s, w.end_s, w.padded) for w in wins] == [(0.0, 2.0, False), (2.0, 4.0, False), (4.0, 5.0, True)]
     assert all(w.samples.shape == (32000,) for w in wins) and not wins[-1].samples[16000:].any()
     assert [(w.start_s, w.end_s) for w in split_windows(audio, window_s=2.0, last="drop")] == [(0, 2), (2, 4)]
     assert [w.start_s for w in split_windows(audio, window_s=2.0, hop_s=1.0)] == [0.0, 1.0, 2.0, 3.0]
@@ -133,15 +133,16 @@ def test_audio_parity_with_plain_transformers(ckpts, tmp_path):
         model = AutoModel.from_pretrained(ckpts[key]).eval()
         for r in windows:
             s = int(r["start_s"] * 16000)
-            piece = np.pad(wave[s:s + 32000], (0, max(0, s + 32000 - len(wave))))
+            piece = np.pad(wave[s : s + 32000], (0, max(0, s + 32000 - len(wave))))
             x = fe(piece, sampling_rate=16000, return_tensors="pt")["input_values"]
             with torch.no_grad():
                 ref = model(input_values=x).last_hidden_state.mean(dim=1)[0].numpy()
             np.testing.assert_allclose(r["embedding"], ref, atol=1e-5)
         pooled = [r for r in rows if r["segment"] == "pooled"]
         assert len(pooled) == 1 and pooled[0]["frame"] == -1 and pooled[0]["end_s"] == 4.5
-        np.testing.assert_allclose(pooled[0]["embedding"], np.mean([r["embedding"] for r in windows], axis=0),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            pooled[0]["embedding"], np.mean([r["embedding"] for r in windows], axis=0), atol=1e-6
+        )
 
 
 def test_text_parity_and_no_text_in_outputs(ckpts, tmp_path):
@@ -162,11 +163,21 @@ def test_text_parity_and_no_text_in_outputs(ckpts, tmp_path):
     assert len(got) == 1
     np.testing.assert_allclose(got[0]["embedding"], ref, atol=1e-5)
     # a long document: the chunk after the first is the tokenizer's own overflow encoding
-    ref_in = tok(REPORT, truncation=True, max_length=64, stride=4, return_overflowing_tokens=True,
-                 padding="max_length", return_tensors="pt")
+    ref_in = tok(
+        REPORT,
+        truncation=True,
+        max_length=64,
+        stride=4,
+        return_overflowing_tokens=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
     with torch.no_grad():
-        refs = model(input_ids=ref_in["input_ids"],
-                     attention_mask=ref_in["attention_mask"]).last_hidden_state[:, 0].numpy()
+        refs = (
+            model(input_ids=ref_in["input_ids"], attention_mask=ref_in["attention_mask"])
+            .last_hidden_state[:, 0]
+            .numpy()
+        )
     chunks = [r for r in rows if r["uri"] == str(long) and r["segment"] == "chunk"]
     assert len(chunks) == len(refs) > 2
     for r, ref in zip(chunks, refs):
@@ -183,8 +194,10 @@ def test_mixed_batch_routes_skips_and_quarantines(ckpts, tmp_path):
     wav.write_bytes(encode(tone(8000, 3.0), 8000))
     txt.write_text(REPORT)
     bad.write_bytes(lying_wav(36000))
-    specs = {"image": get_spec("hf_image", checkpoint=ckpts["image"]),
-             "audio": get_spec("hf_audio", checkpoint=ckpts["audio"])}
+    specs = {
+        "image": get_spec("hf_image", checkpoint=ckpts["image"]),
+        "audio": get_spec("hf_audio", checkpoint=ckpts["audio"]),
+    }
     rows = _run([str(ct), str(wav), str(txt), str(bad)], specs)
     by = {}
     for r in rows:
@@ -200,8 +213,13 @@ def _run(uris, specs, **opts):
     stage = StageOptions(encoder_spec=first, encoder_specs=specs, salt="s", **opts)
     table = pa.Table.from_pylist([{"uri": u, "member": ""} for u in uris])
     decoded = decode_batch(read_batch(table, stage), stage)
-    actor = EncoderActor(spec_to_dict(first), device="cpu", batch_size=4, provenance={"encoder": "x"},
-                         specs={m: spec_to_dict(s) for m, s in specs.items()})
+    actor = EncoderActor(
+        spec_to_dict(first),
+        device="cpu",
+        batch_size=4,
+        provenance={"encoder": "x"},
+        specs={m: spec_to_dict(s) for m, s in specs.items()},
+    )
     return actor(decoded).to_pylist()
 
 
@@ -212,7 +230,7 @@ def test_non_image_dicom_routes_to_other_and_truncated_image_does_not(tmp_path):
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from medray.platform.decoders import detect_modality
-    from medray.platform.samples import generate_samples
+    from medray.testing.samples import generate_samples
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set

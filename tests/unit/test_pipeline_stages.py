@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 
 from medray.encoders import build_tiny_checkpoint, get_spec, spec_to_dict
-from medray.platform.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
+from medray.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
 from medray.platform.records import record_id
-from medray.platform.samples import generate_samples
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING
+from medray.testing.samples import generate_samples
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,11 @@ def test_read_expands_archives_and_skips_done(setup):
 
 def test_decode_marks_bad_records_and_keeps_neighbours(setup):
     root, info, spec = setup
-    rows = [{"uri": str(root / info["dicom"][0]), "member": ""},
-            {"uri": str(root / info["hostile"]["bomb"]), "member": ""},
-            {"uri": str(root / info["multiframe"][0]), "member": ""}]
+    rows = [
+        {"uri": str(root / info["dicom"][0]), "member": ""},
+        {"uri": str(root / info["hostile"]["bomb"]), "member": ""},
+        {"uri": str(root / info["multiframe"][0]), "member": ""},
+    ]
     opts = StageOptions(encoder_spec=spec, salt="s")
     out = decode_batch(read_batch(_table(rows), opts), opts).to_pylist()
     assert [r["status"] for r in out] == ["ok", "error", "ok"]
@@ -77,10 +79,12 @@ def test_encoder_isolates_a_poison_record(setup):
     f, c, h, w = shapes[1]
     pv[1] = np.zeros((f, c + 2, h, w), np.float32).tobytes()
     shapes[1] = [f, c + 2, h, w]
-    decoded = decoded.set_column(decoded.column_names.index("pixel_values"), "pixel_values",
-                                 pa.array(pv, pa.large_binary()))
-    decoded = decoded.set_column(decoded.column_names.index("pixel_shape"), "pixel_shape",
-                                 pa.array(shapes, pa.list_(pa.int64())))
+    decoded = decoded.set_column(
+        decoded.column_names.index("pixel_values"), "pixel_values", pa.array(pv, pa.large_binary())
+    )
+    decoded = decoded.set_column(
+        decoded.column_names.index("pixel_shape"), "pixel_shape", pa.array(shapes, pa.list_(pa.int64()))
+    )
     actor = EncoderActor(spec_to_dict(spec), device="cpu", batch_size=8, provenance={"encoder": "x"})
     out = actor(decoded).to_pylist()
     status = [(r["uri"], r["status"]) for r in out]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 
-from medray.platform.samples import (
+from medray.testing.samples import (
     MANIFEST_COLUMNS,
     generate_samples,
     read_manifest,
@@ -180,9 +180,7 @@ def test_hostile_files(samples: dict[str, Any]) -> None:
     assert h["empty"].stat().st_size == 0
     with pytest.raises(InvalidDicomError):
         pydicom.dcmread(h["not_dicom"])
-    good = root / samples["archives"]["archive.zip"]["sources"][
-        samples["archives"]["archive.zip"]["dicom_members"][0]
-    ]
+    good = root / samples["archives"]["archive.zip"]["sources"][samples["archives"]["archive.zip"]["dicom_members"][0]]
     trunc = h["truncated"].read_bytes()
     assert trunc[128:132] == b"DICM" and len(trunc) == good.stat().st_size // 2
     bomb = pydicom.dcmread(h["bomb"])

@@ -24,7 +24,7 @@ from medray.platform.decoders.series import (
     window_channels,
 )
 from medray.platform.errors import ConfigError, LimitExceeded
-from medray.platform.samples import claiming_series_instance, ct_phantom, ct_series
+from medray.testing.samples import claiming_series_instance, ct_phantom, ct_series
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +122,17 @@ def test_mixed_orientation_rows_and_spacing_are_reasons(files):
     pixel = list(headers)
     pixel[0] = dataclasses.replace(pixel[0], pixel_spacing=(0.9, 0.9))
     assert validate_series(pixel).startswith("inconsistent pixel spacing")
-    uneven = [dataclasses.replace(h, position=(h.position[0], h.position[1],
-                                               h.position[2] + (0.6 if k % 2 else 0.0)))
-              for k, h in enumerate(headers)]
+    uneven = [
+        dataclasses.replace(h, position=(h.position[0], h.position[1], h.position[2] + (0.6 if k % 2 else 0.0)))
+        for k, h in enumerate(headers)
+    ]
     assert validate_series(uneven).startswith("inconsistent slice spacing")
     dup = headers + [headers[3]]
     assert validate_series(dup).startswith("duplicate slice positions")
-    sheared = [dataclasses.replace(h, position=(h.position[0] + 2.0 * k, h.position[1], h.position[2]))
-               for k, h in enumerate(headers)]
+    sheared = [
+        dataclasses.replace(h, position=(h.position[0] + 2.0 * k, h.position[1], h.position[2]))
+        for k, h in enumerate(headers)
+    ]
     assert validate_series(sheared).startswith("slices are not stacked along their normal")
     nogeo = list(headers)
     nogeo[1] = dataclasses.replace(nogeo[1], position=None)
@@ -168,8 +171,9 @@ def test_windows_become_channels():
     assert ch.shape == (3, 1, 1, 5) and ch.min() >= 0 and ch.max() <= 1
     np.testing.assert_allclose(ch[0, 0, 0], [(v + 1350) / 1500 if v < 150 else 1.0 for v in hu[0, 0]], atol=1e-6)
     np.testing.assert_allclose(ch[1, 0, 0], [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
-    mr = window_channels(np.linspace(0, 100, 1000, dtype=np.float32).reshape(10, 10, 10), {"a": (0, 1), "b": (0, 1)},
-                         "MR")
+    mr = window_channels(
+        np.linspace(0, 100, 1000, dtype=np.float32).reshape(10, 10, 10), {"a": (0, 1), "b": (0, 1)}, "MR"
+    )
     assert mr.shape == (2, 10, 10, 10) and np.array_equal(mr[0], mr[1]) and mr.max() == 1.0
 
 
@@ -198,14 +202,14 @@ def image_ckpt(tmp_path_factory) -> str:
 
 def _opts(ckpt: str, mode: str = "slicewise", family: str = "hf_image", **series):
     from medray.encoders import get_spec
-    from medray.platform.pipeline import StageOptions
+    from medray.pipeline import StageOptions
 
     spec = get_spec(family, checkpoint=ckpt)
     return StageOptions(salt="s", encoder_spec=spec, series={"mode": mode, **series})
 
 
 def _group(files: list[bytes], tmp_path, opts) -> pa.Table:
-    from medray.platform.series_stage import series_header_batch
+    from medray.pipeline.series import series_header_batch
 
     uris = []
     for k, data in enumerate(files):
@@ -217,15 +221,34 @@ def _group(files: list[bytes], tmp_path, opts) -> pa.Table:
 
 
 def test_decode_marks_series_slices_and_the_group_task_assembles(files, image_ckpt, tmp_path):
-    from medray.platform.pipeline import decode_batch
-    from medray.platform.series_stage import assemble_group, series_record_id
+    from medray.pipeline import decode_batch
+    from medray.pipeline.series import assemble_group, series_record_id
 
     opts = _opts(image_ckpt)
-    table = pa.table({"uri": ["a.dcm"], "member": [""], "record_id": ["r"], "data": [files[0]], "status": ["ok"],
-                      "stage": [None], "error_class": [None], "message": [None]},
-                     schema=pa.schema([("uri", pa.string()), ("member", pa.string()), ("record_id", pa.string()),
-                                       ("data", pa.large_binary()), ("status", pa.string()), ("stage", pa.string()),
-                                       ("error_class", pa.string()), ("message", pa.string())]))
+    table = pa.table(
+        {
+            "uri": ["a.dcm"],
+            "member": [""],
+            "record_id": ["r"],
+            "data": [files[0]],
+            "status": ["ok"],
+            "stage": [None],
+            "error_class": [None],
+            "message": [None],
+        },
+        schema=pa.schema(
+            [
+                ("uri", pa.string()),
+                ("member", pa.string()),
+                ("record_id", pa.string()),
+                ("data", pa.large_binary()),
+                ("status", pa.string()),
+                ("stage", pa.string()),
+                ("error_class", pa.string()),
+                ("message", pa.string()),
+            ]
+        ),
+    )
     row = decode_batch(table, opts).to_pylist()[0]
     assert (row["status"], row["stage"]) == ("noop", "series")
     off = decode_batch(table, _opts(image_ckpt, mode="off")).to_pylist()[0]
@@ -251,7 +274,7 @@ def test_decode_marks_series_slices_and_the_group_task_assembles(files, image_ck
 
 def test_read_stage_fetches_only_the_header_of_series_slices(files, image_ckpt, tmp_path):
     """A series slice's pixels are read once, by its series' task: the read stage stops at the header."""
-    from medray.platform.pipeline import read_batch
+    from medray.pipeline import read_batch
 
     (tmp_path / "slice.dcm").write_bytes(files[0])
     xray = pydicom.dcmread(io.BytesIO(files[0]))
@@ -259,8 +282,11 @@ def test_read_stage_fetches_only_the_header_of_series_slices(files, image_ckpt, 
     xray.save_as(tmp_path / "xray.dcm")
     table = pa.table({"uri": [str(tmp_path / "slice.dcm"), str(tmp_path / "xray.dcm")], "member": ["", ""]})
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_batch(table, _opts(image_ckpt)).to_pylist()}
-    assert (rows["slice.dcm"]["status"], rows["slice.dcm"]["stage"], rows["slice.dcm"]["data"]) == \
-        ("noop", "series", None)
+    assert (rows["slice.dcm"]["status"], rows["slice.dcm"]["stage"], rows["slice.dcm"]["data"]) == (
+        "noop",
+        "series",
+        None,
+    )
     assert rows["xray.dcm"]["status"] == "ok" and rows["xray.dcm"]["data"]  # not a CT/MR series: read whole
     off = {r["uri"].rsplit("/", 1)[-1]: r for r in read_batch(table, _opts(image_ckpt, mode="off")).to_pylist()}
     assert off["slice.dcm"]["status"] == "ok" and off["slice.dcm"]["data"] == files[0]
@@ -268,7 +294,7 @@ def test_read_stage_fetches_only_the_header_of_series_slices(files, image_ckpt, 
 
 def test_group_rows_list_a_series_and_assemble_one_record_each(phantom, files, image_ckpt, tmp_path):
     """``collect_group`` (the light map_groups body) + ``assemble_batch`` equal ``assemble_group``."""
-    from medray.platform.series_stage import GROUP_SCHEMA, assemble_batch, assemble_group, collect_group
+    from medray.pipeline.series import GROUP_SCHEMA, assemble_batch, assemble_group, collect_group
 
     opts = _opts(image_ckpt)
     (tmp_path / "a").mkdir()
@@ -287,15 +313,22 @@ def test_group_rows_list_a_series_and_assemble_one_record_each(phantom, files, i
 
 
 def test_manifest_columns_its_slices_agree_on_are_carried_onto_the_series_row(files, image_ckpt, tmp_path):
-    from medray.platform.series_stage import assemble_group, carried_columns, series_header_batch
+    from medray.pipeline.series import assemble_group, carried_columns, series_header_batch
 
     uris = []
     for k, data in enumerate(files):
         (tmp_path / f"{k:03d}.dcm").write_bytes(data)
         uris.append(str(tmp_path / f"{k:03d}.dcm"))
     opts = _opts(image_ckpt)
-    table = pa.table({"uri": uris, "member": [""] * len(uris), "label": [1] * len(uris),
-                      "site": ["A"] * len(uris), "note": [f"file {k}" for k in range(len(uris))]})
+    table = pa.table(
+        {
+            "uri": uris,
+            "member": [""] * len(uris),
+            "label": [1] * len(uris),
+            "site": ["A"] * len(uris),
+            "note": [f"file {k}" for k in range(len(uris))],
+        }
+    )
     rec = assemble_group(series_header_batch(table, opts), opts).to_pylist()[0]
     assert rec["status"] == "ok" and (rec["label"], rec["site"], rec["note"]) == (1, "A", None)
     assert carried_columns([{"a": 1, "b": None}, {"a": 1, "b": 2}]) == {"a": 1, "b": None}
@@ -303,7 +336,7 @@ def test_manifest_columns_its_slices_agree_on_are_carried_onto_the_series_row(fi
 
 
 def test_a_broken_series_is_one_quarantine_row(phantom, image_ckpt, tmp_path):
-    from medray.platform.series_stage import assemble_group
+    from medray.pipeline.series import assemble_group
 
     files = ct_series(phantom, seed=8, series="broken")
     del files[4]
@@ -317,16 +350,21 @@ def test_a_broken_series_is_one_quarantine_row(phantom, image_ckpt, tmp_path):
 def test_volume_mode_with_a_torchvision_video_backbone(files, tmp_path):
     from medray.encoders import create_encoder, get_spec
     from medray.encoders.video import build_video_checkpoint
-    from medray.platform.series_stage import assemble_group
+    from medray.pipeline.series import assemble_group
 
     ckpt = build_video_checkpoint(str(tmp_path / "r3d"), arch="r3d_18")
     opts = _opts(ckpt, mode="volume", family="torchvision_video", spacing=[5.0, 1.6, 1.6])
     rec = assemble_group(_group(files, tmp_path, opts), opts).to_pylist()[0]
     assert rec["status"] == "ok" and rec["route"] == "volume" and rec["pool"] == "none"
     assert rec["pixel_shape"] == [1, 3, 8, 16, 16]
-    assert json.loads(rec["segments"])[0] == {"series_key": json.loads(rec["metadata"])["series"]["series_key"],
-                                              "spacing_mm": [5.0, 1.6, 1.6], "segment": "volume",
-                                              "slice_start": 0, "slice_end": 15, "n_items": 16}
+    assert json.loads(rec["segments"])[0] == {
+        "series_key": json.loads(rec["metadata"])["series"]["series_key"],
+        "spacing_mm": [5.0, 1.6, 1.6],
+        "segment": "volume",
+        "slice_start": 0,
+        "slice_end": 15,
+        "n_items": 16,
+    }
     encoder = create_encoder(get_spec("torchvision_video", checkpoint=ckpt))
     pixels = np.frombuffer(rec["pixel_values"], np.float32).reshape(rec["pixel_shape"])
     emb = encoder.embed(np.concatenate([pixels, pixels]))
@@ -345,19 +383,30 @@ def test_embed_config_series_keys_need_their_encoder(tmp_path):
     register_schemas()
     base = [f"input={tmp_path}", f"output={tmp_path / 'out'}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        job = EmbedJob(compose("embed", overrides=[*base, "series.mode=slicewise", "+series.windows.brain=[40,80]",
-                                                   "series.channels=[brain]", "series.spacing=[1.5,null,0.7]"]))
+        job = EmbedJob(
+            compose(
+                "embed",
+                overrides=[
+                    *base,
+                    "series.mode=slicewise",
+                    "+series.windows.brain=[40,80]",
+                    "series.channels=[brain]",
+                    "series.spacing=[1.5,null,0.7]",
+                ],
+            )
+        )
         assert job.series_opts["windows"] == {"brain": [40.0, 80.0]} and job.series_opts["spacing"] == [1.5, None, 0.7]
         assert EmbedJob(compose("embed", overrides=base)).series_opts["mode"] == "off"
         # a 3D encoder implies volume mode
         volume = EmbedJob(compose("embed", overrides=[*base, "encoder=r3d_18_kinetics"]))
         assert volume.series_opts["mode"] == "volume" and volume.primary == "volume"
-        for overrides, key in ((["series.mode=volume"], "series.mode"),
-                               (["series.mode=cube"], "series.mode"),
-                               (["series.mode=slicewise", "series.channels=[lung,bone]"], "series.windows"),
-                               (["series.channels=[liver]"], "series.channels"),
-                               (["series.mode=slicewise", "encoders.volume={family: torchvision_video, "
-                                 "checkpoint: /x}"], "series.mode")):
+        for overrides, key in (
+            (["series.mode=volume"], "series.mode"),
+            (["series.mode=cube"], "series.mode"),
+            (["series.mode=slicewise", "series.channels=[lung,bone]"], "series.windows"),
+            (["series.channels=[liver]"], "series.channels"),
+            (["series.mode=slicewise", "encoders.volume={family: torchvision_video, checkpoint: /x}"], "series.mode"),
+        ):
             with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
                 EmbedJob(compose("embed", overrides=[*base, *overrides]))
 
@@ -367,11 +416,14 @@ def test_the_configured_window_order_is_the_channel_order():
     (lung, mediastinum, bone), not come back sorted by name (a bug found by the benchmark)."""
     from types import SimpleNamespace
 
-    from medray.platform.series_stage import series_options
+    from medray.pipeline.series import series_options
 
     windows = {"lung": [-600.0, 1500.0], "mediastinum": [40.0, 400.0], "bone": [400.0, 1800.0]}
     got = series_options(SimpleNamespace(series={"mode": "slicewise", "windows": windows}))
     assert list(got.windows) == ["lung", "mediastinum", "bone"]
     flipped = dict(reversed(list(windows.items())))
     assert list(series_options(SimpleNamespace(series={"mode": "slicewise", "windows": flipped})).windows) == [
-        "bone", "mediastinum", "lung"]
+        "bone",
+        "mediastinum",
+        "lung",
+    ]

@@ -31,14 +31,21 @@ def compose_serve(tmp_path, monkeypatch):
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return compose("serve", overrides=["encoder=hf_image", "encoder.checkpoint=/models/x",
-                                               "check_artifacts=false", *overrides])
+            return compose(
+                "serve",
+                overrides=["encoder=hf_image", "encoder.checkpoint=/models/x", "check_artifacts=false", *overrides],
+            )
+
     return _compose
 
 
 def _head(uri: str, head_id: str, weights_hash: str, *, dim: int = 32) -> str:
-    card = ModelCard(id=head_id, task="binary", labels=["y"],
-                     encoder={"name": "hf_image", "family": "hf_image", "weights_hash": weights_hash, "dim": dim})
+    card = ModelCard(
+        id=head_id,
+        task="binary",
+        labels=["y"],
+        encoder={"name": "hf_image", "family": "hf_image", "weights_hash": weights_hash, "dim": dim},
+    )
     return save_artifact(uri, head=LinearHead(np.zeros((1, dim), "f4"), np.zeros(1, "f4"), "binary"), card=card)
 
 
@@ -54,23 +61,26 @@ def test_serve_presets_compose_and_validate(compose_serve, preset):
         assert enc.num_gpus is None  # one GPU per replica when the cluster has GPUs
 
 
-@pytest.mark.parametrize("override,key", [
-    ("serve.encoder.max_batch_size=0", "serve.encoder.max_batch_size"),
-    ("serve.encoder.max_ongoing_requests=4", "serve.encoder.max_ongoing_requests"),  # < max_batch_size 16
-    ("serve.encoder.max_queued_requests=0", "serve.encoder.max_queued_requests"),
-    ("serve.encoder.autoscaling.max_replicas=0", "serve.encoder.autoscaling.max_replicas"),
-    ("serve.heads.autoscaling.target_ongoing_requests=0", "serve.heads.autoscaling.target_ongoing_requests"),
-    ("serve.encoder.dtype=int8", "serve.encoder.dtype"),
-    ("serve.limits.max_body_bytes=0", "serve.limits.max_body_bytes"),
-    ("serve.inputs.allowed_uri_prefixes=[/data/]", "serve.inputs.allowed_uri_prefixes"),
-    ("serve.route_prefix=v1", "serve.route_prefix"),
-    ("serve.name=a.b", "serve.name"),
-    ("decode.frames=some", "decode.frames"),
-    ("encoder.family=nope", "encoder.family"),
-    ("heads=3", "heads"),
-    ("encoder.modality=text", "encoder.modality"),  # hf_image embeds images
-    ("encoder.modality=slide", "encoder"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("serve.encoder.max_batch_size=0", "serve.encoder.max_batch_size"),
+        ("serve.encoder.max_ongoing_requests=4", "serve.encoder.max_ongoing_requests"),  # < max_batch_size 16
+        ("serve.encoder.max_queued_requests=0", "serve.encoder.max_queued_requests"),
+        ("serve.encoder.autoscaling.max_replicas=0", "serve.encoder.autoscaling.max_replicas"),
+        ("serve.heads.autoscaling.target_ongoing_requests=0", "serve.heads.autoscaling.target_ongoing_requests"),
+        ("serve.encoder.dtype=int8", "serve.encoder.dtype"),
+        ("serve.limits.max_body_bytes=0", "serve.limits.max_body_bytes"),
+        ("serve.inputs.allowed_uri_prefixes=[/data/]", "serve.inputs.allowed_uri_prefixes"),
+        ("serve.route_prefix=v1", "serve.route_prefix"),
+        ("serve.name=a.b", "serve.name"),
+        ("decode.frames=some", "decode.frames"),
+        ("encoder.family=nope", "encoder.family"),
+        ("heads=3", "heads"),
+        ("encoder.modality=text", "encoder.modality"),  # hf_image embeds images
+        ("encoder.modality=slide", "encoder"),
+    ],
+)
 def test_bad_values_name_the_key(compose_serve, override, key):
     with pytest.raises(ConfigError) as err:
         ServeJob(compose_serve(override))
@@ -144,9 +154,14 @@ def test_emitted_config_is_a_valid_serve_deploy_config(compose_serve, tmp_path, 
     from medray.serve.app import ServeArgs
 
     path = tmp_path / "deploy" / "app.yaml"
-    cfg = compose_serve(f"emit_config={path}", "serve.http.host=0.0.0.0", "serve.name=cxr",
-                        "serve.encoder.autoscaling.max_replicas=8",
-                        "+storage.options.s3.secret_access_key=hunter2", "+storage.options.s3.endpoint_url=http://x")
+    cfg = compose_serve(
+        f"emit_config={path}",
+        "serve.http.host=0.0.0.0",
+        "serve.name=cxr",
+        "serve.encoder.autoscaling.max_replicas=8",
+        "+storage.options.s3.secret_access_key=hunter2",
+        "+storage.options.s3.endpoint_url=http://x",
+    )
     assert main(cfg) == 0
     text = path.read_text()
     assert "hunter2" not in text and text.startswith("# Ray Serve config for medray")
@@ -161,8 +176,13 @@ def test_emitted_config_is_a_valid_serve_deploy_config(compose_serve, tmp_path, 
 
 
 def test_deploy_config_leaves_out_secrets():
-    config = deploy_config({"encoder": {"storage_options": {"key": "K", "region": "r"}},
-                            "storage": {"options": {"token": "T", "anon": False}}}, ServeOptions())
+    config = deploy_config(
+        {
+            "encoder": {"storage_options": {"key": "K", "region": "r"}},
+            "storage": {"options": {"token": "T", "anon": False}},
+        },
+        ServeOptions(),
+    )
     args = config["applications"][0]["args"]
     assert args["encoder"]["storage_options"] == {"region": "r"} and args["storage"]["options"] == {"anon": False}
 
@@ -172,18 +192,21 @@ def test_prepare_argv_accepts_emit_config_flag():
     assert prepare_argv(["--emit-config=b.yaml"]) == ["emit_config=b.yaml"]
 
 
-@pytest.mark.parametrize("uri,ok", [
-    ("s3://b/cxr/a.dcm", True),
-    ("s3://b/cxr/sub/a.dcm", True),
-    ("s3://b/cxr", True),
-    ("s3://b/cxrx/a.dcm", False),
-    ("s3://b/cxr/../secret/a", False),
-    ("s3://other/cxr/a.dcm", False),
-    ("/etc/passwd", False),
-    ("file:///etc/passwd", False),
-    ("gs://b/cxr/a.dcm", False),
-    (None, False),
-])
+@pytest.mark.parametrize(
+    "uri,ok",
+    [
+        ("s3://b/cxr/a.dcm", True),
+        ("s3://b/cxr/sub/a.dcm", True),
+        ("s3://b/cxr", True),
+        ("s3://b/cxrx/a.dcm", False),
+        ("s3://b/cxr/../secret/a", False),
+        ("s3://other/cxr/a.dcm", False),
+        ("/etc/passwd", False),
+        ("file:///etc/passwd", False),
+        ("gs://b/cxr/a.dcm", False),
+        (None, False),
+    ],
+)
 def test_uri_allow_list(uri, ok):
     assert uri_allowed(uri, ["s3://b/cxr/"]) is ok
 
@@ -197,7 +220,9 @@ def test_job_module_imports_stay_light():
     import subprocess
     import sys
 
-    code = ("import sys, medray.jobs.serve as s; s.register(); "
-            "print(sorted(m for m in ('ray', 'torch', 'fastapi', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, medray.jobs.serve as s; s.register(); "
+        "print(sorted(m for m in ('ray', 'torch', 'fastapi', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -39,8 +39,13 @@ def _request(headers: dict, chunks: list[bytes] | None = None, *, explode: bool 
         body = pending.pop(0) if pending else b""
         return {"type": "http.request", "body": body, "more_body": bool(pending)}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "query_string": b"",
-             "headers": [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), str(v).encode()) for k, v in headers.items()],
+    }
     return Request(scope, receive)
 
 
@@ -79,8 +84,14 @@ def test_multipart_json_and_raw_inputs():
     png = _png()
     s = IngressSettings(allowed_uri_prefixes=["s3://b/cxr/"])
     boundary = "XyZ"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     got = _run(parse_input(f"multipart/form-data; boundary={boundary}", body, s))
     assert got["data"] == png
     got = _run(parse_input("application/json", json.dumps({"bytes_b64": base64.b64encode(png).decode()}).encode(), s))
@@ -88,26 +99,35 @@ def test_multipart_json_and_raw_inputs():
     assert _run(parse_input("application/json", b'{"uri": "s3://b/cxr/1.dcm"}', s)) == {"uri": "s3://b/cxr/1.dcm"}
     assert _run(parse_input("image/png", png, s))["data"] == png
     assert _run(parse_input("application/json", b'{"text": "No effusion."}', s)) == {
-        "data": b"No effusion.", "name": "input.txt"}
+        "data": b"No effusion.",
+        "name": "input.txt",
+    }
     assert _run(parse_input("text/plain; charset=utf-8", b"No effusion.", s))["name"] == "input.txt"
     assert _run(parse_input("audio/wav", b"RIFF....WAVE", s))["name"] == "input.wav"
 
 
-@pytest.mark.parametrize("ctype,body,status,code", [
-    ("text/html", b"x", 415, "unsupported_media"),
-    ("", b"x", 415, "unsupported_media"),
-    ("application/json", b'{"text": ""}', 422, "invalid_request"),
-    ("application/json", b'{"text": "a", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
-    ("application/json", b"{", 422, "invalid_request"),
-    ("application/json", b'{"bytes_b64": "%%%"}', 422, "invalid_request"),
-    ("application/json", b'{"bytes_b64": "aGk=", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
-    ("application/json", b'{"uri": "s3://b/other/x"}', 403, "uri_not_allowed"),
-    ("application/json", b'{"uri": "/etc/passwd"}', 403, "uri_not_allowed"),
-    ("multipart/form-data; boundary=B", b"--B\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\nv\r\n--B--\r\n",
-     422, "invalid_request"),
-    ("multipart/form-data", b"garbage", 422, "invalid_request"),
-    ("image/png", b"", 422, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "ctype,body,status,code",
+    [
+        ("text/html", b"x", 415, "unsupported_media"),
+        ("", b"x", 415, "unsupported_media"),
+        ("application/json", b'{"text": ""}', 422, "invalid_request"),
+        ("application/json", b'{"text": "a", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
+        ("application/json", b"{", 422, "invalid_request"),
+        ("application/json", b'{"bytes_b64": "%%%"}', 422, "invalid_request"),
+        ("application/json", b'{"bytes_b64": "aGk=", "uri": "s3://b/cxr/x"}', 422, "invalid_request"),
+        ("application/json", b'{"uri": "s3://b/other/x"}', 403, "uri_not_allowed"),
+        ("application/json", b'{"uri": "/etc/passwd"}', 403, "uri_not_allowed"),
+        (
+            "multipart/form-data; boundary=B",
+            b'--B\r\nContent-Disposition: form-data; name="n"\r\n\r\nv\r\n--B--\r\n',
+            422,
+            "invalid_request",
+        ),
+        ("multipart/form-data", b"garbage", 422, "invalid_request"),
+        ("image/png", b"", 422, "invalid_request"),
+    ],
+)
 def test_malformed_inputs_answer_4xx(ctype, body, status, code):
     with pytest.raises(ApiError) as err:
         _run(parse_input(ctype, body, IngressSettings(allowed_uri_prefixes=["s3://b/cxr/"])))
@@ -130,20 +150,25 @@ def test_token_from_file_or_env_and_fail_closed(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TOKEN", " t1 \n")
     assert load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN")) == "t1"
     (tmp_path / "tok").write_text("t2\n")
-    assert load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN", token_file=str(tmp_path / "tok"))) == "t2"
+    assert (
+        load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN", token_file=str(tmp_path / "tok"))) == "t2"
+    )
     monkeypatch.delenv("MY_TOKEN")
     with pytest.raises(RuntimeError):
         load_token(IngressSettings(auth_enabled=True, token_env="MY_TOKEN"))
 
 
 # ------------------------------------------------------------------------------ error mapping
-@pytest.mark.parametrize("err,status,code", [
-    (UnsupportedFormat("neither DICOM nor image"), 415, "unsupported_media"),
-    (LimitExceeded("too many pixels"), 413, "too_large"),
-    (DecodeError("truncated"), 422, "undecodable"),
-    (ReadError("object not found"), 422, "unreadable"),
-    (EncodeError("non-finite"), 422, "unencodable"),
-])
+@pytest.mark.parametrize(
+    "err,status,code",
+    [
+        (UnsupportedFormat("neither DICOM nor image"), 415, "unsupported_media"),
+        (LimitExceeded("too many pixels"), 413, "too_large"),
+        (DecodeError("truncated"), 422, "undecodable"),
+        (ReadError("object not found"), 422, "unreadable"),
+        (EncodeError("non-finite"), 422, "unencodable"),
+    ],
+)
 def test_record_errors_map_to_4xx(err, status, code):
     api = error_for_result(error_result(err))
     assert (api.status, api.code, api.message) == (status, code, str(err))
@@ -191,8 +216,8 @@ def tiny_spec(tmp_path_factory):
 
 def test_decode_input_equals_the_batch_job_decode_stage(tiny_spec, tmp_path):
     from medray.encoders import create_preprocessor
-    from medray.platform.pipeline import StageOptions, decode_batch
-    from medray.platform.samples import generate_samples
+    from medray.pipeline import StageOptions, decode_batch
+    from medray.testing.samples import generate_samples
 
     info = generate_samples(str(tmp_path / "s"), n=8)
     windows = {"CT": [-600.0, 1500.0]}  # conf/embed.yaml and conf/serve.yaml
@@ -202,8 +227,17 @@ def test_decode_input_equals_the_batch_job_decode_stage(tiny_spec, tmp_path):
     for rel in [p for p in info["dicom"] if p.endswith(("ct.dcm", "0004_dx.dcm"))] + info["photos"]:
         data = (tmp_path / "s" / rel).read_bytes()
         served = decode_input({"data": data, "name": rel}, settings, pre)
-        table = pa.table({"uri": [rel], "member": [""], "data": pa.array([data], pa.large_binary()),
-                          "status": ["ok"], "stage": [None], "error_class": [None], "message": [None]})
+        table = pa.table(
+            {
+                "uri": [rel],
+                "member": [""],
+                "data": pa.array([data], pa.large_binary()),
+                "status": ["ok"],
+                "stage": [None],
+                "error_class": [None],
+                "message": [None],
+            }
+        )
         row = decode_batch(table, opts).to_pylist()[0]
         batch = np.frombuffer(row["pixel_values"], np.float32).reshape(row["pixel_shape"])
         assert served.frames == row["frames"] and served.modality == row["modality"]
@@ -227,7 +261,7 @@ def _multiframe() -> bytes:
     import tempfile
     from pathlib import Path
 
-    from medray.platform.samples import generate_samples
+    from medray.testing.samples import generate_samples
 
     with tempfile.TemporaryDirectory() as tmp:
         info = generate_samples(tmp, n=5, hostile=False, phi=False)
@@ -239,8 +273,8 @@ def test_audio_and_text_inputs_equal_the_batch_job(family, arch, tmp_path):
     """Windows / chunks and their provenance as `medray embed`'s decode stage makes them; other
     modalities than the encoder's are refused with 415's class."""
     from medray.encoders import build_tiny_checkpoint, create_preprocessor, get_spec
-    from medray.platform.pipeline import StageOptions, decode_batch
-    from medray.platform.testing.media import encode, tone
+    from medray.pipeline import StageOptions, decode_batch
+    from medray.testing.media import encode, tone
 
     spec = get_spec(family, checkpoint=build_tiny_checkpoint(family, str(tmp_path / "ckpt"), arch=arch))
     pre = create_preprocessor(spec)
@@ -250,8 +284,17 @@ def test_audio_and_text_inputs_equal_the_batch_job(family, arch, tmp_path):
         data, modality = ("Findings: no effusion. " * 200).encode(), "text"
     settings = DecodeSettings(max_frames=1000)
     served = decode_input({"data": data, "name": "x"}, settings, pre, modality=modality)
-    table = pa.table({"uri": ["x"], "member": [""], "data": pa.array([data], pa.large_binary()),
-                      "status": ["ok"], "stage": [None], "error_class": [None], "message": [None]})
+    table = pa.table(
+        {
+            "uri": ["x"],
+            "member": [""],
+            "data": pa.array([data], pa.large_binary()),
+            "status": ["ok"],
+            "stage": [None],
+            "error_class": [None],
+            "message": [None],
+        }
+    )
     opts = StageOptions(encoder_spec=spec)
     row = decode_batch(table, opts).to_pylist()[0]
     assert row["status"] == "ok", row

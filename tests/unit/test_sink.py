@@ -8,20 +8,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medray.platform.records import embedding_schema, quarantine_fields, record_id
+from medray.pipeline.sink import embeddings_table, existing_record_ids, write_parquet_atomic
 from medray.platform.errors import LimitExceeded
-from medray.platform.sink import embeddings_table, existing_record_ids, write_parquet_atomic
+from medray.platform.records import embedding_schema, quarantine_fields, record_id
 
 
 def _ok_rows(n: int, dim: int = 4) -> pa.Table:
     emb = pa.array([np.arange(dim, dtype=np.float32) + i for i in range(n)], type=pa.list_(pa.float32(), dim))
     cols = {
-        "uri": [f"/d/{i}.dcm" for i in range(n)], "member": [""] * n, "label": list(range(n)),
-        "record_id": [record_id(f"/d/{i}.dcm") for i in range(n)], "frame": [0] * n, "n_frames": [1] * n,
-        "content_sha256": ["0" * 64] * n, "modality": ["CR"] * n, "patient_key": [None] * n,
-        "metadata": ["{}"] * n, "status": ["ok"] * n, "t_encode": [0.1] * n,
-        "encoder": ["e"] * n, "weights_hash": ["w"] * n, "preprocessing_hash": ["p"] * n,
-        "medray_version": ["0"] * n, "untrained": [True] * n,
+        "uri": [f"/d/{i}.dcm" for i in range(n)],
+        "member": [""] * n,
+        "label": list(range(n)),
+        "record_id": [record_id(f"/d/{i}.dcm") for i in range(n)],
+        "frame": [0] * n,
+        "n_frames": [1] * n,
+        "content_sha256": ["0" * 64] * n,
+        "modality": ["CR"] * n,
+        "patient_key": [None] * n,
+        "metadata": ["{}"] * n,
+        "status": ["ok"] * n,
+        "t_encode": [0.1] * n,
+        "encoder": ["e"] * n,
+        "weights_hash": ["w"] * n,
+        "preprocessing_hash": ["p"] * n,
+        "medray_version": ["0"] * n,
+        "untrained": [True] * n,
     }
     t = pa.table(cols)
     return t.append_column("embedding", emb)

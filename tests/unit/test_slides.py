@@ -12,14 +12,21 @@ import tiffslide
 from PIL import Image
 
 from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
+from medray.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
+from medray.pipeline.sink import embeddings_table, pool_slides, write_parquet_atomic
 from medray.platform.decoders import detect_modality
-from medray.platform.decoders.slide import (SlideOptions, is_slide, open_slide, otsu_threshold, plan_slide,
-                                            read_tile, tissue_mask)
+from medray.platform.decoders.slide import (
+    SlideOptions,
+    is_slide,
+    open_slide,
+    otsu_threshold,
+    plan_slide,
+    read_tile,
+    tissue_mask,
+)
 from medray.platform.errors import ConfigError, LimitExceeded
-from medray.platform.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
 from medray.platform.records import record_id, tile_record_id
-from medray.platform.sink import embeddings_table, pool_slides, write_parquet_atomic
-from medray.platform.testing.media import slide_tiff
+from medray.testing.media import slide_tiff
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +69,10 @@ def test_tissue_mask_otsu_on_saturation():
     assert tissue_mask(img, threshold=0.99)[0].sum() == 0
 
 
-@pytest.mark.parametrize("target, level, read_size, grid", [
-    (0.25, 0, 64, 16), (0.5, 1, 64, 8), (0.6, 1, 77, 6), (1.0, 2, 64, 4), (2.0, 3, 64, 2), (4.0, 3, 128, 1)])
+@pytest.mark.parametrize(
+    "target, level, read_size, grid",
+    [(0.25, 0, 64, 16), (0.5, 1, 64, 8), (0.6, 1, 77, 6), (1.0, 2, 64, 4), (2.0, 3, 64, 2), (4.0, 3, 128, 1)],
+)
 def test_tile_grid_picks_the_lowest_resolution_level_at_or_below_target(slide, target, level, read_size, grid):
     plan = plan_slide(slide, SlideOptions(target_mpp=target, tile_size=64))
     assert (plan.level, plan.read_size, plan.tiles_total) == (level, read_size, grid * grid)
@@ -129,8 +138,8 @@ def test_read_parts_split_slides_from_everything_else(slide_path, tmp_path):
     def uris(part: str) -> list[str]:
         return read_batch(src, opts, part=part).column("uri").to_pylist()
 
-    assert uris("slides") == [slide_path] * n                      # tiles only; the bad URI is not its to report
-    assert uris("main") == [str(photo), "nope://bucket/x.dcm"]     # no slide; the bad URI quarantined here
+    assert uris("slides") == [slide_path] * n  # tiles only; the bad URI is not its to report
+    assert uris("main") == [str(photo), "nope://bucket/x.dcm"]  # no slide; the bad URI quarantined here
     assert uris("all") == [slide_path] * n + [str(photo), "nope://bucket/x.dcm"]
     with pytest.raises(ValueError):
         read_batch(src, opts, part="tiles")
@@ -151,15 +160,25 @@ def test_stages_expand_tiles_embed_resume_and_pool(slide_path, tmp_path):
     decoded = decode_batch(read, opts)
     assert decoded.column("status").to_pylist() == ["ok"] * (n + 1)
     assert decoded.column("modality").to_pylist() == ["slide"] * n + ["photo"]
-    actor = EncoderActor({"family": spec.family, "checkpoint": ckpt, "name": "hf_image"}, device="cpu",
-                         dtype="float32", provenance={"encoder": "hf_image"})
+    actor = EncoderActor(
+        {"family": spec.family, "checkpoint": ckpt, "name": "hf_image"},
+        device="cpu",
+        dtype="float32",
+        provenance={"encoder": "hf_image"},
+    )
     out = actor(decoded)
     rows = out.to_pylist()
     tiles = [r for r in rows if r["segment"] == "tile"]
     assert len(tiles) == n and [r["segment"] for r in rows].count("frame") == 1
     t0, r0 = plan.tiles[0], tiles[0]
-    assert (r0["tile_x"], r0["tile_y"], r0["level"], r0["mpp"], r0["frame"], r0["n_frames"]) == \
-        (t0.x, t0.y, 1, 0.5, 0, n)
+    assert (r0["tile_x"], r0["tile_y"], r0["level"], r0["mpp"], r0["frame"], r0["n_frames"]) == (
+        t0.x,
+        t0.y,
+        1,
+        0.5,
+        0,
+        n,
+    )
     assert r0["tissue_fraction"] == pytest.approx(t0.tissue_fraction)
     # a tile's embedding equals the encoder applied to that region read directly
     encoder = create_encoder(spec, device="cpu", dtype="float32")
@@ -170,20 +189,30 @@ def test_stages_expand_tiles_embed_resume_and_pool(slide_path, tmp_path):
     done = frozenset(r["record_id"] for r in tiles[:3])
     again = read_batch(src.slice(0, 1), StageOptions(encoder_spec=spec, slide=opts.slide, done=done))
     assert again.num_rows == n - 3
-    assert read_batch(src.slice(0, 1), StageOptions(encoder_spec=spec, done=frozenset(
-        {record_id(slide_path, "")}))).num_rows == 0
+    assert (
+        read_batch(
+            src.slice(0, 1), StageOptions(encoder_spec=spec, done=frozenset({record_id(slide_path, "")}))
+        ).num_rows
+        == 0
+    )
     # every tile written, pooled row missing: one marker row ("noop") that makes the job pool, never written
-    marker = decode_batch(read_batch(src.slice(0, 1), StageOptions(
-        encoder_spec=spec, slide=opts.slide, done=frozenset(r["record_id"] for r in tiles))), opts)
+    marker = decode_batch(
+        read_batch(
+            src.slice(0, 1),
+            StageOptions(encoder_spec=spec, slide=opts.slide, done=frozenset(r["record_id"] for r in tiles)),
+        ),
+        opts,
+    )
     assert marker.column("status").to_pylist() == ["noop"] and marker.column("modality").to_pylist() == ["slide"]
-    from medray.platform.sink import make_sink
+    from medray.pipeline.sink import make_sink
 
     sink_stats = make_sink(str(tmp_path / "marker-out"), None, "test").write([actor(marker)], None)
     assert (sink_stats["slide_rows"], sink_stats["quarantined"], sink_stats["rows"]) == (1, 0, 0)
     assert not (tmp_path / "marker-out").exists()
     # a slide over slide.max_tiles is one quarantine row keyed by the slide
-    capped = read_batch(src.slice(0, 1), StageOptions(encoder_spec=spec, slide={"tile_size": 64, "target_mpp": 0.5,
-                                                                                 "max_tiles": 1}))
+    capped = read_batch(
+        src.slice(0, 1), StageOptions(encoder_spec=spec, slide={"tile_size": 64, "target_mpp": 0.5, "max_tiles": 1})
+    )
     assert capped.column("status").to_pylist() == ["error"]
     assert capped.column("record_id").to_pylist() == [record_id(slide_path, "")]
 
@@ -214,12 +243,18 @@ def test_embed_config_slide_keys_and_slide_encoder(tmp_path):
 
     def job(*overrides: str) -> EmbedJob:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return EmbedJob(compose("embed", overrides=[f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
-                                                        *overrides]))
+            return EmbedJob(
+                compose("embed", overrides=[f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *overrides])
+            )
 
     j = job("encoder=phikon", "slide.target_mpp=1", "slide.tile_size=256")
-    assert j.slide_opts == {"target_mpp": 1.0, "tile_size": 256, "tissue_threshold": None,
-                            "min_tissue_fraction": 0.25, "max_tiles": 100_000}
+    assert j.slide_opts == {
+        "target_mpp": 1.0,
+        "tile_size": 256,
+        "tissue_threshold": None,
+        "min_tissue_fraction": 0.25,
+        "max_tiles": 100_000,
+    }
     assert set(job("encoder=hubert_base", "encoders.slide=uni").specs) == {"audio", "slide"}
     with pytest.raises(ConfigError, match="slide.target_mpp"):
         job("slide.target_mpp=0")

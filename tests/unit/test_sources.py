@@ -32,7 +32,10 @@ def test_list_prefix_skips_hidden_and_marks_archives(tmp_path):
     (tmp_path / "_medray.json").write_bytes(b"{}")
     _zip(tmp_path / "b.zip", {"m.dcm": b"2"})
     rows = list(list_objects(str(tmp_path)))
-    assert [(r["uri"].rsplit("/", 1)[-1], r["member"]) for r in rows] == [("x.dcm", ""), ("b.zip", ARCHIVE_MEMBER_PENDING)]
+    assert [(r["uri"].rsplit("/", 1)[-1], r["member"]) for r in rows] == [
+        ("x.dcm", ""),
+        ("b.zip", ARCHIVE_MEMBER_PENDING),
+    ]
 
 
 def test_glob_input(tmp_path):

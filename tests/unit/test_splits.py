@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medray.jobs._finetune_data import (
+from medray.jobs.finetune.data import (
     ExampleSpec,
     SplitPlan,
     count_splits,
@@ -66,8 +66,13 @@ def test_missing_groups_fall_back_to_the_record_and_bad_fractions_fail():
 
 
 def test_split_batch_by_group_column_and_by_split_column():
-    table = pa.table({"uri": [f"s3://b/{i}.dcm" for i in range(6)], "patient": ["a", "a", "b", "b", "c", None],
-                      "fold": ["train", "Validation", "TEST", "train", "dev", "train"]})
+    table = pa.table(
+        {
+            "uri": [f"s3://b/{i}.dcm" for i in range(6)],
+            "patient": ["a", "a", "b", "b", "c", None],
+            "fold": ["train", "Validation", "TEST", "train", "dev", "train"],
+        }
+    )
     by_group = split_batch(table, SplitPlan("group", "patient", seed=0, fractions=FR)).column("split").to_pylist()
     assert by_group[0] == by_group[1] and by_group[2] == by_group[3]
     by_col = split_batch(table, SplitPlan("column", "fold")).column("split").to_pylist()
@@ -76,17 +81,25 @@ def test_split_batch_by_group_column_and_by_split_column():
 
 
 def test_header_pass_groups_by_the_salted_dicom_patient_key(tmp_path):
+    import pyarrow.parquet as pq
+
     from medray.platform.decoders import decode_bytes
     from medray.platform.records import record_id
-    from medray.platform.samples_train import generate_training_samples
-
-    import pyarrow.parquet as pq
+    from medray.testing.samples_train import generate_training_samples
 
     info = generate_training_samples(str(tmp_path), n_patients=6, images_per_patient=2, size=32)
     rows = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
     datas = [(tmp_path / r["path"]).read_bytes() for r in rows]
-    table = pa.table({"uri": [r["uri"] for r in rows], "member": [""] * len(rows), "patient": [r["patient"] for r in rows],
-                      "record_id": [record_id(r["uri"]) for r in rows], "data": datas, "status": ["ok"] * len(rows)})
+    table = pa.table(
+        {
+            "uri": [r["uri"] for r in rows],
+            "member": [""] * len(rows),
+            "patient": [r["patient"] for r in rows],
+            "record_id": [record_id(r["uri"]) for r in rows],
+            "data": datas,
+            "status": ["ok"] * len(rows),
+        }
+    )
     plan = SplitPlan("patient_key", seed=0, fractions=SplitFractions(val=0.5), salt="salt")
     out = header_keys_batch(table, "salt", plan)
     assert "data" not in out.column_names
@@ -125,12 +138,21 @@ def test_targets_and_counts_per_task():
 def test_examples_batch_one_row_per_frame_with_targets_and_subgroups():
     shape = [2, 3, 4, 4]  # two frames
     pixels = np.arange(np.prod(shape), dtype=np.float32)
-    table = pa.table({
-        "record_id": ["r1", "r2"], "status": ["ok", "error"], "pixel_values": [pixels.tobytes(), None],
-        "pixel_shape": [shape, None], "frames": [[0, 1], None], "modality": ["DX", None],
-        "metadata": [json.dumps({"manufacturer": "ACME"}), None], "patient_key": ["k1", None],
-        "lesion": [1, 0], "age": [45, 70], "site": ["A", "B"],
-    })
+    table = pa.table(
+        {
+            "record_id": ["r1", "r2"],
+            "status": ["ok", "error"],
+            "pixel_values": [pixels.tobytes(), None],
+            "pixel_shape": [shape, None],
+            "frames": [[0, 1], None],
+            "modality": ["DX", None],
+            "metadata": [json.dumps({"manufacturer": "ACME"}), None],
+            "patient_key": ["k1", None],
+            "lesion": [1, 0],
+            "age": [45, 70],
+            "site": ["A", "B"],
+        }
+    )
     spec = ExampleSpec("binary", ("lesion",), ("lesion",), subgroups=("age_band", "site", "manufacturer"))
     out = examples_batch(table, spec, SplitPlan("patient_key", seed=0, fractions=FR)).to_pylist()
     assert len(out) == 2 and [r["frame"] for r in out] == [0, 1]
@@ -145,7 +167,7 @@ def test_manifest_readers_stream_and_hash(tmp_path):
 
     import pyarrow.csv as pacsv
 
-    from medray.jobs._finetune_data import iter_manifest_batches, manifest_columns, manifest_sha256
+    from medray.platform.manifest import iter_manifest_batches, manifest_columns, manifest_sha256
 
     table = pa.table({"uri": ["a", "b"], "lesion": [0, 1]})
     pacsv.write_csv(table, tmp_path / "m.csv")
@@ -153,4 +175,3 @@ def test_manifest_readers_stream_and_hash(tmp_path):
     got = pa.Table.from_batches(list(iter_manifest_batches(str(tmp_path / "m.csv"), ["lesion"])))
     assert got.column("lesion").to_pylist() == [0, 1]
     assert manifest_sha256(str(tmp_path / "m.csv")) == hashlib.sha256((tmp_path / "m.csv").read_bytes()).hexdigest()
-

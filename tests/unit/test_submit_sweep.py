@@ -12,25 +12,33 @@ from medray.jobs.submit import _check_points, expand_sweep, main
 from medray.platform.errors import ConfigError
 
 
-@pytest.mark.parametrize("overrides,points", [
-    (["a=1,2"], [["a=1"], ["a=2"]]),
-    (["a=range(1,3)"], [["a=1"], ["a=2"]]),
-    (["a=range(0,1,0.5)"], [["a=0.0"], ["a=0.5"]]),
-    (["a=choice(x,y)"], [["a=x"], ["a=y"]]),
-    (["a=[1,2]"], [["a=[1,2]"]]),                        # a list, not a sweep
-    (["a=[1,2],[3]"], [["a=[1,2]"], ["a=[3]"]]),         # a sweep over lists
-    (["a={b: 1, c: 2}"], [["a={b: 1, c: 2}"]]),      # not swept: passed exactly as typed
-    (["a='x,y'"], [["a='x,y'"]]),                        # quoted comma: one value
-    (["a=x\\,y"], [["a=x\\,y"]]),                        # escaped comma: one value
-    (['a="q r","s,t"'], [['a="q r"'], ['a="s,t"']]),
-    (["a=1,2", "b=x,y"], [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]),
-    (["a=1,2", "c=3", "a=5"], [["a=5", "c=3"]]),          # the last value of a key wins, in its first place
-    (["+x=1,2", "~y"], [["+x=1", "~y"], ["+x=2", "~y"]]),
-    (["input=s3://b/in/", "a=s3://x,s3://y"], [["input=s3://b/in/", "a=s3\\://x"], ["input=s3://b/in/", "a=s3\\://y"]]),
-    (["output=/o/${encoder.name}", "encoder=a,b"], [["output=/o/${encoder.name}", "encoder=a"],
-                                                    ["output=/o/${encoder.name}", "encoder=b"]]),
-    ([], [[]]),
-])
+@pytest.mark.parametrize(
+    "overrides,points",
+    [
+        (["a=1,2"], [["a=1"], ["a=2"]]),
+        (["a=range(1,3)"], [["a=1"], ["a=2"]]),
+        (["a=range(0,1,0.5)"], [["a=0.0"], ["a=0.5"]]),
+        (["a=choice(x,y)"], [["a=x"], ["a=y"]]),
+        (["a=[1,2]"], [["a=[1,2]"]]),  # a list, not a sweep
+        (["a=[1,2],[3]"], [["a=[1,2]"], ["a=[3]"]]),  # a sweep over lists
+        (["a={b: 1, c: 2}"], [["a={b: 1, c: 2}"]]),  # not swept: passed exactly as typed
+        (["a='x,y'"], [["a='x,y'"]]),  # quoted comma: one value
+        (["a=x\\,y"], [["a=x\\,y"]]),  # escaped comma: one value
+        (['a="q r","s,t"'], [['a="q r"'], ['a="s,t"']]),
+        (["a=1,2", "b=x,y"], [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]),
+        (["a=1,2", "c=3", "a=5"], [["a=5", "c=3"]]),  # the last value of a key wins, in its first place
+        (["+x=1,2", "~y"], [["+x=1", "~y"], ["+x=2", "~y"]]),
+        (
+            ["input=s3://b/in/", "a=s3://x,s3://y"],
+            [["input=s3://b/in/", "a=s3\\://x"], ["input=s3://b/in/", "a=s3\\://y"]],
+        ),
+        (
+            ["output=/o/${encoder.name}", "encoder=a,b"],
+            [["output=/o/${encoder.name}", "encoder=a"], ["output=/o/${encoder.name}", "encoder=b"]],
+        ),
+        ([], [[]]),
+    ],
+)
 def test_sweeps_expand_like_hydra(overrides, points):
     assert expand_sweep(overrides) == points
 
@@ -74,8 +82,17 @@ def test_every_point_is_composed_before_submission():
 
 def test_a_bad_point_stops_the_whole_sweep_before_any_cluster_is_contacted(capsys):
     # no cluster listens on port 9: a submission attempt would fail differently
-    code = main(["embed", "-m", "encoder=demo_tiny_vit,no_such_encoder", "input=/a", "output=/b",
-                 "--address", "http://127.0.0.1:9"])
+    code = main(
+        [
+            "embed",
+            "-m",
+            "encoder=demo_tiny_vit,no_such_encoder",
+            "input=/a",
+            "output=/b",
+            "--address",
+            "http://127.0.0.1:9",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no_such_encoder" in err and "demo_tiny_vit" in err
     assert "cannot reach" not in err

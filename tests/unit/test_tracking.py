@@ -39,11 +39,17 @@ def test_artifact_name_is_valid_and_stable():
 def test_offline_run_holds_metrics_and_the_artifact(tmp_path):
     summary = json.dumps({"records_embedded": 8, "output": "s3://b/emb"}).encode()
     name = artifact_name("embeddings", "demo_tiny_vit", "s3://b/emb")
-    run_dir = log_run(job="embed", config={"encoder": {"name": "demo_tiny_vit"}}, mode="offline",
-                      summary={"records_embedded": 8, "nested": {"skipped": True}}, metrics={"records_per_s": 3.5},
-                      directory=str(tmp_path / "wb"),
-                      artifact=RunArtifact(name, "embeddings", files={"summary.json": summary},
-                                           metadata={"output": "s3://b/emb", "run_id": "r1"}))
+    run_dir = log_run(
+        job="embed",
+        config={"encoder": {"name": "demo_tiny_vit"}},
+        mode="offline",
+        summary={"records_embedded": 8, "nested": {"skipped": True}},
+        metrics={"records_per_s": 3.5},
+        directory=str(tmp_path / "wb"),
+        artifact=RunArtifact(
+            name, "embeddings", files={"summary.json": summary}, metadata={"output": "s3://b/emb", "run_id": "r1"}
+        ),
+    )
     assert run_dir and Path(run_dir).is_dir() and Path(run_dir).name.startswith("offline-run-")
     assert Path(run_dir).is_relative_to(tmp_path / "wb")
     # the artifact's files lie in the run directory, with its manifest beside them
@@ -54,8 +60,14 @@ def test_offline_run_holds_metrics_and_the_artifact(tmp_path):
     assert set(manifest["manifest"]["contents"]) == {"summary.json"}
     # and the run's log records the metrics, the summary and the artifact (what `wandb sync` uploads)
     log = _log_bytes(run_dir)
-    for token in (b"records_per_s", b"records_embedded", name.encode(), b"embeddings", b"summary.json",
-                  str(staged / "summary.json").encode()):
+    for token in (
+        b"records_per_s",
+        b"records_embedded",
+        name.encode(),
+        b"embeddings",
+        b"summary.json",
+        str(staged / "summary.json").encode(),
+    ):
         assert token in log, token
     assert b"nested" not in log  # only scalars go into the summary
 
@@ -70,10 +82,21 @@ def test_model_artifact_copies_only_the_card_unless_weights_are_asked_for(tmp_pa
     staged = {}
     for weights in (False, True):
         name = artifact_name("model", "cxr-v1", f"{tmp_path}/out-{weights}")
-        run_dir = log_run(job="finetune", config={}, summary={"global_step": 12}, mode="offline",
-                          directory=str(tmp_path / "wb"), run_id="ft-abc123",  # resumes training's run
-                          artifact=RunArtifact(name, "model", files={"metrics.json": metrics},
-                                               source=str(model), include=None if weights else ["model_card.json"]))
+        run_dir = log_run(
+            job="finetune",
+            config={},
+            summary={"global_step": 12},
+            mode="offline",
+            directory=str(tmp_path / "wb"),
+            run_id="ft-abc123",  # resumes training's run
+            artifact=RunArtifact(
+                name,
+                "model",
+                files={"metrics.json": metrics},
+                source=str(model),
+                include=None if weights else ["model_card.json"],
+            ),
+        )
         assert run_dir and "-ft-abc123" in Path(run_dir).name
         root = Path(run_dir) / "artifacts" / name
         staged[weights] = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -85,9 +108,14 @@ def test_model_artifact_copies_only_the_card_unless_weights_are_asked_for(tmp_pa
 
 def test_a_failing_artifact_warns_and_keeps_the_run(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="medray"):
-        run_dir = log_run(job="finetune", config={}, summary={"x": 1}, mode="offline", directory=str(tmp_path / "wb"),
-                          artifact=RunArtifact("model-x", "model", source=str(tmp_path / "missing"),
-                                               include=["model_card.json"]))
+        run_dir = log_run(
+            job="finetune",
+            config={},
+            summary={"x": 1},
+            mode="offline",
+            directory=str(tmp_path / "wb"),
+            artifact=RunArtifact("model-x", "model", source=str(tmp_path / "missing"), include=["model_card.json"]),
+        )
     assert run_dir and Path(run_dir).is_dir()
     assert "W&B artifact 'model-x' skipped" in caplog.text
 

@@ -19,16 +19,21 @@ Example:
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-
-from medray.platform.errors import ConfigError, LimitExceeded, UnsupportedFormat
+from medray.platform.decoders.base import (
+    Decoded,
+    DecodedFrame,
+    DecodeLimits,
+    DicomOptions,
+    check_size,
+)
+from medray.platform.decoders.dicom import decode_dicom, dicom_display_frames
+from medray.platform.decoders.image import decode_image
+from medray.platform.errors import UnsupportedFormat
 
 __all__ = [
     "DecodeLimits",
+    "check_size",
     "DicomOptions",
     "DecodedFrame",
     "Decoded",
@@ -41,142 +46,32 @@ __all__ = [
     "dicom_display_frames",
 ]
 
-_FRAME_CHOICES = ("all", "first", "middle")
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Limits checked before any pixel data is decoded.
-
-    Args:
-        max_bytes: largest accepted object (and inflated deflate dataset), in
-            bytes.
-        max_pixels: largest accepted ``Rows*Columns*Frames*SamplesPerPixel``
-            (``width*height*bands`` for photos), read from the header.
-
-    Raises:
-        ConfigError: a limit is not a positive number.
-    """
-
-    max_bytes: int = 1 << 30
-    max_pixels: int = 1_000_000_000
-
-    def __post_init__(self) -> None:
-        for key in ("max_bytes", "max_pixels"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(
-                    f"limits.{key}", f"expected a positive number, got {value!r}"
-                )
-
-
-@dataclass(frozen=True)
-class DicomOptions:
-    """How DICOM pixel data becomes what a viewer shows.
-
-    Args:
-        frames: ``"all"``, ``"first"``, ``"middle"`` (index ``n // 2``) or a
-            tuple of 0-based frame indices.
-        windows: Modality -> ``(center, width)`` of a linear window in
-            modality units (HU for CT). Used when the file has no VOI LUT or
-            window, or first when ``prefer_file_voi`` is False.
-        prefer_file_voi: use the file's VOI LUT/window before ``windows``.
-        voi_index: which of the file's windows/VOI LUTs to use; files with
-            fewer fall back to the first.
-
-    Raises:
-        ConfigError: a value has the wrong type or range.
-    """
-
-    frames: str | tuple[int, ...] = "all"
-    windows: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    prefer_file_voi: bool = True
-    voi_index: int = 0
-
-    def __post_init__(self) -> None:
-        frames = self.frames
-        if isinstance(frames, str):
-            if frames not in _FRAME_CHOICES:
-                raise ConfigError(
-                    "dicom.frames", f"expected one of {_FRAME_CHOICES} or a tuple of indices"
-                )
-        else:
-            try:
-                indices = tuple(int(i) for i in frames)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    "dicom.frames", "expected 'all', 'first', 'middle' or a tuple of ints"
-                ) from None
-            if not indices or min(indices) < 0:
-                raise ConfigError("dicom.frames", "indices must be a non-empty tuple of ints >= 0")
-            object.__setattr__(self, "frames", indices)
-        windows: dict[str, tuple[float, float]] = {}
-        for modality, window in dict(self.windows).items():
-            try:
-                center, width = (float(v) for v in window)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"dicom.windows.{modality}", "expected [center, width], e.g. [-600, 1500]"
-                ) from None
-            if width < 1:
-                raise ConfigError(f"dicom.windows.{modality}", f"width must be >= 1, got {width}")
-            windows[str(modality).strip().upper()] = (center, width)
-        object.__setattr__(self, "windows", windows)
-        if not isinstance(self.voi_index, int) or self.voi_index < 0:
-            raise ConfigError("dicom.voi_index", f"expected an int >= 0, got {self.voi_index!r}")
-
-
-@dataclass
-class DecodedFrame:
-    """One display-ready frame.
-
-    Args:
-        image: ``uint8`` array of shape ``(H, W, 3)``, RGB, as a viewer shows it.
-        frame: 0-based frame index in the source (0 for single frames/photos).
-    """
-
-    image: np.ndarray
-    frame: int
-
-
-@dataclass
-class Decoded:
-    """A decoded object: frames plus what may leave the file.
-
-    Args:
-        kind: ``"dicom"`` or ``"image"``.
-        modality: DICOM Modality (``"CT"``, ``"DX"``, ...; ``"OT"`` if absent)
-            or ``"photo"``.
-        frames: the selected frames, in selection order.
-        metadata: allow-listed, JSON-serialisable metadata only.
-        patient_key: salted hash of the patient identity, or ``None``.
-    """
-
-    kind: str
-    modality: str
-    frames: list[DecodedFrame]
-    metadata: dict[str, Any]
-    patient_key: str | None
-
-
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes.
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SHORT_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
-    b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FD",
+    b"FL",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"US",
 }
 _DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
-
-
-def _check_size(data: bytes, limits: DecodeLimits) -> None:
-    """Reject empty and oversize inputs before anything parses them."""
-    if len(data) == 0:
-        raise UnsupportedFormat("empty input (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise LimitExceeded(
-            f"object is {len(data)} bytes, over max_bytes = {limits.max_bytes}; "
-            "raise DecodeLimits.max_bytes to accept it"
-        )
 
 
 def _is_image(head: bytes) -> bool:
@@ -186,9 +81,20 @@ def _is_image(head: bytes) -> bool:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     # "BM" alone is too weak; also require a known DIB header size.
-    return head[:2] == b"BM" and len(head) >= 18 and struct.unpack_from("<I", head, 14)[0] in {
-        12, 40, 52, 56, 64, 108, 124,
-    }
+    return (
+        head[:2] == b"BM"
+        and len(head) >= 18
+        and struct.unpack_from("<I", head, 14)[0]
+        in {
+            12,
+            40,
+            52,
+            56,
+            64,
+            108,
+            124,
+        }
+    )
 
 
 def _is_raw_dataset(head: bytes, size: int, any_group: bool) -> bool:
@@ -284,8 +190,9 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
         raise UnsupportedFormat("empty input (0 bytes)")
     head = bytes(data[:132])
     hinted = name.lower().endswith(_DICOM_EXTENSIONS)
-    if head[128:132] == b"DICM" or (not _is_image(head) and not is_audio(head)
-                                     and _is_raw_dataset(head, len(data), any_group=hinted)):
+    if head[128:132] == b"DICM" or (
+        not _is_image(head) and not is_audio(head) and _is_raw_dataset(head, len(data), any_group=hinted)
+    ):
         if _is_sr(data):
             return "text", "sr"
         return ("other", "dicom") if _is_non_image_dicom(data) else ("image", "dicom")
@@ -298,8 +205,7 @@ def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
     if is_text(bytes(data[:4096])):
         return "text", "text"
     raise UnsupportedFormat(
-        f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, "
-        "WAV/FLAC/OGG audio or UTF-8 text"
+        f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, WAV/FLAC/OGG audio or UTF-8 text"
     )
 
 
@@ -359,9 +265,12 @@ def _is_sr(data: bytes) -> bool:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                             force=bytes(data[128:132]) != b"DICM",
-                             specific_tags=["SOPClassUID", "Modality"])
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=bytes(data[128:132]) != b"DICM",
+            specific_tags=["SOPClassUID", "Modality"],
+        )
     except Exception:  # noqa: BLE001 - the image decoder reports damage with its own message
         return False
     from medray.platform.decoders.text import is_structured_report
@@ -394,12 +303,7 @@ def decode_bytes(
         LimitExceeded: the object or its pixel count is over `limits`.
         DecodeError: the content is damaged or cannot be decoded.
     """
-    _check_size(data, limits)
+    check_size(data, limits)
     if detect_format(data, name) == "dicom":
         return decode_dicom(data, options=dicom, limits=limits, salt=salt)
     return decode_image(data, limits=limits)
-
-
-# Imported last: the submodules import the types defined above.
-from medray.platform.decoders.dicom import decode_dicom, dicom_display_frames  # noqa: E402
-from medray.platform.decoders.image import decode_image  # noqa: E402

@@ -30,8 +30,16 @@ import numpy as np
 
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded, UnsupportedFormat
 
-__all__ = ["AudioOptions", "AudioHeader", "DecodedAudio", "AudioWindow", "is_audio", "audio_header",
-           "decode_audio", "split_windows"]
+__all__ = [
+    "AudioOptions",
+    "AudioHeader",
+    "DecodedAudio",
+    "AudioWindow",
+    "is_audio",
+    "audio_header",
+    "decode_audio",
+    "split_windows",
+]
 
 _MIXDOWN = ("mean", "first", "all")
 _LAST = ("pad", "drop")
@@ -130,7 +138,7 @@ def _wav_header(data: bytes) -> AudioHeader:
     rate = channels = block = 0
     pos = 12
     while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
         if cid == b"fmt ":
             if size < 16 or pos + 24 > len(data):
                 raise DecodeError("WAV 'fmt ' chunk is truncated")
@@ -165,7 +173,9 @@ def audio_header(data: bytes) -> AudioHeader:
     return AudioHeader(str(info.format), int(info.samplerate), int(info.channels), int(info.frames))
 
 
-def decode_audio(data: bytes, *, target_rate: int | None = None, options: AudioOptions = AudioOptions()) -> DecodedAudio:
+def decode_audio(
+    data: bytes, *, target_rate: int | None = None, options: AudioOptions = AudioOptions()
+) -> DecodedAudio:
     """Decode a recording, mix channels down and resample to ``target_rate``.
 
     Args:
@@ -186,11 +196,15 @@ def decode_audio(data: bytes, *, target_rate: int | None = None, options: AudioO
     if header.sample_rate <= 0 or header.channels <= 0:
         raise DecodeError(f"header claims {header.sample_rate} Hz and {header.channels} channels")
     if header.sample_rate > options.max_sample_rate:
-        raise LimitExceeded(f"sample rate {header.sample_rate} Hz is over audio.max_sample_rate = "
-                            f"{options.max_sample_rate}; raise it to accept the file")
+        raise LimitExceeded(
+            f"sample rate {header.sample_rate} Hz is over audio.max_sample_rate = "
+            f"{options.max_sample_rate}; raise it to accept the file"
+        )
     if header.duration_s > options.max_duration_s:
-        raise LimitExceeded(f"header claims {header.duration_s:.0f} s, over audio.max_duration_s = "
-                            f"{options.max_duration_s:g}; raise it to accept the file")
+        raise LimitExceeded(
+            f"header claims {header.duration_s:.0f} s, over audio.max_duration_s = "
+            f"{options.max_duration_s:g}; raise it to accept the file"
+        )
     import soundfile as sf
 
     try:
@@ -200,8 +214,7 @@ def decode_audio(data: bytes, *, target_rate: int | None = None, options: AudioO
     if samples.shape[0] == 0:
         raise DecodeError(f"{header.format} recording has no samples; the file may be truncated")
     if header.format == "WAV" and samples.shape[0] < header.frames:
-        raise DecodeError(f"WAV is truncated: header claims {header.frames} frames, "
-                          f"{samples.shape[0]} present")
+        raise DecodeError(f"WAV is truncated: header claims {header.frames} frames, {samples.shape[0]} present")
     wave = samples.T  # (channels, samples)
     if options.mixdown == "mean":
         # a contiguous copy first: numpy reduces a transposed (strided) view about 5x slower
@@ -215,13 +228,18 @@ def decode_audio(data: bytes, *, target_rate: int | None = None, options: AudioO
 
         wave = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, int(target_rate)).numpy()
         rate = int(target_rate)
-    meta = {"audio_format": header.format, "source_sample_rate": header.sample_rate,
-            "channels": header.channels, "duration_s": round(samples.shape[0] / header.sample_rate, 6)}
+    meta = {
+        "audio_format": header.format,
+        "source_sample_rate": header.sample_rate,
+        "channels": header.channels,
+        "duration_s": round(samples.shape[0] / header.sample_rate, 6),
+    }
     return DecodedAudio(np.ascontiguousarray(wave, dtype=np.float32), rate, meta)
 
 
-def split_windows(audio: DecodedAudio, *, window_s: float = 2.0, hop_s: float | None = None,
-                  last: str = "pad") -> list[AudioWindow]:
+def split_windows(
+    audio: DecodedAudio, *, window_s: float = 2.0, hop_s: float | None = None, last: str = "pad"
+) -> list[AudioWindow]:
     """Cut fixed windows of ``window_s`` every ``hop_s`` seconds, per channel.
 
     A recording shorter than one window gives one padded window (or none
@@ -240,15 +258,21 @@ def split_windows(audio: DecodedAudio, *, window_s: float = 2.0, hop_s: float | 
         n = wave.shape[0]
         start = 0
         while start < n:
-            piece = wave[start:start + size]
+            piece = wave[start : start + size]
             padded = piece.shape[0] < size
             if padded:
                 if last == "drop":
                     break
                 piece = np.pad(piece, (0, size - piece.shape[0]))
-            out.append(AudioWindow(np.ascontiguousarray(piece, dtype=np.float32),
-                                   ch if channels > 1 else None, start / rate,
-                                   min(start + size, n) / rate, padded))
+            out.append(
+                AudioWindow(
+                    np.ascontiguousarray(piece, dtype=np.float32),
+                    ch if channels > 1 else None,
+                    start / rate,
+                    min(start + size, n) / rate,
+                    padded,
+                )
+            )
             if start + size >= n:
                 break
             start += hop

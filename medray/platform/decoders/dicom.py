@@ -47,12 +47,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from medray.platform.decoders import (
-    DecodedFrame,
+from medray.platform.decoders.base import (
     Decoded,
+    DecodedFrame,
     DecodeLimits,
     DicomOptions,
-    _check_size,
+    check_size,
 )
 from medray.platform.deid import extract_metadata, patient_key, safe_uid
 from medray.platform.errors import DecodeError, LimitExceeded, RecordError, UnsupportedFormat
@@ -68,17 +68,38 @@ _NATIVE = {
 # Every Photometric Interpretation the standard defines; anything else is
 # reported as "unrecognised" rather than echoed.
 _KNOWN_PHOTOMETRIC = {
-    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
-    "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK", "XYB",
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_ICT",
+    "YBR_RCT",
+    "YBR_PARTIAL_420",
+    "YBR_PARTIAL_422",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "XYB",
 }
 _MONOCHROME = {"MONOCHROME1", "MONOCHROME2"}
 _COLOR = {"PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 # Elements the grayscale chain reads; copied into a per-frame view when an
 # enhanced multi-frame overrides them in its functional groups.
 _VOI_KEYWORDS = (
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
-    "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
 )
 _FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 _INFLATE_CHUNK = 1 << 24
@@ -108,7 +129,7 @@ _withhold_pydicom_logs()
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence pydicom's warnings, which quote header values (PHI)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,7 +137,7 @@ def _quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _guarded(what: str) -> Iterator[None]:
+def guarded(what: str) -> Iterator[None]:
     """Run quietly and turn any library failure into a PHI-free DecodeError.
 
     pydicom converts elements lazily, so a damaged header can raise anything
@@ -125,11 +146,11 @@ def _guarded(what: str) -> Iterator[None]:
     exception's class name is kept: its text may quote header values.
     """
     try:
-        with _quiet():
+        with quiet():
             yield
     except (RecordError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - pydicom and its plugins raise anything; messages may quote values
         raise DecodeError(f"{what} ({type(exc).__name__})") from None
 
 
@@ -184,16 +205,14 @@ def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:
                 )
             pending = inflater.unconsumed_tail
     except zlib.error:
-        raise DecodeError(
-            f"deflated dataset of {_ts_label(uid)} is corrupt (zlib.error)"
-        ) from None
+        raise DecodeError(f"deflated dataset of {_ts_label(uid)} is corrupt (zlib.error)") from None
 
 
-def _read_dataset(data: bytes, limits: DecodeLimits) -> Dataset:
+def read_dataset(data: bytes, limits: DecodeLimits) -> Dataset:
     """Parse `data` with pydicom, making sure a transfer syntax is known."""
     _check_inflated_size(data, limits)
     has_preamble = bytes(data[128:132]) == b"DICM"
-    with _guarded("not a readable DICOM dataset; the file may be truncated or not DICOM"):
+    with guarded("not a readable DICOM dataset; the file may be truncated or not DICOM"):
         ds = pydicom.dcmread(BytesIO(data), force=not has_preamble)
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is None:
@@ -204,9 +223,7 @@ def _read_dataset(data: bytes, limits: DecodeLimits) -> Dataset:
         if little is None:
             raise DecodeError("cannot tell the dataset's encoding: no transfer syntax")
         file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit
-            else ExplicitVRLittleEndian if little
-            else ExplicitVRBigEndian
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
         )
     return ds
 
@@ -233,7 +250,7 @@ def _photometric(ds: Dataset) -> str:
     return value
 
 
-def _check_header(ds: Dataset, limits: DecodeLimits) -> tuple[int, str]:
+def check_header(ds: Dataset, limits: DecodeLimits) -> tuple[int, str]:
     """Validate the Image Pixel module against `limits`; touch no pixel data.
 
     Returns:
@@ -296,8 +313,7 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     functions read top-level elements, so those are copied into a view.
     """
     groups = []
-    for keyword, position in (("SharedFunctionalGroupsSequence", 0),
-                              ("PerFrameFunctionalGroupsSequence", index)):
+    for keyword, position in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", index)):
         sequence = ds.get(keyword)
         if sequence and position < len(sequence):
             groups.append(sequence[position])
@@ -360,7 +376,7 @@ def _file_voi(values: np.ndarray, view: Dataset, index: int) -> np.ndarray | Non
             try:
                 out = apply_voi(values, lut_view, 0)
                 return np.clip(out / float(2 ** int(descriptor[2]) - 1), 0.0, 1.0)
-            except Exception:  # a malformed LUT falls back to the window
+            except Exception:  # noqa: BLE001 - a malformed LUT falls back to the window
                 pass
     center, width = view.get("WindowCenter"), view.get("WindowWidth")
     if center in (None, "") or width in (None, ""):
@@ -373,10 +389,9 @@ def _file_voi(values: np.ndarray, view: Dataset, index: int) -> np.ndarray | Non
     return _window(values, c, w, function)
 
 
-def _voi_window(
-    values: np.ndarray, view: Dataset, options: DicomOptions, modality: str
-) -> np.ndarray | None:
+def _voi_window(values: np.ndarray, view: Dataset, options: DicomOptions, modality: str) -> np.ndarray | None:
     """The file's or the configured VOI per `options`, values in 0..1; None when neither applies."""
+
     def configured() -> np.ndarray | None:
         window = options.windows.get(modality)
         return _window(values, window[0], window[1], "LINEAR") if window else None
@@ -391,9 +406,7 @@ def _voi_window(
     return None
 
 
-def _voi_normalised(
-    values: np.ndarray, view: Dataset, options: DicomOptions, modality: str
-) -> np.ndarray:
+def _voi_normalised(values: np.ndarray, view: Dataset, options: DicomOptions, modality: str) -> np.ndarray:
     """Pick the VOI transform per `options` and return values in 0..1 (min-max as the last resort)."""
     out = _voi_window(values, view, options, modality)
     if out is not None:
@@ -470,14 +483,14 @@ def _color_rgb(arr: np.ndarray, ds: Dataset, photometric: str, bits: int) -> np.
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
         lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return _to_uint8(rgb, float(2 ** lut_bits - 1))
+        return _to_uint8(rgb, float(2**lut_bits - 1))
     if photometric == "YBR_RCT":
         arr = _ycbcr_rct_to_rgb(arr, bits)
     elif photometric.startswith("YBR_"):
         # ICT is the YBR_FULL transform; the decoder normally undid it already.
         current = "YBR_FULL_422" if photometric == "YBR_FULL_422" else "YBR_FULL"
         arr = convert_color_space(arr, current, "RGB")
-    return _to_uint8(arr, float(2 ** bits - 1))
+    return _to_uint8(arr, float(2**bits - 1))
 
 
 def dicom_display_frames(
@@ -504,7 +517,7 @@ def dicom_display_frames(
             transfer syntax (the message says what to install), bad frame
             index, or a codec failure.
     """
-    with _guarded("malformed DICOM header or pixel data"):
+    with guarded("malformed DICOM header or pixel data"):
         return _display_frames(ds, options, limits)
 
 
@@ -512,7 +525,7 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
     """Body of :func:`dicom_display_frames`, run with pydicom's warnings off."""
     if getattr(ds, "file_meta", None) is None or not ds.file_meta.get("TransferSyntaxUID"):
         raise DecodeError("dataset has no file meta Transfer Syntax UID")
-    count, photometric = _check_header(ds, limits)
+    count, photometric = check_header(ds, limits)
     indices = _select_frames(options.frames, count)
     uid = ds.file_meta.TransferSyntaxUID
     try:
@@ -541,7 +554,7 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
             position += 1
     except (RecordError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:  # as in _guarded, but naming the frame
+    except BaseException as exc:  # noqa: BLE001 - as in guarded, but naming the frame
         raise DecodeError(
             f"could not decode frame {indices[min(position, len(indices) - 1)]} of "
             f"{_ts_label(uid)}, {photometric} ({type(exc).__name__})"
@@ -574,9 +587,9 @@ def decode_dicom(
         LimitExceeded: over ``limits.max_bytes`` or ``limits.max_pixels``.
         DecodeError: unreadable, truncated or undecodable content.
     """
-    _check_size(data, limits)
-    with _guarded("malformed DICOM header"):
-        ds = _read_dataset(data, limits)
+    check_size(data, limits)
+    with guarded("malformed DICOM header"):
+        ds = read_dataset(data, limits)
         frames = dicom_display_frames(ds, options, limits=limits)
         metadata = extract_metadata(ds)
         key = patient_key(ds, salt)

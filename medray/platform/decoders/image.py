@@ -23,7 +23,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medray.platform.decoders import Decoded, DecodedFrame, DecodeLimits, _check_size
+from medray.platform.decoders.base import Decoded, DecodedFrame, DecodeLimits, check_size
 from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
 
 __all__ = ["decode_image"]
@@ -44,14 +44,11 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
             image = Image.open(BytesIO(data), formats=_FORMATS)
     except Image.DecompressionBombError:
         raise LimitExceeded(
-            f"image header declares more pixels than Pillow's limit "
-            f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
+            f"image header declares more pixels than Pillow's limit (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
         ) from None
     except UnidentifiedImageError:
-        raise UnsupportedFormat(
-            f"not a {'/'.join(_FORMATS)} image Pillow can identify"
-        ) from None
-    except Exception as exc:
+        raise UnsupportedFormat(f"not a {'/'.join(_FORMATS)} image Pillow can identify") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; the class name is the message
         raise DecodeError(f"unreadable image header ({type(exc).__name__})") from None
     width, height = image.size
     bands = len(image.getbands())
@@ -113,23 +110,22 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> Decod
         LimitExceeded: over ``limits.max_bytes`` or ``limits.max_pixels``.
         DecodeError: truncated or corrupt image data.
     """
-    _check_size(data, limits)
+    check_size(data, limits)
     image = _open(data, limits)
     source_mode, source_format = image.mode, image.format or "unknown"
     try:
         image.load()
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError...
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
         raise DecodeError(
-            f"could not decode {source_format} image data ({type(exc).__name__}); "
-            "the file may be truncated"
+            f"could not decode {source_format} image data ({type(exc).__name__}); the file may be truncated"
         ) from None
     try:
         image = ImageOps.exif_transpose(image) or image
-    except Exception:  # a broken EXIF block must not lose the picture
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture
         pass
     try:
         rgb = np.ascontiguousarray(_to_rgb(image))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the conversion is a decode error
         raise DecodeError(
             f"could not convert {source_format} mode {source_mode} to RGB ({type(exc).__name__})"
         ) from None

@@ -1,7 +1,7 @@
 """CT and MR series as volumes: group, order along the normal, HU, resample, windows.
 
 Pure functions, no Ray: the embed pipeline calls them from a Ray Data
-group-by (:mod:`medray.platform.series_stage`), tests and benchmarks call
+group-by (:mod:`medray.pipeline.series`), tests and benchmarks call
 them directly.
 
 * :func:`read_slice_header` parses one instance's header (pydicom
@@ -24,7 +24,7 @@ them directly.
 
 Example:
     >>> import numpy as np
-    >>> from medray.platform.samples import ct_series
+    >>> from medray.testing.samples import ct_series
     >>> phantom = np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8) - 100
     >>> files = ct_series(phantom, seed=1)
     >>> vol = assemble_series(files[::-1])            # any file order
@@ -65,7 +65,7 @@ __all__ = [
 SERIES_MODES = ("off", "slicewise", "volume")
 #: CT Foundation-style windows, (center, width) in HU; their order is the channel order.
 DEFAULT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
-_IOP_TOL = 1e-3        # direction cosines that differ by more are another orientation
+_IOP_TOL = 1e-3  # direction cosines that differ by more are another orientation
 _PIXEL_SPACING_TOL = 1e-3  # relative
 
 
@@ -120,24 +120,28 @@ class SeriesOptions:
         if self.spacing is not None:
             sp = tuple(None if v is None else float(v) for v in self.spacing)
             if len(sp) != 3 or any(v is not None and not v > 0 for v in sp):
-                raise ConfigError("series.spacing", "expected [z, y, x] in mm (each > 0 or null), "
-                                  "e.g. series.spacing=[1.5,0.75,0.75]")
+                raise ConfigError(
+                    "series.spacing", "expected [z, y, x] in mm (each > 0 or null), e.g. series.spacing=[1.5,0.75,0.75]"
+                )
             object.__setattr__(self, "spacing", sp)
         windows: dict[str, tuple[float, float]] = {}
         for name, win in dict(self.windows or {}).items():
             try:
                 center, width = (float(v) for v in win)
             except (TypeError, ValueError):
-                raise ConfigError(f"series.windows.{name}", "expected [center, width] in HU, e.g. [-600, 1500]") \
-                    from None
+                raise ConfigError(
+                    f"series.windows.{name}", "expected [center, width] in HU, e.g. [-600, 1500]"
+                ) from None
             if not width > 0:
                 raise ConfigError(f"series.windows.{name}", f"width must be > 0, got {width}")
             windows[str(name)] = (center, width)
         if self.channels is not None:
             unknown = [c for c in self.channels if str(c) not in windows]
             if unknown or not self.channels:
-                raise ConfigError("series.channels", f"expected names from series.windows ({', '.join(windows)}), "
-                                  f"got {list(self.channels)}")
+                raise ConfigError(
+                    "series.channels",
+                    f"expected names from series.windows ({', '.join(windows)}), got {list(self.channels)}",
+                )
             windows = {str(c): windows[str(c)] for c in self.channels}
             object.__setattr__(self, "channels", tuple(windows))
         if not windows:
@@ -214,8 +218,9 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def read_slice_header(source: bytes | BinaryIO | Any, *, salt: str = "",
-                      options: SeriesOptions | None = None) -> SliceHeader | None:
+def read_slice_header(
+    source: bytes | BinaryIO | Any, *, salt: str = "", options: SeriesOptions | None = None
+) -> SliceHeader | None:
     """Parse one instance's header into a :class:`SliceHeader`, or ``None`` if it is no series slice.
 
     A series slice is a DICOM Part-10 file (``DICM`` preamble) of a modality in
@@ -234,7 +239,7 @@ def read_slice_header(source: bytes | BinaryIO | Any, *, salt: str = "",
     import pydicom
     from pydicom.dataset import Dataset
 
-    from medray.platform.decoders.dicom import _quiet
+    from medray.platform.decoders.dicom import quiet
     from medray.platform.deid import extract_metadata, patient_key
 
     options = options or SeriesOptions()
@@ -247,12 +252,12 @@ def read_slice_header(source: bytes | BinaryIO | Any, *, salt: str = "",
             if bytes(head[128:132]) != b"DICM":
                 return None
             fp.seek(0)
-            with _quiet():
+            with quiet():
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not a readable Part-10 header: the per-instance path reports it
             return None
     try:
-        with _quiet():
+        with quiet():
             modality = str(ds.get("Modality") or "").strip().upper()
             uid = str(ds.get("SeriesInstanceUID") or "").strip()
             if modality not in options.modalities or not uid:
@@ -260,17 +265,21 @@ def read_slice_header(source: bytes | BinaryIO | Any, *, salt: str = "",
             frames = _int(ds.get("NumberOfFrames") or 1) or 1
             if frames > 1 and frames <= options.max_slices:
                 return None  # an (enhanced) multi-frame object: embedded per frame, as before
-            thickness = _floats([ds.get("SliceThickness")], 1) if ds.get("SliceThickness") not in (None, "") \
-                else None
+            thickness = _floats([ds.get("SliceThickness")], 1) if ds.get("SliceThickness") not in (None, "") else None
             return SliceHeader(
-                series_key=series_key(uid, salt), modality=modality, frames=frames,
-                rows=_int(ds.get("Rows")), columns=_int(ds.get("Columns")),
+                series_key=series_key(uid, salt),
+                modality=modality,
+                frames=frames,
+                rows=_int(ds.get("Rows")),
+                columns=_int(ds.get("Columns")),
                 position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
                 orientation=_floats(ds.get("ImageOrientationPatient"), 6),
                 pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
                 slice_thickness=thickness[0] if thickness else None,
                 instance_number=_int(ds.get("InstanceNumber")),
-                patient_key=patient_key(ds, salt), metadata=extract_metadata(ds))
+                patient_key=patient_key(ds, salt),
+                metadata=extract_metadata(ds),
+            )
     except Exception:  # noqa: BLE001 - a damaged header: per-instance path
         return None
 
@@ -302,8 +311,9 @@ def _distinct(values: Sequence[tuple[float, ...]], tol: float, relative: bool = 
     reps: list[np.ndarray] = []
     for v in values:
         a = np.asarray(v, dtype=np.float64)
-        if not any(np.max(np.abs(a - r)) <= (tol * max(1e-9, float(np.max(np.abs(r)))) if relative else tol)
-                   for r in reps):
+        if not any(
+            np.max(np.abs(a - r)) <= (tol * max(1e-9, float(np.max(np.abs(r)))) if relative else tol) for r in reps
+        ):
             reps.append(a)
     return len(reps)
 
@@ -322,8 +332,10 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
     options = options or SeriesOptions()
     n = sum(max(1, h.frames) for h in headers)
     if n > options.max_slices:
-        raise LimitExceeded(f"series has {n} slices, over series.max_slices = {options.max_slices}; "
-                            "raise series.max_slices to accept it")
+        raise LimitExceeded(
+            f"series has {n} slices, over series.max_slices = {options.max_slices}; "
+            "raise series.max_slices to accept it"
+        )
     if n < options.min_slices or not headers:
         raise SeriesError(f"series has {n} slices, fewer than series.min_slices = {options.min_slices}")
     if any(h.frames > 1 for h in headers):
@@ -336,8 +348,9 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
         raise SeriesError(f"inconsistent or missing rows/columns across slices ({shown})")
     lacking = sum(1 for h in headers if h.position is None or h.orientation is None or h.pixel_spacing is None)
     if lacking:
-        raise SeriesError(f"{lacking} of {len(headers)} slices lack ImagePositionPatient, "
-                          "ImageOrientationPatient or PixelSpacing")
+        raise SeriesError(
+            f"{lacking} of {len(headers)} slices lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing"
+        )
     k = _distinct([h.orientation for h in headers], _IOP_TOL)  # type: ignore[misc]
     if k > 1:
         raise SeriesError(f"mixed orientations: {k} distinct ImageOrientationPatient values in one series")
@@ -361,23 +374,31 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
         step = float(np.median(gaps))
         dup = int(np.sum(gaps <= 1e-3 * max(1.0, abs(step))))
         if dup or not step > 0:
-            raise SeriesError(f"duplicate slice positions: {dup} slices share a position with another "
-                              "(a repeated instance or two acquisitions in one series)")
+            raise SeriesError(
+                f"duplicate slice positions: {dup} slices share a position with another "
+                "(a repeated instance or two acquisitions in one series)"
+            )
         worst = int(np.argmax(gaps))
         if gaps[worst] > 1.5 * step:
             missing = int(round(gaps[worst] / step)) - 1
-            raise SeriesError(f"missing slice: a gap of {gaps[worst]:.3g} mm between sorted slices {worst} and "
-                              f"{worst + 1} where the spacing is {step:.3g} mm (about {max(1, missing)} "
-                              "slice(s) missing)")
+            raise SeriesError(
+                f"missing slice: a gap of {gaps[worst]:.3g} mm between sorted slices {worst} and "
+                f"{worst + 1} where the spacing is {step:.3g} mm (about {max(1, missing)} "
+                "slice(s) missing)"
+            )
         if float(np.max(np.abs(gaps - step))) > options.spacing_tolerance * step:
-            raise SeriesError(f"inconsistent slice spacing: gaps from {float(gaps.min()):.3g} to "
-                              f"{float(gaps.max()):.3g} mm (tolerance {options.spacing_tolerance:.0%})")
+            raise SeriesError(
+                f"inconsistent slice spacing: gaps from {float(gaps.min()):.3g} to "
+                f"{float(gaps.max()):.3g} mm (tolerance {options.spacing_tolerance:.0%})"
+            )
         # In-plane drift of the origins: a tilted gantry or a sheared stack is no regular volume.
         inplane = (pos - pos[order[0]]) - np.outer(along - sorted_pos[0], normal)
         drift = float(np.max(np.linalg.norm(inplane, axis=1)))
         if drift > min(dy, dx):
-            raise SeriesError(f"slices are not stacked along their normal (in-plane drift {drift:.3g} mm; "
-                              "gantry tilt or a sheared series)")
+            raise SeriesError(
+                f"slices are not stacked along their normal (in-plane drift {drift:.3g} mm; "
+                "gantry tilt or a sheared series)"
+            )
     else:
         step = float(headers[0].slice_thickness or 1.0)
         if not step > 0:
@@ -389,14 +410,22 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
     tshape = tuple(max(1, int(round(n_ * s / t))) for n_, s, t in zip(shape, spacing, target))
     voxels = int(np.prod(tshape, dtype=np.int64))
     if voxels > options.max_voxels:
-        raise LimitExceeded(f"resampled volume {tshape[0]}x{tshape[1]}x{tshape[2]} = {voxels:.3g} voxels "
-                            f"exceeds series.max_voxels = {options.max_voxels:.3g}; coarsen series.spacing "
-                            "or raise series.max_voxels")
+        raise LimitExceeded(
+            f"resampled volume {tshape[0]}x{tshape[1]}x{tshape[2]} = {voxels:.3g} voxels "
+            f"exceeds series.max_voxels = {options.max_voxels:.3g}; coarsen series.spacing "
+            "or raise series.max_voxels"
+        )
     # the spacing actually reached (extent / size), which differs from the target by rounding
     tspacing = tuple(n_ * s / t for n_, s, t in zip(shape, spacing, tshape))
-    return SeriesPlan(order=order, positions=[float(v) for v in sorted_pos],
-                      normal=tuple(float(v) for v in normal), spacing=spacing,  # type: ignore[arg-type]
-                      shape=shape, target_shape=tshape, target_spacing=tspacing)  # type: ignore[arg-type]
+    return SeriesPlan(
+        order=order,
+        positions=[float(v) for v in sorted_pos],
+        normal=tuple(float(v) for v in normal),
+        spacing=spacing,  # type: ignore[arg-type]
+        shape=shape,
+        target_shape=tshape,
+        target_spacing=tspacing,
+    )  # type: ignore[arg-type]
 
 
 def validate_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = None) -> str | None:
@@ -423,12 +452,12 @@ def decode_slice(data: bytes | Any, header: SliceHeader | None = None, limits: A
     from pydicom.pixels import apply_modality_lut
 
     from medray.platform.decoders import DecodeLimits
-    from medray.platform.decoders.dicom import _check_header, _guarded, _read_dataset
+    from medray.platform.decoders.dicom import check_header, guarded, read_dataset
 
     limits = limits or DecodeLimits()
-    with _guarded("could not decode a series slice"):
-        ds = data if isinstance(data, Dataset) else _read_dataset(data, limits)
-        _check_header(ds, limits)
+    with guarded("could not decode a series slice"):
+        ds = data if isinstance(data, Dataset) else read_dataset(data, limits)
+        check_header(ds, limits)
         arr = apply_modality_lut(ds.pixel_array, ds)
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 2:
@@ -452,8 +481,7 @@ def resample_volume(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return y[0, 0].numpy()
 
 
-def window_channels(values: np.ndarray, windows: Mapping[str, tuple[float, float]],
-                    modality: str = "CT") -> np.ndarray:
+def window_channels(values: np.ndarray, windows: Mapping[str, tuple[float, float]], modality: str = "CT") -> np.ndarray:
     """Windows as channels: ``(C, D, H, W)`` float32 in ``[0, 1]``, one channel per window.
 
     CT values are HU and each window is linear (``center ± width / 2``). Other
@@ -516,17 +544,26 @@ class Volume:
 
     def provenance(self) -> dict[str, Any]:
         """PHI-free facts about the series for a row's ``metadata``."""
-        return {"series_key": self.series_key, "n_source_slices": self.source_shape[0],
-                "source_shape": list(self.source_shape), "source_spacing_mm": [round(v, 6) for v in
-                                                                               self.source_spacing],
-                "shape": list(self.values.shape), "spacing_mm": [round(v, 6) for v in self.spacing],
-                "normal": [round(v, 6) for v in self.normal],
-                "z_range_mm": [round(self.positions[0], 4), round(self.positions[-1], 4)]}
+        return {
+            "series_key": self.series_key,
+            "n_source_slices": self.source_shape[0],
+            "source_shape": list(self.source_shape),
+            "source_spacing_mm": [round(v, 6) for v in self.source_spacing],
+            "shape": list(self.values.shape),
+            "spacing_mm": [round(v, 6) for v in self.spacing],
+            "normal": [round(v, 6) for v in self.normal],
+            "z_range_mm": [round(self.positions[0], 4), round(self.positions[-1], 4)],
+        }
 
 
-def assemble_series(instances: Sequence[bytes | Any], options: SeriesOptions | None = None, *,
-                    salt: str = "", limits: Any = None,
-                    headers: Sequence[SliceHeader] | None = None) -> Volume:
+def assemble_series(
+    instances: Sequence[bytes | Any],
+    options: SeriesOptions | None = None,
+    *,
+    salt: str = "",
+    limits: Any = None,
+    headers: Sequence[SliceHeader] | None = None,
+) -> Volume:
     """Assemble one series' instances into a :class:`Volume` (the benchmark's entry point).
 
     Args:
@@ -548,8 +585,10 @@ def assemble_series(instances: Sequence[bytes | Any], options: SeriesOptions | N
         for k, inst in enumerate(instances):
             h = read_slice_header(inst, salt=salt, options=options)
             if h is None:
-                raise SeriesError(f"instance {k} is not a single-frame {'/'.join(options.modalities)} "
-                                  "Part-10 slice with a SeriesInstanceUID")
+                raise SeriesError(
+                    f"instance {k} is not a single-frame {'/'.join(options.modalities)} "
+                    "Part-10 slice with a SeriesInstanceUID"
+                )
             headers.append(h)
     if len({h.series_key for h in headers}) > 1:
         raise SeriesError("instances of more than one series")
@@ -559,7 +598,16 @@ def assemble_series(instances: Sequence[bytes | Any], options: SeriesOptions | N
     for z, k in enumerate(plan.order):
         values[z] = decode_slice(instances[k], headers[k], limits)
     values = resample_volume(values, plan.target_shape)
-    return Volume(values=values, spacing=plan.target_spacing, source_spacing=plan.spacing,
-                  source_shape=plan.shape, positions=plan.positions, order=plan.order, normal=plan.normal,
-                  modality=first.modality, series_key=first.series_key, patient_key=first.patient_key,
-                  metadata=dict(first.metadata))
+    return Volume(
+        values=values,
+        spacing=plan.target_spacing,
+        source_spacing=plan.spacing,
+        source_shape=plan.shape,
+        positions=plan.positions,
+        order=plan.order,
+        normal=plan.normal,
+        modality=first.modality,
+        series_key=first.series_key,
+        patient_key=first.patient_key,
+        metadata=dict(first.metadata),
+    )

@@ -12,7 +12,7 @@ Coordinates are level-0 pixels (``tile_x``, ``tile_y``, like OpenSlide's
 ``read_region``); a tile's id is ``tile/<level>/<x>/<y>``.
 
 Example:
-    >>> from medray.platform.testing.media import slide_tiff
+    >>> from medray.testing.media import slide_tiff
     >>> import io, tiffslide
     >>> slide = tiffslide.TiffSlide(io.BytesIO(slide_tiff(size=512, levels=3)))
     >>> plan = plan_slide(slide, SlideOptions(target_mpp=0.5, tile_size=64))
@@ -25,15 +25,27 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded
 
-__all__ = ["SlideOptions", "SlideTile", "SlidePlan", "is_tiff", "is_slide", "open_slide", "sniff_slide", "plan_slide",
-           "read_tile", "tissue_mask", "otsu_threshold"]
+__all__ = [
+    "SlideOptions",
+    "SlideTile",
+    "SlidePlan",
+    "is_tiff",
+    "is_slide",
+    "open_slide",
+    "sniff_slide",
+    "plan_slide",
+    "read_tile",
+    "tissue_mask",
+    "otsu_threshold",
+]
 
 #: Extensions that make a tiled TIFF a slide even without a pyramid.
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".scn", ".bif", ".qptiff")
@@ -105,7 +117,7 @@ class SlideTile:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "SlideTile":
+    def from_json(cls, text: str) -> SlideTile:
         return cls(**json.loads(text))
 
 
@@ -144,13 +156,30 @@ def is_slide(slide: Any, name: str = "") -> bool:
     if not tiled:
         return False
     vendor = str(slide.properties.get("tiffslide.vendor") or "")
-    return slide.level_count > 1 or vendor in ("aperio", "hamamatsu", "leica", "ventana") or \
-        name.lower().endswith(SLIDE_EXTENSIONS)
+    return (
+        slide.level_count > 1
+        or vendor in ("aperio", "hamamatsu", "leica", "ventana")
+        or name.lower().endswith(SLIDE_EXTENSIONS)
+    )
 
 
 # Extensions that are never TIFF: such objects skip the slide sniff (one ranged read saved).
-_NOT_TIFF = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".wav", ".flac", ".ogg",
-             ".txt", ".json", ".xml")
+_NOT_TIFF = (
+    ".dcm",
+    ".dicom",
+    ".dic",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".webp",
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".txt",
+    ".json",
+    ".xml",
+)
 
 
 def sniff_slide(uri: str, fs: Any, path: str, storage_options: Mapping[str, Any] | None = None) -> Any:
@@ -260,8 +289,10 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
     except Exception as err:  # noqa: BLE001
         raise DecodeError(f"unreadable slide structure ({type(err).__name__})") from None
     if low_w * low_h > MAX_TISSUE_PIXELS:
-        raise LimitExceeded(f"the slide's lowest-resolution level is {low_w}x{low_h} pixels, over "
-                            f"{MAX_TISSUE_PIXELS} for tissue detection; the slide has no usable pyramid")
+        raise LimitExceeded(
+            f"the slide's lowest-resolution level is {low_w}x{low_h} pixels, over "
+            f"{MAX_TISSUE_PIXELS} for tissue detection; the slide has no usable pyramid"
+        )
     mpp0 = _slide_mpp(slide)
     target, size = float(options.target_mpp), int(options.tile_size)
     note = None
@@ -269,7 +300,7 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
         level, step0, read_size, out_mpp = 0, size, size, None
         note = "no mpp metadata: tiles of slide.tile_size pixels at level 0, not at slide.target_mpp"
     else:
-        span0 = size * target / mpp0          # level-0 pixels per tile side
+        span0 = size * target / mpp0  # level-0 pixels per tile side
         fits = [k for k, d in enumerate(downsamples) if mpp0 * d <= target * (1 + 1e-3)]
         level = max(fits, key=lambda k: downsamples[k]) if fits else 0
         if not fits:
@@ -287,15 +318,37 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
     keep = np.argwhere(fractions >= options.min_tissue_fraction)  # (row, col), row-major
     if len(keep) > options.max_tiles:
         raise LimitExceeded(f"slide has {len(keep)} tissue tiles, over slide.max_tiles = {options.max_tiles}")
-    tiles = [SlideTile(index=k, level=level, x=int(c) * step0, y=int(r) * step0, read_size=read_size,
-                       tile_size=size, mpp=out_mpp, tissue_fraction=round(float(fractions[r, c]), 6))
-             for k, (r, c) in enumerate(keep)]
-    meta = {"format": "slide", "slide_width": width0, "slide_height": height0, "levels": slide.level_count,
-            "mpp_level0": mpp0, "level_mpp": None if mpp0 is None else mpp0 * downsamples[level],
-            "target_mpp": target, "tile_size": size, "read_size": read_size, "tissue_level": low,
-            "tissue_threshold": round(threshold, 6), "min_tissue_fraction": options.min_tissue_fraction,
-            "tiles_total": nx * ny, "tissue_tiles": len(tiles), "background_tiles": nx * ny - len(tiles),
-            "vendor": str(slide.properties.get("tiffslide.vendor") or "generic")}
+    tiles = [
+        SlideTile(
+            index=k,
+            level=level,
+            x=int(c) * step0,
+            y=int(r) * step0,
+            read_size=read_size,
+            tile_size=size,
+            mpp=out_mpp,
+            tissue_fraction=round(float(fractions[r, c]), 6),
+        )
+        for k, (r, c) in enumerate(keep)
+    ]
+    meta = {
+        "format": "slide",
+        "slide_width": width0,
+        "slide_height": height0,
+        "levels": slide.level_count,
+        "mpp_level0": mpp0,
+        "level_mpp": None if mpp0 is None else mpp0 * downsamples[level],
+        "target_mpp": target,
+        "tile_size": size,
+        "read_size": read_size,
+        "tissue_level": low,
+        "tissue_threshold": round(threshold, 6),
+        "min_tissue_fraction": options.min_tissue_fraction,
+        "tiles_total": nx * ny,
+        "tissue_tiles": len(tiles),
+        "background_tiles": nx * ny - len(tiles),
+        "vendor": str(slide.properties.get("tiffslide.vendor") or "generic"),
+    }
     if note:
         meta["mpp_note"] = note
     return SlidePlan(tiles=tiles, level=level, read_size=read_size, tiles_total=nx * ny, metadata=meta)

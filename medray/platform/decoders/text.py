@@ -45,7 +45,7 @@ def is_text(head: bytes) -> bool:
     except UnicodeDecodeError as err:
         if err.start < len(head) - 3:  # not just a character cut by the slice
             return False
-        text = head[:err.start].decode("utf-8")
+        text = head[: err.start].decode("utf-8")
     if not text:
         return False
     if text.translate(_WHITESPACE_OK).isprintable():  # the common case, checked in C

@@ -81,8 +81,9 @@ class EmbeddingHead(torch.nn.Module):
     ``head.bias``), so checkpoints and export treat both alike.
     """
 
-    def __init__(self, dim: int, n_outputs: int, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, dim: int, n_outputs: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         self.head = torch.nn.Linear(int(dim), int(n_outputs))
         mean_t = torch.zeros(int(dim)) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
@@ -117,10 +118,18 @@ def feature_stats(batches: Any) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
 
 
-def build_classifier(spec: Mapping[str, Any], *, n_outputs: int, strategy: str, lora: Mapping[str, Any],
-                     seed: int, input_shape: Sequence[int], device: str = "cpu",
-                     embedding_dim: int | None = None,
-                     embedding_stats: Mapping[str, Sequence[float]] | None = None) -> tuple[Any, Any, Any]:
+def build_classifier(
+    spec: Mapping[str, Any],
+    *,
+    n_outputs: int,
+    strategy: str,
+    lora: Mapping[str, Any],
+    seed: int,
+    input_shape: Sequence[int],
+    device: str = "cpu",
+    embedding_dim: int | None = None,
+    embedding_stats: Mapping[str, Sequence[float]] | None = None,
+) -> tuple[Any, Any, Any]:
     """Load the encoder and build the classifier for a strategy.
 
     ``full`` trains every used weight, ``lora`` only the adapters (plus the
@@ -158,8 +167,13 @@ def build_classifier(spec: Mapping[str, Any], *, n_outputs: int, strategy: str, 
     module.train()
     tuner = None
     if strategy == "lora":
-        tuner = apply_lora(module, r=lora.get("r", 8), alpha=lora.get("alpha", 16.0),
-                           dropout=lora.get("dropout", 0.0), target_modules=lora.get("target_modules"))
+        tuner = apply_lora(
+            module,
+            r=lora.get("r", 8),
+            alpha=lora.get("alpha", 16.0),
+            dropout=lora.get("dropout", 0.0),
+            target_modules=lora.get("target_modules"),
+        )
         module.train()
     elif strategy == "linear_probe":
         module.requires_grad_(False)
@@ -221,8 +235,17 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, clip: float | None, precision: str,
-                     offload_optimizer: bool, offload_params: bool, extra: Mapping[str, Any]) -> dict:
+def deepspeed_config(
+    *,
+    stage: int,
+    micro_batch: int,
+    grad_accum: int,
+    clip: float | None,
+    precision: str,
+    offload_optimizer: bool,
+    offload_params: bool,
+    extra: Mapping[str, Any],
+) -> dict:
     """The DeepSpeed config: ZeRO stage, offload, precision, accumulation, clipping.
 
     The optimizer and LR schedule are torch objects handed to
@@ -252,10 +275,23 @@ def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, clip: flo
     return _merge(cfg, extra)
 
 
-def build_engine(model: torch.nn.Module, *, stage: int, micro_batch: int, grad_accum: int, clip: float | None,
-                 precision: str, lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
-                 schedule: str, offload_optimizer: bool = False, offload_params: bool = False,
-                 extra: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+def build_engine(
+    model: torch.nn.Module,
+    *,
+    stage: int,
+    micro_batch: int,
+    grad_accum: int,
+    clip: float | None,
+    precision: str,
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """``deepspeed.initialize`` with torch AdamW over the trainable weights and the warm-up schedule.
 
     Returns:
@@ -268,13 +304,22 @@ def build_engine(model: torch.nn.Module, *, stage: int, micro_batch: int, grad_a
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, total=total_steps, warmup=warmup_steps, schedule=schedule))
-    config = deepspeed_config(stage=stage, micro_batch=micro_batch, grad_accum=grad_accum, clip=clip,
-                              precision=precision, offload_optimizer=offload_optimizer,
-                              offload_params=offload_params, extra=extra or {})
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                           dist_init_required=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total=total_steps, warmup=warmup_steps, schedule=schedule)
+    )
+    config = deepspeed_config(
+        stage=stage,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        clip=clip,
+        precision=precision,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        extra=extra or {},
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+    )
     if int(stage) == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
     return engine, scheduler
@@ -290,8 +335,9 @@ def _merge(base: dict, extra: Mapping[str, Any]) -> dict:
     return out
 
 
-def augment_batch(x: torch.Tensor, modalities: Sequence[str], augment: Mapping[str, Mapping[str, float]],
-                  generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, modalities: Sequence[str], augment: Mapping[str, Mapping[str, float]], generator: torch.Generator
+) -> torch.Tensor:
     """Random flips, intensity jitter, noise and shifts per sample, by modality.
 
     ``augment`` maps a modality (``DX``, ``CT``, ...; ``default`` for the
@@ -332,8 +378,9 @@ def augment_batch(x: torch.Tensor, modalities: Sequence[str], augment: Mapping[s
 def consolidated_state_dict(checkpoint_dir: str, tag: str, stage: int) -> dict[str, Any]:
     """Full fp32 weights from a DeepSpeed checkpoint (ZeRO shards merged by ``zero_to_fp32``)."""
     if int(stage) == 0:
-        states = torch.load(os.path.join(checkpoint_dir, tag, "mp_rank_00_model_states.pt"),
-                            map_location="cpu", weights_only=False)
+        states = torch.load(
+            os.path.join(checkpoint_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+        )
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -15,7 +15,7 @@ and one truncated WAV listed in ``audio.csv`` (it must end up quarantined).
 
 Example::
 
-    from medray.platform.samples_modalities import generate_modality_training_samples
+    from medray.testing.samples_modalities import generate_modality_training_samples
     generate_modality_training_samples("/tmp/records", base_uri="s3://bucket/records")
     # medray finetune data=modality_samples encoder=hf_audio encoder.checkpoint=... train=linear_probe ...
 """
@@ -35,8 +35,15 @@ __all__ = ["BROKEN_AUDIO", "generate_modality_training_samples"]
 BROKEN_AUDIO = "audio/broken.wav"
 _RATE = 16000
 _SITES = ("site-A", "site-B")
-_FILLER = ("the heart is normal", "no acute change", "stable small nodule in the left lung",
-           "mild opacity at the right lung", "no fracture", "chest study for pain", "history of mass")
+_FILLER = (
+    "the heart is normal",
+    "no acute change",
+    "stable small nodule in the left lung",
+    "mild opacity at the right lung",
+    "no fracture",
+    "chest study for pain",
+    "history of mass",
+)
 _POSITIVE = ("small left effusion", "mild right effusion", "large effusion with opacity")
 
 
@@ -64,9 +71,14 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def generate_modality_training_samples(out_dir: str | os.PathLike[str], *, n_patients: int = 40,
-                                       records_per_patient: int = 2, seed: int = 0,
-                                       base_uri: str | None = None) -> dict[str, Any]:
+def generate_modality_training_samples(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_patients: int = 40,
+    records_per_patient: int = 2,
+    seed: int = 0,
+    base_uri: str | None = None,
+) -> dict[str, Any]:
     """Write the corpus (see the module docstring) under ``out_dir``.
 
     Args:
@@ -88,7 +100,7 @@ def generate_modality_training_samples(out_dir: str | os.PathLike[str], *, n_pat
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(parents=True, exist_ok=True)
-    prefix = (base_uri.rstrip("/") if base_uri else str(out.resolve()))
+    prefix = base_uri.rstrip("/") if base_uri else str(out.resolve())
     audio_rows, report_rows, inline_rows = [], [], []
     for p in range(n_patients):
         patient = f"P{p:03d}"
@@ -110,8 +122,13 @@ def generate_modality_training_samples(out_dir: str | os.PathLike[str], *, n_pat
     _write_csv(out / "audio.csv", audio_rows)
     _write_csv(out / "reports.csv", report_rows)
     pq.write_table(pa.Table.from_pylist(inline_rows), out / "reports_inline.parquet")
-    return {"audio": len(audio_rows), "reports": len(report_rows),
-            "positives": {"high": sum(r["high"] for r in audio_rows),
-                          "effusion": sum(r["effusion"] for r in report_rows)},
-            "manifests": {"audio": str(out / "audio.csv"), "reports": str(out / "reports.csv"),
-                          "reports_inline": str(out / "reports_inline.parquet")}}
+    return {
+        "audio": len(audio_rows),
+        "reports": len(report_rows),
+        "positives": {"high": sum(r["high"] for r in audio_rows), "effusion": sum(r["effusion"] for r in report_rows)},
+        "manifests": {
+            "audio": str(out / "audio.csv"),
+            "reports": str(out / "reports.csv"),
+            "reports_inline": str(out / "reports_inline.parquet"),
+        },
+    }

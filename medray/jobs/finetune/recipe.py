@@ -13,12 +13,12 @@ Every check that can fail runs before a training worker starts: the config
 
 1. splits: patient-level, from a split column, a grouping column, or the
    salted DICOM patient key (one header-only pass writes ``splits/``);
-2. Ray Train ``TorchTrainer`` runs :func:`medray.jobs._finetune_loop.train_loop`
+2. Ray Train ``TorchTrainer`` runs :func:`medray.jobs.finetune.loop.train_loop`
    on ``scaling.num_workers`` workers: Ray Data shards decoded with the same
    ``read_batch``/``decode_batch`` as ``embed`` (``data.features=inputs``), or
    record-level examples holding the frozen encoder's pooled embedding of each
    audio recording, document or slide (``data.features=embeddings``, see
-   :mod:`medray.jobs._finetune_features`), DeepSpeed ZeRO from config,
+   :mod:`medray.jobs.finetune.features`), DeepSpeed ZeRO from config,
    per-epoch validation (overall and per subgroup), checkpoints under
    ``<output>/checkpoints`` (a dead worker restarts the run from the last one);
 3. export: ZeRO shards consolidated (``zero_to_fp32``) into the artifact at
@@ -47,16 +47,31 @@ import posixpath
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf, TrackingConf, patient_salt
-from medray.config import AudioConf, SlideConf, TextConf
+from medray.config import patient_salt
 from medray.jobs import JobInfo
+from medray.jobs.finetune.config import (
+    PRECISIONS,
+    SCHEDULES,
+    STRATEGIES,
+    TASK_TYPES,
+    DeepSpeedConf,
+    EvalConf,
+    FinetuneConf,
+    FinetuneDataConf,
+    LoraConf,
+    ScalingConf,
+    TaskConf,
+    TrainConf,
+    register,
+)
 from medray.platform.errors import ConfigError
+from medray.platform.manifest import iter_manifest_batches, manifest_sha256, read_manifest
 
 __all__ = [
     "JOB",
@@ -77,143 +92,13 @@ __all__ = [
 
 log = logging.getLogger("medray.finetune")
 
-TASK_TYPES = ("binary", "multilabel", "multiclass", "regression")
-STRATEGIES = ("linear_probe", "full", "lora")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-# --------------------------------------------------------------------------
-# schema (stored in Hydra's ConfigStore as "finetune_schema")
-# --------------------------------------------------------------------------
-@dataclass
-class FinetuneDataConf:
-    """Labelled manifests and how to split them."""
-
-    train: str = MISSING                 # manifest: uri + label columns (+ optional split/group columns)
-    val: Optional[str] = None            # a separate validation manifest (then train is not split)
-    split_column: Optional[str] = None   # a column with train/val/test; overrides the computed split
-    group_by: str = "patient_key"        # patient_key (salted, from the DICOM) or a manifest column
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
-    seed: int = 0
-    features: str = "auto"               # auto | inputs | embeddings (frozen encoder's pooled record embeddings)
-    embeddings: Optional[str] = None     # a `medray embed` output to reuse (joined to the manifest by uri)
-    text_column: Optional[str] = None    # documents in a manifest column instead of files
-    read_batch_size: int = 16
-    decode_batch_size: int = 16
-    decode_num_cpus: float = 1.0
-    decode_concurrency: Optional[int] = None
-    encode_batch_size: int = 32          # features=embeddings: items per forward pass
-    encode_actors: int = 1               # features=embeddings: encoder actors
-    shuffle_buffer: int = 256
-    cache: str = "auto"                  # auto | true | false: keep decoded examples in the object store
-
-
-@dataclass
-class TaskConf:
-    """What the head predicts."""
-
-    type: str = "binary"                 # binary | multilabel | multiclass | regression
-    labels: List[str] = field(default_factory=list)  # label columns; multiclass: the class values
-    column: Optional[str] = None         # multiclass: the column holding the class
-
-
-@dataclass
-class LoraConf:
-    """LoRA adapters (``train.strategy=lora``)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: Optional[List[str]] = None  # null: the attention query/value projections
-
-
-@dataclass
-class TrainConf:
-    """Optimisation."""
-
-    strategy: str = "full"               # linear_probe | full | lora
-    epochs: int = 10
-    batch_size: int = 16                 # per worker per step (DeepSpeed micro batch)
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    schedule: str = "cosine"             # cosine | linear | constant (after warm-up)
-    clip_grad_norm: Optional[float] = 1.0
-    precision: str = "auto"              # auto (bf16 on GPUs that have it, fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 0
-    max_failures: int = 2                # worker failures survived (restart from the last checkpoint)
-    checkpoints_to_keep: int = 2
-    lora: LoraConf = field(default_factory=LoraConf)
-    augment: Dict[str, Dict[str, float]] = field(default_factory=dict)  # modality|default -> {hflip: 0.5, ...}
-
-
-@dataclass
-class DeepSpeedConf:
-    """DeepSpeed: ZeRO stage and offload; ``config`` is merged into the generated DeepSpeed config."""
-
-    stage: int = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    config: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ScalingConf:
-    """Ray Train workers."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-
-@dataclass
-class EvalConf:
-    """Validation metrics."""
-
-    subgroups: List[str] = field(default_factory=list)  # manifest columns, metadata keys, or age_band
-    age_bands: List[int] = field(default_factory=lambda: [40, 60, 80])
-    ece_bins: int = 10
-    min_subgroup_size: int = 5
-    verify_records: int = 16             # artifact vs end-of-training predictions on this many records
-
-
-@dataclass
-class FinetuneConf:
-    """``medray finetune``: labelled manifest in, artifact + metrics + checkpoints out."""
-
-    output: str = MISSING
-    resume: bool = False
-    data: FinetuneDataConf = field(default_factory=FinetuneDataConf)
-    task: TaskConf = field(default_factory=TaskConf)
-    train: TrainConf = field(default_factory=TrainConf)
-    deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
-    scaling: ScalingConf = field(default_factory=ScalingConf)
-    eval: EvalConf = field(default_factory=EvalConf)
-    encoder: EncoderConf = field(default_factory=EncoderConf)
-    decode: DecodeConf = field(default_factory=DecodeConf)
-    audio: AudioConf = field(default_factory=AudioConf)
-    text: TextConf = field(default_factory=TextConf)
-    slide: SlideConf = field(default_factory=SlideConf)
-    storage: StorageConf = field(default_factory=StorageConf)
-    ray: RayConf = field(default_factory=RayConf)
-    tracking: TrackingConf = field(default_factory=TrackingConf)
-    patient_salt: Optional[str] = None
-    run_name: Optional[str] = None
-
-
-def register() -> None:
-    """Store the finetune schema in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="finetune_schema", node=FinetuneConf)
-
-
-JOB = JobInfo("finetune", "fine-tune an encoder on labelled records with Ray Train + DeepSpeed; export an artifact",
-              config_name="finetune", register=register, order=20)
+JOB = JobInfo(
+    "finetune",
+    "fine-tune an encoder on labelled records with Ray Train + DeepSpeed; export an artifact",
+    config_name="finetune",
+    register=register,
+    order=20,
+)
 
 
 # --------------------------------------------------------------------------
@@ -243,28 +128,33 @@ class FinetuneResult:
     n_parameters: int
     n_trainable: int
     trainable_parameters: list
-    export_max_abs_diff: Optional[float]
+    export_max_abs_diff: float | None
     export_records_checked: int
     wall_s: float
     train_s: float
     phase_s: dict
     cached: bool
     config: dict
-    features: str = "inputs"            # inputs | embeddings (data.features, resolved)
-    quarantined: int = 0                 # labelled records that could not be used (<output>/quarantine)
+    features: str = "inputs"  # inputs | embeddings (data.features, resolved)
+    quarantined: int = 0  # labelled records that could not be used (<output>/quarantine)
     quarantine_by_class: dict = field(default_factory=dict)  # error class -> records (SkippedModality: no encoder)
 
     def one_line(self) -> str:
         """The closing one-line summary."""
         val = self.metrics.get("val", {})
-        main = (f"AUROC macro {val.get('auroc_macro'):.3f}" if isinstance(val.get("auroc_macro"), float)
-                else f"MSE {val.get('mse')}")
+        main = (
+            f"AUROC macro {val.get('auroc_macro'):.3f}"
+            if isinstance(val.get("auroc_macro"), float)
+            else f"MSE {val.get('mse')}"
+        )
         restarts = max(0, len(self.attempts) - 1)
-        return (f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
-                f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
-                f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; {self.quarantined} records quarantined; "
-                f"artifact {self.artifact} "
-                f"(sha256 {self.artifact_sha256[:12]}...: pin it with encoder.sha256 in embed/serve)")
+        return (
+            f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
+            f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
+            f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; {self.quarantined} records quarantined; "
+            f"artifact {self.artifact} "
+            f"(sha256 {self.artifact_sha256[:12]}...: pin it with encoder.sha256 in embed/serve)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -276,7 +166,6 @@ def _lists_slides(manifest: str, storage_options: Any, sample: int = 8) -> bool:
     Judged by content, as the read stage does (:func:`~medray.platform.decoders.slide.sniff_slide`);
     a manifest that cannot be read yet answers ``False`` (the data checks report it with its key).
     """
-    from medray.jobs._finetune_data import iter_manifest_batches
     from medray.platform.decoders.slide import sniff_slide
     from medray.platform.storage import open_fs
 
@@ -309,13 +198,17 @@ class FinetuneJob:
         if isinstance(cfg, DictConfig):
             for key in ("data.train", "output"):
                 if OmegaConf.is_missing(cfg, key):
-                    raise ConfigError(key, "is required, e.g. `medray finetune data.train=s3://b/labels.parquet "
-                                      "task.labels=[label] output=s3://b/runs/v1`")
+                    raise ConfigError(
+                        key,
+                        "is required, e.g. `medray finetune data.train=s3://b/labels.parquet "
+                        "task.labels=[label] output=s3://b/runs/v1`",
+                    )
             try:
                 self.cfg: FinetuneConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
             except MissingMandatoryValue as err:  # a `???` left in a preset, e.g. encoder=hf_image
-                raise ConfigError(str(err.full_key), "is required by this preset and was not given; set it, "
-                                  f"e.g. {err.full_key}=...") from None
+                raise ConfigError(
+                    str(err.full_key), f"is required by this preset and was not given; set it, e.g. {err.full_key}=..."
+                ) from None
             self.resolved = OmegaConf.to_container(cfg, resolve=True)
         else:
             self.cfg = cfg
@@ -328,7 +221,7 @@ class FinetuneJob:
     # ------------------------------------------------------------ config checks
     def _validate(self) -> None:
         from medray.encoders import EncoderSpec, get_spec, list_families
-        from medray.jobs._finetune_data import ExampleSpec
+        from medray.jobs.finetune.data import ExampleSpec
 
         c = self.cfg
         t, tr, ds, sc = c.task, c.train, c.deepspeed, c.scaling
@@ -340,17 +233,21 @@ class FinetuneJob:
         if len(set(labels)) != len(labels):
             raise ConfigError("task.labels", f"labels repeat: {labels}")
         if t.type == "binary" and len(labels) != 1:
-            raise ConfigError("task.labels", f"a binary task has one label column, got {labels}; "
-                              "use task=multilabel for several")
+            raise ConfigError(
+                "task.labels", f"a binary task has one label column, got {labels}; use task=multilabel for several"
+            )
         if t.type == "multiclass":
             if not t.column:
-                raise ConfigError("task.column", "a multiclass task needs the column holding the class, "
-                                  "e.g. task.column=finding")
+                raise ConfigError(
+                    "task.column", "a multiclass task needs the column holding the class, e.g. task.column=finding"
+                )
             if len(labels) < 2:
                 raise ConfigError("task.labels", "a multiclass task needs at least two classes")
         elif t.column:
-            raise ConfigError("task.column", f"only multiclass tasks read a class column; for {t.type} the "
-                              "label columns are task.labels")
+            raise ConfigError(
+                "task.column",
+                f"only multiclass tasks read a class column; for {t.type} the label columns are task.labels",
+            )
         if tr.strategy not in STRATEGIES:
             raise ConfigError("train.strategy", f"unknown strategy '{tr.strategy}'; expected one of {list(STRATEGIES)}")
         if not isinstance(ds.stage, int) or not (0 <= ds.stage <= 3):
@@ -362,8 +259,9 @@ class FinetuneJob:
         if tr.precision not in PRECISIONS:
             raise ConfigError("train.precision", f"expected one of {list(PRECISIONS)}, got '{tr.precision}'")
         if tr.precision in ("bf16", "fp16") and not sc.use_gpu:
-            raise ConfigError("train.precision", f"{tr.precision} needs a GPU that has it; on CPU use "
-                              "train.precision=auto (fp32)")
+            raise ConfigError(
+                "train.precision", f"{tr.precision} needs a GPU that has it; on CPU use train.precision=auto (fp32)"
+            )
         if tr.schedule not in SCHEDULES:
             raise ConfigError("train.schedule", f"expected one of {list(SCHEDULES)}, got '{tr.schedule}'")
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -381,12 +279,14 @@ class FinetuneJob:
             raise ConfigError("train.checkpoints_to_keep", "must be >= 1")
         if tr.strategy == "lora" and tr.lora.r < 1:
             raise ConfigError("train.lora.r", f"must be >= 1, got {tr.lora.r}")
-        from medray.jobs._finetune_model import AUGMENT_KEYS
+        from medray.jobs.finetune.model import AUGMENT_KEYS
 
         for modality, aug in (tr.augment or {}).items():
             for key, value in (aug or {}).items():
                 if key not in AUGMENT_KEYS:
-                    raise ConfigError(f"train.augment.{modality}.{key}", f"unknown augmentation; known: {list(AUGMENT_KEYS)}")
+                    raise ConfigError(
+                        f"train.augment.{modality}.{key}", f"unknown augmentation; known: {list(AUGMENT_KEYS)}"
+                    )
                 if float(value) < 0:
                     raise ConfigError(f"train.augment.{modality}.{key}", "must be >= 0")
         if sc.num_workers < 1:
@@ -397,8 +297,11 @@ class FinetuneJob:
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError("scaling.use_gpu", "this machine has no CUDA GPU; set scaling.use_gpu=false "
-                                  "or run on a GPU cluster (ray.address=auto)")
+                raise ConfigError(
+                    "scaling.use_gpu",
+                    "this machine has no CUDA GPU; set scaling.use_gpu=false "
+                    "or run on a GPU cluster (ray.address=auto)",
+                )
         d = c.data
         for key in ("read_batch_size", "decode_batch_size"):
             if getattr(d, key) < 1:
@@ -407,13 +310,18 @@ class FinetuneJob:
             raise ConfigError("data.decode_num_cpus", "must be > 0")
         if str(d.cache).lower() not in ("auto", "true", "false"):
             raise ConfigError("data.cache", f"expected auto, true or false, got {d.cache!r}")
-        if not (0.0 <= d.val_fraction < 1.0) or not (0.0 <= d.test_fraction < 1.0) or \
-                d.val_fraction + d.test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction", "val_fraction and test_fraction must be within [0, 1) and "
-                              "sum to less than 1")
+        if (
+            not (0.0 <= d.val_fraction < 1.0)
+            or not (0.0 <= d.test_fraction < 1.0)
+            or d.val_fraction + d.test_fraction >= 1.0
+        ):
+            raise ConfigError(
+                "data.val_fraction", "val_fraction and test_fraction must be within [0, 1) and sum to less than 1"
+            )
         if d.val is None and d.split_column is None and d.val_fraction <= 0:
-            raise ConfigError("data.val_fraction", "must be > 0 (or give data.val or data.split_column): "
-                              "validation needs data")
+            raise ConfigError(
+                "data.val_fraction", "must be > 0 (or give data.val or data.split_column): validation needs data"
+            )
         if c.eval.ece_bins < 1:
             raise ConfigError("eval.ece_bins", "must be >= 1")
         if c.eval.verify_records < 0:
@@ -422,8 +330,10 @@ class FinetuneJob:
         if enc.family not in list_families():
             raise ConfigError("encoder.family", f"unknown family '{enc.family}'; known: {', '.join(list_families())}")
         if not enc.checkpoint or enc.checkpoint == "???":
-            raise ConfigError("encoder.checkpoint", "is required for this encoder: a hub id, a local directory "
-                              "or an object-storage URI (s3://...)")
+            raise ConfigError(
+                "encoder.checkpoint",
+                "is required for this encoder: a hub id, a local directory or an object-storage URI (s3://...)",
+            )
         self.spec: EncoderSpec = get_spec(EncoderSpec(**asdict(enc)))
         self.features = self._features()
         out = c.output.rstrip("/")
@@ -432,22 +342,26 @@ class FinetuneJob:
             if src and (src.rstrip("/") == out or src.startswith(out + "/")):
                 raise ConfigError("output", f"must not contain data.{key}; choose another output location")
         label_columns = [t.column] if t.type == "multiclass" else labels
-        self.example_spec = ExampleSpec(task=t.type, labels=tuple(labels), label_columns=tuple(label_columns),
-                                        subgroups=tuple(str(g) for g in c.eval.subgroups),
-                                        age_bands=tuple(int(b) for b in c.eval.age_bands))
+        self.example_spec = ExampleSpec(
+            task=t.type,
+            labels=tuple(labels),
+            label_columns=tuple(label_columns),
+            subgroups=tuple(str(g) for g in c.eval.subgroups),
+            age_bands=tuple(int(b) for b in c.eval.age_bands),
+        )
 
     def _features(self) -> str:
         """``data.features`` resolved: ``inputs`` (the encoder trains on decoded images) or ``embeddings``."""
         from medray.encoders import family_modality
-        from medray.jobs._finetune_features import FEATURES
+        from medray.jobs.finetune.features import FEATURES
         from medray.platform.decoders.audio import AudioOptions
         from medray.platform.decoders.slide import SlideOptions
         from medray.platform.modalities import TextOptions
 
         c = self.cfg
         d, tr = c.data, c.train
-        self.embedding_dim: Optional[int] = None  # data.features=embeddings: known once the records are embedded
-        self.embedding_stats: Optional[dict] = None  # and the train split's per-feature mean / std
+        self.embedding_dim: int | None = None  # data.features=embeddings: known once the records are embedded
+        self.embedding_stats: dict | None = None  # and the train split's per-feature mean / std
         if d.features not in FEATURES:
             raise ConfigError("data.features", f"expected one of {list(FEATURES)}, got '{d.features}'")
         modality = family_modality(self.spec.family)
@@ -456,31 +370,47 @@ class FinetuneJob:
             features = "embeddings" if (modality != "image" or d.embeddings or d.text_column) else "inputs"
             if features == "inputs" and _lists_slides(d.train, c.storage.options):
                 # slide-level labels: one example per slide, the mean of its tissue tiles' embeddings
-                log.info("data.features=auto: data.train lists whole-slide images; training a head on each "
-                         "slide's mean tissue-tile embedding (data.features=embeddings)")
+                log.info(
+                    "data.features=auto: data.train lists whole-slide images; training a head on each "
+                    "slide's mean tissue-tile embedding (data.features=embeddings)"
+                )
                 features = "embeddings"
         if d.text_column and modality != "text":
-            raise ConfigError("data.text_column", f"documents need a text encoder; '{self.spec.name}' is a "
-                              f"{modality} encoder (e.g. encoder=hf_text encoder.checkpoint=...)")
+            raise ConfigError(
+                "data.text_column",
+                f"documents need a text encoder; '{self.spec.name}' is a "
+                f"{modality} encoder (e.g. encoder=hf_text encoder.checkpoint=...)",
+            )
         if features == "inputs":
             if modality != "image":
-                raise ConfigError("data.features", f"'{self.spec.name}' is a {modality} encoder: only image encoders "
-                                  "are fine-tuned end to end here; train a head on its pooled record embeddings "
-                                  "with data.features=embeddings train=linear_probe")
+                raise ConfigError(
+                    "data.features",
+                    f"'{self.spec.name}' is a {modality} encoder: only image encoders "
+                    "are fine-tuned end to end here; train a head on its pooled record embeddings "
+                    "with data.features=embeddings train=linear_probe",
+                )
             for key in ("embeddings", "text_column"):
                 if getattr(d, key):
                     raise ConfigError(f"data.{key}", "needs data.features=embeddings (or auto)")
             return features
         if tr.strategy != "linear_probe":
-            raise ConfigError("train.strategy", f"data.features=embeddings trains a head on the frozen encoder's "
-                              f"pooled record embeddings: use train=linear_probe ('{tr.strategy}' end to end "
-                              f"is supported for image encoders on decoded images, data.features=inputs)")
+            raise ConfigError(
+                "train.strategy",
+                f"data.features=embeddings trains a head on the frozen encoder's "
+                f"pooled record embeddings: use train=linear_probe ('{tr.strategy}' end to end "
+                f"is supported for image encoders on decoded images, data.features=inputs)",
+            )
         if tr.augment:
-            raise ConfigError("train.augment", "augmentations apply to decoded images; with data.features=embeddings "
-                              "set train.augment={}")
+            raise ConfigError(
+                "train.augment",
+                "augmentations apply to decoded images; with data.features=embeddings set train.augment={}",
+            )
         if d.embeddings and d.text_column:
-            raise ConfigError("data.text_column", "data.embeddings already holds the documents' embeddings: "
-                              "drop data.text_column (the join is by the manifest's uri)")
+            raise ConfigError(
+                "data.text_column",
+                "data.embeddings already holds the documents' embeddings: "
+                "drop data.text_column (the join is by the manifest's uri)",
+            )
         for key, value in (("audio.pool", c.audio.pool), ("text.pool", c.text.pool)):
             if value != "mean":
                 raise ConfigError(key, "record embeddings are the mean of windows/chunks: must be mean")
@@ -490,9 +420,12 @@ class FinetuneJob:
             if getattr(d, key) < 1:
                 raise ConfigError(f"data.{key}", "must be >= 1")
         if modality != "image" and d.group_by == "patient_key" and not (d.val or d.split_column):
-            log.warning("data.group_by=patient_key: only DICOM records (e.g. SR reports) carry a patient; every "
-                        "other %s record is its own group. Set data.group_by=<patient column> so no patient's "
-                        "records end up in two splits", modality)
+            log.warning(
+                "data.group_by=patient_key: only DICOM records (e.g. SR reports) carry a patient; every "
+                "other %s record is its own group. Set data.group_by=<patient column> so no patient's "
+                "records end up in two splits",
+                modality,
+            )
         AudioOptions(**asdict(c.audio))  # each raises a ConfigError naming its key
         TextOptions(**asdict(c.text))
         SlideOptions(**asdict(c.slide))
@@ -507,8 +440,11 @@ class FinetuneJob:
         fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
         by_record: dict[str, str] = {}
         try:
-            files = [p for p in fs.find(posixpath.join(root, "quarantine")) if p.endswith(".parquet")
-                     and not posixpath.basename(p).startswith(".")]
+            files = [
+                p
+                for p in fs.find(posixpath.join(root, "quarantine"))
+                if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+            ]
         except FileNotFoundError:
             files = []
         for path in files:
@@ -530,12 +466,15 @@ class FinetuneJob:
         # and SeaweedFS' filer may keep empty directory entries after a delete.
         started = fs.exists(posixpath.join(runs, "checkpoint_manager_snapshot.json"))
         if started and not self.cfg.resume:
-            raise ConfigError("resume", f"output '{self.cfg.output}' already holds a run; pass resume=true to "
-                              "continue it, or choose a new output")
+            raise ConfigError(
+                "resume",
+                f"output '{self.cfg.output}' already holds a run; pass resume=true to "
+                "continue it, or choose a new output",
+            )
 
     def _check_data(self) -> None:
         """Manifest columns, label values and split positives, streamed on the driver."""
-        from medray.jobs._finetune_data import (
+        from medray.jobs.finetune.data import (
             DERIVED_SUBGROUPS,
             SplitPlan,
             count_splits,
@@ -555,31 +494,42 @@ class FinetuneJob:
                 raise ConfigError("data.val", f"manifest '{c.data.val}' does not exist") from None
         for which, names in self.columns.items():
             if c.data.text_column and c.data.text_column not in names:
-                raise ConfigError("data.text_column", f"no column '{c.data.text_column}' in data.{which} "
-                                  f"(columns: {', '.join(names)})")
+                raise ConfigError(
+                    "data.text_column",
+                    f"no column '{c.data.text_column}' in data.{which} (columns: {', '.join(names)})",
+                )
             if "uri" not in names and not c.data.text_column:
                 raise ConfigError(f"data.{which}", f"manifest has no 'uri' column (columns: {', '.join(names)})")
             for col in spec.label_columns:
                 if col not in names:
                     key = "task.column" if c.task.type == "multiclass" else "task.labels"
-                    raise ConfigError(key, f"unknown label column '{col}' in data.{which}; the manifest has: "
-                                      f"{', '.join(n for n in names if n not in ('uri', 'member'))}")
+                    raise ConfigError(
+                        key,
+                        f"unknown label column '{col}' in data.{which}; the manifest has: "
+                        f"{', '.join(n for n in names if n not in ('uri', 'member'))}",
+                    )
             for g in spec.subgroups:
                 need = DERIVED_SUBGROUPS.get(g)
                 if need is not None:
                     if need not in names:
                         raise ConfigError("eval.subgroups", f"'{g}' needs a '{need}' column in data.{which}")
                 elif g not in names and g not in ALLOWED_FIELDS:
-                    raise ConfigError("eval.subgroups", f"unknown subgroup '{g}': not a column of data.{which} "
-                                      f"nor DICOM metadata ({', '.join(ALLOWED_FIELDS)}) nor age_band")
+                    raise ConfigError(
+                        "eval.subgroups",
+                        f"unknown subgroup '{g}': not a column of data.{which} "
+                        f"nor DICOM metadata ({', '.join(ALLOWED_FIELDS)}) nor age_band",
+                    )
         d = c.data
         if d.embeddings:
             from medray.platform.storage import open_fs
 
             efs, eroot = open_fs(d.embeddings, opts)
             if not efs.exists(posixpath.join(eroot, "_medray.json")):
-                raise ConfigError("data.embeddings", f"'{d.embeddings}' is not a `medray embed` output (no "
-                                  "_medray.json); give the output= of an embed run with this encoder")
+                raise ConfigError(
+                    "data.embeddings",
+                    f"'{d.embeddings}' is not a `medray embed` output (no "
+                    "_medray.json); give the output= of an embed run with this encoder",
+                )
         fractions = SplitFractions(val=0.0 if d.val else d.val_fraction, test=0.0 if d.val else d.test_fraction)
         if d.val:
             self.plan = SplitPlan("manifests", seed=d.seed, fractions=fractions, salt=self.salt)
@@ -591,18 +541,23 @@ class FinetuneJob:
             self.plan = SplitPlan("patient_key", None, d.seed, fractions, self.salt)
         else:
             if d.group_by not in self.columns["train"]:
-                raise ConfigError("data.group_by", f"no column '{d.group_by}' in data.train; use patient_key "
-                                  "(the salted DICOM patient) or a grouping column of the manifest")
+                raise ConfigError(
+                    "data.group_by",
+                    f"no column '{d.group_by}' in data.train; use patient_key "
+                    "(the salted DICOM patient) or a grouping column of the manifest",
+                )
             self.plan = SplitPlan("group", d.group_by, d.seed, fractions, self.salt)
         self.counts: dict | None = None
         if self.plan.mode == "patient_key":
             return  # counted after the header pass in run(), still before any training worker starts
         cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x and x in self.columns["train"]]
         if self.plan.mode == "manifests":
-            counts = count_splits(iter_manifest_batches(d.train, list(spec.label_columns), opts), self.plan, spec,
-                                  fixed_split="train")
-            val = count_splits(iter_manifest_batches(d.val, list(spec.label_columns), opts), self.plan, spec,
-                               fixed_split="val")
+            counts = count_splits(
+                iter_manifest_batches(d.train, list(spec.label_columns), opts), self.plan, spec, fixed_split="train"
+            )
+            val = count_splits(
+                iter_manifest_batches(d.val, list(spec.label_columns), opts), self.plan, spec, fixed_split="val"
+            )
             counts["val"] = val["val"]
         else:
             counts = count_splits(iter_manifest_batches(d.train, sorted(set(cols)), opts), self.plan, spec)
@@ -611,23 +566,35 @@ class FinetuneJob:
     def _check_counts(self, counts: dict) -> None:
         """Every label needs positives (and val negatives) in train and val."""
         spec = self.example_spec
-        where = {"manifests": "data.val", "column": "data.split_column", "group": "data.group_by",
-                 "patient_key": "data.group_by"}[self.plan.mode]
+        where = {
+            "manifests": "data.val",
+            "column": "data.split_column",
+            "group": "data.group_by",
+            "patient_key": "data.group_by",
+        }[self.plan.mode]
         for split in ("train", "val"):
             if counts[split]["usable"] == 0:
-                raise ConfigError("data.val_fraction" if split == "val" and self.plan.mode in ("group", "patient_key")
-                                  else where, f"the {split} split has no labelled rows "
-                                  f"({counts[split]['rows']} rows); check the split settings and the label columns")
+                raise ConfigError(
+                    "data.val_fraction" if split == "val" and self.plan.mode in ("group", "patient_key") else where,
+                    f"the {split} split has no labelled rows "
+                    f"({counts[split]['rows']} rows); check the split settings and the label columns",
+                )
         if spec.task != "regression":
             for split in ("train", "val"):
                 for label in spec.labels:
                     if counts[split]["positives"][label] == 0:
-                        raise ConfigError("task.labels", f"label '{label}' has no positive examples in the {split} "
-                                          f"split (0 of {counts[split]['usable']}); every label needs positives in "
-                                          f"train and val: change {where}/data.seed or drop the label")
+                        raise ConfigError(
+                            "task.labels",
+                            f"label '{label}' has no positive examples in the {split} "
+                            f"split (0 of {counts[split]['usable']}); every label needs positives in "
+                            f"train and val: change {where}/data.seed or drop the label",
+                        )
                     if split == "val" and counts[split]["negatives"][label] == 0:
-                        raise ConfigError("task.labels", f"label '{label}' has no negative examples in the val "
-                                          "split, so AUROC is undefined; change the split or drop the label")
+                        raise ConfigError(
+                            "task.labels",
+                            f"label '{label}' has no negative examples in the val "
+                            "split, so AUROC is undefined; change the split or drop the label",
+                        )
         self.counts = counts
 
     # ------------------------------------------------------------------ run
@@ -645,21 +612,26 @@ class FinetuneJob:
         return path, PyFileSystem(FSSpecHandler(fs))
 
     def _stage_options(self, pre: Any) -> Any:
-        from medray.platform.pipeline import StageOptions
-
-        from medray.jobs._finetune_features import stage_options_kwargs
+        from medray.jobs.finetune.features import stage_options_kwargs
+        from medray.pipeline import StageOptions
 
         c = self.cfg
         return StageOptions(
-            storage_options=dict(c.storage.options), max_bytes=c.decode.max_bytes, max_pixels=c.decode.max_pixels,
-            frames=c.decode.frames, windows={k: list(v) for k, v in c.decode.windows.items()},
-            prefer_file_voi=c.decode.prefer_file_voi, salt=self.salt, encoder_spec=self.spec,
-            **stage_options_kwargs(c))
+            storage_options=dict(c.storage.options),
+            max_bytes=c.decode.max_bytes,
+            max_pixels=c.decode.max_pixels,
+            frames=c.decode.frames,
+            windows={k: list(v) for k, v in c.decode.windows.items()},
+            prefer_file_voi=c.decode.prefer_file_voi,
+            salt=self.salt,
+            encoder_spec=self.spec,
+            **stage_options_kwargs(c),
+        )
 
     def _quarantine(self) -> Any:
         """Where the stages write the records they could not use (``<output>/quarantine``)."""
         import medray
-        from medray.jobs._finetune_data import QuarantineTarget
+        from medray.jobs.finetune.data import QuarantineTarget
 
         return QuarantineTarget(self.cfg.output, dict(self.cfg.storage.options), medray.__version__)
 
@@ -667,27 +639,40 @@ class FinetuneJob:
         """Header-only pass: salted patient key + split per record, written to ``<output>/splits/``."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs._finetune_data import header_keys_batch
-        from medray.jobs.embed import _read_manifest
-        from medray.platform.pipeline import read_batch
+        from medray.jobs.finetune.data import header_keys_batch
+        from medray.pipeline import read_batch
         from medray.platform.storage import atomic_write_bytes, open_fs
 
         c = self.cfg
         fs, root = open_fs(c.output, c.storage.options)
         target = posixpath.join(root, "splits", "manifest")
         marker = posixpath.join(root, "splits", "_SUCCESS.json")
-        ident = {"manifest": c.data.train, "seed": c.data.seed, "val_fraction": c.data.val_fraction,
-                 "test_fraction": c.data.test_fraction,
-                 "salt_sha256": hashlib.sha256(self.salt.encode()).hexdigest()[:16]}
+        ident = {
+            "manifest": c.data.train,
+            "seed": c.data.seed,
+            "val_fraction": c.data.val_fraction,
+            "test_fraction": c.data.test_fraction,
+            "salt_sha256": hashlib.sha256(self.salt.encode()).hexdigest()[:16],
+        }
         if fs.exists(marker) and json.loads(fs.cat_file(marker)) == ident:
             return target
         if fs.exists(target):
             fs.rm(target, recursive=True)
-        ds = _read_manifest(ray, c.data.train, c.storage.options)
-        ds = ds.map_batches(read_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
-                            batch_size=c.data.read_batch_size, num_cpus=c.data.decode_num_cpus)
-        ds = ds.map_batches(header_keys_batch, fn_kwargs={"salt": self.salt, "plan": self.plan},
-                            batch_format="pyarrow", batch_size=c.data.read_batch_size, num_cpus=c.data.decode_num_cpus)
+        ds = read_manifest(ray, c.data.train, c.storage.options)
+        ds = ds.map_batches(
+            read_batch,
+            fn_kwargs={"opts": opts},
+            batch_format="pyarrow",
+            batch_size=c.data.read_batch_size,
+            num_cpus=c.data.decode_num_cpus,
+        )
+        ds = ds.map_batches(
+            header_keys_batch,
+            fn_kwargs={"salt": self.salt, "plan": self.plan},
+            batch_format="pyarrow",
+            batch_size=c.data.read_batch_size,
+            num_cpus=c.data.decode_num_cpus,
+        )
         ds.write_parquet(target, filesystem=PyFileSystem(FSSpecHandler(fs)))
         atomic_write_bytes(fs, marker, json.dumps(ident).encode())
         return target
@@ -696,28 +681,30 @@ class FinetuneJob:
         """Ray Dataset of training examples of one split (streamed; nothing collected)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs._finetune_data import decode_examples_batch, keep_split, split_batch
-        from medray.jobs.embed import _read_manifest
+        from medray.jobs.finetune.data import decode_examples_batch, keep_split, split_batch
         from medray.platform.storage import open_fs
 
         c = self.cfg
         d = c.data
         if self.plan.mode == "manifests":
-            ds = _read_manifest(ray, d.train if split == "train" else d.val, c.storage.options)
+            ds = read_manifest(ray, d.train if split == "train" else d.val, c.storage.options)
         elif self.plan.mode == "patient_key":
             fs, _ = open_fs(c.output, c.storage.options)
             ds = ray.data.read_parquet(split_manifest, filesystem=PyFileSystem(FSSpecHandler(fs)))
             ds = ds.map_batches(keep_split, fn_kwargs={"split": split}, batch_format="pyarrow")
         else:
-            ds = _read_manifest(ray, d.train, c.storage.options)
+            ds = read_manifest(ray, d.train, c.storage.options)
             ds = ds.map_batches(split_batch, fn_kwargs={"plan": self.plan}, batch_format="pyarrow")
             ds = ds.map_batches(keep_split, fn_kwargs={"split": split}, batch_format="pyarrow")
         kw: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
         if d.decode_concurrency:
             kw["concurrency"] = d.decode_concurrency
-        return ds.map_batches(decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec,
-                                                                "quarantine": self._quarantine()},
-                              batch_size=d.decode_batch_size, **kw)
+        return ds.map_batches(
+            decode_examples_batch,
+            fn_kwargs={"opts": opts, "spec": self.example_spec, "quarantine": self._quarantine()},
+            batch_size=d.decode_batch_size,
+            **kw,
+        )
 
     def input_shape(self, pre: Any) -> list[int]:
         """Shape of one example's ``x``: the preprocessed image, or ``[dim]`` (data.features=embeddings)."""
@@ -737,7 +724,7 @@ class FinetuneJob:
         """``data.embeddings``: the record rows of this encoder in an ``embed`` output (a Ray Dataset)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs._finetune_features import EMBED_COLUMNS, embed_output_rows
+        from medray.jobs.finetune.features import EMBED_COLUMNS, embed_output_rows
         from medray.platform.storage import open_fs
 
         c = self.cfg
@@ -751,46 +738,50 @@ class FinetuneJob:
                 subdir = f"embeddings/{modality}"
         if subdir is None:
             names = [ident.get("encoder")] + [e.get("encoder") for e in (ident.get("encoders") or {}).values()]
-            raise ConfigError("data.embeddings", f"'{c.data.embeddings}' holds embeddings of {names}, none with "
-                              f"the weights of encoder '{self.spec.name}'; embed with this encoder first, or set "
-                              "encoder= to the one that made them")
+            raise ConfigError(
+                "data.embeddings",
+                f"'{c.data.embeddings}' holds embeddings of {names}, none with "
+                f"the weights of encoder '{self.spec.name}'; embed with this encoder first, or set "
+                "encoder= to the one that made them",
+            )
         base = posixpath.join(root, subdir)
-        files = sorted(p for p in fs.ls(base, detail=False)
-                       if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+        files = sorted(
+            p for p in fs.ls(base, detail=False) if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+        )
         if not files:
             raise ConfigError("data.embeddings", f"no embeddings under '{c.data.embeddings}/{subdir}'")
         rows = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=list(EMBED_COLUMNS))
-        return rows.map_batches(embed_output_rows, fn_kwargs={"weights_hash": self.weights_hash},
-                                batch_format="pyarrow")
+        return rows.map_batches(
+            embed_output_rows, fn_kwargs={"weights_hash": self.weights_hash}, batch_format="pyarrow"
+        )
 
     def _embedding_datasets(self, ray: Any, opts: Any) -> tuple[dict, dict, int]:
         """``data.features=embeddings``: record-level examples of the frozen encoder (cached).
 
         Manifest rows (with their split, unless it comes from decoded patient keys) go
-        through ``embed``'s stages (:func:`~medray.platform.pipeline.plan_dataset`), or are
+        through ``embed``'s stages (:func:`~medray.pipeline.stages.plan_dataset`), or are
         joined to an ``embed`` output (``data.embeddings``); each record becomes one
         example, its pooled embedding (slides: the mean of their tile embeddings).
         Records that fail are quarantine rows. Returns the datasets, the checked
         counts and the embedding size.
         """
         from medray.encoders import family_modality, spec_to_dict
-        from medray.jobs._finetune_data import count_examples, keep_split, split_batch
-        from medray.jobs._finetune_model import feature_stats
-        from medray.jobs._finetune_features import (
+        from medray.jobs.finetune.data import count_examples, keep_split, split_batch
+        from medray.jobs.finetune.features import (
             embedding_examples_batch,
             join_examples,
             keyed_rows,
             pool_tiles,
             set_split,
         )
-        from medray.jobs.embed import _read_manifest
-        from medray.platform.pipeline import plan_dataset
+        from medray.jobs.finetune.model import feature_stats
+        from medray.pipeline import plan_dataset
 
         c, d, plan = self.cfg, self.cfg.data, self.plan
 
         def labelled(which: str) -> Any:
             src = d.train if which == "train" else d.val
-            ds = _read_manifest(ray, src, c.storage.options, text_column=d.text_column)
+            ds = read_manifest(ray, src, c.storage.options, text_column=d.text_column)
             if plan.mode == "manifests":
                 return ds.map_batches(set_split, fn_kwargs={"split": which}, batch_format="pyarrow")
             if plan.mode in ("column", "group"):
@@ -798,23 +789,38 @@ class FinetuneJob:
             return ds  # patient_key: from the decoded (salted) key, in embedding_examples_batch
 
         sources = [labelled("train")] + ([labelled("val")] if plan.mode == "manifests" else [])
-        example_kw = {"spec": self.example_spec, "plan": plan if plan.mode == "patient_key" else None,
-                      "quarantine": self._quarantine()}
+        example_kw = {
+            "spec": self.example_spec,
+            "plan": plan if plan.mode == "patient_key" else None,
+            "quarantine": self._quarantine(),
+        }
         gpus = 1.0 if c.scaling.use_gpu else 0.0
         parts = []
         for ds in sources:
             if d.embeddings:  # join the embed output's record rows to the labelled rows, by record id
                 rows = self._embed_output(ray).map_batches(keyed_rows, fn_kwargs={"side": "e"}, batch_format="pyarrow")
                 ds = ds.map_batches(keyed_rows, fn_kwargs={"side": "m"}, batch_format="pyarrow")
-                parts.append(rows.union(ds).groupby("key").map_groups(join_examples, fn_kwargs=example_kw,
-                                                                      batch_format="pyarrow"))
+                parts.append(
+                    rows.union(ds)
+                    .groupby("key")
+                    .map_groups(join_examples, fn_kwargs=example_kw, batch_format="pyarrow")
+                )
                 continue
             ds = plan_dataset(
-                ds, opts, encoder_spec=spec_to_dict(self.spec), provenance={},
-                decode_concurrency=d.decode_concurrency, read_batch_size=d.read_batch_size,
-                decode_batch_size=d.decode_batch_size, encode_batch_size=d.encode_batch_size,
-                actors=(1, d.encode_actors), num_gpus=gpus, device="cuda" if gpus else "cpu", dtype="float32",
-                decode_num_cpus=d.decode_num_cpus)
+                ds,
+                opts,
+                encoder_spec=spec_to_dict(self.spec),
+                provenance={},
+                decode_concurrency=d.decode_concurrency,
+                read_batch_size=d.read_batch_size,
+                decode_batch_size=d.decode_batch_size,
+                encode_batch_size=d.encode_batch_size,
+                actors=(1, d.encode_actors),
+                num_gpus=gpus,
+                device="cuda" if gpus else "cpu",
+                dtype="float32",
+                decode_num_cpus=d.decode_num_cpus,
+            )
             parts.append(ds.map_batches(embedding_examples_batch, fn_kwargs=example_kw, batch_format="pyarrow"))
         ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
         if family_modality(self.spec.family) == "image" and not d.embeddings:
@@ -823,12 +829,16 @@ class FinetuneJob:
         everything = ds.materialize()
         counts = count_examples(
             everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
-            self.example_spec)
+            self.example_spec,
+        )
         self._check_counts(counts)
-        datasets = {s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
-                    for s in ("train", "val")}
-        mean, std = feature_stats(datasets["train"].select_columns(["x"]).iter_batches(batch_size=4096,
-                                                                                       batch_format="numpy"))
+        datasets = {
+            s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
+            for s in ("train", "val")
+        }
+        mean, std = feature_stats(
+            datasets["train"].select_columns(["x"]).iter_batches(batch_size=4096, batch_format="numpy")
+        )
         self.embedding_stats = {"mean": mean, "std": std}  # the head standardises with the train split's
         return datasets, counts, len(mean)
 
@@ -843,7 +853,7 @@ class FinetuneJob:
         """
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs._finetune_data import (
+        from medray.jobs.finetune.data import (
             SplitPlan,
             count_examples,
             count_splits,
@@ -851,7 +861,6 @@ class FinetuneJob:
             iter_manifest_batches,
             keep_split,
         )
-        from medray.jobs.embed import _read_manifest
         from medray.platform.storage import open_fs
 
         c = self.cfg
@@ -877,28 +886,44 @@ class FinetuneJob:
             plan = SplitPlan("patient_key", None, self.plan.seed, self.plan.fractions, self.plan.salt)
             cols = sorted(set(self.example_spec.label_columns) | {"split"})
             uri = c.output.rstrip("/") + "/splits/manifest"
-            self._check_counts(count_splits(iter_manifest_batches(uri, cols, c.storage.options), plan,
-                                            self.example_spec))
+            self._check_counts(
+                count_splits(iter_manifest_batches(uri, cols, c.storage.options), plan, self.example_spec)
+            )
             datasets = {s: self._split_dataset(ray, s, opts, split_manifest) for s in ("train", "val")}
             return datasets, self.counts or {}, False
         d = c.data
         kw: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": d.decode_num_cpus}
         if d.decode_concurrency:
             kw["concurrency"] = d.decode_concurrency
-        everything = _read_manifest(ray, d.train, c.storage.options).map_batches(
-            decode_examples_batch, fn_kwargs={"opts": opts, "spec": self.example_spec, "plan": self.plan,
-                                              "quarantine": self._quarantine()},
-            batch_size=d.decode_batch_size, **kw).materialize()
-        self._check_counts(count_examples(
-            everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
-            self.example_spec))
+        everything = (
+            read_manifest(ray, d.train, c.storage.options)
+            .map_batches(
+                decode_examples_batch,
+                fn_kwargs={
+                    "opts": opts,
+                    "spec": self.example_spec,
+                    "plan": self.plan,
+                    "quarantine": self._quarantine(),
+                },
+                batch_size=d.decode_batch_size,
+                **kw,
+            )
+            .materialize()
+        )
+        self._check_counts(
+            count_examples(
+                everything.select_columns(["y", "split"]).iter_batches(batch_size=4096, batch_format="numpy"),
+                self.example_spec,
+            )
+        )
         target = posixpath.join(root, "splits", "assignments")
         if fs.exists(target):
             fs.rm(target, recursive=True)
-        everything.select_columns(["record_id", "frame", "patient_key", "split"]).write_parquet(
-            target, filesystem=pafs)
-        datasets = {s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
-                    for s in ("train", "val")}
+        everything.select_columns(["record_id", "frame", "patient_key", "split"]).write_parquet(target, filesystem=pafs)
+        datasets = {
+            s: everything.map_batches(keep_split, fn_kwargs={"split": s}, batch_format="pyarrow").materialize()
+            for s in ("train", "val")
+        }
         return datasets, self.counts or {}, True
 
     def run(self) -> FinetuneResult:
@@ -914,8 +939,7 @@ class FinetuneJob:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
-        from medray.jobs._finetune_data import manifest_sha256
-        from medray.jobs._finetune_loop import train_loop
+        from medray.jobs.finetune.loop import train_loop
         from medray.platform.runtime import init_ray
         from medray.platform.storage import redact_options
 
@@ -924,8 +948,12 @@ class FinetuneJob:
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         run_name = c.run_name or posixpath.basename(c.output.rstrip("/")) or "finetune"
         # Fetch (once, hashed) and check the checkpoint and its preprocessing on the driver first.
-        _, weights_hash = resolve_checkpoint(self.spec.checkpoint, storage_options=self.spec.storage_options,
-                                             cache_dir=self.spec.cache_dir, expected_sha256=self.spec.sha256)
+        _, weights_hash = resolve_checkpoint(
+            self.spec.checkpoint,
+            storage_options=self.spec.storage_options,
+            cache_dir=self.spec.cache_dir,
+            expected_sha256=self.spec.sha256,
+        )
         self.weights_hash = weights_hash
         pre = create_preprocessor(self.spec)
         data_sha = manifest_sha256(c.data.train, c.storage.options)
@@ -951,70 +979,126 @@ class FinetuneJob:
         if config.get("patient_salt"):
             config["patient_salt"] = "***"
         loop_config = {
-            "encoder": spec_to_dict(self.spec), "input_shape": self.input_shape(pre),
+            "encoder": spec_to_dict(self.spec),
+            "input_shape": self.input_shape(pre),
             "embedding_dim": self.embedding_dim if self.features == "embeddings" else None,
             "embedding_stats": self.embedding_stats if self.features == "embeddings" else None,
-            "task": c.task.type, "labels": list(self.example_spec.labels), "n_outputs": self.example_spec.n_outputs,
-            "target_width": self.example_spec.target_width, "subgroups": list(self.example_spec.subgroups),
-            "strategy": c.train.strategy, "lora": asdict(c.train.lora), "seed": c.train.seed,
-            "epochs": c.train.epochs, "batch_size": c.train.batch_size, "eval_batch_size": c.train.eval_batch_size,
-            "grad_accum": c.train.grad_accum, "lr": c.train.lr, "weight_decay": c.train.weight_decay,
-            "total_steps": total_steps, "warmup_steps": int(round(c.train.warmup_fraction * total_steps)),
-            "schedule": c.train.schedule, "clip_grad_norm": c.train.clip_grad_norm, "precision": c.train.precision,
+            "task": c.task.type,
+            "labels": list(self.example_spec.labels),
+            "n_outputs": self.example_spec.n_outputs,
+            "target_width": self.example_spec.target_width,
+            "subgroups": list(self.example_spec.subgroups),
+            "strategy": c.train.strategy,
+            "lora": asdict(c.train.lora),
+            "seed": c.train.seed,
+            "epochs": c.train.epochs,
+            "batch_size": c.train.batch_size,
+            "eval_batch_size": c.train.eval_batch_size,
+            "grad_accum": c.train.grad_accum,
+            "lr": c.train.lr,
+            "weight_decay": c.train.weight_decay,
+            "total_steps": total_steps,
+            "warmup_steps": int(round(c.train.warmup_fraction * total_steps)),
+            "schedule": c.train.schedule,
+            "clip_grad_norm": c.train.clip_grad_norm,
+            "precision": c.train.precision,
             "augment": {k: dict(v) for k, v in (c.train.augment or {}).items()},
-            "shuffle_buffer": c.data.shuffle_buffer, "stage": c.deepspeed.stage,
-            "offload_optimizer": c.deepspeed.offload_optimizer, "offload_params": c.deepspeed.offload_params,
-            "deepspeed_extra": dict(c.deepspeed.config), "use_gpu": c.scaling.use_gpu,
-            "threads": c.scaling.cpus_per_worker, "ece_bins": c.eval.ece_bins,
+            "shuffle_buffer": c.data.shuffle_buffer,
+            "stage": c.deepspeed.stage,
+            "offload_optimizer": c.deepspeed.offload_optimizer,
+            "offload_params": c.deepspeed.offload_params,
+            "deepspeed_extra": dict(c.deepspeed.config),
+            "use_gpu": c.scaling.use_gpu,
+            "threads": c.scaling.cpus_per_worker,
+            "ece_bins": c.eval.ece_bins,
             "min_subgroup_size": c.eval.min_subgroup_size,
-            "tracking": asdict(c.tracking), "run_name": run_name,
-            "run_id": "ft-" + hashlib.sha256(c.output.encode()).hexdigest()[:12], "resolved": config,
+            "tracking": asdict(c.tracking),
+            "run_name": run_name,
+            "run_id": "ft-" + hashlib.sha256(c.output.encode()).hexdigest()[:12],
+            "resolved": config,
         }
         storage_path, storage_fs = self._storage()
         trainer = TorchTrainer(
-            train_loop, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=c.scaling.use_gpu,
-                                         resources_per_worker={"CPU": c.scaling.cpus_per_worker}),
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=world, use_gpu=c.scaling.use_gpu, resources_per_worker={"CPU": c.scaling.cpus_per_worker}
+            ),
             torch_config=TorchConfig(backend="nccl" if c.scaling.use_gpu else "gloo"),
-            datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=c.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=c.train.checkpoints_to_keep)),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(
+                name="train",
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=c.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=c.train.checkpoints_to_keep),
+            ),
         )
         t_train = time.perf_counter()
         try:
             result = trainer.fit()
         except TrainingFailedError as err:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise FinetuneFailed(f"training failed after {c.train.max_failures} restart(s): {first}; the last "
-                                 f"checkpoint is under {c.output.rstrip('/')}/checkpoints: fix the cause and "
-                                 "rerun the same command with resume=true") from err
+            raise FinetuneFailed(
+                f"training failed after {c.train.max_failures} restart(s): {first}; the last "
+                f"checkpoint is under {c.output.rstrip('/')}/checkpoints: fix the cause and "
+                "rerun the same command with resume=true"
+            ) from err
         train_s = time.perf_counter() - t_train
         phases["train"] = train_s
         t_phase = time.perf_counter()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
 
-        from medray.jobs._finetune_export import export_run
+        from medray.jobs.finetune.export import export_run
 
-        export = export_run(self, ray, result.checkpoint, weights_hash=weights_hash, pre=pre, data_sha=data_sha,
-                            run_name=run_name, config=config, counts=counts, datasets=datasets)
+        export = export_run(
+            self,
+            ray,
+            result.checkpoint,
+            weights_hash=weights_hash,
+            pre=pre,
+            data_sha=data_sha,
+            run_name=run_name,
+            config=config,
+            counts=counts,
+            datasets=datasets,
+        )
         state = export["state"]
         phases["export"] = time.perf_counter() - t_phase
         wall = time.perf_counter() - t_start
         res = FinetuneResult(
-            run_id=run_id, output=c.output, artifact=export["artifact"], artifact_sha256=export["artifact_sha256"],
-            encoder=self.spec.name, task=c.task.type,
-            labels=list(self.example_spec.labels), strategy=c.train.strategy, zero_stage=c.deepspeed.stage,
-            num_workers=world, epochs=int(state["epoch"]) + 1, global_step=int(state["global_step"]),
-            splits=counts, metrics=export["metrics"], baseline=state.get("baseline", {}),
+            run_id=run_id,
+            output=c.output,
+            artifact=export["artifact"],
+            artifact_sha256=export["artifact_sha256"],
+            encoder=self.spec.name,
+            task=c.task.type,
+            labels=list(self.example_spec.labels),
+            strategy=c.train.strategy,
+            zero_stage=c.deepspeed.stage,
+            num_workers=world,
+            epochs=int(state["epoch"]) + 1,
+            global_step=int(state["global_step"]),
+            splits=counts,
+            metrics=export["metrics"],
+            baseline=state.get("baseline", {}),
             history=state.get("history", []),
-            attempts=state.get("attempts", []), n_parameters=int(state.get("n_parameters", 0)),
+            attempts=state.get("attempts", []),
+            n_parameters=int(state.get("n_parameters", 0)),
             n_trainable=int(state.get("n_trainable", 0)),
             trainable_parameters=list(state.get("trainable_parameters", [])),
-            export_max_abs_diff=export["max_abs_diff"], export_records_checked=export["checked"],
-            wall_s=wall, train_s=train_s, phase_s={k: round(v, 2) for k, v in phases.items()}, cached=cached,
-            config=config, features=self.features, **self._quarantine_counts())
+            export_max_abs_diff=export["max_abs_diff"],
+            export_records_checked=export["checked"],
+            wall_s=wall,
+            train_s=train_s,
+            phase_s={k: round(v, 2) for k, v in phases.items()},
+            cached=cached,
+            config=config,
+            features=self.features,
+            **self._quarantine_counts(),
+        )
         from medray.platform.metrics import json_safe
         from medray.platform.storage import atomic_write_bytes, open_fs
 
@@ -1043,25 +1127,44 @@ def _track_model(c: Any, res: FinetuneResult, wandb_run_id: str, run_name: str) 
     from medray.platform.tracking import RunArtifact, artifact_name, log_run
 
     artifact = RunArtifact(
-        artifact_name("model", run_name, c.output), "model",
+        artifact_name("model", run_name, c.output),
+        "model",
         files={"metrics.json": json.dumps(json_safe(res.metrics), indent=2, default=str).encode()},
-        metadata={"artifact": res.artifact, "artifact_sha256": res.artifact_sha256, "encoder": res.encoder,
-                  "task": res.task, "labels": res.labels, "strategy": res.strategy, "run_id": res.run_id,
-                  "weights_included": bool(c.tracking.log_model)},
-        source=res.artifact, storage_options=dict(c.storage.options),
-        include=None if c.tracking.log_model else [CARD_FILE])
-    log_run(job="finetune", config=res.config, summary=asdict(res), project=c.tracking.project,
-            mode=c.tracking.mode, group=c.tracking.group, name=c.tracking.name or run_name,
-            directory=c.tracking.dir or os.environ.get("WANDB_DIR"), artifact=artifact, run_id=wandb_run_id)
+        metadata={
+            "artifact": res.artifact,
+            "artifact_sha256": res.artifact_sha256,
+            "encoder": res.encoder,
+            "task": res.task,
+            "labels": res.labels,
+            "strategy": res.strategy,
+            "run_id": res.run_id,
+            "weights_included": bool(c.tracking.log_model),
+        },
+        source=res.artifact,
+        storage_options=dict(c.storage.options),
+        include=None if c.tracking.log_model else [CARD_FILE],
+    )
+    log_run(
+        job="finetune",
+        config=res.config,
+        summary=asdict(res),
+        project=c.tracking.project,
+        mode=c.tracking.mode,
+        group=c.tracking.group,
+        name=c.tracking.name or run_name,
+        directory=c.tracking.dir or os.environ.get("WANDB_DIR"),
+        artifact=artifact,
+        run_id=wandb_run_id,
+    )
 
 
 def main(cfg: DictConfig) -> int:
     """Hydra entry point body; returns the process exit code."""
     import sys
 
-    job = FinetuneJob(cfg)                # ConfigError names the key and the fix
+    job = FinetuneJob(cfg)  # ConfigError names the key and the fix
     try:
-        result = job.run()                # first line that touches Ray
+        result = job.run()  # first line that touches Ray
     except FinetuneFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medray.jobs._finetune_model import (
+from medray.jobs.finetune.model import (
     augment_batch,
     build_classifier,
     build_engine,
@@ -71,8 +71,10 @@ def check_complete(directory: str, world_size: int) -> dict:
         state = json.load(f)
     tag_dir = os.path.join(directory, state["tag"])
     if int(state["world_size"]) != int(world_size):
-        raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world_size}; "
-                           "ZeRO shards are per worker: resume with the same scaling.num_workers")
+        raise RuntimeError(
+            f"checkpoint was written by {state['world_size']} workers, this run has {world_size}; "
+            "ZeRO shards are per worker: resume with the same scaling.num_workers"
+        )
     stage = int(state["stage"])
     if stage == 0:
         expected = ["mp_rank_00_model_states.pt"]
@@ -101,13 +103,22 @@ def _wandb_run(config: dict, state: dict) -> Any:
         mode = wandb_mode(tracking.get("mode", "auto"))
         if mode == "disabled":
             return None
-        directory = tracking.get("dir") or os.environ.get("WANDB_DIR") or os.path.join(
-            os.environ.get("MEDRAY_HOME", ".medray"))
+        directory = (
+            tracking.get("dir") or os.environ.get("WANDB_DIR") or os.path.join(os.environ.get("MEDRAY_HOME", ".medray"))
+        )
         os.makedirs(directory, exist_ok=True)
-        return wandb.init(project=tracking.get("project", "medray"), group=tracking.get("group"),
-                          name=tracking.get("name") or config["run_name"], id=config["run_id"], resume="allow",
-                          job_type="finetune", dir=directory, mode=mode, config=config["resolved"],
-                          settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        return wandb.init(
+            project=tracking.get("project", "medray"),
+            group=tracking.get("group"),
+            name=tracking.get("name") or config["run_name"],
+            id=config["run_id"],
+            resume="allow",
+            job_type="finetune",
+            dir=directory,
+            mode=mode,
+            config=config["resolved"],
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
     except Exception as err:  # noqa: BLE001 - tracking never fails training
         print(f"medray finetune: W&B logging off ({type(err).__name__}: {err})", flush=True)
         return None
@@ -143,9 +154,14 @@ def _evaluate(engine: Any, val_it: Any, config: dict, device: Any, dtype: torch.
                 groups[g].extend(None if v is None else str(v) for v in batch[f"sg_{g}"])
     engine.train()
     k = config["n_outputs"]
-    return {"probs": np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-            "y": np.concatenate(ys) if ys else np.zeros((0, config["target_width"]), np.float32),
-            "record_id": ids, "frame": frames, "groups": groups, "loss": loss_sum / max(1, n)}
+    return {
+        "probs": np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+        "y": np.concatenate(ys) if ys else np.zeros((0, config["target_width"]), np.float32),
+        "record_id": ids,
+        "frame": frames,
+        "groups": groups,
+        "loss": loss_sum / max(1, n),
+    }
 
 
 def _metrics(config: dict, val: dict) -> dict:
@@ -155,8 +171,19 @@ def _metrics(config: dict, val: dict) -> dict:
     y = val["y"][:, 0] if task == "multiclass" else val["y"]
     overall = task_metrics(task, y, val["probs"], labels, n_bins=config["ece_bins"])
     overall["loss"] = val["loss"]
-    groups = subgroup_metrics(task, y, val["probs"], labels, val["groups"], n_bins=config["ece_bins"],
-                              min_size=config["min_subgroup_size"]) if val["groups"] else {}
+    groups = (
+        subgroup_metrics(
+            task,
+            y,
+            val["probs"],
+            labels,
+            val["groups"],
+            n_bins=config["ece_bins"],
+            min_size=config["min_subgroup_size"],
+        )
+        if val["groups"]
+        else {}
+    )
     return {"val": overall, "subgroups": groups}
 
 
@@ -176,9 +203,16 @@ def train_loop(config: dict) -> None:
     stage = int(config["stage"])
 
     model, _tuner, _encoder = build_classifier(
-        config["encoder"], n_outputs=config["n_outputs"], strategy=config["strategy"], lora=config["lora"],
-        seed=config["seed"], input_shape=config["input_shape"], device=str(device),
-        embedding_dim=config.get("embedding_dim"), embedding_stats=config.get("embedding_stats"))
+        config["encoder"],
+        n_outputs=config["n_outputs"],
+        strategy=config["strategy"],
+        lora=config["lora"],
+        seed=config["seed"],
+        input_shape=config["input_shape"],
+        device=str(device),
+        embedding_dim=config.get("embedding_dim"),
+        embedding_stats=config.get("embedding_stats"),
+    )
     if stage == 3 and hasattr(model, "backbone"):
         # Encoders may call methods of the backbone (timm's forward_features) rather than the
         # module itself; register its own parameters with the top module so ZeRO-3 gathers them.
@@ -186,32 +220,56 @@ def train_loop(config: dict) -> None:
             deepspeed.zero.register_external_parameter(model, p)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     engine, schedule = build_engine(
-        model, stage=stage, micro_batch=config["batch_size"], grad_accum=config["grad_accum"],
-        clip=config["clip_grad_norm"], precision=precision, lr=config["lr"], weight_decay=config["weight_decay"],
-        total_steps=config["total_steps"], warmup_steps=config["warmup_steps"], schedule=config["schedule"],
-        offload_optimizer=config["offload_optimizer"], offload_params=config["offload_params"],
-        extra=config["deepspeed_extra"])
+        model,
+        stage=stage,
+        micro_batch=config["batch_size"],
+        grad_accum=config["grad_accum"],
+        clip=config["clip_grad_norm"],
+        precision=precision,
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        total_steps=config["total_steps"],
+        warmup_steps=config["warmup_steps"],
+        schedule=config["schedule"],
+        offload_optimizer=config["offload_optimizer"],
+        offload_params=config["offload_params"],
+        extra=config["deepspeed_extra"],
+    )
 
     state: dict[str, Any] = {"epoch": -1, "history": [], "attempts": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = check_complete(directory, world)
-            engine.load_checkpoint(directory, tag=state["tag"], load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+            engine.load_checkpoint(
+                directory, tag=state["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     start_epoch = int(state["epoch"]) + 1
-    state["attempts"].append({"start_epoch": start_epoch, "start_step": int(engine.global_steps),
-                              "resumed": checkpoint is not None, "time": time.time(),
-                              "setup_s": round(time.perf_counter() - t_loop, 2)})
-    state.update({"trainable_parameters": [n for n, _ in trainable],
-                  "n_trainable": int(sum(_numel(p) for _, p in trainable)),
-                  "n_parameters": int(sum(_numel(p) for p in model.parameters())),
-                  "precision": precision})
+    state["attempts"].append(
+        {
+            "start_epoch": start_epoch,
+            "start_step": int(engine.global_steps),
+            "resumed": checkpoint is not None,
+            "time": time.time(),
+            "setup_s": round(time.perf_counter() - t_loop, 2),
+        }
+    )
+    state.update(
+        {
+            "trainable_parameters": [n for n, _ in trainable],
+            "n_trainable": int(sum(_numel(p) for _, p in trainable)),
+            "n_parameters": int(sum(_numel(p) for p in model.parameters())),
+            "precision": precision,
+        }
+    )
     run = _wandb_run(config, state) if rank == 0 and start_epoch < config["epochs"] else None
     if checkpoint is None and config.get("baseline_eval", True):
         # The untrained model's validation metrics: what training improved on.
-        val = _evaluate(engine, ray.train.get_dataset_shard("val"), config, device, dtype) \
-            if (stage == 3 or rank == 0) else None
+        val = (
+            _evaluate(engine, ray.train.get_dataset_shard("val"), config, device, dtype)
+            if (stage == 3 or rank == 0)
+            else None
+        )
         if rank == 0 and val is not None:
             state["baseline"] = _metrics(config, val)
 
@@ -224,9 +282,12 @@ def train_loop(config: dict) -> None:
         engine.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for batch in train_it.iter_batches(
-                batch_size=config["batch_size"], batch_format="numpy", drop_last=True,
-                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-                local_shuffle_seed=config["seed"] + epoch if config["shuffle_buffer"] else None):
+            batch_size=config["batch_size"],
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+            local_shuffle_seed=config["seed"] + epoch if config["shuffle_buffer"] else None,
+        ):
             x, y = stack_examples(batch, config["input_shape"])
             xt = augment_batch(torch.from_numpy(x), list(batch["modality"]), augment, generator)
             xt = xt.to(device=device, dtype=dtype)
@@ -238,10 +299,14 @@ def train_loop(config: dict) -> None:
         train_s = time.perf_counter() - t0
 
         val = _evaluate(engine, val_it, config, device, dtype) if (stage == 3 or rank == 0) else None
-        record: dict[str, Any] = {"epoch": epoch, "global_step": int(engine.global_steps),
-                                  "train_loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
-                                  "train_examples": int(loss_sum[1]), "lr": float(schedule.get_last_lr()[0]),
-                                  "train_s": round(train_s, 3)}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "global_step": int(engine.global_steps),
+            "train_loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
+            "train_examples": int(loss_sum[1]),
+            "lr": float(schedule.get_last_lr()[0]),
+            "train_s": round(train_s, 3),
+        }
         flat: dict[str, Any] = dict(record)
         if rank == 0 and val is not None:
             from medray.platform.metrics import flatten_metrics
@@ -261,12 +326,23 @@ def train_loop(config: dict) -> None:
             engine.save_checkpoint(directory, tag=tag)
             if rank == 0:
                 state["history"].append(record)
-                state.update({"epoch": epoch, "global_step": int(engine.global_steps), "tag": tag,
-                              "world_size": world, "stage": stage})
+                state.update(
+                    {
+                        "epoch": epoch,
+                        "global_step": int(engine.global_steps),
+                        "tag": tag,
+                        "world_size": world,
+                        "stage": stage,
+                    }
+                )
                 if val is not None:
-                    np.savez(os.path.join(directory, PREDICTIONS_FILE), probs=val["probs"], y=val["y"],
-                             record_id=np.array(val["record_id"], dtype=object).astype(str),
-                             frame=np.array(val["frame"], dtype=np.int64))
+                    np.savez(
+                        os.path.join(directory, PREDICTIONS_FILE),
+                        probs=val["probs"],
+                        y=val["y"],
+                        record_id=np.array(val["record_id"], dtype=object).astype(str),
+                        frame=np.array(val["frame"], dtype=np.int64),
+                    )
                 write_json(os.path.join(directory, STATE_FILE), state)  # last: marks the save complete
             ray.train.report(flat, checkpoint=Checkpoint.from_directory(directory))
         finally:

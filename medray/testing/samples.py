@@ -103,9 +103,7 @@ def _grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     return (yy / (rows - 1)) * 2 - 1, (xx / (cols - 1)) * 2 - 1
 
 
-def _ellipse(
-    y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float
-) -> np.ndarray:
+def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 
@@ -257,9 +255,7 @@ def _base_dataset(
     return ds
 
 
-def _set_pixels(
-    ds: Any, arr: np.ndarray, *, signed: bool, bits_stored: int, photometric: str
-) -> None:
+def _set_pixels(ds: Any, arr: np.ndarray, *, signed: bool, bits_stored: int, photometric: str) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     if arr.ndim == 3:
@@ -387,9 +383,7 @@ def _write_photos(out: Path, rng: np.random.Generator, phi: bool) -> list[dict[s
     return photos
 
 
-def _write_archives(
-    out: Path, members: Sequence[tuple[str, str]], hostile: bool
-) -> dict[str, dict[str, Any]]:
+def _write_archives(out: Path, members: Sequence[tuple[str, str]], hostile: bool) -> dict[str, dict[str, Any]]:
     """``members``: (archive member name, source relative path)."""
     traversal = "../../etc/x"
     payload = b"path traversal payload\n"
@@ -430,9 +424,7 @@ def _write_archives(
     return result
 
 
-def _write_hostile(
-    out: Path, rng: np.random.Generator, good_file: Path, seed: int
-) -> dict[str, str]:
+def _write_hostile(out: Path, rng: np.random.Generator, good_file: Path, seed: int) -> dict[str, str]:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
         PYDICOM_IMPLEMENTATION_UID,
@@ -498,10 +490,7 @@ def _write_rows(out: Path, rows: Sequence[Mapping[str, Any]], name: str) -> dict
             w.writerow({c: r[c] for c in MANIFEST_COLUMNS})
     int_cols = {"label", "age", "frames", "rows", "columns"}
     table = pa.table(
-        {
-            c: pa.array([r[c] for r in rows], type=pa.int64() if c in int_cols else pa.string())
-            for c in MANIFEST_COLUMNS
-        }
+        {c: pa.array([r[c] for r in rows], type=pa.int64() if c in int_cols else pa.string()) for c in MANIFEST_COLUMNS}
     )
     pq.write_table(table, pq_path)
     return {"csv": csv_path.name, "parquet": pq_path.name}
@@ -514,9 +503,7 @@ def read_manifest(out_dir: str | os.PathLike[str], name: str = "manifest") -> li
     return pq.read_table(Path(out_dir) / f"{name}.parquet").to_pylist()
 
 
-def write_manifest(
-    out_dir: str | os.PathLike[str], base_uri: str | None, *, name: str = "manifest"
-) -> dict[str, str]:
+def write_manifest(out_dir: str | os.PathLike[str], base_uri: str | None, *, name: str = "manifest") -> dict[str, str]:
     """Rewrite the manifest's ``uri`` column to ``<base_uri>/<path>``.
 
     Call after :func:`generate_samples` and before uploading ``out_dir``,
@@ -660,16 +647,12 @@ def generate_samples(
             photometric = "MONOCHROME1" if mono1 else "MONOCHROME2"
             gain = site_gain * float(rng.uniform(0.95, 1.05))
             if is_mf:
-                arr = np.stack(
-                    [_xray(rng, rows_, cols_, lesion, gain, shift=0.03 * f) for f in range(3)]
-                )
+                arr = np.stack([_xray(rng, rows_, cols_, lesion, gain, shift=0.03 * f) for f in range(3)])
                 sop_class = U.MultiFrameGrayscaleWordSecondaryCaptureImageStorage
             else:
                 arr = _xray(rng, rows_, cols_, lesion, gain)
                 sop_class = (
-                    U.DigitalXRayImageStorageForPresentation
-                    if modality == "DX"
-                    else U.ComputedRadiographyImageStorage
+                    U.DigitalXRayImageStorageForPresentation if modality == "DX" else U.ComputedRadiographyImageStorage
                 )
             if mono1:
                 arr = (4095 - arr).astype(np.uint16)
@@ -782,9 +765,8 @@ def generate_samples(
         "frames": frames,
         "transfer_syntax": tsyntax,
         "patients": {
-            key: {c: p[c] for c in ("site", "sex", "age", "split")} | {"dicom": [
-                d for d in dicom_paths if d.startswith(f"dicom/{key}/")
-            ]}
+            key: {c: p[c] for c in ("site", "sex", "age", "split")}
+            | {"dicom": [d for d in dicom_paths if d.startswith(f"dicom/{key}/")]}
             for key, p in patients.items()
         },  # fmt: skip
         "phi": {
@@ -863,17 +845,28 @@ def ct_series(
     iop = np.asarray(orientation, dtype=np.float64)
     normal = np.cross(iop[:3], iop[3:])
     numbers = rng.permutation(depth) + 1 + int(rng.integers(0, 50))
-    patient = {"site": "site-A", "key": patient_id, "sex": "O", "age": 50,
-               "phi_values": {"PatientName": f"ANON^{patient_id}", "PatientID": patient_id}}
+    patient = {
+        "site": "site-A",
+        "key": patient_id,
+        "sex": "O",
+        "age": 50,
+        "phi_values": {"PatientName": f"ANON^{patient_id}", "PatientID": patient_id},
+    }
     sop_class = U.CTImageStorage if modality == "CT" else U.MRImageStorage
     out = []
     for k in range(depth):
         slope = (1.0, 0.5)[int(rng.integers(0, 2))]
         intercept = float((-1024, -1000, -2048, 0)[int(rng.integers(0, 4))])
         stored = np.round((phantom[k].astype(np.float64) - intercept) / slope)
-        ds = _base_dataset(seed=seed, patient=patient, sop_class=sop_class,
-                           sop_uid=_uid(seed, "series-sop", series, k), modality=modality,
-                           series_no=int(rng.integers(1, 99)), instance_no=int(numbers[k]))
+        ds = _base_dataset(
+            seed=seed,
+            patient=patient,
+            sop_class=sop_class,
+            sop_uid=_uid(seed, "series-sop", series, k),
+            modality=modality,
+            series_no=int(rng.integers(1, 99)),
+            instance_no=int(numbers[k]),
+        )
         ds.SeriesInstanceUID = _uid(seed, "series-uid", series, patient_id)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
@@ -882,8 +875,9 @@ def ct_series(
         ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
         ds.SliceThickness = float(spacing[0])
         ds.ImageOrientationPatient = [float(v) for v in iop]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin, dtype=np.float64)
-                                   + k * float(spacing[0]) * normal]
+        ds.ImagePositionPatient = [
+            float(v) for v in np.asarray(origin, dtype=np.float64) + k * float(spacing[0]) * normal
+        ]
         ds.BodyPartExamined = "CHEST"
         _set_pixels(ds, stored.astype(np.int32), signed=True, bits_stored=16, photometric="MONOCHROME2")
         if tweak is not None:

@@ -4,7 +4,7 @@ A head is trained on the frozen encoder's *pooled record embeddings*, the rows
 ``medray embed`` writes: the mean of an audio recording's windows, of a
 document's chunks, of a slide's tissue tiles (attention-free mean pooling); an
 image frame is its own example, as in the end-to-end path. The embeddings come
-from the same stages as ``embed`` (:func:`medray.platform.pipeline.plan_dataset`:
+from the same stages as ``embed`` (:func:`medray.pipeline.stages.plan_dataset`:
 read, decode + preprocess as CPU tasks, the encoder in an actor pool), once,
 before training, or from an existing ``embed`` output (``data.embeddings``)
 joined to the manifest's labels by ``(uri, member)``. The examples then go
@@ -27,31 +27,48 @@ Stages (plain functions over pyarrow tables, testable without Ray):
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.jobs._finetune_data import (
+from medray.jobs.finetune.data import (
     ExampleSpec,
     QuarantineTarget,
     SplitPlan,
-    _subgroup_values,
+    subgroup_values,
     target_or_none,
     write_quarantine,
 )
 from medray.platform.records import record_id as _record_id
 from medray.platform.splits import assign_splits
 
-__all__ = ["FEATURES", "embed_output_rows", "embedding_examples_batch", "join_examples", "keyed_rows", "pool_tiles",
-           "set_split"]
+__all__ = [
+    "FEATURES",
+    "embed_output_rows",
+    "embedding_examples_batch",
+    "join_examples",
+    "keyed_rows",
+    "pool_tiles",
+    "set_split",
+]
 
 #: ``data.features`` values.
 FEATURES = ("auto", "inputs", "embeddings")
 #: Columns of an ``embed`` output read for a join (its carried manifest columns are not).
-EMBED_COLUMNS = ("uri", "member", "frame", "segment", "modality", "patient_key", "metadata", "embedding",
-                 "weights_hash")
+EMBED_COLUMNS = (
+    "uri",
+    "member",
+    "frame",
+    "segment",
+    "modality",
+    "patient_key",
+    "metadata",
+    "embedding",
+    "weights_hash",
+)
 
 
 def set_split(table: pa.Table, split: str) -> pa.Table:
@@ -66,8 +83,9 @@ def _col(table: pa.Table, name: str, default: Any = None) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
 
 
-def embedding_examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None,
-                             quarantine: QuarantineTarget | None = None) -> pa.Table:
+def embedding_examples_batch(
+    table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None, quarantine: QuarantineTarget | None = None
+) -> pa.Table:
     """Encoder output rows -> record-level training examples.
 
     Kept: a record's pooled row (``segment="pooled"``: audio, text; ``frame=-1``),
@@ -95,7 +113,7 @@ def embedding_examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan
     modality = _col(table, "modality", "")
     metas = [json.loads(m) if m else {} for m in _col(table, "metadata")]
     label_cols = [_col(table, c) for c in spec.label_columns]
-    groups = {g: _subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
+    groups = {g: subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
     ids = [_record_id(u, m) for u, m in zip(uris, members)]
     with_key = plan is not None and plan.mode == "patient_key"
     if with_key:
@@ -152,8 +170,9 @@ def pool_tiles(group: pa.Table) -> pa.Table:
     rest = group.filter(pc.invert(is_tile))
     x = np.stack([np.frombuffer(b, dtype=np.float32) for b in tiles.column("x").to_pylist()])
     row = tiles.slice(0, 1)
-    row = row.set_column(row.column_names.index("x"), "x",
-                         pa.array([x.mean(axis=0).astype(np.float32).tobytes()], pa.large_binary()))
+    row = row.set_column(
+        row.column_names.index("x"), "x", pa.array([x.mean(axis=0).astype(np.float32).tobytes()], pa.large_binary())
+    )
     row = row.set_column(row.column_names.index("pool"), "pool", pa.array(["slide"], pa.string()))
     return pa.concat_tables([rest, row]) if rest.num_rows else row
 
@@ -195,12 +214,18 @@ def keyed_rows(table: pa.Table, side: str) -> pa.Table:
 
     rows = table.to_pylist()
     keys = [_record_id(str(r["uri"]), str(r.get("member") or "")) for r in rows]
-    return pa.table({"key": pa.array(keys, pa.string()), "side": pa.array([side] * len(rows), pa.string()),
-                     "row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.large_binary())})
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "side": pa.array([side] * len(rows), pa.string()),
+            "row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.large_binary()),
+        }
+    )
 
 
-def join_examples(group: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None,
-                  quarantine: QuarantineTarget | None = None) -> pa.Table:
+def join_examples(
+    group: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None, quarantine: QuarantineTarget | None = None
+) -> pa.Table:
     """One record's keyed rows (``groupby("key")``) -> its examples (:func:`embedding_examples_batch`).
 
     Each embedding row is joined with the record's manifest row(s); the manifest's
@@ -216,12 +241,17 @@ def join_examples(group: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = N
     embedded = [r for r, s in zip(rows, sides) if s == "e"]
     joined = [{**e, **m} for e in embedded for m in manifest]
     if manifest and not embedded:
-        missing = pa.table({
-            "uri": [str(m["uri"]) for m in manifest], "member": [str(m.get("member") or "") for m in manifest],
-            "record_id": [_record_id(str(m["uri"]), str(m.get("member") or "")) for m in manifest],
-            "status": ["error"] * len(manifest), "stage": ["join"] * len(manifest),
-            "error_class": ["MissingEmbedding"] * len(manifest),
-            "message": ["data.embeddings has no row of this record for this encoder"] * len(manifest)})
+        missing = pa.table(
+            {
+                "uri": [str(m["uri"]) for m in manifest],
+                "member": [str(m.get("member") or "") for m in manifest],
+                "record_id": [_record_id(str(m["uri"]), str(m.get("member") or "")) for m in manifest],
+                "status": ["error"] * len(manifest),
+                "stage": ["join"] * len(manifest),
+                "error_class": ["MissingEmbedding"] * len(manifest),
+                "message": ["data.embeddings has no row of this record for this encoder"] * len(manifest),
+            }
+        )
         write_quarantine(missing, quarantine)
     table = pa.Table.from_pylist(joined) if joined else pa.table({"uri": pa.array([], pa.string())})
     if plan is None and "split" not in table.column_names:

@@ -1,7 +1,7 @@
 """Labelled records for ``medray finetune``: manifest -> split -> read -> decode -> examples.
 
-The same stages as ``medray embed`` (:func:`~medray.platform.pipeline.read_batch`,
-:func:`~medray.platform.pipeline.decode_batch`, the encoder's own preprocessing)
+The same stages as ``medray embed`` (:func:`~medray.pipeline.stages.read_batch`,
+:func:`~medray.pipeline.stages.decode_batch`, the encoder's own preprocessing)
 plus three small ones:
 
 * :func:`split_batch` gives each row its split from its patient group (see
@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from medray.platform.errors import ConfigError
+from medray.platform.manifest import iter_manifest_batches, manifest_columns, manifest_sha256
 from medray.platform.metrics import age_band
 from medray.platform.splits import SPLITS, SplitFractions, assign_splits
 
@@ -151,8 +152,7 @@ def write_quarantine(table: pa.Table, target: QuarantineTarget | None) -> int:
         "message": bad.column("message").to_pylist() if "message" in bad.column_names else [None] * n,
         "medray_version": [target.version] * n,
     }
-    out = pa.table({k: pa.array(v, QUARANTINE_SCHEMA.field(k).type) for k, v in cols.items()},
-                   schema=QUARANTINE_SCHEMA)
+    out = pa.table({k: pa.array(v, QUARANTINE_SCHEMA.field(k).type) for k, v in cols.items()}, schema=QUARANTINE_SCHEMA)
     digest = hashlib.sha256("\n".join(sorted(str(r) for r in cols["record_id"])).encode()).hexdigest()[:32]
     fs, root = open_fs(target.output, dict(target.storage_options))
     buf = io.BytesIO()
@@ -216,54 +216,9 @@ def parse_target(values: Sequence[Any], spec: ExampleSpec) -> list[float] | None
 # --------------------------------------------------------------------------
 # driver side: schema, hashing, streaming counts
 # --------------------------------------------------------------------------
-def _format(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(".csv"):
-        return "csv"
-    if lower.endswith((".jsonl", ".json")):
-        return "json"
-    return "parquet"
-
-
-def _dataset(uri: str, storage_options: Mapping[str, Any] | None) -> Any:
-    import pyarrow.dataset as pads
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from medray.platform.storage import open_fs
-
-    fs, path = open_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise ConfigError("data.train", f"manifest '{uri}' does not exist")
-    return pads.dataset(path, format=_format(path), filesystem=PyFileSystem(FSSpecHandler(fs)))
-
-
-def manifest_columns(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Column names of a CSV/JSONL/Parquet manifest (reads the schema only)."""
-    return list(_dataset(uri, storage_options).schema.names)
-
-
-def iter_manifest_batches(uri: str, columns: Sequence[str],
-                          storage_options: Mapping[str, Any] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream the given manifest columns in record batches (never the whole manifest)."""
-    yield from _dataset(uri, storage_options).to_batches(columns=list(columns), batch_size=65536)
-
-
-def manifest_sha256(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """SHA-256 of the manifest's bytes (all files, in sorted order, for a directory)."""
-    from medray.platform.storage import open_fs
-
-    fs, path = open_fs(uri, storage_options)
-    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
-    digest = hashlib.sha256()
-    for p in files:
-        with fs.open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: ExampleSpec,
-                 *, fixed_split: str | None = None) -> dict[str, dict[str, Any]]:
+def count_splits(
+    batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: ExampleSpec, *, fixed_split: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Rows, usable rows and positives per label, per split, from streamed batches.
 
     Args:
@@ -280,8 +235,15 @@ def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: Examp
     Raises:
         ConfigError: a label value is not valid for the task (key ``task.labels``).
     """
-    counts = {s: {"rows": 0, "usable": 0, "positives": {lb: 0 for lb in spec.labels},
-                  "negatives": {lb: 0 for lb in spec.labels}} for s in SPLITS}
+    counts = {
+        s: {
+            "rows": 0,
+            "usable": 0,
+            "positives": {lb: 0 for lb in spec.labels},
+            "negatives": {lb: 0 for lb in spec.labels},
+        }
+        for s in SPLITS
+    }
     for batch in batches:
         table = pa.Table.from_batches([batch])
         if fixed_split is not None:
@@ -298,10 +260,15 @@ def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: Examp
                 y = parse_target(values, spec)
             except ValueError as err:
                 col = spec.label_columns[0] if spec.task == "multiclass" else "one of " + ", ".join(spec.label_columns)
-                want = f"one of {list(spec.labels)}" if spec.task == "multiclass" else (
-                    "a number" if spec.task == "regression" else "0/1 (or true/false)")
-                raise ConfigError("task.labels", f"column {col} holds {err.args[0]!r} where {want} was "
-                                  "expected; fix the manifest or the task") from None
+                want = (
+                    f"one of {list(spec.labels)}"
+                    if spec.task == "multiclass"
+                    else ("a number" if spec.task == "regression" else "0/1 (or true/false)")
+                )
+                raise ConfigError(
+                    "task.labels",
+                    f"column {col} holds {err.args[0]!r} where {want} was expected; fix the manifest or the task",
+                ) from None
             if y is None:
                 continue
             counts[s]["usable"] += 1
@@ -316,8 +283,15 @@ def count_splits(batches: Iterator[pa.RecordBatch], plan: SplitPlan, spec: Examp
 
 def count_examples(batches: Iterator[Mapping[str, Any]], spec: ExampleSpec) -> dict[str, dict[str, Any]]:
     """:func:`count_splits` over decoded examples (``y`` and ``split`` columns, numpy batches)."""
-    counts = {s: {"rows": 0, "usable": 0, "positives": {lb: 0 for lb in spec.labels},
-                  "negatives": {lb: 0 for lb in spec.labels}} for s in SPLITS}
+    counts = {
+        s: {
+            "rows": 0,
+            "usable": 0,
+            "positives": {lb: 0 for lb in spec.labels},
+            "negatives": {lb: 0 for lb in spec.labels},
+        }
+        for s in SPLITS
+    }
     for batch in batches:
         for y, s in zip(batch["y"], batch["split"]):
             c = counts[str(s)]
@@ -354,8 +328,7 @@ def split_batch(table: pa.Table, plan: SplitPlan) -> pa.Table:
     elif plan.mode == "group":
         groups = table.column(plan.column).to_pylist()
         fallbacks = table.column("uri").to_pylist() if "uri" in table.column_names else list(range(n))
-        splits = assign_splits(groups, seed=plan.seed, fractions=plan.fractions, salt=plan.salt,
-                               fallbacks=fallbacks)
+        splits = assign_splits(groups, seed=plan.seed, fractions=plan.fractions, salt=plan.salt, fallbacks=fallbacks)
     else:
         raise ValueError(f"split_batch has nothing to do in mode {plan.mode!r}")
     arr = pa.array(splits, pa.string())
@@ -405,7 +378,7 @@ def header_keys_batch(table: pa.Table, salt: str, plan: SplitPlan) -> pa.Table:
     return out.append_column("split", pa.array(splits, pa.string()))
 
 
-def _subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: list[dict]) -> list[str | None]:
+def subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: list[dict]) -> list[str | None]:
     if name == "age_band":
         return [age_band(v, bands) for v in table.column("age").to_pylist()]
     for column in (name, f"manifest_{name}"):
@@ -414,8 +387,9 @@ def _subgroup_values(table: pa.Table, name: str, bands: Sequence[int], metas: li
     return [None if m.get(name) is None else str(m.get(name)) for m in metas]
 
 
-def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None,
-                   quarantine: QuarantineTarget | None = None) -> pa.Table:
+def examples_batch(
+    table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = None, quarantine: QuarantineTarget | None = None
+) -> pa.Table:
     """Decoded records -> training examples, one row per frame.
 
     Rows that failed to read or decode are written to ``quarantine`` (when
@@ -432,7 +406,7 @@ def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = 
     modality = table.column("modality").to_pylist()
     metas = [json.loads(m) if m else {} for m in table.column("metadata").to_pylist()]
     label_cols = [table.column(c).to_pylist() for c in spec.label_columns]
-    groups = {g: _subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
+    groups = {g: subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
     with_split = plan is not None and plan.mode == "patient_key"
     if with_split:
         keys = table.column("patient_key").to_pylist()
@@ -451,7 +425,7 @@ def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = 
         shape = shapes[i]
         per_frame = int(np.prod(shape[1:])) * 4
         for j, f in enumerate(frames[i]):
-            out["x"].append(pixels[i][j * per_frame:(j + 1) * per_frame])
+            out["x"].append(pixels[i][j * per_frame : (j + 1) * per_frame])
             out["y"].append(y)
             out["record_id"].append(ids[i])
             out["frame"].append(int(f))
@@ -461,19 +435,29 @@ def examples_batch(table: pa.Table, spec: ExampleSpec, plan: SplitPlan | None = 
                 out["split"].append(splits[i])
             for g in spec.subgroups:
                 out[f"sg_{g}"].append(groups[g][i])
-    types = {"x": pa.large_binary(), "y": pa.list_(pa.float32()), "record_id": pa.string(),
-             "frame": pa.int32(), "modality": pa.string()}
+    types = {
+        "x": pa.large_binary(),
+        "y": pa.list_(pa.float32()),
+        "record_id": pa.string(),
+        "frame": pa.int32(),
+        "modality": pa.string(),
+    }
     return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in out.items()})
 
 
-def decode_examples_batch(table: pa.Table, opts: Any, spec: ExampleSpec, plan: SplitPlan | None = None,
-                          quarantine: QuarantineTarget | None = None) -> pa.Table:
+def decode_examples_batch(
+    table: pa.Table,
+    opts: Any,
+    spec: ExampleSpec,
+    plan: SplitPlan | None = None,
+    quarantine: QuarantineTarget | None = None,
+) -> pa.Table:
     """``read_batch`` -> ``decode_batch`` -> :func:`examples_batch` in one task.
 
     The same functions ``embed`` chains as separate stages; fused here so one
     task per batch goes from URIs to tensors without materialising the raw
     bytes or the decoded records as blocks between stages.
     """
-    from medray.platform.pipeline import decode_batch, read_batch
+    from medray.pipeline import decode_batch, read_batch
 
     return examples_batch(decode_batch(read_batch(table, opts), opts), spec, plan, quarantine)

@@ -18,7 +18,7 @@ Manifest columns (``manifest.parquet`` / ``manifest.csv``): ``uri``, ``path``,
 
 Example::
 
-    from medray.platform.samples_train import generate_training_samples
+    from medray.testing.samples_train import generate_training_samples
     info = generate_training_samples("/tmp/train", n_patients=48)
     write_training_manifest("/tmp/train", "s3://bucket/train")  # rewrite uri before uploading
 """
@@ -33,20 +33,34 @@ from typing import Any
 
 import numpy as np
 
-from medray.platform import samples as _samples
+from medray.testing import samples as _samples
 
 __all__ = ["TRAIN_MANIFEST_COLUMNS", "generate_training_samples", "write_training_manifest"]
 
 #: Columns of the training manifest, in order.
 TRAIN_MANIFEST_COLUMNS: tuple[str, ...] = (
-    "uri", "path", "patient", "lesion", "effusion", "finding", "severity", "sex", "age", "site",
+    "uri",
+    "path",
+    "patient",
+    "lesion",
+    "effusion",
+    "finding",
+    "severity",
+    "sex",
+    "age",
+    "site",
 )
 _SITES = ("site-A", "site-B", "site-C")
 _INT_COLS = {"lesion", "effusion", "age"}
 
 
-def _chest(rng: np.random.Generator, size: int, lesion: tuple[float, float, float] | None,
-           effusion: tuple[float, float] | None, gain: float) -> np.ndarray:
+def _chest(
+    rng: np.random.Generator,
+    size: int,
+    lesion: tuple[float, float, float] | None,
+    effusion: tuple[float, float] | None,
+    gain: float,
+) -> np.ndarray:
     """A chest-radiograph-like image, 12-bit MONOCHROME2 values."""
     y, x = _samples._grid(size, size)
     body = _samples._ellipse(y, x, 0.05, 0.0, 0.92, 0.85)
@@ -102,9 +116,13 @@ def generate_training_samples(
     for k in range(n_patients):
         key = f"P{k:03d}"
         site = _SITES[k % len(_SITES)]
-        p = {"key": key, "site": site, "sex": "M" if rng.random() < 0.5 else "F",
-             "age": int(rng.integers(20, 90)),
-             "phi_values": {"PatientName": f"ANON^{key}", "PatientID": f"TRAIN-{key}"}}
+        p = {
+            "key": key,
+            "site": site,
+            "sex": "M" if rng.random() < 0.5 else "F",
+            "age": int(rng.integers(20, 90)),
+            "phi_values": {"PatientName": f"ANON^{key}", "PatientID": f"TRAIN-{key}"},
+        }
         patients[key] = {c: p[c] for c in ("site", "sex", "age")}
         gain = {"site-A": 1.0, "site-B": 0.93, "site-C": 1.05}[site]
         for j in range(images_per_patient):
@@ -120,8 +138,14 @@ def generate_training_samples(
                 effusion = (-1.0 if rng.random() < 0.5 else 1.0, float(rng.uniform(0.05, 0.25)))
             arr = _chest(rng, size, lesion, effusion, gain * float(rng.uniform(0.95, 1.05)))
             ds = _samples._base_dataset(
-                seed=seed, patient=p, sop_class=U.DigitalXRayImageStorageForPresentation,
-                sop_uid=_samples._uid(seed, "train-sop", i), modality="DX", series_no=1, instance_no=j + 1)
+                seed=seed,
+                patient=p,
+                sop_class=U.DigitalXRayImageStorageForPresentation,
+                sop_uid=_samples._uid(seed, "train-sop", i),
+                modality="DX",
+                series_no=1,
+                instance_no=j + 1,
+            )
             ds.ImageType = ["ORIGINAL", "PRIMARY"]
             ds.ViewPosition = "PA"
             ds.BodyPartExamined = "CHEST"
@@ -131,15 +155,34 @@ def generate_training_samples(
             rel = f"dicom/{key}/{i:05d}_dx.dcm"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(out / rel, implicit_vr=False, little_endian=True, enforce_file_format=True)
-            finding = {(False, False): "none", (True, False): "lesion", (False, True): "effusion",
-                       (True, True): "both"}[(has_lesion, has_effusion)]
+            finding = {
+                (False, False): "none",
+                (True, False): "lesion",
+                (False, True): "effusion",
+                (True, True): "both",
+            }[(has_lesion, has_effusion)]
             severity = 0.0 if lesion is None else round(lesion[2] / 2 * (size - 1), 3)
-            rows.append({"uri": rel, "path": rel, "patient": key, "lesion": int(has_lesion),
-                         "effusion": int(has_effusion), "finding": finding, "severity": severity,
-                         "sex": p["sex"], "age": p["age"], "site": site})
+            rows.append(
+                {
+                    "uri": rel,
+                    "path": rel,
+                    "patient": key,
+                    "lesion": int(has_lesion),
+                    "effusion": int(has_effusion),
+                    "finding": finding,
+                    "severity": severity,
+                    "sex": p["sex"],
+                    "age": p["age"],
+                    "site": site,
+                }
+            )
     manifest = _write_train_rows(out, rows)
     result = {
-        "out_dir": str(out), "seed": seed, "n": len(rows), "size": size, "manifest": manifest,
+        "out_dir": str(out),
+        "seed": seed,
+        "n": len(rows),
+        "size": size,
+        "manifest": manifest,
         "patients": patients,
         "positives": {"lesion": sum(r["lesion"] for r in rows), "effusion": sum(r["effusion"] for r in rows)},
         "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
@@ -159,8 +202,10 @@ def _write_train_rows(out: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         w.writeheader()
         for r in rows:
             w.writerow({c: r[c] for c in TRAIN_MANIFEST_COLUMNS})
-    types = {c: pa.int64() if c in _INT_COLS else (pa.float64() if c == "severity" else pa.string())
-             for c in TRAIN_MANIFEST_COLUMNS}
+    types = {
+        c: pa.int64() if c in _INT_COLS else (pa.float64() if c == "severity" else pa.string())
+        for c in TRAIN_MANIFEST_COLUMNS
+    }
     table = pa.table({c: pa.array([r[c] for r in rows], type=types[c]) for c in TRAIN_MANIFEST_COLUMNS})
     pq.write_table(table, out / "manifest.parquet")
     return {"csv": "manifest.csv", "parquet": "manifest.parquet"}

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from medray.jobs._finetune_loop import PREDICTIONS_FILE, STATE_FILE
-from medray.jobs._finetune_model import build_classifier, consolidated_state_dict, stack_examples, write_backbone
+from medray.jobs.finetune.loop import PREDICTIONS_FILE, STATE_FILE
+from medray.jobs.finetune.model import build_classifier, consolidated_state_dict, stack_examples, write_backbone
 
 __all__ = ["export_run"]
 
@@ -42,11 +42,17 @@ def _load_trained(job: Any, state_dict: dict, input_shape: list[int]) -> tuple[A
     from medray.encoders import spec_to_dict
 
     c = job.cfg
-    model, tuner, _ = build_classifier(spec_to_dict(job.spec), n_outputs=job.example_spec.n_outputs,
-                                       strategy=c.train.strategy, lora=dataclasses.asdict(c.train.lora),
-                                       seed=c.train.seed, input_shape=input_shape, device="cpu",
-                                       embedding_dim=job.embedding_dim if job.features == "embeddings" else None,
-                                       embedding_stats=job.embedding_stats if job.features == "embeddings" else None)
+    model, tuner, _ = build_classifier(
+        spec_to_dict(job.spec),
+        n_outputs=job.example_spec.n_outputs,
+        strategy=c.train.strategy,
+        lora=dataclasses.asdict(c.train.lora),
+        seed=c.train.seed,
+        input_shape=input_shape,
+        device="cpu",
+        embedding_dim=job.embedding_dim if job.features == "embeddings" else None,
+        embedding_stats=job.embedding_stats if job.features == "embeddings" else None,
+    )
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(trained - set(state_dict))
     if missing:
@@ -59,8 +65,19 @@ def _load_trained(job: Any, state_dict: dict, input_shape: list[int]) -> tuple[A
     return model, tuner
 
 
-def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: Any, data_sha: str,
-               run_name: str, config: dict, counts: dict, datasets: dict) -> dict:
+def export_run(
+    job: Any,
+    ray: Any,
+    checkpoint: Any,
+    *,
+    weights_hash: str,
+    pre: Any,
+    data_sha: str,
+    run_name: str,
+    config: dict,
+    counts: dict,
+    datasets: dict,
+) -> dict:
     """Consolidate, export and check the artifact (see the module docstring).
 
     Returns:
@@ -87,26 +104,41 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
     if hasattr(model, "linear_weights"):  # a head over standardised embeddings: one linear map on raw ones
         head = LinearHead(*model.linear_weights(), c.task.type)
     else:
-        head = LinearHead(model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy(),
-                          c.task.type)
+        head = LinearHead(model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy(), c.task.type)
     last = (state.get("history") or [{}])[-1]
     metrics = dict(last.get("metrics") or {})
     metrics["epoch"] = last.get("epoch")
     metrics["baseline"] = (state.get("baseline") or {}).get("val")
-    metrics["history"] = [{k: h.get(k) for k in ("epoch", "global_step", "train_loss")} |
-                          {"val_loss": (h.get("metrics") or {}).get("val", {}).get("loss"),
-                           "val_auroc_macro": (h.get("metrics") or {}).get("val", {}).get("auroc_macro")}
-                          for h in state.get("history", [])]
+    metrics["history"] = [
+        {k: h.get(k) for k in ("epoch", "global_step", "train_loss")}
+        | {
+            "val_loss": (h.get("metrics") or {}).get("val", {}).get("loss"),
+            "val_auroc_macro": (h.get("metrics") or {}).get("val", {}).get("auroc_macro"),
+        }
+        for h in state.get("history", [])
+    ]
     metrics["splits"] = {s: {k: v for k, v in counts.get(s, {}).items()} for s in ("train", "val", "test")}
     artifact = c.output.rstrip("/") + "/model"
     card = ModelCard(
-        id=run_name, task=c.task.type, labels=list(job.example_spec.labels),
-        encoder={"name": spec.name, "family": spec.family, "checkpoint": spec.checkpoint,
-                 "weights_hash": weights_hash, "preprocessing_hash": pre.preprocessing_hash,
-                 "pooling": spec.pooling, "dim": int(head.dim), "options": dict(spec.options),
-                 **_record_embedding_info(job)},
-        strategy=c.train.strategy, metrics=json_safe(metrics), data_manifest_sha256=data_sha,
-        config=json_safe(config))
+        id=run_name,
+        task=c.task.type,
+        labels=list(job.example_spec.labels),
+        encoder={
+            "name": spec.name,
+            "family": spec.family,
+            "checkpoint": spec.checkpoint,
+            "weights_hash": weights_hash,
+            "preprocessing_hash": pre.preprocessing_hash,
+            "pooling": spec.pooling,
+            "dim": int(head.dim),
+            "options": dict(spec.options),
+            **_record_embedding_info(job),
+        },
+        strategy=c.train.strategy,
+        metrics=json_safe(metrics),
+        data_manifest_sha256=data_sha,
+        config=json_safe(config),
+    )
     base_dir, _ = resolve_checkpoint(spec.checkpoint, storage_options=spec.storage_options, cache_dir=spec.cache_dir)
     with tempfile.TemporaryDirectory(prefix="medray-export-") as tmp:
         backbone_dir = None
@@ -114,17 +146,18 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
             module = merge_lora(tuner) if tuner is not None else model.backbone
             backbone_dir = os.path.join(tmp, "backbone")
             write_backbone(module, family=spec.family, base_dir=base_dir, out_dir=backbone_dir)
-        save_artifact(artifact, head=head, card=card, backbone_dir=backbone_dir,
-                      storage_options=c.storage.options)
+        save_artifact(artifact, head=head, card=card, backbone_dir=backbone_dir, storage_options=c.storage.options)
 
     # The model's own predictions at the end of training.
     fs, root = open_fs(c.output, c.storage.options)
-    table = pa.table({
-        "record_id": pa.array([str(v) for v in preds["record_id"]], pa.string()),
-        "frame": pa.array(preds["frame"].astype(np.int32)),
-        "prediction": pa.array([row.tolist() for row in preds["probs"].astype(np.float32)], pa.list_(pa.float32())),
-        "target": pa.array([row.tolist() for row in preds["y"].astype(np.float32)], pa.list_(pa.float32())),
-    })
+    table = pa.table(
+        {
+            "record_id": pa.array([str(v) for v in preds["record_id"]], pa.string()),
+            "frame": pa.array(preds["frame"].astype(np.int32)),
+            "prediction": pa.array([row.tolist() for row in preds["probs"].astype(np.float32)], pa.list_(pa.float32())),
+            "target": pa.array([row.tolist() for row in preds["y"].astype(np.float32)], pa.list_(pa.float32())),
+        }
+    )
     fs.makedirs(posixpath.join(root, "predictions"), exist_ok=True)
     with fs.open(posixpath.join(root, "predictions", "val.parquet"), "wb") as f:
         pq.write_table(table, f)
@@ -138,12 +171,28 @@ def export_run(job: Any, ray: Any, checkpoint: Any, *, weights_hash: str, pre: A
             max_diff, checked = _verify_embeddings(job, head2, preds, datasets)
         elif c.eval.verify_records > 0:
             max_diff, checked = _verify(c, spec, head2, card2, artifact, artifact_sha, fresh, preds, datasets, pre)
-    return {"artifact": artifact, "artifact_sha256": artifact_sha, "state": state, "metrics": metrics,
-            "max_abs_diff": max_diff, "checked": checked}
+    return {
+        "artifact": artifact,
+        "artifact_sha256": artifact_sha,
+        "state": state,
+        "metrics": metrics,
+        "max_abs_diff": max_diff,
+        "checked": checked,
+    }
 
 
-def _verify(c: Any, spec: Any, head: Any, card: Any, artifact: str, sha: str, cache_dir: str, preds: dict,
-            datasets: dict, pre: Any) -> tuple[float | None, int]:
+def _verify(
+    c: Any,
+    spec: Any,
+    head: Any,
+    card: Any,
+    artifact: str,
+    sha: str,
+    cache_dir: str,
+    preds: dict,
+    datasets: dict,
+    pre: Any,
+) -> tuple[float | None, int]:
     """The artifact, loaded as ``embed``/``serve`` load it, against the end-of-training predictions.
 
     Returns:
@@ -154,8 +203,11 @@ def _verify(c: Any, spec: Any, head: Any, card: Any, artifact: str, sha: str, ca
     """
     from medray.encoders import create_encoder, get_spec
 
-    load_spec = spec if not card.backbone_included else dataclasses.replace(
-        spec, checkpoint=artifact, sha256=sha, untrained=False, cache_dir=cache_dir)
+    load_spec = (
+        spec
+        if not card.backbone_included
+        else dataclasses.replace(spec, checkpoint=artifact, sha256=sha, untrained=False, cache_dir=cache_dir)
+    )
     encoder = create_encoder(get_spec(load_spec), device="cpu")
     expected = {(str(r), int(f)): p for r, f, p in zip(preds["record_id"], preds["frame"], preds["probs"])}
     diffs = []
@@ -168,8 +220,10 @@ def _verify(c: Any, spec: Any, head: Any, card: Any, artifact: str, sha: str, ca
                 diffs.append(float(np.max(np.abs(np.asarray(want, np.float64) - p))))
     max_diff = max(diffs) if diffs else None
     if max_diff is not None and max_diff > 1e-4:
-        raise RuntimeError(f"exported artifact disagrees with the trained model (max |diff| {max_diff:.2e} "
-                           f"on {len(diffs)} validation records)")
+        raise RuntimeError(
+            f"exported artifact disagrees with the trained model (max |diff| {max_diff:.2e} "
+            f"on {len(diffs)} validation records)"
+        )
     return max_diff, len(diffs)
 
 
@@ -183,12 +237,17 @@ def _record_embedding_info(job: Any) -> dict:
 
     c = job.cfg
     modality = family_modality(job.spec.family)
-    segments = {"audio": {k: v for k, v in asdict(c.audio).items() if k not in ("pool",)},
-                "text": {k: v for k, v in asdict(c.text).items() if k not in ("pool", "max_chars")},
-                "image": {"slide": asdict(c.slide)}}.get(modality, {})
-    return {"modality": modality, "features": "embeddings",
-            "record_pooling": "mean of the record's windows / chunks / slide tissue tiles (image frames: each)",
-            "segments": segments}
+    segments = {
+        "audio": {k: v for k, v in asdict(c.audio).items() if k not in ("pool",)},
+        "text": {k: v for k, v in asdict(c.text).items() if k not in ("pool", "max_chars")},
+        "image": {"slide": asdict(c.slide)},
+    }.get(modality, {})
+    return {
+        "modality": modality,
+        "features": "embeddings",
+        "record_pooling": "mean of the record's windows / chunks / slide tissue tiles (image frames: each)",
+        "segments": segments,
+    }
 
 
 def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tuple[float | None, int]:
@@ -206,8 +265,8 @@ def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tupl
     import pyarrow as pa
 
     from medray.encoders import spec_to_dict
-    from medray.jobs._finetune_features import embedding_examples_batch
-    from medray.platform.pipeline import EncoderActor, decode_batch, read_batch
+    from medray.jobs.finetune.features import embedding_examples_batch
+    from medray.pipeline import EncoderActor, decode_batch, read_batch
 
     c = job.cfg
     n = c.eval.verify_records
@@ -223,8 +282,7 @@ def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tupl
         opts = job._stage_options(None)
         opts.text_column = None
         table = pa.table({"uri": [r["uri"] for r in redo], "member": [r["member"] for r in redo]})
-        actor = EncoderActor(spec_to_dict(job.spec), device="cpu", dtype="float32",
-                             batch_size=c.data.encode_batch_size)
+        actor = EncoderActor(spec_to_dict(job.spec), device="cpu", dtype="float32", batch_size=c.data.encode_batch_size)
         out = actor(decode_batch(read_batch(table, opts), opts))
         ex = embedding_examples_batch(_with_dummy_labels(out, job.example_spec), job.example_spec)
         for r in ex.to_pylist():
@@ -240,8 +298,10 @@ def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tupl
             diffs.append(float(np.max(np.abs(np.asarray(want, np.float64) - p))))
     max_diff = max(diffs) if diffs else None
     if max_diff is not None and max_diff > 1e-4:
-        raise RuntimeError(f"exported head on re-embedded records disagrees with the trained model "
-                           f"(max |diff| {max_diff:.2e} on {len(diffs)} validation records)")
+        raise RuntimeError(
+            f"exported head on re-embedded records disagrees with the trained model "
+            f"(max |diff| {max_diff:.2e} on {len(diffs)} validation records)"
+        )
     return max_diff, len(diffs)
 
 

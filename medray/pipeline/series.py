@@ -13,7 +13,7 @@ series (:func:`assemble_batch`) re-reads its instances by ``uri``/``member``,
 checks the series (:func:`~medray.platform.decoders.series.plan_series`),
 assembles the volume and applies the encoder's preprocessing, emitting one
 record per series with the same columns
-:func:`~medray.platform.pipeline.decode_batch` emits, plus the manifest
+:func:`~medray.pipeline.stages.decode_batch` emits, plus the manifest
 columns its slices agree on. A broken series becomes one quarantine row with
 the reason; the others go on.
 
@@ -33,13 +33,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from medray.pipeline.options import preprocessors
 from medray.platform.errors import PreprocessError, RecordError
 from medray.platform.records import quarantine_fields, record_id
 
-__all__ = ["series_options", "is_series_slice", "series_header_batch", "collect_group", "assemble_batch",
-           "carried_columns",
-           "assemble_group", "plan_series_branch",
-           "series_record_id", "HEADER_SCHEMA"]
+__all__ = [
+    "series_options",
+    "is_series_slice",
+    "series_header_batch",
+    "collect_group",
+    "assemble_batch",
+    "carried_columns",
+    "assemble_group",
+    "plan_series_branch",
+    "series_record_id",
+    "HEADER_SCHEMA",
+]
 
 #: Objects per header-pass task (at least; ``compute.read_batch_size`` when larger).
 HEADER_BATCH_SIZE = 256
@@ -63,8 +72,9 @@ def carried_columns(per_slice: list[dict]) -> dict[str, Any]:
 
 
 #: Rows of the header pass: one per series slice.
-HEADER_SCHEMA = pa.schema([("series_key", pa.string()), ("uri", pa.string()), ("member", pa.string()),
-                           ("header", pa.string())])
+HEADER_SCHEMA = pa.schema(
+    [("series_key", pa.string()), ("uri", pa.string()), ("member", pa.string()), ("header", pa.string())]
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,8 +137,11 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
 
     uris = table.column("uri").to_pylist()
     members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
-    texts = (table.column(opts.text_column).to_pylist()
-             if opts.text_column and opts.text_column in table.column_names else [None] * len(uris))
+    texts = (
+        table.column(opts.text_column).to_pylist()
+        if opts.text_column and opts.text_column in table.column_names
+        else [None] * len(uris)
+    )
     # manifest columns travel with each slice's header; the series row keeps those its slices agree on
     extra = [c for c in table.column_names if c not in ("uri", "member", opts.text_column)]
     rows = table.select(extra).to_pylist() if extra else [{}] * len(uris)
@@ -153,7 +166,7 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
 def _read_instances(headers: list[Any], opts: Any) -> list[bytes]:
     """The bytes of each instance, in ``headers`` order; an archive is streamed once per group."""
     from medray.platform.errors import ReadError
-    from medray.platform.sources import iter_archive_members, is_archive
+    from medray.platform.sources import is_archive, iter_archive_members
     from medray.platform.storage import open_fs, read_bytes
 
     out: list[bytes | None] = [None] * len(headers)
@@ -175,12 +188,27 @@ def _read_instances(headers: list[Any], opts: Any) -> list[bytes]:
 
 
 _OUT_TYPES = {
-    "uri": pa.string(), "member": pa.string(), "record_id": pa.string(), "t_read": pa.float64(),
-    "content_sha256": pa.string(), "modality": pa.string(), "patient_key": pa.string(), "metadata": pa.string(),
-    "pixel_values": pa.large_binary(), "pixel_shape": pa.list_(pa.int64()), "pixel_dtype": pa.string(),
-    "frames": pa.list_(pa.int32()), "segments": pa.string(), "pool": pa.string(), "route": pa.string(),
-    "t_decode": pa.float64(), "t_preprocess": pa.float64(), "status": pa.string(), "stage": pa.string(),
-    "error_class": pa.string(), "message": pa.string(),
+    "uri": pa.string(),
+    "member": pa.string(),
+    "record_id": pa.string(),
+    "t_read": pa.float64(),
+    "content_sha256": pa.string(),
+    "modality": pa.string(),
+    "patient_key": pa.string(),
+    "metadata": pa.string(),
+    "pixel_values": pa.large_binary(),
+    "pixel_shape": pa.list_(pa.int64()),
+    "pixel_dtype": pa.string(),
+    "frames": pa.list_(pa.int32()),
+    "segments": pa.string(),
+    "pool": pa.string(),
+    "route": pa.string(),
+    "t_decode": pa.float64(),
+    "t_preprocess": pa.float64(),
+    "status": pa.string(),
+    "stage": pa.string(),
+    "error_class": pa.string(),
+    "message": pa.string(),
 }
 _OUT_SCHEMA = pa.schema(list(_OUT_TYPES.items()))
 
@@ -234,7 +262,6 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
     """
     from medray.platform.decoders import DecodeLimits
     from medray.platform.decoders.series import SliceHeader, assemble_series, plan_series
-    from medray.platform.pipeline import _preprocessors
 
     t0 = time.perf_counter()
     sopts = series_options(opts)
@@ -247,8 +274,15 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
         return _OUT_SCHEMA.empty_table()
     row: dict[str, Any] = {name: None for name in _OUT_TYPES}
     first = headers[0]
-    row.update(uri=first.uri, member=first.member, record_id=rid, status="ok", t_read=0.0,
-               modality=first.modality, patient_key=first.patient_key)
+    row.update(
+        uri=first.uri,
+        member=first.member,
+        record_id=rid,
+        status="ok",
+        t_read=0.0,
+        modality=first.modality,
+        patient_key=first.patient_key,
+    )
     try:
         plan = plan_series(headers, sopts)  # geometry and limits before any pixel is read
         first = headers[plan.order[0]]
@@ -265,7 +299,7 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
         channels = volume.channels(sopts.windows)
         t1 = time.perf_counter()
         row["t_decode"] = t1 - t0 - row["t_read"]
-        pres = _preprocessors(opts)
+        pres = preprocessors(opts)
         spacing = [round(float(v), 6) for v in volume.spacing]
         base = {"series_key": key, "spacing_mm": spacing}
         n_src = volume.source_shape[0]
@@ -294,10 +328,19 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         meta = dict(volume.metadata)
         meta.update(series=volume.provenance(), series_mode=sopts.mode, windows=list(sopts.windows))
-        row.update(metadata=json.dumps(meta, sort_keys=True, default=str), pixel_values=pixels.tobytes(),
-                   pixel_shape=list(pixels.shape), pixel_dtype="float32", frames=frames,
-                   segments=json.dumps(segments), pool=pool, route=route, modality=volume.modality,
-                   patient_key=volume.patient_key, t_preprocess=time.perf_counter() - t1)
+        row.update(
+            metadata=json.dumps(meta, sort_keys=True, default=str),
+            pixel_values=pixels.tobytes(),
+            pixel_shape=list(pixels.shape),
+            pixel_dtype="float32",
+            frames=frames,
+            segments=json.dumps(segments),
+            pool=pool,
+            route=route,
+            modality=volume.modality,
+            patient_key=volume.patient_key,
+            t_preprocess=time.perf_counter() - t1,
+        )
     except Exception as err:  # noqa: BLE001 - a broken series is one quarantine row; its neighbours go on
         q = quarantine_fields(err, "decode" if not isinstance(err, RecordError) else None)
         if isinstance(err, RecordError):
@@ -311,8 +354,9 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
     return out
 
 
-def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: float = 1.0,
-                       task_retries: int = 2) -> Any:
+def plan_series_branch(
+    ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: float = 1.0, task_retries: int = 2
+) -> Any:
     """Header pass, ``groupby("series_key")`` collecting each series' headers, then assembly per series.
 
     The group-by moves only header rows (a few hundred bytes per slice) and its
@@ -323,8 +367,14 @@ def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: fl
     from ray.data.context import ShuffleStrategy
 
     # A header is a few kB and ~1 ms to parse: large header tasks, or Ray's per-task cost dominates.
-    hdr = ds.map_batches(series_header_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow",
-                         batch_size=max(batch_size, HEADER_BATCH_SIZE), num_cpus=num_cpus, max_retries=task_retries)
+    hdr = ds.map_batches(
+        series_header_batch,
+        fn_kwargs={"opts": opts},
+        batch_format="pyarrow",
+        batch_size=max(batch_size, HEADER_BATCH_SIZE),
+        num_cpus=num_cpus,
+        max_retries=task_retries,
+    )
     # Group with the sort-based exchange, not the hash-shuffle operator: its map/reduce tasks run
     # as one short all-to-all step over the header rows. The hash shuffle's reduce tasks each ask
     # Ray Data's resource budget for a whole CPU, which the encoder pool holds on a small cluster,
@@ -333,7 +383,14 @@ def plan_series_branch(ds: Any, opts: Any, *, batch_size: int = 16, num_cpus: fl
     # this group-by is the embed plan's only all-to-all operation.
     hdr.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     grouped = hdr.groupby("series_key").map_groups(
-        collect_group, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25), max_retries=task_retries)
+        collect_group, batch_format="pyarrow", num_cpus=min(num_cpus, 0.25), max_retries=task_retries
+    )
     one_each = grouped.repartition(target_num_rows_per_block=1)
-    return one_each.map_batches(assemble_batch, fn_kwargs={"opts": opts}, batch_format="pyarrow", batch_size=1,
-                                num_cpus=num_cpus, max_retries=task_retries)
+    return one_each.map_batches(
+        assemble_batch,
+        fn_kwargs={"opts": opts},
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=num_cpus,
+        max_retries=task_retries,
+    )

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import io
 import posixpath
-import time
 import uuid
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from medray.platform.pipeline import INTERNAL_COLUMNS
+from medray.pipeline.columns import INTERNAL_COLUMNS
 from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema
 from medray.platform.storage import open_fs
 
@@ -64,8 +64,7 @@ def existing_record_ids(output: str, options: Mapping[str, Any] | None) -> froze
     for sub in ("embeddings", "quarantine"):
         d = posixpath.join(root, sub)
         try:
-            files = [p for p in fs.find(d) if p.endswith(".parquet")
-                     and not posixpath.basename(p).startswith(".")]
+            files = [p for p in fs.find(d) if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")]
         except FileNotFoundError:
             continue
         for p in files:
@@ -98,8 +97,9 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
     fs, root = open_fs(output, options)
     d = posixpath.join(root, subdir)
     try:
-        files = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".parquet")
-                       and not posixpath.basename(p).startswith("."))
+        files = sorted(
+            p for p in fs.ls(d, detail=False) if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+        )
     except FileNotFoundError:
         return {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
     sums: dict[tuple, np.ndarray] = {}
@@ -120,8 +120,9 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
         tile_idx = [j for j, seg in enumerate(segs) if seg == "tile"]
         if not tile_idx:
             continue
-        emb = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                         np.float64).reshape(t.num_rows, -1)
+        emb = np.asarray(
+            t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float64
+        ).reshape(t.num_rows, -1)
         for j in tile_idx:
             k = keys[j]
             if k not in first:
@@ -135,15 +136,22 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
     for k, row in first.items():
         if k in pooled or counts[k] != (row["n_frames"] or 0):
             continue
-        row = dict(row, record_id=record_id(*k), frame=-1, segment="pooled", tile_x=None, tile_y=None,
-                   tissue_fraction=None, content_sha256=None,
-                   embedding=(sums[k] / counts[k]).astype(np.float32).tolist())
+        row = dict(
+            row,
+            record_id=record_id(*k),
+            frame=-1,
+            segment="pooled",
+            tile_x=None,
+            tile_y=None,
+            tissue_fraction=None,
+            content_sha256=None,
+            embedding=(sums[k] / counts[k]).astype(np.float32).tolist(),
+        )
         rows.append(row)
     if rows:
         write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), output, subdir, options)
     background = sum(int(json.loads(r["metadata"] or "{}").get("background_tiles") or 0) for r in first.values())
-    return {"slides": len(first), "pooled": len(rows), "tiles": sum(counts.values()),
-            "background_tiles": background}
+    return {"slides": len(first), "pooled": len(rows), "tiles": sum(counts.values()), "background_tiles": background}
 
 
 def embeddings_table(ok: pa.Table) -> pa.Table:
@@ -155,8 +163,10 @@ def embeddings_table(ok: pa.Table) -> pa.Table:
     internal = set(INTERNAL_COLUMNS) | set(CORE_COLUMNS)
     # A carried column that is all-null in this part would be typed "null" and clash with
     # the other parts; store it as string (the usual type of sparse manifest columns).
-    carried = [f.with_type(pa.string()) if pa.types.is_null(f.type) else f
-               for f in (ok.schema.field(c) for c in ok.column_names if c not in internal)]
+    carried = [
+        f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+        for f in (ok.schema.field(c) for c in ok.column_names if c not in internal)
+    ]
     emb_type = ok.schema.field("embedding").type
     if pa.types.is_fixed_size_list(emb_type):
         dim = emb_type.list_size
@@ -169,8 +179,9 @@ def embeddings_table(ok: pa.Table) -> pa.Table:
     return ok.select(schema.names).cast(schema)
 
 
-def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
-              subdirs: Mapping[str, str] | None = None) -> Any:
+def make_sink(
+    output: str, options: Mapping[str, Any] | None, version: str, subdirs: Mapping[str, str] | None = None
+) -> Any:
     """Create the Ray Data datasink writing embeddings and quarantine under ``output``.
 
     Built lazily so this module imports without Ray.
@@ -196,9 +207,15 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
         def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
-            stats = {"rows": 0, "records": 0, "quarantined": 0, "skipped": 0, "skipped_by_modality": [],
-                     "slide_rows": 0,
-                     **{k: 0.0 for k in _TIMING}}
+            stats = {
+                "rows": 0,
+                "records": 0,
+                "quarantined": 0,
+                "skipped": 0,
+                "skipped_by_modality": [],
+                "slide_rows": 0,
+                **{k: 0.0 for k in _TIMING},
+            }
             if not tables:
                 return stats
             table = pa.concat_tables(tables, promote_options="permissive")
@@ -212,12 +229,16 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
             bad = table.filter(pc.invert(pc.or_(pc.or_(ok_mask, skip_mask), noop_mask)))
             if "modality" in table.column_names:  # slide tiles written, or slides waiting for pooling
                 slide = pc.equal(table.column("modality"), "slide")
-                stats["slide_rows"] = int(pc.sum(pc.and_(slide, pc.or_(ok_mask, noop_mask)).cast(pa.int64()))
-                                          .as_py() or 0)
+                stats["slide_rows"] = int(
+                    pc.sum(pc.and_(slide, pc.or_(ok_mask, noop_mask)).cast(pa.int64())).as_py() or 0
+                )
             skipped = table.filter(skip_mask)
             if skipped.num_rows:
-                routes = skipped.column("route").to_pylist() if "route" in skipped.column_names else \
-                    [None] * skipped.num_rows
+                routes = (
+                    skipped.column("route").to_pylist()
+                    if "route" in skipped.column_names
+                    else [None] * skipped.num_rows
+                )
                 stats["skipped"] = skipped.num_rows
                 stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
             if ok.num_rows:
@@ -238,9 +259,13 @@ def make_sink(output: str, options: Mapping[str, Any] | None, version: str,
             # (time the encoder finished a batch, records in it): steady-state throughput.
             if "t_done" in table.column_names:
                 done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
-                stats["parts"] = [[t, n] for t, n in zip(done.column("t_done").to_pylist(),
-                                                         done.column("record_id_count_distinct").to_pylist())
-                                  if t is not None]
+                stats["parts"] = [
+                    [t, n]
+                    for t, n in zip(
+                        done.column("t_done").to_pylist(), done.column("record_id_count_distinct").to_pylist()
+                    )
+                    if t is not None
+                ]
             return stats
 
         def on_write_complete(self, write_result: Any) -> None:

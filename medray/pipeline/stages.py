@@ -1,0 +1,389 @@
+"""The CPU stages of the embedding path: read and decode+preprocess.
+
+``source ─► read ─► decode+preprocess ─► encode ─► sink``
+
+Each stage is a plain function over ``pyarrow.Table`` batches so it can be
+unit-tested without Ray; :func:`medray.pipeline.plan.plan_dataset` wires them
+into a streaming Ray Data plan. Rows that fail at any stage carry
+``status="error"`` plus ``stage``/``error_class``/``message`` and flow on to the
+sink, which writes them to the quarantine table. Carried manifest columns ride
+along by ``Table.take``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from medray.encoders import family_modality
+from medray.pipeline.columns import STATUS_COLUMNS, assemble
+from medray.pipeline.options import StageOptions, decode_options, preprocessors
+from medray.pipeline.series import is_series_slice, series_options
+from medray.platform.decoders import check_size, decode_bytes, detect_modality
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
+from medray.platform.errors import RecordError, UnsupportedFormat
+from medray.platform.modalities import TextOptions, prepare_record
+from medray.platform.records import quarantine_fields, record_id, tile_record_id
+from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
+from medray.platform.storage import open_fs, read_bytes
+
+__all__ = ["read_batch", "decode_batch", "SERIES_MODE_READ_BATCH", "slide_wanted"]
+
+
+def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Table:
+    """Fetch the bytes of each record; expand archives into member records.
+
+    Records whose id is in ``opts.done`` are dropped (resume). A record that
+    cannot be read becomes an error row; one bad archive member never hides
+    its neighbours. A whole-slide image is not read here: it is opened lazily
+    and expands into one record per tissue tile (``tile`` column, JSON; no
+    ``data``), so its tiles spread over the decode tasks.
+
+    ``part`` splits the work between the pipeline's two read branches:
+    ``"main"`` leaves whole-slide images out, ``"slides"`` handles nothing
+    else (see :func:`plan_dataset`); ``"all"`` does both in one call.
+    """
+    if part not in ("all", "main", "slides"):
+        raise ValueError(f"part must be all, main or slides, not {part!r}")
+    index: list[int] = []
+    cols: dict[str, list] = {k: [] for k in ("uri", "member", "record_id", "data", "tile", "t_read", *STATUS_COLUMNS)}
+
+    def emit(
+        i: int,
+        uri: str,
+        member: str,
+        data: bytes | None,
+        err: BaseException | None,
+        dt: float,
+        tile: str | None = None,
+        rid: str | None = None,
+        status: dict | None = None,
+    ) -> None:
+        index.append(i)
+        cols["uri"].append(uri)
+        cols["member"].append(member)
+        cols["record_id"].append(rid or record_id(uri, member))
+        cols["data"].append(data)
+        cols["tile"].append(tile)
+        cols["t_read"].append(dt)
+        q = quarantine_fields(err, "read") if err is not None else (status or {"status": "ok"})
+        for c in STATUS_COLUMNS:
+            cols[c].append(q.get(c))
+
+    uris = table.column("uri").to_pylist()
+    members = table.column("member").to_pylist() if "member" in table.column_names else [""] * len(uris)
+    col = opts.text_column
+    texts = table.column(col).to_pylist() if col and col in table.column_names else None
+    for i, (uri, member) in enumerate(zip(uris, members)):
+        member = member or ""
+        if part == "slides" and (member or (texts is not None and texts[i] is not None)):
+            continue  # archive members and documents are never lazily read slides
+        if texts is not None and texts[i] is not None:
+            # The document is the manifest cell; it travels as bytes and the column is dropped below.
+            if record_id(uri, member) not in opts.done:
+                emit(i, uri, member, str(texts[i]).encode("utf-8"), None, 0.0)
+            continue
+        if member == ARCHIVE_MEMBER_PENDING:
+            t0 = time.perf_counter()
+            try:
+                for name, data in iter_archive_members(uri, opts.storage_options, opts.max_bytes):
+                    if record_id(uri, name) in opts.done:
+                        continue
+                    dt = time.perf_counter() - t0
+                    if isinstance(data, RecordError):
+                        emit(i, uri, name, None, data, dt)
+                    else:
+                        emit(i, uri, name, data, None, dt)
+                    t0 = time.perf_counter()
+            except RecordError as err:
+                emit(i, uri, "", None, err, time.perf_counter() - t0)
+            continue
+        if record_id(uri, member) in opts.done:
+            continue
+        t0 = time.perf_counter()
+        try:
+            fs, path = open_fs(uri, opts.storage_options)
+            slide = sniff_slide(uri, fs, path, opts.storage_options)
+        except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest: reported once, by the main part
+            if part != "slides":
+                emit(i, uri, member, None, err, time.perf_counter() - t0)
+            continue
+        if (part == "main" and slide is not None) or (part == "slides" and slide is None):
+            continue  # the other branch's record
+        try:
+            if slide is not None:
+                _emit_tiles(i, uri, member, slide, opts, emit, t0)
+                continue
+            if _series_slice_object(fs, path, opts):
+                # the series branch reads it with its series: only its header is fetched here
+                emit(i, uri, member, None, None, time.perf_counter() - t0, status=_SERIES_NOOP)
+                continue
+            data = read_bytes(fs, path, opts.max_bytes)
+            emit(i, uri, member, data, None, time.perf_counter() - t0)
+        except RecordError as err:
+            emit(i, uri, member, None, err, time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest
+            emit(i, uri, member, None, err, time.perf_counter() - t0)
+    return assemble(table, index, cols, drop=(col,) if texts is not None else ())
+
+
+_SERIES_NOOP = {"status": "noop", "stage": "series"}
+#: Objects per main-branch read task (at least) when ``series.mode`` is on.
+SERIES_MODE_READ_BATCH = 64
+
+
+def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
+    """``series.mode`` on and the object is a CT/MR series slice, judged from its header alone.
+
+    A ranged read of the header (``stop_before_pixels``) instead of the whole
+    object: a series slice's pixels are read once, by its series' assembly task.
+    """
+    if series_options(opts) is None or path.rsplit("/", 1)[-1].lower().endswith(_NOT_DICOM):
+        return False
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) as f:
+            return is_series_slice(f, opts)
+    except Exception:  # noqa: BLE001 - unreadable: read_bytes reports it with its reason
+        return False
+
+
+# Extensions that are never DICOM Part-10 (others, .dcm or none, may be).
+_NOT_DICOM = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".svs",
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".txt",
+    ".json",
+    ".xml",
+    ".csv",
+    ".zip",
+    ".tar",
+    ".gz",
+    ".tgz",
+)
+
+
+def slide_wanted(opts: StageOptions) -> bool:
+    """True unless the job has an encoder list without a slide or image encoder."""
+    if opts.encoder_specs:
+        return bool({"slide", "image"} & set(opts.encoder_specs))
+    if opts.encoder_spec is None:
+        return True
+    return family_modality(opts.encoder_spec.family) == "image"
+
+
+def _emit_tiles(i: int, uri: str, member: str, slide: Any, opts: StageOptions, emit: Any, t0: float) -> None:
+    """One record per tissue tile not yet done; the slide's own id is its pooled row (or its error)."""
+    if not slide_wanted(opts):  # skipped and counted in the decode stage, never tiled
+        emit(i, uri, member, None, None, time.perf_counter() - t0, tile="{}")
+        return
+    try:
+        plan = plan_slide(slide, SlideOptions(**(opts.slide or {})))
+    except RecordError as err:
+        emit(i, uri, member, None, err, time.perf_counter() - t0)
+        return
+    dt = (time.perf_counter() - t0) / max(1, len(plan.tiles))
+    emitted = 0
+    for tile in plan.tiles:
+        rid = tile_record_id(uri, member, tile.tile_id)
+        if rid in opts.done:
+            continue
+        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata)
+        emit(i, uri, member, None, None, dt, tile=json.dumps(info), rid=rid)
+        emitted += 1
+    if plan.tiles and not emitted:
+        # Every tile is written but the pooled row is not (a run stopped in between): a marker row
+        # ("noop", never written) tells the job to run its pooling pass.
+        emit(i, uri, member, None, None, dt, tile='{"pending_pool": true}')
+
+
+def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
+    """Route each record by content, decode it and apply its encoder's own preprocessing.
+
+    Output: one row per record with the model input (``pixel_values`` as
+    bytes plus ``pixel_shape`` and ``pixel_dtype``: images ``(F, C, H, W)``
+    float32, audio windows ``(W, ...)`` float32, text chunks ``(K, 2, L)``
+    int64), ``frames`` (item indices), ``segments`` (JSON provenance per item,
+    null for images), ``pool`` and ``route`` (the modality whose encoder
+    embeds it), the allow-listed ``metadata`` as JSON, ``patient_key`` and
+    ``content_sha256``. A record whose modality has no encoder gets
+    ``status="skipped"``. The raw bytes are dropped here.
+    """
+    dicom_opts, limits = decode_options(opts)
+    audio_opts = AudioOptions(**(opts.audio or {}))
+    text_opts = TextOptions(**(opts.text or {}))
+    pres = preprocessors(opts)
+    n = table.num_rows
+    new: dict[str, list] = {
+        k: [None] * n
+        for k in (
+            "content_sha256",
+            "modality",
+            "patient_key",
+            "metadata",
+            "pixel_values",
+            "pixel_shape",
+            "pixel_dtype",
+            "frames",
+            "segments",
+            "pool",
+            "route",
+            "t_decode",
+            "t_preprocess",
+            *STATUS_COLUMNS,
+        )
+    }
+    datas = table.column("data").to_pylist()
+    tiles = table.column("tile").to_pylist() if "tile" in table.column_names else [None] * n
+    status = table.column("status").to_pylist()
+    members = table.column("member").to_pylist()
+    uris = table.column("uri").to_pylist()
+    for i in range(n):
+        new["status"][i] = status[i]
+        if status[i] != "ok":
+            for c in STATUS_COLUMNS[1:]:
+                new[c][i] = table.column(c)[i].as_py()
+            continue
+        t0 = time.perf_counter()
+        if tiles[i] is not None:
+            _decode_tile(i, uris[i], tiles[i], pres, opts, new, t0)
+            continue
+        data = datas[i] or b""
+        new["content_sha256"][i] = hashlib.sha256(data).hexdigest()
+        name = (members[i] or uris[i]).rsplit("/", 1)[-1]
+        try:
+            check_size(data, limits)
+            route, fmt = detect_modality(data, name)
+            if fmt == "dicom" and is_series_slice(data, opts):
+                # a CT/MR series slice: the series branch embeds it with its series (not written here)
+                new["status"][i], new["stage"][i], new["route"][i] = "noop", "series", route
+                continue
+            if route == "slide":
+                route = _slide_route(pres)
+            new["route"][i] = route
+            pre = pres.get(route)
+            if pre is None:
+                new["status"][i], new["stage"][i] = "skipped", "route"
+                new["message"][i] = f"no encoder configured for modality '{route}'"
+                continue
+            if fmt == "slide":
+                raise UnsupportedFormat(
+                    "whole-slide image inside an archive (or with a non-TIFF name): "
+                    "list the slide itself as an input object so its tiles are read lazily"
+                )
+            if route != "image":
+                prepared = prepare_record(data, fmt, pre, audio=audio_opts, text=text_opts, salt=opts.salt)
+                t1 = time.perf_counter()
+                new["t_decode"][i] = t1 - t0
+                values = np.ascontiguousarray(prepared.inputs)
+                new["modality"][i] = prepared.modality
+                new["patient_key"][i] = prepared.patient_key
+                new["metadata"][i] = json.dumps(prepared.metadata, sort_keys=True, default=str)
+                new["pixel_values"][i] = values.tobytes()
+                new["pixel_shape"][i] = list(values.shape)
+                new["pixel_dtype"][i] = values.dtype.name
+                new["frames"][i] = list(range(len(prepared.segments)))
+                new["segments"][i] = json.dumps(prepared.segments)
+                new["pool"][i] = prepared.pool
+                new["t_preprocess"][i] = 0.0
+                continue
+            decoded = decode_bytes(data, name=name, dicom=dicom_opts, limits=limits, salt=opts.salt)
+            t1 = time.perf_counter()
+            new["t_decode"][i] = t1 - t0
+            if not decoded.frames:
+                raise RecordError("no frames selected", stage="decode")
+            try:
+                pixels = pre.preprocess([f.image for f in decoded.frames])
+            except RecordError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+            pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+            new["t_preprocess"][i] = time.perf_counter() - t1
+            new["modality"][i] = decoded.modality
+            new["patient_key"][i] = decoded.patient_key
+            new["metadata"][i] = json.dumps(decoded.metadata, sort_keys=True, default=str)
+            new["pixel_values"][i] = pixels.tobytes()
+            new["pixel_shape"][i] = list(pixels.shape)
+            new["pixel_dtype"][i] = "float32"
+            new["frames"][i] = [int(f.frame) for f in decoded.frames]
+        except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
+            q = quarantine_fields(err, "decode")
+            for c in STATUS_COLUMNS:
+                new[c][i] = q[c]
+            new["pixel_values"][i] = None
+    return assemble(table, list(range(n)), new, drop=("data",))
+
+
+def _slide_route(pres: Mapping[str, Any]) -> str:
+    """Slides are embedded by ``encoders.slide``, else by the image encoder."""
+    return "slide" if "slide" in pres or "image" not in pres else "image"
+
+
+def _decode_tile(
+    i: int, uri: str, tile_json: str, pres: Mapping[str, Any], opts: StageOptions, new: dict[str, list], t0: float
+) -> None:
+    """Read one slide tile (a ranged read) and preprocess it with the slide's encoder."""
+    route = _slide_route(pres)
+    new["route"][i] = route
+    pre = pres.get(route)
+    info = json.loads(tile_json)
+    if info.get("pending_pool"):
+        new["status"][i], new["stage"][i], new["modality"][i] = "noop", "pool", "slide"
+        return
+    if pre is None or not info:
+        new["route"][i] = "slide"
+        new["status"][i], new["stage"][i] = "skipped", "route"
+        new["message"][i] = "no encoder configured for modality 'slide' (set encoders.slide or an image encoder)"
+        return
+    try:
+        tile = SlideTile(**{k: info[k] for k in SlideTile.__dataclass_fields__})
+        rgb = read_tile(open_slide(uri, opts.storage_options), tile)
+        t1 = time.perf_counter()
+        try:
+            pixels = np.ascontiguousarray(pre.preprocess([rgb]), dtype=np.float32)
+        except Exception as err:  # noqa: BLE001
+            raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+        new["t_decode"][i], new["t_preprocess"][i] = t1 - t0, time.perf_counter() - t1
+        new["content_sha256"][i] = hashlib.sha256(rgb.tobytes()).hexdigest()  # of the tile's pixels
+        new["modality"][i] = "slide"
+        new["metadata"][i] = json.dumps(info.get("slide") or {}, sort_keys=True, default=str)
+        new["pixel_values"][i] = pixels.tobytes()
+        new["pixel_shape"][i] = list(pixels.shape)
+        new["pixel_dtype"][i] = "float32"
+        new["frames"][i] = [tile.index]
+        new["segments"][i] = json.dumps(
+            [
+                {
+                    "segment": "tile",
+                    "tile_x": tile.x,
+                    "tile_y": tile.y,
+                    "level": tile.level,
+                    "mpp": tile.mpp,
+                    "tissue_fraction": tile.tissue_fraction,
+                    "n_items": info.get("n_tiles"),
+                }
+            ]
+        )
+        new["pool"][i] = "none"  # the slide's pooled row is written after all its tiles (embed job)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
+        q = quarantine_fields(err, "decode")
+        for c in STATUS_COLUMNS:
+            new[c][i] = q[c]
+        new["pixel_values"][i] = None
