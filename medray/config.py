@@ -8,13 +8,18 @@ misspelt key fails during composition and Hydra names it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from medray.platform.formats import option_types
 
 __all__ = [
     "CONF_DIR",
@@ -29,6 +34,9 @@ __all__ = [
     "SlideConf",
     "SeriesConf",
     "EmbedConf",
+    "format_options",
+    "format_sections",
+    "with_format_sections",
     "register_schemas",
 ]
 
@@ -189,10 +197,62 @@ class EmbedConf:
     run_name: Optional[str] = None
 
 
+#: Config sections declared above; the registry's other format options are added by :func:`with_format_sections`.
+DECLARED_SECTIONS = frozenset({"audio", "text", "slide", "series", "decode"})
+
+
+def _schema_of(options: type) -> type:
+    """A mutable copy of a format's (frozen) options dataclass, for Hydra to compose and override."""
+    hints = typing.get_type_hints(options)
+    fields = []
+    for f in dataclasses.fields(options):
+        default: Any = (
+            field(default=f.default)
+            if f.default is not dataclasses.MISSING
+            else field(default_factory=f.default_factory)
+        )
+        fields.append((f.name, hints[f.name], default))
+    schema = dataclasses.make_dataclass(f"{options.__name__}Conf", fields)
+    schema.__module__ = __name__
+    schema.__doc__ = options.__doc__
+    return schema
+
+
+@functools.lru_cache(maxsize=1)
+def format_sections() -> dict[str, type]:
+    """Config section -> schema, for every registered format option not declared in this module (e.g. ``nifti``).
+
+    A format declares its options once, as a dataclass in its own module
+    (:attr:`medray.platform.formats.Format.options`); this is what Hydra composes.
+    """
+    return {key: _schema_of(cls) for key, cls in option_types().items() if key not in DECLARED_SECTIONS}
+
+
+@functools.lru_cache(maxsize=8)
+def with_format_sections(conf: type, name: str) -> type:
+    """``conf`` plus one field per :func:`format_sections` entry (defaults from the format's options)."""
+    extra = [(key, schema, field(default_factory=schema)) for key, schema in format_sections().items()]
+    schema = dataclasses.make_dataclass(name, extra, bases=(conf,))
+    schema.__module__, schema.__doc__ = conf.__module__, conf.__doc__
+    return schema
+
+
+def format_options(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Section -> values of the registry's format options in a composed config (for ``StageOptions``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in format_sections():
+        value = getattr(cfg, key, None)
+        if value is not None:
+            is_instance = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            out[key] = dataclasses.asdict(value) if is_instance else dict(value)
+    return out
+
+
 def register_schemas() -> None:
     """Register the job schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
-    cs.store(name="embed_schema", node=EmbedConf)
+    # the declared sections plus every registered format's options (e.g. nifti), composed by Hydra
+    cs.store(name="embed_schema", node=with_format_sections(EmbedConf, "EmbedConf"))
 
 
 def patient_salt(configured: Optional[str]) -> str:

@@ -103,6 +103,8 @@ class HFAudioPreprocessor(Preprocessor):
 class HFAudioEncoder(Encoder):
     """A transformers audio model plus its :class:`HFAudioPreprocessor`."""
 
+    preprocessor: HFAudioPreprocessor  # always set by __init__
+
     def __init__(self, spec: EncoderSpec, local_dir: str, device: str = "cpu") -> None:
         pre = HFAudioPreprocessor(spec, local_dir)
         super().__init__(spec, device=device, preprocessor=pre)
@@ -119,7 +121,7 @@ class HFAudioEncoder(Encoder):
 
     def preprocess_audio(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         """See :meth:`HFAudioPreprocessor.preprocess_audio`."""
-        return self.preprocessor.preprocess_audio(windows)  # type: ignore[union-attr]
+        return self.preprocessor.preprocess_audio(windows)
 
     input_ndims = (2, 3)
     input_desc = "audio features (N, samples) or (N, frames, bins)"

@@ -153,6 +153,8 @@ class HFTextPreprocessor(Preprocessor):
 class HFTextEncoder(Encoder):
     """A transformers text model plus its :class:`HFTextPreprocessor`."""
 
+    preprocessor: HFTextPreprocessor  # always set by __init__
+
     def __init__(self, spec: EncoderSpec, local_dir: str, device: str = "cpu") -> None:
         pre = HFTextPreprocessor(spec, local_dir)
         super().__init__(spec, device=device, preprocessor=pre)
@@ -168,7 +170,7 @@ class HFTextEncoder(Encoder):
 
     def chunk_text(self, text: str, overlap: int = 0) -> TextChunks:
         """See :meth:`HFTextPreprocessor.chunk_text`."""
-        return self.preprocessor.chunk_text(text, overlap)  # type: ignore[union-attr]
+        return self.preprocessor.chunk_text(text, overlap)
 
     input_dtype = np.int64
     input_ndims = (3,)

@@ -89,7 +89,11 @@ def apply_lora(
         raise ConfigError("train.lora.r", f"must be >= 1, got {r}")
     targets = list(target_modules) if target_modules else default_targets(module)
     config = LoraConfig(
-        r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets, bias="none"
+        r=int(r),
+        lora_alpha=float(alpha),  # type: ignore[arg-type]  # peft annotates it int but only divides by it (alpha / r)
+        lora_dropout=float(dropout),
+        target_modules=targets,
+        bias="none",
     )
     try:
         return LoraModel(module, config, "default")

@@ -90,7 +90,8 @@ class Preprocessor:
 
     Attributes:
         spec: The spec it was built from (``untrained`` resolved).
-        input_shape: ``(C, H, W)`` that :meth:`preprocess` produces.
+        input_shape: ``(C, H, W)`` that :meth:`preprocess` produces (other
+            modalities: their own per-item shape, e.g. ``(C, D, H, W)``).
         preprocessing_hash: sha256 of the canonical JSON of the
             preprocessing config plus pooling.
         weights_hash: sha256 of the checkpoint directory content (set by
@@ -99,7 +100,7 @@ class Preprocessor:
 
     def __init__(self, spec: EncoderSpec) -> None:
         self.spec = spec
-        self.input_shape: tuple[int, int, int] = (0, 0, 0)
+        self.input_shape: tuple[int, ...] = (0, 0, 0)
         self.preprocessing_hash = ""
         self.weights_hash = ""
 
@@ -120,7 +121,7 @@ class Preprocessor:
     def _probe_shape(self) -> None:
         """Set ``input_shape`` by preprocessing one blank image."""
         pixels = self.preprocess([np.zeros((48, 64, 3), dtype=np.uint8)])
-        self.input_shape = tuple(int(v) for v in pixels.shape[1:])  # type: ignore[assignment]
+        self.input_shape = tuple(int(v) for v in pixels.shape[1:])
 
     @staticmethod
     def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -265,7 +266,7 @@ class Encoder(Preprocessor):
         This also makes a pooling the model cannot do fail at load time.
         """
         pixels = self.preprocess([np.zeros((48, 64, 3), dtype=np.uint8)])
-        self.input_shape = tuple(int(v) for v in pixels.shape[1:])  # type: ignore[assignment]
+        self.input_shape = tuple(int(v) for v in pixels.shape[1:])
         self.dim = int(self.embed(pixels).shape[1])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -537,7 +538,8 @@ def spec_from_entry(key: str, value: Any) -> EncoderSpec:
         spec = get_spec(value)
     elif isinstance(value, dict):
         fields = dict(value)
-        base = fields.pop("preset", None) or fields.get("name") or fields.get("family")
+        # an untyped config value (None when no key names it): get_spec rejects a non-name with a ConfigError
+        base: Any = fields.pop("preset", None) or fields.get("name") or fields.get("family")
         try:
             spec = get_spec(base, **{k: v for k, v in fields.items() if k != "name"})
         except ConfigError as err:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -47,6 +47,14 @@ if TYPE_CHECKING:
 __all__ = ["TimmImageEncoder", "TimmImagePreprocessor", "build_timm_image"]
 
 _OPTIONS = ("image_size", "model_kwargs")
+
+
+class _TimmModel(Protocol):
+    """What the encoder calls on a timm model (``timm.create_model`` is typed as returning a plain ``nn.Module``)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
 
 
 class TimmImagePreprocessor(Preprocessor):
@@ -111,7 +119,7 @@ class TimmImageEncoder(Encoder):
         _check_layout(spec, Path(local_dir))
         model = timm.create_model(f"local-dir:{local_dir}", pretrained=True, **_model_kwargs(spec.options))
         super().__init__(spec, device=device, preprocessor=TimmImagePreprocessor(spec, local_dir, model))
-        self._model = model.to(device).eval()
+        self._model = cast(_TimmModel, model.to(device).eval())
         self._has_cls = getattr(model, "cls_token", None) is not None
         self._num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         if spec.pooling == "cls" and not self._has_cls:

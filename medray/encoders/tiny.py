@@ -21,11 +21,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medray.encoders.checkpoint import DEMO_SCHEME, UNTRAINED_MARKER, node_lock, register_scheme
 from medray.encoders.registry import register_preset
 from medray.encoders.spec import EncoderSpec, default_cache_dir
 from medray.platform.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor, PreTrainedModel
 
 __all__ = [
     "DEMO_CHECKPOINTS",
@@ -123,11 +127,12 @@ def _build_sequence(family: str, out_dir: str, arch: str, seed: int) -> str:
 def _tiny_audio(arch: str) -> tuple:
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, intermediate_size=2 * _HIDDEN,
         conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2, do_stable_layer_norm=False, feat_extract_norm="group",
     )  # fmt: skip
+    model: PreTrainedModel
     if arch == "wav2vec2":
         model = Wav2Vec2Model(Wav2Vec2Config(**common))
     else:
@@ -146,7 +151,11 @@ _TEXT_WORDS = (
 
 
 def _tiny_text(out: Path) -> tuple:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: runtime-only alias in transformers 5
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+    )
 
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,:;-/()%")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *_TEXT_WORDS]
@@ -212,10 +221,12 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
 def _write_hf(arch: str, out: Path, size: int) -> None:
     """Save a tiny transformers model and its image processor."""
 
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
         image_size=size, patch_size=_PATCH,
     )  # fmt: skip
+    model: PreTrainedModel
+    processor: BaseImageProcessor
     if arch == "vit":
         from transformers import ViTConfig, ViTImageProcessor, ViTModel
 

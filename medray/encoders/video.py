@@ -124,7 +124,7 @@ class VolumePreprocessor(Preprocessor):
 
     def _probe_shape(self) -> None:
         out = self.preprocess_volume(np.zeros((self.channels, 8, 32, 32), np.float32))
-        self.input_shape = tuple(int(v) for v in out.shape[1:])  # type: ignore[assignment]
+        self.input_shape = tuple(int(v) for v in out.shape[1:])
 
     def preprocess_volume(self, volume: np.ndarray) -> np.ndarray:
         """``(C, D, H, W)`` in ``[0, 1]`` -> float32 ``(1, C, D', H', W')`` (resized, normalised).
@@ -167,6 +167,8 @@ class VolumePreprocessor(Preprocessor):
 class VideoEncoder(Encoder):
     """A torchvision video backbone (classifier removed) plus its :class:`VolumePreprocessor`."""
 
+    preprocessor: VolumePreprocessor  # always set by __init__
+
     def __init__(self, spec: EncoderSpec, local_dir: str, device: str = "cpu") -> None:
         import torch
         import torchvision.models.video as tvv
@@ -192,10 +194,8 @@ class VideoEncoder(Encoder):
         self._probe()
 
     def _probe(self) -> None:
-        pixels = self.preprocessor.preprocess_volume(  # type: ignore[union-attr]
-            np.zeros((self.preprocessor.channels, 8, 32, 32), np.float32)
-        )  # type: ignore[union-attr]
-        self.input_shape = tuple(int(v) for v in pixels.shape[1:])  # type: ignore[assignment]
+        pixels = self.preprocessor.preprocess_volume(np.zeros((self.preprocessor.channels, 8, 32, 32), np.float32))
+        self.input_shape = tuple(int(v) for v in pixels.shape[1:])
         self.dim = int(self.embed(pixels).shape[1])
 
     input_ndims = (5,)

@@ -21,16 +21,17 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 import medray
-from medray.config import EmbedConf, patient_salt
+from medray.config import EmbedConf, format_options, patient_salt
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
+from medray.platform.formats import build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
 from medray.platform.sources import InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
@@ -116,7 +117,7 @@ class EmbedJob:
             except MissingMandatoryValue as err:
                 hint = " (a hub id, a local directory or an s3:// URI)" if err.full_key == "encoder.checkpoint" else ""
                 raise ConfigError(str(err.full_key), f"is required{hint}") from None
-            self.resolved = OmegaConf.to_container(cfg, resolve=True)
+            self.resolved: dict[str, Any] = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
         else:
             self.cfg = cfg
             self.resolved = asdict(cfg)
@@ -125,7 +126,7 @@ class EmbedJob:
     # ------------------------------------------------------------------ checks
     def _validate(self) -> None:
         from medray.encoders import EncoderSpec, family_modality, get_spec, list_families
-        from medray.platform.decoders import MODALITIES
+        from medray.platform.formats import MODALITIES
 
         c = self.cfg
         if not (0.0 <= c.max_error_fraction <= 1.0):
@@ -177,7 +178,7 @@ class EmbedJob:
             self.specs[modality] = spec
         from medray.platform.decoders.audio import AudioOptions
         from medray.platform.decoders.slide import SlideOptions
-        from medray.platform.modalities import TextOptions
+        from medray.platform.formats import TextOptions
 
         self._validate_series()
         self.audio_opts = asdict(c.audio)
@@ -186,6 +187,8 @@ class EmbedJob:
         AudioOptions(**self.audio_opts)
         TextOptions(**self.text_opts)
         SlideOptions(**self.slide_opts)
+        self.format_opts = format_options(c)
+        build_options(self.format_opts)  # each format checks its own section, naming the key at fault
         if os.path.abspath(c.output.rstrip("/")) == os.path.abspath(c.input.rstrip("/")):
             raise ConfigError("output", "must differ from input")
         self.input: InputSpec = classify_input(c.input, c.storage.options)
@@ -301,7 +304,7 @@ class EmbedJob:
         pre = create_preprocessor(self.spec)
         # the checkpoint's own MEDRAY_UNTRAINED marker counts too, not only encoder.untrained
         untrained = bool(pre.spec.untrained)
-        ident = {
+        ident: dict[str, Any] = {
             "encoder": self.spec.name,
             "checkpoint": self.spec.checkpoint,
             "weights_hash": weights_hash,
@@ -361,6 +364,7 @@ class EmbedJob:
             text_column=c.text_column,
             slide=self.slide_opts,
             series=self.series_opts,
+            format_options=self.format_opts,
         )
         provenance = {
             "encoder": self.spec.name,

@@ -138,7 +138,7 @@ class ServeJob:
                 "heads", "must be a list of artifact URIs, e.g. heads=[s3://b/runs/cxr-v1], or a mapping {id: uri}"
             )
         self.heads = resolve_heads(heads, c.storage.options)
-        self.weights_hash = None
+        self.weights_hash: str | None = None
         if c.check_artifacts:
             self._check_artifacts()
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")

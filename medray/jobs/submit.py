@@ -99,6 +99,7 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
             elif o.is_discrete_sweep():
                 axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
             else:
+                assert o.value_type is not None  # is_sweep_override() checked it
                 raise ConfigError(
                     "overrides",
                     f"'{o.input_line}': an {o.value_type.name.lower()} cannot be "

@@ -13,7 +13,7 @@ import pyarrow as pa
 from medray.encoders import create_encoder, family_modality, spec_from_dict
 from medray.pipeline.columns import STATUS_COLUMNS, assemble
 from medray.platform.errors import EncodeError, RecordError
-from medray.platform.modalities import SEGMENT_FIELDS, pooled_segment
+from medray.platform.formats import pooled_segment, segment_columns
 from medray.platform.records import quarantine_fields
 
 __all__ = ["EncoderActor"]
@@ -96,8 +96,8 @@ class EncoderActor:
         shapes = table.column("pixel_shape").to_pylist()
         names = table.column_names
         dtypes = table.column("pixel_dtype").to_pylist() if "pixel_dtype" in names else [None] * n
-        routes = table.column("route").to_pylist() if "route" in names else [None] * n
-        routes = [r or self.primary for r in routes]
+        raw_routes = table.column("route").to_pylist() if "route" in names else [None] * n
+        routes: list[str] = [str(r or self.primary) for r in raw_routes]
         segs = table.column("segments").to_pylist() if "segments" in names else [None] * n
         pools = table.column("pool").to_pylist() if "pool" in names else [None] * n
         results: list[np.ndarray | BaseException | None] = [None] * n
@@ -124,7 +124,7 @@ class EncoderActor:
                     )
         dt = (time.perf_counter() - t0) / max(1, sum(len(arrays[i]) for i in todo))
 
-        seg_names = [f for f, _ in SEGMENT_FIELDS]
+        seg_names = [f for f, _ in segment_columns()]
         index: list[int] = []
         new: dict[str, list] = {
             k: [] for k in ("frame", "n_frames", "embedding", "t_encode", *STATUS_COLUMNS, *seg_names)
@@ -147,7 +147,8 @@ class EncoderActor:
             res = results[i]
             if status[i] == "ok" and isinstance(res, np.ndarray):
                 frames = frames_col[i]
-                items = json.loads(segs[i]) if segs[i] else [{"segment": "frame"}] * len(frames)
+                seg = segs[i]
+                items = json.loads(seg) if seg else [{"segment": "frame"}] * len(frames)
                 for j, f in enumerate(frames):
                     # slide tiles are one record each; n_frames is the slide's tile count
                     add(i, int(f), items[j].get("n_items") or len(frames), res[j], dt, ok_q, items[j])

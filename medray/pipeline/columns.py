@@ -10,6 +10,9 @@ from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 
+from medray.platform.formats import segment_columns
+from medray.platform.records import arrow_type
+
 __all__ = ["INTERNAL_COLUMNS", "STATUS_COLUMNS", "COLUMN_TYPES", "assemble", "empty_status"]
 
 #: Columns that live only inside the pipeline; the sink drops them.
@@ -64,23 +67,10 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "segments": pa.string(),
     "pool": pa.string(),
     "route": pa.string(),
-    "segment": pa.string(),
-    "start_s": pa.float64(),
-    "end_s": pa.float64(),
-    "channel": pa.int32(),
-    "token_start": pa.int32(),
-    "token_end": pa.int32(),
     "tile": pa.string(),
-    "tile_x": pa.int64(),
-    "tile_y": pa.int64(),
-    "level": pa.int32(),
-    "mpp": pa.float64(),
-    "tissue_fraction": pa.float64(),
-    "series_key": pa.string(),
-    "slice_start": pa.int32(),
-    "slice_end": pa.int32(),
-    "spacing_mm": pa.list_(pa.float64()),
 }
+# ... and the provenance columns the formats declare
+COLUMN_TYPES.update({name: arrow_type(typ) for name, typ in segment_columns()})
 
 
 def empty_status(n: int) -> dict[str, list]:

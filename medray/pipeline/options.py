@@ -32,6 +32,7 @@ class StageOptions:
     text_column: str | None = None  # manifest column holding the document
     slide: dict = field(default_factory=dict)  # SlideOptions fields
     series: dict = field(default_factory=dict)  # SeriesOptions fields; {} or mode off: per instance
+    format_options: dict = field(default_factory=dict)  # other formats' sections, e.g. {"nifti": {...}}
 
 
 def encoder_routes(opts: StageOptions) -> dict[str, Any]:

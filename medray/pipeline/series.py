@@ -30,11 +30,12 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from medray.pipeline.options import preprocessors
-from medray.platform.errors import PreprocessError, RecordError
+from medray.platform.errors import RecordError
+from medray.platform.formats.registry import PrepareContext
+from medray.platform.formats.volume import prepare_volume
 from medray.platform.records import quarantine_fields, record_id
 
 __all__ = [
@@ -213,17 +214,6 @@ _OUT_TYPES = {
 _OUT_SCHEMA = pa.schema(list(_OUT_TYPES.items()))
 
 
-def _slice_images(channels: np.ndarray) -> list[np.ndarray]:
-    """``(C, D, H, W)`` in ``[0, 1]`` -> D uint8 RGB images, the windows as the colour channels."""
-    c = channels.shape[0]
-    if c == 1:
-        channels = np.repeat(channels, 3, axis=0)
-    elif c != 3:
-        raise PreprocessError(f"slicewise series need 1 or 3 windows (a 2D encoder takes RGB), got {c}")
-    rgb = np.round(np.transpose(channels, (1, 2, 3, 0)) * 255.0).astype(np.uint8)
-    return [np.ascontiguousarray(s) for s in rgb]
-
-
 #: Rows between the group-by and the assembly: one per series, its slices' header JSON.
 GROUP_SCHEMA = pa.schema([("series_key", pa.string()), ("headers", pa.list_(pa.string()))])
 
@@ -296,38 +286,13 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
         for k in plan.order:
             digest.update(hashlib.sha256(datas[k]).digest())
         row["content_sha256"] = digest.hexdigest()
-        channels = volume.channels(sopts.windows)
         t1 = time.perf_counter()
         row["t_decode"] = t1 - t0 - row["t_read"]
-        pres = preprocessors(opts)
-        spacing = [round(float(v), 6) for v in volume.spacing]
-        base = {"series_key": key, "spacing_mm": spacing}
-        n_src = volume.source_shape[0]
-        if sopts.mode == "volume":
-            pre = pres.get("volume")
-            if pre is None:
-                raise RecordError("no volume encoder configured (series.mode=volume)", stage="route")
-            pixels = pre.preprocess_volume(channels)
-            segments = [dict(base, segment="volume", slice_start=0, slice_end=n_src - 1, n_items=n_src)]
-            frames, pool, route = [0], "none", "volume"
-        else:
-            pre = pres.get("image")
-            if pre is None:
-                raise RecordError("no image encoder configured for slicewise series", stage="route")
-            try:
-                pixels = pre.preprocess(_slice_images(channels))
-            except RecordError:
-                raise
-            except Exception as err:  # noqa: BLE001
-                raise PreprocessError(f"preprocessing failed ({type(err).__name__})") from None
-            segments = []
-            for z in range(pixels.shape[0]):
-                lo, hi = volume.source_range(z)
-                segments.append(dict(base, segment="slice", slice_start=lo, slice_end=hi))
-            frames, pool, route = list(range(pixels.shape[0])), sopts.pool, "image"
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        meta = dict(volume.metadata)
-        meta.update(series=volume.provenance(), series_mode=sopts.mode, windows=list(sopts.windows))
+        ctx = PrepareContext(preprocessors=preprocessors(opts), salt=opts.salt)
+        prepared = prepare_volume(volume, sopts, ctx, mode=sopts.mode)
+        pixels, meta = prepared.inputs, prepared.metadata
+        segments, pool, route = prepared.segments, prepared.pool, prepared.route
+        frames = [0] if route == "volume" else list(range(pixels.shape[0]))
         row.update(
             metadata=json.dumps(meta, sort_keys=True, default=str),
             pixel_values=pixels.tobytes(),

@@ -243,7 +243,7 @@ def make_sink(
                 stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
             if ok.num_rows:
                 routes = ok.column("route").to_pylist() if "route" in ok.column_names else [None] * ok.num_rows
-                dirs = [self.subdirs.get(r, "embeddings") for r in routes]
+                dirs = [self.subdirs.get(str(r), "embeddings") for r in routes]
                 for sub in sorted(set(dirs)):
                     part = ok.filter(pa.array([d == sub for d in dirs]))
                     part = embeddings_table(part)

@@ -12,6 +12,8 @@ along by ``Table.take``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -26,11 +28,13 @@ from medray.encoders import family_modality
 from medray.pipeline.columns import STATUS_COLUMNS, assemble
 from medray.pipeline.options import StageOptions, decode_options, preprocessors
 from medray.pipeline.series import is_series_slice, series_options
-from medray.platform.decoders import check_size, decode_bytes, detect_modality
-from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders import DICOM_EXTENSIONS, check_size
+from medray.platform.decoders.base import DicomOptions
+from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
 from medray.platform.errors import RecordError, UnsupportedFormat
-from medray.platform.modalities import TextOptions, prepare_record
+from medray.platform.formats import PrepareContext, build_options, detect, extensions, prepare_record
+from medray.platform.formats.slide import slide_route
 from medray.platform.records import quarantine_fields, record_id, tile_record_id
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
 from medray.platform.storage import open_fs, read_bytes
@@ -132,7 +136,7 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
             emit(i, uri, member, None, err, time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest
             emit(i, uri, member, None, err, time.perf_counter() - t0)
-    return assemble(table, index, cols, drop=(col,) if texts is not None else ())
+    return assemble(table, index, cols, drop=(col,) if col is not None and texts is not None else ())
 
 
 _SERIES_NOOP = {"status": "noop", "stage": "series"}
@@ -156,19 +160,7 @@ def _series_slice_object(fs: Any, path: str, opts: StageOptions) -> bool:
 
 
 # Extensions that are never DICOM Part-10 (others, .dcm or none, may be).
-_NOT_DICOM = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".svs",
-    ".wav",
-    ".flac",
-    ".ogg",
-    ".txt",
+_NOT_DICOM = tuple(e for e in extensions() if e not in DICOM_EXTENSIONS) + (
     ".json",
     ".xml",
     ".csv",
@@ -226,9 +218,8 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     ``status="skipped"``. The raw bytes are dropped here.
     """
     dicom_opts, limits = decode_options(opts)
-    audio_opts = AudioOptions(**(opts.audio or {}))
-    text_opts = TextOptions(**(opts.text or {}))
     pres = preprocessors(opts)
+    options = format_options(opts, dicom_opts)
     n = table.num_rows
     new: dict[str, list] = {
         k: [None] * n
@@ -261,68 +252,51 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                 new[c][i] = table.column(c)[i].as_py()
             continue
         t0 = time.perf_counter()
-        if tiles[i] is not None:
-            _decode_tile(i, uris[i], tiles[i], pres, opts, new, t0)
+        tile = tiles[i]
+        if tile is not None:
+            _decode_tile(i, uris[i], tile, pres, opts, new, t0)
             continue
         data = datas[i] or b""
         new["content_sha256"][i] = hashlib.sha256(data).hexdigest()
         name = (members[i] or uris[i]).rsplit("/", 1)[-1]
         try:
             check_size(data, limits)
-            route, fmt = detect_modality(data, name)
-            if fmt == "dicom" and is_series_slice(data, opts):
+            fmt, route = detect(data, name)
+            if fmt.name == "dicom" and is_series_slice(data, opts):
                 # a CT/MR series slice: the series branch embeds it with its series (not written here)
                 new["status"][i], new["stage"][i], new["route"][i] = "noop", "series", route
                 continue
-            if route == "slide":
-                route = _slide_route(pres)
+            ctx = PrepareContext(
+                name=name, route=route, preprocessors=pres, options=options, limits=limits, salt=opts.salt
+            )
+            route = fmt.resolve_route(route, ctx)
             new["route"][i] = route
-            pre = pres.get(route)
-            if pre is None:
+            if pres.get(route) is None:
                 new["status"][i], new["stage"][i] = "skipped", "route"
                 new["message"][i] = f"no encoder configured for modality '{route}'"
                 continue
-            if fmt == "slide":
+            if fmt.prepare is None:
                 raise UnsupportedFormat(
                     "whole-slide image inside an archive (or with a non-TIFF name): "
                     "list the slide itself as an input object so its tiles are read lazily"
+                    if fmt.name == "slide"
+                    else f"{fmt.name} records are not embedded from bytes"
                 )
-            if route != "image":
-                prepared = prepare_record(data, fmt, pre, audio=audio_opts, text=text_opts, salt=opts.salt)
-                t1 = time.perf_counter()
-                new["t_decode"][i] = t1 - t0
-                values = np.ascontiguousarray(prepared.inputs)
-                new["modality"][i] = prepared.modality
-                new["patient_key"][i] = prepared.patient_key
-                new["metadata"][i] = json.dumps(prepared.metadata, sort_keys=True, default=str)
-                new["pixel_values"][i] = values.tobytes()
-                new["pixel_shape"][i] = list(values.shape)
-                new["pixel_dtype"][i] = values.dtype.name
-                new["frames"][i] = list(range(len(prepared.segments)))
-                new["segments"][i] = json.dumps(prepared.segments)
-                new["pool"][i] = prepared.pool
-                new["t_preprocess"][i] = 0.0
-                continue
-            decoded = decode_bytes(data, name=name, dicom=dicom_opts, limits=limits, salt=opts.salt)
-            t1 = time.perf_counter()
-            new["t_decode"][i] = t1 - t0
-            if not decoded.frames:
-                raise RecordError("no frames selected", stage="decode")
-            try:
-                pixels = pre.preprocess([f.image for f in decoded.frames])
-            except RecordError:
-                raise
-            except Exception as err:  # noqa: BLE001
-                raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
-            pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-            new["t_preprocess"][i] = time.perf_counter() - t1
-            new["modality"][i] = decoded.modality
-            new["patient_key"][i] = decoded.patient_key
-            new["metadata"][i] = json.dumps(decoded.metadata, sort_keys=True, default=str)
-            new["pixel_values"][i] = pixels.tobytes()
-            new["pixel_shape"][i] = list(pixels.shape)
-            new["pixel_dtype"][i] = "float32"
-            new["frames"][i] = [int(f.frame) for f in decoded.frames]
+            _, prepared = prepare_record(data, dataclasses.replace(ctx, route=route), fmt)
+            total = time.perf_counter() - t0
+            values = np.ascontiguousarray(prepared.inputs)
+            decode_s = total if prepared.decode_s is None else prepared.decode_s
+            new["t_decode"][i], new["t_preprocess"][i] = decode_s, max(0.0, total - decode_s)
+            new["route"][i] = prepared.route or route
+            new["modality"][i] = prepared.modality
+            new["patient_key"][i] = prepared.patient_key
+            new["metadata"][i] = json.dumps(prepared.metadata, sort_keys=True, default=str)
+            new["pixel_values"][i] = values.tobytes()
+            new["pixel_shape"][i] = list(values.shape)
+            new["pixel_dtype"][i] = values.dtype.name
+            new["frames"][i] = prepared.items if prepared.items is not None else list(range(len(values)))
+            new["segments"][i] = None if prepared.segments is None else json.dumps(prepared.segments)
+            new["pool"][i] = prepared.pool if prepared.segments is not None else None
         except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
             q = quarantine_fields(err, "decode")
             for c in STATUS_COLUMNS:
@@ -331,16 +305,30 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     return assemble(table, list(range(n)), new, drop=("data",))
 
 
-def _slide_route(pres: Mapping[str, Any]) -> str:
-    """Slides are embedded by ``encoders.slide``, else by the image encoder."""
-    return "slide" if "slide" in pres or "image" not in pres else "image"
+@functools.lru_cache(maxsize=8)
+def _format_options(key: str) -> dict[str, Any]:
+    raw = json.loads(key)
+    sections = {k: v for k, v in raw.items() if k != "series"}
+    out = build_options(sections)
+    out["series"] = SeriesOptions(**raw["series"]) if raw.get("series") else SeriesOptions()
+    return out
+
+
+def format_options(opts: StageOptions, dicom: DicomOptions | None = None) -> dict[str, Any]:
+    """Options key -> options object for every format (``dicom`` from the decode settings)."""
+    sections = {"audio": opts.audio or {}, "text": opts.text or {}, "slide": opts.slide or {}, **opts.format_options}
+    # no sort_keys: the order of series.windows is the order of the channels
+    key = json.dumps(dict(sections, series=opts.series or {}), default=list)
+    out = dict(_format_options(key))
+    out["dicom"] = dicom if dicom is not None else decode_options(opts)[0]
+    return out
 
 
 def _decode_tile(
     i: int, uri: str, tile_json: str, pres: Mapping[str, Any], opts: StageOptions, new: dict[str, list], t0: float
 ) -> None:
     """Read one slide tile (a ranged read) and preprocess it with the slide's encoder."""
-    route = _slide_route(pres)
+    route = slide_route("slide", PrepareContext(preprocessors=pres))
     new["route"][i] = route
     pre = pres.get(route)
     info = json.loads(tile_json)

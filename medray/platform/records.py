@@ -3,9 +3,10 @@
 Every output row points back to exactly what it came from: ``uri`` (the
 object), ``member`` (archive member, ``""`` otherwise) and ``frame`` (frame,
 audio window or text chunk index; ``-1`` for a record's pooled row), with
-``segment``/``start_s``/``end_s``/``channel``/``token_start``/``token_end``
-(and ``tile_x``/``tile_y``/``level``/``mpp``/``tissue_fraction`` for slide
-tiles) saying what the item covers.
+the provenance columns each format declares (``segment``, ``start_s``/``end_s``
+for audio windows, ``token_start``/``token_end`` for text chunks, ``tile_x``...
+for slide tiles, ``series_key``... for CT/MR series and NIfTI volumes) saying
+what the item covers.
 ``record_id`` is a stable digest of ``(uri, member)`` used for resume; a slide
 tile's is :func:`tile_record_id` and the slide's pooled row has the slide's own.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from medray.platform.errors import RecordError
+from medray.platform.formats import segment_columns
 
 __all__ = [
     "record_id",
@@ -26,12 +28,14 @@ __all__ = [
     "embedding_schema",
     "QUARANTINE_SCHEMA",
     "quarantine_fields",
+    "BASE_COLUMNS",
     "CORE_COLUMNS",
+    "arrow_type",
     "RESERVED_COLUMNS",
 ]
 
-#: Columns every embedding row has before the carried manifest columns.
-CORE_COLUMNS = (
+#: Columns every embedding row has, before the per-row provenance columns of the formats.
+BASE_COLUMNS = (
     "record_id",
     "uri",
     "member",
@@ -47,22 +51,11 @@ CORE_COLUMNS = (
     "preprocessing_hash",
     "medray_version",
     "untrained",
-    "segment",
-    "start_s",
-    "end_s",
-    "channel",
-    "token_start",
-    "token_end",
-    "tile_x",
-    "tile_y",
-    "level",
-    "mpp",
-    "tissue_fraction",
-    "series_key",
-    "slice_start",
-    "slice_end",
-    "spacing_mm",
 )
+#: Columns every embedding row has before the carried manifest columns: the base ones, then what
+#: each registered format says its rows cover (``segment``, ``start_s``... see
+#: :func:`medray.platform.formats.segment_columns`; null where they do not apply).
+CORE_COLUMNS = BASE_COLUMNS + tuple(name for name, _ in segment_columns())
 #: Columns a manifest may not carry because medray writes them.
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
     "status",
@@ -95,6 +88,13 @@ QUARANTINE_SCHEMA = pa.schema(
         ("medray_version", pa.string()),
     ]
 )
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """The Arrow type of a format's column type name (``string``, ``int32``, ``list<float64>``...)."""
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(arrow_type(name[5:-1]))
+    return pa.type_for_alias(name)
 
 
 def record_id(uri: str, member: str = "") -> str:
@@ -130,25 +130,8 @@ def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
         ("preprocessing_hash", pa.string()),
         ("medray_version", pa.string()),
         ("untrained", pa.bool_()),
-        # Provenance of the row within its record (null where it does not apply):
-        # frame | window | chunk | pooled; seconds for audio windows; token offsets for text chunks.
-        ("segment", pa.string()),
-        ("start_s", pa.float64()),
-        ("end_s", pa.float64()),
-        ("channel", pa.int32()),
-        ("token_start", pa.int32()),
-        ("token_end", pa.int32()),
-        # slide tiles: level-0 pixel origin, pyramid level read, tile mpp, tissue share
-        ("tile_x", pa.int64()),
-        ("tile_y", pa.int64()),
-        ("level", pa.int32()),
-        ("mpp", pa.float64()),
-        ("tissue_fraction", pa.float64()),
-        # CT/MR series: salted series hash (never the UID), sorted source slices covered, spacing [z, y, x] mm
-        ("series_key", pa.string()),
-        ("slice_start", pa.int32()),
-        ("slice_end", pa.int32()),
-        ("spacing_mm", pa.list_(pa.float64())),
+        # provenance of the row within its record, as the formats declare it
+        *((name, arrow_type(typ)) for name, typ in segment_columns()),
     ]
     schema = pa.schema(fields)
     for field in carried or []:

@@ -165,7 +165,7 @@ def log_run(
             group=group,
             name=name,
             dir=directory,
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # tracking.mode as configured; wandb.init checks it
             config=dict(config),
             reinit="finish_previous",
             id=run_id,

@@ -17,11 +17,11 @@ limits, graceful shutdown and resources of each deployment come from
 # annotation at runtime to turn the config's `args:` into ServeArgs.
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from medray.config import AudioConf, DecodeConf, EncoderConf, StorageConf, TextConf
 from medray.serve.config import (
@@ -86,6 +86,11 @@ def _deployment_options(
     }
 
 
+def _deployment(cls: type) -> Deployment:
+    """``serve.deployment(cls)``: Ray annotates only the decorator-factory form, which returns a callable."""
+    return cast(Deployment, serve.deployment(cls))
+
+
 def _encoder_gpus(requested: Any) -> float:
     """``serve.encoder.num_gpus``, or 1 when it is null and the cluster has GPUs."""
     if requested is not None:
@@ -136,7 +141,7 @@ def build_app(args: ServeArgs) -> Application:
     encoders = {}
     for modality, spec in specs.items():
         encoders[modality] = (
-            serve.deployment(EncoderDeployment)
+            _deployment(EncoderDeployment)
             .options(
                 name="Encoder" if modality == primary else f"Encoder_{modality}",
                 user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
@@ -156,7 +161,7 @@ def build_app(args: ServeArgs) -> Application:
     if heads:
         h = s.heads
         head_app = (
-            serve.deployment(HeadsDeployment)
+            _deployment(HeadsDeployment)
             .options(
                 name="Heads",
                 **_deployment_options(h, s, max_ongoing=h.max_ongoing_requests or 32, num_gpus=h.num_gpus or 0.0),
@@ -183,7 +188,7 @@ def build_app(args: ServeArgs) -> Application:
         token_file=s.auth.token_file,
     )
     return (
-        serve.deployment(Ingress)
+        _deployment(Ingress)
         .options(
             name="Ingress",
             **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),

@@ -23,16 +23,30 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 from ray import serve
 
-from medray.platform.errors import EncodeError, LimitExceeded, ReadError, RecordError
+from medray.pipeline.options import StageOptions, decode_options
+from medray.pipeline.stages import format_options
+from medray.platform.decoders import check_size
+from medray.platform.errors import EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
+from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
 log = logging.getLogger("ray.serve.medray.encoder")  # a "ray.serve" child: lines carry the request id
+
+
+class _BatchParams(Protocol):
+    """The batch knobs Ray documents on a ``@serve.batch`` method (its annotations give a plain callable)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+    def get_max_batch_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -141,23 +155,21 @@ def decode_input(
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
-    # The batch job's own StageOptions -> (DicomOptions, DecodeLimits) mapping, so that
-    # windows, frame selection and limits are read exactly as `medray embed` reads them.
-    from medray.pipeline.options import StageOptions, decode_options
-    from medray.platform.decoders import UnsupportedFormat, check_size, decode_bytes, detect_modality
-
+    # The batch job's own StageOptions -> format options mapping, so that windows, frame
+    # selection and limits are read exactly as `medray embed` reads them.
     data, name = _fetch(payload, settings)
-    dicom, limits = decode_options(
-        StageOptions(
-            max_bytes=settings.max_bytes,
-            max_pixels=settings.max_pixels,
-            frames=settings.frames,
-            windows={k: list(v) for k, v in settings.windows.items()},
-            prefer_file_voi=settings.prefer_file_voi,
-        )
+    stage = StageOptions(
+        max_bytes=settings.max_bytes,
+        max_pixels=settings.max_pixels,
+        frames=settings.frames,
+        windows={k: list(v) for k, v in settings.windows.items()},
+        prefer_file_voi=settings.prefer_file_voi,
+        audio=dict(settings.audio),
+        text=dict(settings.text),
     )
+    dicom, limits = decode_options(stage)
     check_size(data, limits)
-    route, fmt = detect_modality(data, name)
+    fmt, route = detect(data, name)
     if route == "slide":
         raise UnsupportedFormat(
             "whole-slide images are not served over HTTP (too large for one request); embed them with `medray embed`"
@@ -168,21 +180,36 @@ def decode_input(
         )
     if route != modality:
         raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
-    if route in ("audio", "text"):
-        return _prepare(data, fmt, preprocessor, settings, salt)
-    decoded = decode_bytes(data, name=name, dicom=dicom, limits=limits, salt=salt)
-    if not decoded.frames:
-        raise RecordError("no frames selected", stage="decode")
-    _check_items(len(decoded.frames), settings, "frames", "select frames with decode.frames")
-    try:
-        pixels = preprocessor.preprocess([f.image for f in decoded.frames])
-    except RecordError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
-    return DecodedInput(
-        np.ascontiguousarray(pixels, dtype=np.float32), [int(f.frame) for f in decoded.frames], decoded.modality
+    ctx = PrepareContext(
+        name=name,
+        route=route,
+        preprocessors={route: preprocessor},
+        options=format_options(stage, dicom),
+        limits=limits,
+        salt=salt,
     )
+    _, prepared = prepare_record(data, ctx, fmt)
+    n = len(prepared.inputs)
+    what, hint = _ITEMS.get(route, ("items", "send a smaller input"))
+    _check_items(n, settings, what, hint)
+    items = prepared.items if prepared.items is not None else list(range(n))
+    if prepared.segments is None:
+        return DecodedInput(np.ascontiguousarray(prepared.inputs, dtype=np.float32), items, prepared.modality)
+    return DecodedInput(
+        np.ascontiguousarray(prepared.inputs),
+        items,
+        prepared.modality,
+        segments=prepared.segments,
+        pool=prepared.pool,
+    )
+
+
+#: What a route's items are called in a limit error, and how to need fewer.
+_ITEMS = {
+    "image": ("frames", "select frames with decode.frames"),
+    "audio": ("windows", "lengthen audio.window_s"),
+    "text": ("chunks", "send a shorter document"),
+}
 
 
 def _check_items(n: int, settings: DecodeSettings, what: str, hint: str) -> None:
@@ -190,31 +217,6 @@ def _check_items(n: int, settings: DecodeSettings, what: str, hint: str) -> None
         raise LimitExceeded(
             f"input has {n} {what}, over serve.limits.max_frames={settings.max_frames}; {hint} or raise the limit"
         )
-
-
-def _prepare(data: bytes, fmt: str, preprocessor: Any, settings: DecodeSettings, salt: str) -> DecodedInput:
-    """Audio windows or text chunks, as :func:`medray.platform.modalities.prepare_record` makes them."""
-    from medray.platform.decoders.audio import AudioOptions
-    from medray.platform.modalities import TextOptions, prepare_record
-
-    prepared = prepare_record(
-        data,
-        fmt,
-        preprocessor,
-        audio=AudioOptions(**dict(settings.audio)),
-        text=TextOptions(**dict(settings.text)),
-        salt=salt,
-    )
-    n = len(prepared.segments)
-    hint = "lengthen audio.window_s" if fmt == "audio" else "send a shorter document"
-    _check_items(n, settings, "windows" if fmt == "audio" else "chunks", hint)
-    return DecodedInput(
-        np.ascontiguousarray(prepared.inputs),
-        list(range(n)),
-        prepared.modality,
-        segments=prepared.segments,
-        pool=prepared.pool,
-    )
 
 
 def error_result(err: BaseException) -> dict:
@@ -314,10 +316,11 @@ class EncoderDeployment:
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         """Apply ``user_config``: ``max_batch_size``, ``batch_wait_timeout_s``."""
+        batching = cast(_BatchParams, self._embed_frames)
         if "max_batch_size" in config:
-            self._embed_frames.set_max_batch_size(int(config["max_batch_size"]))
+            batching.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
-            self._embed_frames.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+            batching.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
     async def describe(self) -> dict:
         """What identifies this encoder's output (name, dim, weights and preprocessing hashes)."""
@@ -329,7 +332,7 @@ class EncoderDeployment:
             "replica": self._replica,
             "batches": self._batches,
             "frames": self._frames,
-            "max_batch_size": self._embed_frames.get_max_batch_size(),
+            "max_batch_size": cast(_BatchParams, self._embed_frames).get_max_batch_size(),
         }
 
     async def embed(self, payload: dict) -> dict:
@@ -378,8 +381,6 @@ class EncoderDeployment:
             "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1},
         }
         if decoded.segments is not None:
-            from medray.platform.modalities import pooled_segment
-
             out["segments"] = decoded.segments
             if decoded.pool == "mean":  # the row `medray embed` writes with frame -1
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}

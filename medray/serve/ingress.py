@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +39,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import medray
+from medray.platform.formats import media_types
 from medray.serve.config import uri_allowed
 
 __all__ = [
@@ -55,21 +56,9 @@ __all__ = [
 
 log = logging.getLogger("ray.serve.medray.ingress")  # a "ray.serve" child: lines carry the request id
 
-#: Raw body media types and the file-name hint each gives the decoder (content decides; this only helps).
-RAW_TYPES = {
-    "application/dicom": "input.dcm",
-    "image/png": "input.png",
-    "image/jpeg": "input.jpg",
-    "audio/wav": "input.wav",
-    "audio/x-wav": "input.wav",
-    "audio/wave": "input.wav",
-    "audio/vnd.wave": "input.wav",
-    "audio/flac": "input.flac",
-    "audio/x-flac": "input.flac",
-    "audio/ogg": "input.ogg",
-    "text/plain": "input.txt",
-    "application/octet-stream": "input",
-}
+#: Raw body media types and the file-name hint each gives the decoder (content decides; this only helps):
+#: what the registered formats accept, plus untyped bytes.
+RAW_TYPES = {**media_types(), "application/octet-stream": "input"}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -432,7 +421,10 @@ class Ingress:
         from ray.serve.metrics import Counter
 
         self._requests = Counter(
-            "medray_requests", description="medray API requests by route and status code.", tag_keys=("route", "code")
+            "medray_requests",
+            description="medray API requests by route and status code.",
+            # ray.serve.metrics annotates tag_keys as Tuple[str] (one key); it takes any number
+            tag_keys=cast("tuple[str]", ("route", "code")),
         )
 
     async def _answer(self, request: Request, route: str, work) -> JSONResponse:
@@ -470,13 +462,15 @@ class Ingress:
             ext = str(payload["uri"]).rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
             route = {"wav": "audio", "flac": "audio", "ogg": "audio", "txt": "text"}.get(ext, "image")
         else:
-            from medray.platform.decoders import detect_modality
             from medray.platform.errors import RecordError
+            from medray.platform.formats import detect_modality
 
             try:
                 route, _ = await asyncio.to_thread(detect_modality, payload["data"], payload.get("name") or "")
             except RecordError as err:
-                raise error_for_result({"error": {"class": type(err).__name__, "message": str(err)}}) from None
+                api_err = error_for_result({"error": {"class": type(err).__name__, "message": str(err)}})
+                assert api_err is not None  # a result with an "error" always maps to one
+                raise api_err from None
             route = "image" if route in ("slide", "other") else route  # the image encoder says why it refuses
         if route not in self._encoders:
             raise ApiError(

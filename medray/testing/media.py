@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None
 def sr_dataset(text: str) -> bytes:
     """A DICOM Basic Text SR holding ``text`` (and a fake patient name, to check it never leaks)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     def code(meaning: str) -> Dataset:
         c = Dataset()
@@ -54,7 +55,7 @@ def sr_dataset(text: str) -> bytes:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
@@ -129,11 +130,25 @@ def slide_tiff(
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tif:
         for k, level in enumerate(pyramid):
-            res = {}
+            res: dict[str, Any] = {}
             if mpp is not None:
                 per_cm = 1e4 / (mpp * 2**k)
                 res = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-            kw = {"subifds": levels - 1} if k == 0 and levels > 1 else ({"subfiletype": 1} if k else {})
+            kw: dict[str, Any] = {"subifds": levels - 1} if k == 0 and levels > 1 else ({"subfiletype": 1} if k else {})
             tile = 128 if level.shape[0] >= 128 else 16
             tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", **res, **kw)
     return buf.getvalue()
+
+
+def nifti_bytes(values: np.ndarray, affine: np.ndarray, *, compress: bool = False, version: int = 1) -> bytes:
+    """Encode ``values`` (voxel axes i, j, k) with ``affine`` (RAS) as a single-file NIfTI-1/2."""
+    import gzip
+
+    import nibabel as nib
+
+    cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    image = cls(np.asarray(values), np.asarray(affine, dtype=np.float64))
+    image.header.set_qform(image.affine, code=1)
+    image.header.set_sform(image.affine, code=1)
+    raw = image.to_bytes()
+    return gzip.compress(raw, mtime=0) if compress else raw

@@ -207,11 +207,11 @@ def _base_dataset(
 ) -> Any:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "MEDRAY_SAMPLES"
@@ -428,6 +428,7 @@ def _write_hostile(out: Path, rng: np.random.Generator, good_file: Path, seed: i
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
         PYDICOM_IMPLEMENTATION_UID,
+        UID,
         ExplicitVRLittleEndian,
         SecondaryCaptureImageStorage,
     )
@@ -453,7 +454,7 @@ def _write_hostile(out: Path, rng: np.random.Generator, good_file: Path, seed: i
     sop = _uid(seed, "hostile", "bomb")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
+    meta.MediaStorageSOPInstanceUID = UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
@@ -898,3 +899,41 @@ def claiming_series_instance(frames: int = 10_000, size: int = 8, seed: int = 0)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def ct_nifti(
+    phantom: np.ndarray,
+    *,
+    spacing: Sequence[float] = (2.5, 0.8, 0.8),
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    origin: Sequence[float] = (-12.5, -12.5, -100.0),
+    flip_columns: bool = False,
+    compress: bool = False,
+) -> bytes:
+    """The volume :func:`ct_series` writes with the same arguments, as one NIfTI-1 file.
+
+    Voxel ``(i, j, k)`` is column ``i``, row ``j`` of slice ``k``; the affine
+    maps it to the same patient position as the DICOM slice (LPS there, RAS
+    here). ``flip_columns`` stores the columns in reverse order with the
+    affine saying so, as tools that write radiological-order NIfTI do: a reader
+    that honours the affine sees the same volume.
+    """
+    from medray.testing.media import nifti_bytes
+
+    dz, dy, dx = (float(v) for v in spacing)
+    iop = np.asarray(orientation, dtype=np.float64)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, 0] = row * dx * lps_to_ras
+    affine[:3, 1] = col * dy * lps_to_ras
+    affine[:3, 2] = normal * dz * lps_to_ras
+    affine[:3, 3] = np.asarray(origin, dtype=np.float64) * lps_to_ras
+    data = np.transpose(np.asarray(phantom, dtype=np.float32), (2, 1, 0))  # (D, H, W) -> (i, j, k)
+    if flip_columns:
+        width = data.shape[0]
+        data = data[::-1]
+        affine[:3, 3] = affine[:3, 3] + affine[:3, 0] * (width - 1)
+        affine[:3, 0] = -affine[:3, 0]
+    return nifti_bytes(np.ascontiguousarray(data), affine, compress=compress)

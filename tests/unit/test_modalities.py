@@ -14,10 +14,10 @@ import soundfile as sf
 
 from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec, spec_to_dict
 from medray.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
-from medray.platform.decoders import detect_modality
 from medray.platform.decoders.audio import AudioOptions, audio_header, decode_audio, split_windows
 from medray.platform.decoders.text import decode_text, is_text, sr_text
 from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
+from medray.platform.formats import detect_modality
 from medray.testing.media import REPORT, encode, lying_wav, sr_dataset, tone
 
 
@@ -229,7 +229,7 @@ def test_non_image_dicom_routes_to_other_and_truncated_image_does_not(tmp_path):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from medray.platform.decoders import detect_modality
+    from medray.platform.formats import detect_modality
     from medray.testing.samples import generate_samples
 
     meta = FileMetaDataset()

@@ -14,7 +14,6 @@ from PIL import Image
 from medray.encoders import build_tiny_checkpoint, create_encoder, get_spec
 from medray.pipeline import EncoderActor, StageOptions, decode_batch, read_batch
 from medray.pipeline.sink import embeddings_table, pool_slides, write_parquet_atomic
-from medray.platform.decoders import detect_modality
 from medray.platform.decoders.slide import (
     SlideOptions,
     is_slide,
@@ -25,6 +24,7 @@ from medray.platform.decoders.slide import (
     tissue_mask,
 )
 from medray.platform.errors import ConfigError, LimitExceeded
+from medray.platform.formats import detect_modality
 from medray.platform.records import record_id, tile_record_id
 from medray.testing.media import slide_tiff
 

@@ -7,7 +7,17 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from medray.config import AudioConf, DecodeConf, EncoderConf, RayConf, SlideConf, StorageConf, TextConf, TrackingConf
+from medray.config import (
+    AudioConf,
+    DecodeConf,
+    EncoderConf,
+    RayConf,
+    SlideConf,
+    StorageConf,
+    TextConf,
+    TrackingConf,
+    with_format_sections,
+)
 
 __all__ = [
     "TASK_TYPES",
@@ -157,4 +167,5 @@ def register() -> None:
     """Store the finetune schema in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="finetune_schema", node=FinetuneConf)
+    # the declared sections plus every registered format's options (e.g. nifti)
+    ConfigStore.instance().store(name="finetune_schema", node=with_format_sections(FinetuneConf, "FinetuneConf"))

@@ -235,7 +235,7 @@ def count_splits(
     Raises:
         ConfigError: a label value is not valid for the task (key ``task.labels``).
     """
-    counts = {
+    counts: dict[str, dict[str, Any]] = {
         s: {
             "rows": 0,
             "usable": 0,
@@ -283,7 +283,7 @@ def count_splits(
 
 def count_examples(batches: Iterator[Mapping[str, Any]], spec: ExampleSpec) -> dict[str, dict[str, Any]]:
     """:func:`count_splits` over decoded examples (``y`` and ``split`` columns, numpy batches)."""
-    counts = {
+    counts: dict[str, dict[str, Any]] = {
         s: {
             "rows": 0,
             "usable": 0,
@@ -409,6 +409,7 @@ def examples_batch(
     groups = {g: subgroup_values(table, g, spec.age_bands, metas) for g in spec.subgroups}
     with_split = plan is not None and plan.mode == "patient_key"
     if with_split:
+        assert plan is not None  # with_split implies a plan
         keys = table.column("patient_key").to_pylist()
         splits = assign_splits(keys, seed=plan.seed, fractions=plan.fractions, salt=plan.salt, fallbacks=ids)
     out: dict[str, list] = {"x": [], "y": [], "record_id": [], "frame": [], "modality": []}

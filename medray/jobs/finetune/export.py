@@ -102,7 +102,8 @@ def export_run(
         state_dict = consolidated_state_dict(directory, state["tag"], int(state["stage"]))
     model, tuner = _load_trained(job, state_dict, job.input_shape(pre))
     if hasattr(model, "linear_weights"):  # a head over standardised embeddings: one linear map on raw ones
-        head = LinearHead(*model.linear_weights(), c.task.type)
+        weight, bias = model.linear_weights()
+        head = LinearHead(weight, bias, c.task.type)
     else:
         head = LinearHead(model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy(), c.task.type)
     last = (state.get("history") or [{}])[-1]

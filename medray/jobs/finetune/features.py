@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medray.config import format_options
 from medray.jobs.finetune.data import (
     ExampleSpec,
     QuarantineTarget,
@@ -117,6 +118,7 @@ def embedding_examples_batch(
     ids = [_record_id(u, m) for u, m in zip(uris, members)]
     with_key = plan is not None and plan.mode == "patient_key"
     if with_key:
+        assert plan is not None  # with_key implies a plan
         keys = _col(table, "patient_key")
         splits = assign_splits(keys, seed=plan.seed, fractions=plan.fractions, salt=plan.salt, fallbacks=ids)
     else:
@@ -268,4 +270,10 @@ def stage_options_kwargs(cfg: Any) -> Mapping[str, Any]:
 
     audio = dict(asdict(cfg.audio), pool="mean")
     text = dict(asdict(cfg.text), pool="mean")
-    return {"audio": audio, "text": text, "slide": asdict(cfg.slide), "text_column": cfg.data.text_column}
+    return {
+        "audio": audio,
+        "text": text,
+        "slide": asdict(cfg.slide),
+        "text_column": cfg.data.text_column,
+        "format_options": format_options(cfg),
+    }

@@ -115,7 +115,7 @@ def _wandb_run(config: dict, state: dict) -> Any:
             resume="allow",
             job_type="finetune",
             dir=directory,
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # tracking.mode as configured; wandb.init checks it
             config=config["resolved"],
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
@@ -132,7 +132,10 @@ def _evaluate(engine: Any, val_it: Any, config: dict, device: Any, dtype: torch.
     """
     task, shape = config["task"], config["input_shape"]
     subgroups = config["subgroups"]
-    probs, ys, ids, frames = [], [], [], []
+    probs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    ids: list[str] = []
+    frames: list[int] = []
     groups: dict[str, list] = {g: [] for g in subgroups}
     loss_sum, n = 0.0, 0
     engine.eval()
@@ -191,6 +194,7 @@ def train_loop(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` (see the module docstring)."""
     import deepspeed
     import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     t_loop = time.perf_counter()

@@ -14,10 +14,13 @@ import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from medray.encoders.registry import Encoder
 
 __all__ = [
     "AUGMENT_KEYS",
@@ -50,6 +53,8 @@ class Classifier(torch.nn.Module):
         freeze_backbone: run the backbone without autograd (linear probe).
     """
 
+    _encoder: Encoder  # set with object.__setattr__, so Module.__getattr__ never types it
+
     def __init__(self, encoder: Any, n_outputs: int, freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone = encoder.module
@@ -81,6 +86,9 @@ class EmbeddingHead(torch.nn.Module):
     ``head.bias``), so checkpoints and export treat both alike.
     """
 
+    feature_mean: torch.Tensor  # buffers (register_buffer)
+    feature_std: torch.Tensor
+
     def __init__(
         self, dim: int, n_outputs: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
     ) -> None:
@@ -103,7 +111,9 @@ class EmbeddingHead(torch.nn.Module):
 
 def feature_stats(batches: Any) -> tuple[list[float], list[float]]:
     """Per-feature mean and standard deviation of embeddings (``x`` bytes) streamed in batches."""
-    total, total_sq, n = None, None, 0
+    total: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
+    n = 0
     for batch in batches:
         x = np.stack([np.frombuffer(b, dtype=np.float32) for b in batch["x"]]).astype(np.float64)
         if not len(x):
@@ -113,6 +123,7 @@ def feature_stats(batches: Any) -> tuple[list[float], list[float]]:
         n += len(x)
     if not n:
         raise ValueError("no embeddings to standardise")
+    assert total is not None and total_sq is not None  # set by the first non-empty batch
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
     return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()

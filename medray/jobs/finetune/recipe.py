@@ -47,7 +47,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -209,7 +209,7 @@ class FinetuneJob:
                 raise ConfigError(
                     str(err.full_key), f"is required by this preset and was not given; set it, e.g. {err.full_key}=..."
                 ) from None
-            self.resolved = OmegaConf.to_container(cfg, resolve=True)
+            self.resolved: dict[str, Any] = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
         else:
             self.cfg = cfg
             self.resolved = asdict(cfg)
@@ -341,7 +341,10 @@ class FinetuneJob:
             src = getattr(d, key)
             if src and (src.rstrip("/") == out or src.startswith(out + "/")):
                 raise ConfigError("output", f"must not contain data.{key}; choose another output location")
-        label_columns = [t.column] if t.type == "multiclass" else labels
+        label_columns = labels
+        if t.type == "multiclass":
+            assert t.column is not None  # _validate: a multiclass task names its class column
+            label_columns = [t.column]
         self.example_spec = ExampleSpec(
             task=t.type,
             labels=tuple(labels),
@@ -356,7 +359,7 @@ class FinetuneJob:
         from medray.jobs.finetune.features import FEATURES
         from medray.platform.decoders.audio import AudioOptions
         from medray.platform.decoders.slide import SlideOptions
-        from medray.platform.modalities import TextOptions
+        from medray.platform.formats import TextOptions
 
         c = self.cfg
         d, tr = c.data, c.train
@@ -552,6 +555,7 @@ class FinetuneJob:
             return  # counted after the header pass in run(), still before any training worker starts
         cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x and x in self.columns["train"]]
         if self.plan.mode == "manifests":
+            assert d.val is not None  # the "manifests" plan is chosen when data.val is set
             counts = count_splits(
                 iter_manifest_batches(d.train, list(spec.label_columns), opts), self.plan, spec, fixed_split="train"
             )
@@ -687,6 +691,7 @@ class FinetuneJob:
         c = self.cfg
         d = c.data
         if self.plan.mode == "manifests":
+            assert d.val is not None  # the "manifests" plan is chosen when data.val is set
             ds = read_manifest(ray, d.train if split == "train" else d.val, c.storage.options)
         elif self.plan.mode == "patient_key":
             fs, _ = open_fs(c.output, c.storage.options)
@@ -708,7 +713,10 @@ class FinetuneJob:
 
     def input_shape(self, pre: Any) -> list[int]:
         """Shape of one example's ``x``: the preprocessed image, or ``[dim]`` (data.features=embeddings)."""
-        return [int(self.embedding_dim)] if self.features == "embeddings" else [int(v) for v in pre.input_shape]
+        if self.features == "embeddings":
+            assert self.embedding_dim is not None  # set by _datasets() before training and export
+            return [int(self.embedding_dim)]
+        return [int(v) for v in pre.input_shape]
 
     def _use_cache(self, ray: Any, rows: int, input_shape: Any) -> bool:
         """``data.cache``: ``auto`` caches when the decoded examples fit in a quarter of the object store."""
@@ -728,6 +736,7 @@ class FinetuneJob:
         from medray.platform.storage import open_fs
 
         c = self.cfg
+        assert c.data.embeddings is not None  # only called when data.embeddings is set
         fs, root = open_fs(c.data.embeddings, c.storage.options)
         ident = json.loads(fs.cat_file(posixpath.join(root, "_medray.json")))
         subdir = None
@@ -781,6 +790,7 @@ class FinetuneJob:
 
         def labelled(which: str) -> Any:
             src = d.train if which == "train" else d.val
+            assert src is not None  # "val" is read only under the "manifests" plan, i.e. with data.val set
             ds = read_manifest(ray, src, c.storage.options, text_column=d.text_column)
             if plan.mode == "manifests":
                 return ds.map_batches(set_split, fn_kwargs={"split": which}, batch_format="pyarrow")

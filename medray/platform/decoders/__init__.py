@@ -38,8 +38,9 @@ __all__ = [
     "DecodedFrame",
     "Decoded",
     "detect_format",
-    "detect_modality",
-    "MODALITIES",
+    "is_image_signature",
+    "is_raw_dataset",
+    "DICOM_EXTENSIONS",
     "decode_bytes",
     "decode_dicom",
     "decode_image",
@@ -71,10 +72,10 @@ _SHORT_VRS = {
     b"UL",
     b"US",
 }
-_DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 
 
-def _is_image(head: bytes) -> bool:
+def is_image_signature(head: bytes) -> bool:
     """True when `head` starts with a PNG, JPEG, TIFF, BMP or WebP signature."""
     if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")):
         return True
@@ -97,7 +98,7 @@ def _is_image(head: bytes) -> bool:
     )
 
 
-def _is_raw_dataset(head: bytes, size: int, any_group: bool) -> bool:
+def is_raw_dataset(head: bytes, size: int, any_group: bool) -> bool:
     """True when `head` starts like a DICOM dataset with no preamble.
 
     Args:
@@ -146,136 +147,15 @@ def detect_format(data: bytes, name: str = "") -> str:
     head = bytes(data[:132])
     if head[128:132] == b"DICM":
         return "dicom"
-    if _is_image(head):
+    if is_image_signature(head):
         return "image"
-    hinted = name.lower().endswith(_DICOM_EXTENSIONS)
-    if _is_raw_dataset(head, len(data), any_group=hinted):
+    hinted = name.lower().endswith(DICOM_EXTENSIONS)
+    if is_raw_dataset(head, len(data), any_group=hinted):
         return "dicom"
     raise UnsupportedFormat(
         f"content of {len(data)} bytes is neither DICOM (no 'DICM' at offset 128, no "
         "plausible dataset start) nor a PNG/JPEG/TIFF/BMP/WebP image"
     )
-
-
-#: Encoder modalities a record can be routed to (``slide``: whole-slide images, embedded
-#: by ``encoders.slide`` or else the image encoder).
-MODALITIES = ("image", "audio", "text", "slide", "volume")  # volume: CT/MR series (series.mode=volume)
-
-
-def detect_modality(data: bytes, name: str = "") -> tuple[str, str]:
-    """Route an object to a modality by content; the name is only a hint.
-
-    DICOM (preamble or plausible dataset start) is ``image``, or ``text``
-    for a Structured Report; PNG/JPEG/TIFF/BMP/WebP is ``image``;
-    RIFF/WAVE, fLaC and OggS are ``audio``; UTF-8 text is ``text``; a
-    tiled pyramidal TIFF (or a tiled TIFF named ``.svs``/``.ndpi``...) is
-    ``slide``, while plain photo TIFFs stay ``image``.
-
-    Args:
-        data: the object's bytes.
-        name: file name or key (a DICOM extension lets a preamble-less
-            dataset start with any group). It never appears in errors.
-
-    Returns:
-        ``(modality, format)``: modality one of :data:`MODALITIES`, format
-        one of ``dicom``, ``sr``, ``image``, ``audio``, ``text``, ``slide``.
-
-    Raises:
-        UnsupportedFormat: empty input or content that is none of these.
-    """
-    from medray.platform.decoders.audio import is_audio
-    from medray.platform.decoders.text import is_text
-
-    if len(data) == 0:
-        raise UnsupportedFormat("empty input (0 bytes)")
-    head = bytes(data[:132])
-    hinted = name.lower().endswith(_DICOM_EXTENSIONS)
-    if head[128:132] == b"DICM" or (
-        not _is_image(head) and not is_audio(head) and _is_raw_dataset(head, len(data), any_group=hinted)
-    ):
-        if _is_sr(data):
-            return "text", "sr"
-        return ("other", "dicom") if _is_non_image_dicom(data) else ("image", "dicom")
-    if _is_image(head):
-        if _is_slide_bytes(data, name):
-            return "slide", "slide"
-        return "image", "image"
-    if is_audio(head):
-        return "audio", "audio"
-    if is_text(bytes(data[:4096])):
-        return "text", "text"
-    raise UnsupportedFormat(
-        f"content of {len(data)} bytes is not DICOM, a PNG/JPEG/TIFF/BMP/WebP image, WAV/FLAC/OGG audio or UTF-8 text"
-    )
-
-
-def _is_slide_bytes(data: bytes, name: str) -> bool:
-    """True when in-memory TIFF bytes are a whole-slide image (tiled pyramid)."""
-    from medray.platform.decoders.slide import is_slide, is_tiff
-
-    if not is_tiff(bytes(data[:4])):
-        return False
-    import io
-
-    try:
-        import tiffslide
-
-        slide = tiffslide.TiffSlide(io.BytesIO(data))
-    except Exception:  # noqa: BLE001 - the image decoder reports damaged TIFFs
-        return False
-    try:
-        return is_slide(slide, name)
-    finally:
-        slide.close()
-
-
-_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
-_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
-
-
-def _is_non_image_dicom(data: bytes) -> bool:
-    """True for a complete DICOM object that is not an image (RT structures, presentation
-    states, DICOMDIR, encapsulated documents...): no pixel data element and no Rows.
-
-    Such objects sit beside images in every study folder; they are skipped and counted
-    (no encoder for them), not quarantined. A truncated image still has Rows, so it is
-    not mistaken for one and fails in the decoder with its own reason.
-    """
-    if any(tag in data for tag in _PIXEL_TAGS) or _DEFLATED_UID in bytes(data[:1024]):
-        return False
-    import io
-
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=bytes(data[128:132]) != b"DICM")
-        return "Rows" not in ds and "PixelData" not in ds
-    except Exception:  # noqa: BLE001 - a damaged header is the decoder's to report
-        return False
-
-
-def _is_sr(data: bytes) -> bool:
-    """True when a DICOM object is a Structured Report (header only, no pixel data)."""
-    # Cheap byte prefilter: SR SOP classes are 1.2.840.10008.5.1.4.1.1.88.*, in the file meta
-    # or the first elements; image objects skip the header parse entirely.
-    if b"1.2.840.10008.5.1.4.1.1.88." not in bytes(data[:8192]):
-        return False
-    import io
-
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            stop_before_pixels=True,
-            force=bytes(data[128:132]) != b"DICM",
-            specific_tags=["SOPClassUID", "Modality"],
-        )
-    except Exception:  # noqa: BLE001 - the image decoder reports damage with its own message
-        return False
-    from medray.platform.decoders.text import is_structured_report
-
-    return is_structured_report(ds)
 
 
 def decode_bytes(

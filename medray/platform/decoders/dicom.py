@@ -298,7 +298,7 @@ def _select_frames(spec: str | tuple[int, ...], count: int) -> list[int]:
         return [0]
     if spec == "middle":
         return [count // 2]
-    indices = list(spec)
+    indices = [int(i) for i in spec]  # a tuple of ints (DicomOptions checked it)
     bad = [i for i in indices if not 0 <= i < count]
     if bad:
         raise DecodeError(f"frame index {bad[0]} is out of range for {count} frames")

@@ -318,6 +318,28 @@ def _distinct(values: Sequence[tuple[float, ...]], tol: float, relative: bool = 
     return len(reps)
 
 
+def target_geometry(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], options: SeriesOptions
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """The resampled ``(D, H, W)`` and the spacing it reaches, checked against ``series.max_voxels``.
+
+    Raises:
+        LimitExceeded: the resampled volume has more than ``options.max_voxels`` voxels.
+    """
+    target = tuple(s if t is None else t for s, t in zip(spacing, options.spacing or (None, None, None)))
+    d, h, w = (max(1, int(round(n_ * s / t))) for n_, s, t in zip(shape, spacing, target))
+    voxels = int(np.prod((d, h, w), dtype=np.int64))
+    if voxels > options.max_voxels:
+        raise LimitExceeded(
+            f"resampled volume {d}x{h}x{w} = {voxels:.3g} voxels "
+            f"exceeds series.max_voxels = {options.max_voxels:.3g}; coarsen series.spacing "
+            "or raise series.max_voxels"
+        )
+    # the spacing actually reached (extent / size), which differs from the target by rounding
+    zs, ys, xs = (n_ * s / t for n_, s, t in zip(shape, spacing, (d, h, w)))
+    return (d, h, w), (zs, ys, xs)
+
+
 def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = None) -> SeriesPlan:
     """Check a series and order its slices along the normal.
 
@@ -368,7 +390,8 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
     along = pos @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
     sorted_pos = along[order]
-    dy, dx = (float(v) for v in headers[0].pixel_spacing)  # type: ignore[misc]
+    assert headers[0].pixel_spacing is not None  # _check_geometry refused headers without it
+    dy, dx = (float(v) for v in headers[0].pixel_spacing)
     if len(headers) > 1:
         gaps = np.diff(sorted_pos)
         step = float(np.median(gaps))
@@ -404,28 +427,19 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
         if not step > 0:
             step = 1.0
     rows, cols = sizes[0]
+    assert rows is not None and cols is not None  # sizes come from headers with Rows/Columns
     shape = (len(headers), int(rows), int(cols))
     spacing = (step, dy, dx)
-    target = tuple(s if t is None else t for s, t in zip(spacing, options.spacing or (None, None, None)))
-    tshape = tuple(max(1, int(round(n_ * s / t))) for n_, s, t in zip(shape, spacing, target))
-    voxels = int(np.prod(tshape, dtype=np.int64))
-    if voxels > options.max_voxels:
-        raise LimitExceeded(
-            f"resampled volume {tshape[0]}x{tshape[1]}x{tshape[2]} = {voxels:.3g} voxels "
-            f"exceeds series.max_voxels = {options.max_voxels:.3g}; coarsen series.spacing "
-            "or raise series.max_voxels"
-        )
-    # the spacing actually reached (extent / size), which differs from the target by rounding
-    tspacing = tuple(n_ * s / t for n_, s, t in zip(shape, spacing, tshape))
+    tshape, tspacing = target_geometry(shape, spacing, options)
     return SeriesPlan(
         order=order,
         positions=[float(v) for v in sorted_pos],
-        normal=tuple(float(v) for v in normal),
-        spacing=spacing,  # type: ignore[arg-type]
+        normal=(float(normal[0]), float(normal[1]), float(normal[2])),
+        spacing=spacing,
         shape=shape,
         target_shape=tshape,
         target_spacing=tspacing,
-    )  # type: ignore[arg-type]
+    )
 
 
 def validate_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = None) -> str | None:

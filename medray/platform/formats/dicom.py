@@ -1,0 +1,149 @@
+"""DICOM Part-10 objects (and preamble-less datasets): images, structured reports, and the rest.
+
+Three formats share the DICOM sniff: ``sr`` (Structured Reports, embedded as
+text), ``dicom`` (pixel data: one item per selected frame, display-ready through
+the modality/VOI LUTs, or ``other`` when the object has no pixels at all).
+CT/MR series slices are grouped into volumes by the pipeline
+(:mod:`medray.pipeline.series`); the columns they add are declared here.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+from medray.platform.decoders import DICOM_EXTENSIONS, decode_dicom, is_image_signature, is_raw_dataset
+from medray.platform.decoders.audio import is_audio
+from medray.platform.decoders.text import is_structured_report, sr_text
+from medray.platform.deid import extract_metadata, patient_key
+from medray.platform.errors import DecodeError, RecordError
+from medray.platform.formats.image import frames_input
+from medray.platform.formats.registry import Format, PrepareContext, Prepared, dicom_options, register_format
+from medray.platform.formats.text import TextOptions, prepare_text
+
+__all__ = ["DICOM", "SR", "SERIES_COLUMNS", "is_dicom", "is_non_image_dicom", "is_sr", "prepare_dicom", "prepare_sr"]
+
+#: Provenance columns of CT/MR series rows (salted series hash, sorted source slices, voxel spacing [z, y, x]).
+SERIES_COLUMNS = (
+    ("series_key", "string"),
+    ("slice_start", "int32"),
+    ("slice_end", "int32"),
+    ("spacing_mm", "list<float64>"),
+)
+
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """A preamble with ``DICM``, or a plausible dataset start that no image/audio signature claims."""
+    head = bytes(data[:132])
+    if head[128:132] == b"DICM":
+        return True
+    hinted = name.lower().endswith(DICOM_EXTENSIONS)
+    return not is_image_signature(head) and not is_audio(head) and is_raw_dataset(head, len(data), any_group=hinted)
+
+
+def is_non_image_dicom(data: bytes) -> bool:
+    """True for a complete DICOM object that is not an image (RT structures, presentation
+    states, DICOMDIR, encapsulated documents...): no pixel data element and no Rows.
+
+    Such objects sit beside images in every study folder; they are skipped and counted
+    (no encoder for them), not quarantined. A truncated image still has Rows, so it is
+    not mistaken for one and fails in the decoder with its own reason.
+    """
+    if any(tag in data for tag in _PIXEL_TAGS) or _DEFLATED_UID in bytes(data[:1024]):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=bytes(data[128:132]) != b"DICM")
+        return "Rows" not in ds and "PixelData" not in ds
+    except Exception:  # noqa: BLE001 - a damaged header is the decoder's to report
+        return False
+
+
+def is_sr(data: bytes) -> bool:
+    """True when a DICOM object is a Structured Report (header only, no pixel data)."""
+    # Cheap byte prefilter: SR SOP classes are 1.2.840.10008.5.1.4.1.1.88.*, in the file meta
+    # or the first elements; image objects skip the header parse entirely.
+    if b"1.2.840.10008.5.1.4.1.1.88." not in bytes(data[:8192]):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=bytes(data[128:132]) != b"DICM",
+            specific_tags=["SOPClassUID", "Modality"],
+        )
+    except Exception:  # noqa: BLE001 - the image decoder reports damage with its own message
+        return False
+    return is_structured_report(ds)
+
+
+def _sniff_sr(data: bytes, name: str) -> str | None:
+    return "text" if is_dicom(data, name) and is_sr(data) else None
+
+
+def _sniff_dicom(data: bytes, name: str) -> str | None:
+    if not is_dicom(data, name):
+        return None
+    return "other" if is_non_image_dicom(data) else "image"
+
+
+def prepare_dicom(data: bytes, ctx: PrepareContext) -> Prepared:
+    """Selected frames, display-ready RGB, through the image encoder's preprocessing."""
+    t0 = time.perf_counter()
+    decoded = decode_dicom(data, options=dicom_options(ctx), limits=ctx.limits, salt=ctx.salt)
+    return frames_input(decoded, ctx, time.perf_counter() - t0)
+
+
+def _sr(data: bytes, salt: str) -> tuple[str, str, str | None, dict]:
+    """Text, modality, patient key and allow-listed metadata of a DICOM SR."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=bytes(data[128:132]) != b"DICM")
+        text = sr_text(ds)
+        meta = extract_metadata(ds)
+        key = patient_key(ds, salt)
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom messages may quote values
+        raise DecodeError(f"unreadable DICOM structured report ({type(err).__name__})") from None
+    return text, str(meta.get("modality") or "SR"), key, meta
+
+
+def prepare_sr(data: bytes, ctx: PrepareContext) -> Prepared:
+    """A Structured Report's text content, chunked like any document."""
+    text, modality, key, meta = _sr(data, ctx.salt)
+    options = ctx.options.get("text") or TextOptions()
+    return prepare_text(text, ctx, options, modality=modality, patient_key=key, metadata=meta)
+
+
+SR = register_format(
+    Format(
+        name="sr",
+        modality="text",
+        sniff=_sniff_sr,
+        prepare=prepare_sr,
+        priority=10,
+        description="DICOM structured report",
+    )
+)
+
+DICOM = register_format(
+    Format(
+        name="dicom",
+        modality="image",
+        sniff=_sniff_dicom,
+        prepare=prepare_dicom,
+        priority=11,
+        media_types={"application/dicom": "input.dcm"},
+        extensions=DICOM_EXTENSIONS,
+        columns=SERIES_COLUMNS,
+        description="DICOM",
+    )
+)
