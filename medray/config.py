@@ -19,7 +19,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from medray.platform.formats import option_types
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.slide import SlideOptions
+from medray.platform.formats import TextOptions, option_types
 
 __all__ = [
     "CONF_DIR",
@@ -29,9 +31,6 @@ __all__ = [
     "TrackingConf",
     "DecodeConf",
     "ComputeConf",
-    "AudioConf",
-    "TextConf",
-    "SlideConf",
     "SeriesConf",
     "EmbedConf",
     "format_options",
@@ -123,39 +122,6 @@ class ComputeConf:
 
 
 @dataclass
-class AudioConf:
-    """Audio records: header limits, mix-down and windows (HeAR: 2 s at 16 kHz)."""
-
-    max_duration_s: float = 3600.0
-    max_sample_rate: int = 192000
-    mixdown: str = "mean"  # mean | first | all
-    window_s: float = 2.0
-    hop_s: Optional[float] = None  # null: window_s (no overlap)
-    last: str = "pad"  # pad | drop: the last partial window
-    pool: str = "mean"  # mean | none: one pooled row per recording
-
-
-@dataclass
-class TextConf:
-    """Text records: chunking to the model's maximum length."""
-
-    overlap_tokens: int = 0
-    max_chars: int = 10_000_000
-    pool: str = "mean"  # mean | none: one pooled row per document
-
-
-@dataclass
-class SlideConf:
-    """Whole-slide images: tissue detection and the tile grid."""
-
-    target_mpp: float = 0.5  # microns per pixel of the tiles (0.5 ~ 20x)
-    tile_size: int = 224
-    tissue_threshold: Optional[float] = None  # HSV saturation in [0, 1); null: Otsu
-    min_tissue_fraction: float = 0.25  # tiles with less tissue are background: skipped and counted
-    max_tiles: int = 100_000  # a slide with more tissue tiles is quarantined
-
-
-@dataclass
 class SeriesConf:
     """CT/MR series as volumes: ``off`` keeps one record per instance (as before)."""
 
@@ -183,9 +149,10 @@ class EmbedConf:
     # modality -> preset name or spec mapping, for modalities other than encoder's own
     encoders: Dict[str, Any] = field(default_factory=dict)
     decode: DecodeConf = field(default_factory=DecodeConf)
-    audio: AudioConf = field(default_factory=AudioConf)
-    text: TextConf = field(default_factory=TextConf)
-    slide: SlideConf = field(default_factory=SlideConf)
+    # the formats' own options, declared once in their modules (Hydra composes mutable copies)
+    audio: AudioOptions = field(default_factory=AudioOptions)
+    text: TextOptions = field(default_factory=TextOptions)
+    slide: SlideOptions = field(default_factory=SlideOptions)
     series: SeriesConf = field(default_factory=SeriesConf)
     text_column: Optional[str] = None
     compute: ComputeConf = field(default_factory=ComputeConf)
@@ -197,8 +164,8 @@ class EmbedConf:
     run_name: Optional[str] = None
 
 
-#: Config sections declared above; the registry's other format options are added by :func:`with_format_sections`.
-DECLARED_SECTIONS = frozenset({"audio", "text", "slide", "series", "decode"})
+#: Config sections that are not a format's options (series grouping, the DICOM display choices).
+DECLARED_SECTIONS = frozenset({"series", "decode"})
 
 
 def _schema_of(options: type) -> type:
@@ -229,9 +196,17 @@ def format_sections() -> dict[str, type]:
 
 
 @functools.lru_cache(maxsize=8)
-def with_format_sections(conf: type, name: str) -> type:
-    """``conf`` plus one field per :func:`format_sections` entry (defaults from the format's options)."""
-    extra = [(key, schema, field(default_factory=schema)) for key, schema in format_sections().items()]
+def with_format_sections(conf: type, name: str, add: bool = True) -> type:
+    """``conf`` with a field per :func:`format_sections` entry, for Hydra to compose.
+
+    A section ``conf`` declares (typed with the format's frozen options class) is
+    replaced by its mutable copy, so overrides such as ``audio.window_s=1`` apply;
+    with ``add`` the formats' other sections (e.g. ``nifti``) are added too.
+    """
+    own = {f.name for f in dataclasses.fields(conf)}
+    extra = [
+        (key, schema, field(default_factory=schema)) for key, schema in format_sections().items() if add or key in own
+    ]
     schema = dataclasses.make_dataclass(name, extra, bases=(conf,))
     schema.__module__, schema.__doc__ = conf.__module__, conf.__doc__
     return schema

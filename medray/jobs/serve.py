@@ -36,9 +36,13 @@ def register() -> None:
     """Register the ``serve`` schema with Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
+    from medray.config import with_format_sections
     from medray.serve.config import ServeJobConf
 
-    ConfigStore.instance().store(name="serve_schema", node=ServeJobConf)
+    # audio/text as the formats declare them, as mutable copies Hydra can override
+    ConfigStore.instance().store(
+        name="serve_schema", node=with_format_sections(ServeJobConf, "ServeJobConf", add=False)
+    )
 
 
 JOB = JobInfo(

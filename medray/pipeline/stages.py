@@ -316,7 +316,7 @@ def _format_options(key: str) -> dict[str, Any]:
 
 def format_options(opts: StageOptions, dicom: DicomOptions | None = None) -> dict[str, Any]:
     """Options key -> options object for every format (``dicom`` from the decode settings)."""
-    sections = {"audio": opts.audio or {}, "text": opts.text or {}, "slide": opts.slide or {}, **opts.format_options}
+    sections = {**opts.format_options, "audio": opts.audio or {}, "text": opts.text or {}, "slide": opts.slide or {}}
     # no sort_keys: the order of series.windows is the order of the channels
     key = json.dumps(dict(sections, series=opts.series or {}), default=list)
     out = dict(_format_options(key))

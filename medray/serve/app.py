@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application, Deployment
 
-from medray.config import AudioConf, DecodeConf, EncoderConf, StorageConf, TextConf
+from medray.config import DecodeConf, EncoderConf, StorageConf
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.formats import TextOptions
 from medray.serve.config import (
     DeploymentConf,
     ServeOptions,
@@ -61,8 +63,8 @@ class ServeArgs(BaseModel):
     heads: dict[str, str] | list = Field(default_factory=dict)
     serve: ServeOptions = Field(default_factory=ServeOptions)
     decode: DecodeConf = Field(default_factory=DecodeConf)
-    audio: AudioConf = Field(default_factory=AudioConf)
-    text: TextConf = Field(default_factory=TextConf)
+    audio: AudioOptions = Field(default_factory=AudioOptions)
+    text: TextOptions = Field(default_factory=TextOptions)
     storage: StorageConf = Field(default_factory=StorageConf)
 
 

@@ -14,8 +14,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from medray.config import AudioConf, DecodeConf, EncoderConf, RayConf, StorageConf, TextConf
+from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf
+from medray.platform.decoders.audio import AudioOptions
 from medray.platform.errors import ConfigError
+from medray.platform.formats import TextOptions
 
 __all__ = [
     "AutoscalingConf",
@@ -215,8 +217,8 @@ class ServeJobConf:
     heads: Any = None  # [uri, ...] (ids from model cards) or {id: uri}
     serve: ServeOptions = field(default_factory=ServeOptions)
     decode: DecodeConf = field(default_factory=DecodeConf)
-    audio: AudioConf = field(default_factory=AudioConf)
-    text: TextConf = field(default_factory=TextConf)
+    audio: AudioOptions = field(default_factory=AudioOptions)
+    text: TextOptions = field(default_factory=TextOptions)
     storage: StorageConf = field(default_factory=StorageConf)
     ray: RayConf = field(default_factory=RayConf)
     emit_config: Optional[str] = None

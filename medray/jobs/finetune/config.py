@@ -8,16 +8,16 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from medray.config import (
-    AudioConf,
     DecodeConf,
     EncoderConf,
     RayConf,
-    SlideConf,
     StorageConf,
-    TextConf,
     TrackingConf,
     with_format_sections,
 )
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.slide import SlideOptions
+from medray.platform.formats import TextOptions
 
 __all__ = [
     "TASK_TYPES",
@@ -153,9 +153,9 @@ class FinetuneConf:
     eval: EvalConf = field(default_factory=EvalConf)
     encoder: EncoderConf = field(default_factory=EncoderConf)
     decode: DecodeConf = field(default_factory=DecodeConf)
-    audio: AudioConf = field(default_factory=AudioConf)
-    text: TextConf = field(default_factory=TextConf)
-    slide: SlideConf = field(default_factory=SlideConf)
+    audio: AudioOptions = field(default_factory=AudioOptions)
+    text: TextOptions = field(default_factory=TextOptions)
+    slide: SlideOptions = field(default_factory=SlideOptions)
     storage: StorageConf = field(default_factory=StorageConf)
     ray: RayConf = field(default_factory=RayConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)

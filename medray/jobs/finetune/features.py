@@ -92,9 +92,9 @@ def embedding_examples_batch(
     Kept: a record's pooled row (``segment="pooled"``: audio, text; ``frame=-1``),
     each image frame (``segment`` ``frame`` or null), each slide tile
     (``segment="tile"``, marked ``pool="tile"`` for :func:`pool_tiles`; its
-    ``record_id`` is the slide's own). Dropped: windows and chunks (their mean is
-    the pooled row), rows with missing labels. Failed and skipped rows are
-    written to ``quarantine`` first.
+    ``record_id`` is the slide's own), a volume's row from a 3D encoder. Dropped:
+    windows, chunks and volume slices (their mean is the pooled row), rows with
+    missing labels. Failed and skipped rows are written to ``quarantine`` first.
 
     Returns:
         Examples: ``x`` (float32 embedding bytes), ``y``, ``record_id``, ``frame``,
@@ -135,7 +135,7 @@ def embedding_examples_batch(
         if status[i] != "ok" or embs[i] is None:
             continue
         seg = segs[i]
-        if seg in ("window", "chunk"):
+        if seg in ("window", "chunk", "slice"):  # items of a recording, document, volume: the pooled row is the example
             continue
         y = target_or_none([col[i] for col in label_cols], spec)
         if y is None:

@@ -60,35 +60,13 @@ from medray.jobs.finetune.config import (
     SCHEDULES,
     STRATEGIES,
     TASK_TYPES,
-    DeepSpeedConf,
-    EvalConf,
     FinetuneConf,
-    FinetuneDataConf,
-    LoraConf,
-    ScalingConf,
-    TaskConf,
-    TrainConf,
     register,
 )
 from medray.platform.errors import ConfigError
 from medray.platform.manifest import iter_manifest_batches, manifest_sha256, read_manifest
 
-__all__ = [
-    "JOB",
-    "DeepSpeedConf",
-    "EvalConf",
-    "FinetuneConf",
-    "FinetuneDataConf",
-    "FinetuneFailed",
-    "FinetuneJob",
-    "FinetuneResult",
-    "LoraConf",
-    "ScalingConf",
-    "TaskConf",
-    "TrainConf",
-    "main",
-    "register",
-]
+__all__ = ["JOB", "FinetuneFailed", "FinetuneJob", "FinetuneResult", "main"]
 
 log = logging.getLogger("medray.finetune")
 
@@ -160,28 +138,38 @@ class FinetuneResult:
 # --------------------------------------------------------------------------
 # the recipe
 # --------------------------------------------------------------------------
-def _lists_slides(manifest: str, storage_options: Any, sample: int = 8) -> bool:
-    """True when one of the manifest's first ``sample`` objects is a whole-slide image.
+def _lists_whole_records(manifest: str, storage_options: Any, sample: int = 8) -> str | None:
+    """What the manifest's first ``sample`` objects hold when a record is many items: slides or volumes.
 
-    Judged by content, as the read stage does (:func:`~medray.platform.decoders.slide.sniff_slide`);
-    a manifest that cannot be read yet answers ``False`` (the data checks report it with its key).
+    Whole-slide images (tiles) and NIfTI volumes (slices) are labelled as a whole,
+    so ``data.features=auto`` trains on their pooled record embeddings. Judged by
+    content, as the read stage does: a slide is sniffed lazily
+    (:func:`~medray.platform.decoders.slide.sniff_slide`), a NIfTI from its first
+    bytes by its format's own sniff. A manifest that cannot be read yet answers
+    ``None`` (the data checks report it with its key).
     """
     from medray.platform.decoders.slide import sniff_slide
+    from medray.platform.formats import get_format
     from medray.platform.storage import open_fs
 
     try:
         batch = next(iter_manifest_batches(manifest, ["uri"], storage_options), None)
     except Exception:  # noqa: BLE001 - no manifest / no uri column: _check_data names the key
-        return False
+        return None
     uris = [u for u in (batch.column(0).to_pylist() if batch is not None else []) if u][:sample]
+    nifti = get_format("nifti")
     for uri in uris:
         try:
             fs, path = open_fs(uri, storage_options)
+            if sniff_slide(uri, fs, path, storage_options) is not None:
+                return "whole-slide images"
+            with fs.open(path, "rb") as f:
+                head = f.read(1 << 16)
         except Exception:  # noqa: BLE001 - a bad URI is quarantined later, with its reason
             continue
-        if sniff_slide(uri, fs, path, storage_options) is not None:
-            return True
-    return False
+        if nifti.sniff(head, path) is not None:
+            return "NIfTI volumes"
+    return None
 
 
 class FinetuneJob:
@@ -371,11 +359,13 @@ class FinetuneJob:
         features = d.features
         if features == "auto":
             features = "embeddings" if (modality != "image" or d.embeddings or d.text_column) else "inputs"
-            if features == "inputs" and _lists_slides(d.train, c.storage.options):
-                # slide-level labels: one example per slide, the mean of its tissue tiles' embeddings
+            whole = _lists_whole_records(d.train, c.storage.options) if features == "inputs" else None
+            if whole is not None:
+                # record-level labels: one example per slide / volume, the mean of its tiles' / slices' embeddings
                 log.info(
-                    "data.features=auto: data.train lists whole-slide images; training a head on each "
-                    "slide's mean tissue-tile embedding (data.features=embeddings)"
+                    "data.features=auto: data.train lists %s; training a head on each record's pooled "
+                    "embedding (data.features=embeddings)",
+                    whole,
                 )
                 features = "embeddings"
         if d.text_column and modality != "text":
