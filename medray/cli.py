@@ -14,6 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from medray.config import CONF_DIR, register_schemas
+from medray.jobs import discover_jobs
+from medray.platform.errors import ConfigError
+
 __all__ = ["main", "run_hydra"]
 
 _USAGE = """usage: medray <job> [key=value ...] [--help] [--cfg job]
@@ -51,9 +55,6 @@ def run_hydra(
     import hydra
     from omegaconf import DictConfig
 
-    from medray.config import CONF_DIR, register_schemas
-    from medray.platform.errors import ConfigError
-
     register_schemas()
     if register is not None:
         register()
@@ -77,8 +78,6 @@ def run_hydra(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: dispatch to a job."""
-    from medray.jobs import discover_jobs
-
     argv = list(sys.argv[1:] if argv is None else argv)
     jobs = discover_jobs()
     if not argv or argv[0] in ("-h", "--help", "help"):

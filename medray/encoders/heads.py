@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+import medray
+from medray.encoders.checkpoint import resolve_checkpoint
 from medray.platform.errors import ConfigError
+from medray.platform.storage import open_fs
 
 __all__ = [
     "TASKS",
@@ -165,9 +168,6 @@ def save_artifact(
     """
     from safetensors.numpy import save_file
 
-    import medray
-    from medray.platform.storage import open_fs
-
     card.medray_version = card.medray_version or medray.__version__
     card.created = card.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     card.backbone_included = backbone_dir is not None
@@ -204,8 +204,6 @@ def load_artifact(
         ConfigError: when ``uri`` is not a medray artifact.
     """
     from safetensors.numpy import load_file
-
-    from medray.encoders.checkpoint import resolve_checkpoint
 
     local, sha = resolve_checkpoint(uri, storage_options=dict(storage_options or {}), cache_dir=cache_dir)
     if not is_artifact(local):

@@ -13,6 +13,7 @@ import shutil
 
 from medray.jobs import JobInfo
 from medray.jobs.embed import main as _embed_main
+from medray.testing.samples import generate_samples
 
 __all__ = ["JOB", "main", "prepare_argv"]
 
@@ -26,8 +27,6 @@ JOB = JobInfo(
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Generate the samples once and point ``input``/``output`` at them."""
-    from medray.testing.samples import generate_samples
-
     home = os.path.abspath(os.environ.get("MEDRAY_HOME", ".medray"))
     samples = os.path.join(home, "demo", "samples")
     output = os.path.join(home, "demo", "embeddings")

@@ -28,13 +28,29 @@ from omegaconf.errors import MissingMandatoryValue
 
 import medray
 from medray.config import EmbedConf, format_options, patient_salt
+from medray.encoders import (
+    EncoderSpec,
+    create_preprocessor,
+    family_modality,
+    get_spec,
+    list_families,
+    resolve_checkpoint,
+    spec_to_dict,
+)
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
+from medray.pipeline import StageOptions, plan_dataset
+from medray.pipeline.sink import existing_record_ids, make_sink, pool_slides
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.series import SeriesOptions
+from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions
 from medray.platform.errors import ConfigError
-from medray.platform.formats import build_options
+from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
+from medray.platform.runtime import cluster_gpus, init_ray
 from medray.platform.sources import InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
+from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
 
 __all__ = ["JOB", "EmbedJob", "EmbedResult", "main"]
 
@@ -125,9 +141,6 @@ class EmbedJob:
 
     # ------------------------------------------------------------------ checks
     def _validate(self) -> None:
-        from medray.encoders import EncoderSpec, family_modality, get_spec, list_families
-        from medray.platform.formats import MODALITIES
-
         c = self.cfg
         if not (0.0 <= c.max_error_fraction <= 1.0):
             raise ConfigError("max_error_fraction", f"must be within [0, 1], got {c.max_error_fraction}")
@@ -176,9 +189,6 @@ class EmbedJob:
             if family_modality(spec.family) != ("image" if modality == "slide" else modality):
                 raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
             self.specs[modality] = spec
-        from medray.platform.decoders.audio import AudioOptions
-        from medray.platform.decoders.slide import SlideOptions
-        from medray.platform.formats import TextOptions
 
         self._validate_series()
         self.audio_opts = asdict(c.audio)
@@ -200,8 +210,6 @@ class EmbedJob:
 
     def _validate_series(self) -> None:
         """``series:``: the mode needs its encoder (2D for slicewise, 3D for volume) and vice versa."""
-        from medray.platform.decoders.series import SeriesOptions
-
         raw = asdict(self.cfg.series)
         if "volume" in self.specs and raw["mode"] == "off":
             raw["mode"] = "volume"  # a 3D encoder embeds nothing but series: its presence asks for them
@@ -284,12 +292,6 @@ class EmbedJob:
 
     def run(self) -> EmbedResult:
         """Run the pipeline and write embeddings, quarantine and the summary."""
-        from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
-        from medray.pipeline import StageOptions, plan_dataset
-        from medray.pipeline.sink import existing_record_ids, make_sink, pool_slides
-        from medray.platform.runtime import cluster_gpus, init_ray
-        from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
-
         c = self.cfg
         t_start = time.perf_counter()
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -492,8 +494,6 @@ def may_hold_slides(uris: Iterable[str]) -> bool:
     spread over many tasks); a slide with another name is still found by its
     content and tiled, by the task that reads it.
     """
-    from medray.platform.decoders.slide import SLIDE_EXTENSIONS
-
     exts = (*SLIDE_EXTENSIONS, ".tif", ".tiff")
     return any(str(u).lower().endswith(exts) for u in uris)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from medray.encoders import get_spec, list_encoders, list_families
 from medray.jobs import JobInfo
 
 __all__ = ["JOB", "main"]
@@ -11,8 +12,6 @@ JOB = JobInfo("encoders", "list registered encoder presets and families: medray 
 
 def main(argv: list[str]) -> int:
     """Print one encoder name per line, with family and checkpoint."""
-    from medray.encoders import get_spec, list_encoders, list_families
-
     families = set(list_families())
     for name in list_encoders(argv[0] if argv else "*"):
         if name in families:

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from medray.jobs import JobInfo
+from medray.platform.cluster import ClusterClient
+from medray.platform.errors import ConfigError
 
 __all__ = ["JOB", "main"]
 
@@ -16,9 +18,6 @@ JOB = JobInfo("jobs", "follow submitted jobs: medray jobs status|logs|stop|wait 
 
 def main(argv: Sequence[str]) -> int:
     """Run one sub-command against the cluster; exit 0 on success."""
-    from medray.platform.cluster import ClusterClient
-    from medray.platform.errors import ConfigError
-
     p = argparse.ArgumentParser(prog="medray jobs", description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["status", "logs", "stop", "wait"])
     p.add_argument("job_id")

@@ -25,9 +25,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from medray.config import EncoderConf, with_format_sections
+from medray.encoders import EncoderSpec, family_modality, get_spec, list_families, resolve_checkpoint, spec_to_dict
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
+from medray.platform.runtime import init_ray
+from medray.serve.config import ServeJobConf, check_options, deploy_config, read_model_card, resolve_heads
 
 __all__ = ["JOB", "ServeJob", "main", "prepare_argv", "register"]
 
@@ -35,9 +39,6 @@ __all__ = ["JOB", "ServeJob", "main", "prepare_argv", "register"]
 def register() -> None:
     """Register the ``serve`` schema with Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
-
-    from medray.config import with_format_sections
-    from medray.serve.config import ServeJobConf
 
     # audio/text as the formats declare them, as mutable copies Hydra can override
     ConfigStore.instance().store(
@@ -83,8 +84,6 @@ class ServeJob:
     """
 
     def __init__(self, cfg: Any) -> None:
-        from medray.serve.config import ServeJobConf
-
         if isinstance(cfg, DictConfig):
             from omegaconf.errors import MissingMandatoryValue
 
@@ -98,16 +97,12 @@ class ServeJob:
         self._validate()
 
     def _validate(self) -> None:
-        from medray.encoders import EncoderSpec, get_spec, list_families
-        from medray.serve.config import check_options, resolve_heads
-
         c = self.cfg
         check_options(c.serve, c.decode, c.encoder)
         if c.encoder.family not in list_families():
             raise ConfigError(
                 "encoder.family", f"unknown family '{c.encoder.family}'; known: {', '.join(list_families())}"
             )
-        from medray.encoders import family_modality
 
         embeds = family_modality(c.encoder.family)
         if c.encoder.modality != embeds:
@@ -147,7 +142,7 @@ class ServeJob:
             self._check_artifacts()
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
         if c.serve.auth.enabled and local and c.emit_config is None:
-            from medray.serve.ingress import IngressSettings, load_token
+            from medray.serve.ingress import IngressSettings, load_token  # lazy: imports ray
 
             try:
                 load_token(
@@ -165,9 +160,6 @@ class ServeJob:
 
     def _check_artifacts(self) -> None:
         """Fetch the encoder once (its hash) and refuse heads trained on other weights."""
-        from medray.encoders import resolve_checkpoint
-        from medray.serve.config import read_model_card
-
         hashes = {}
         for spec in self.specs.values():
             _, hashes[spec.name] = resolve_checkpoint(
@@ -194,8 +186,6 @@ class ServeJob:
     def args(self) -> dict:
         """The application's arguments (:class:`medray.serve.app.ServeArgs`) as JSON-ready data."""
         c = self.cfg
-        from medray.config import EncoderConf
-        from medray.encoders import family_modality, spec_to_dict
 
         fields = set(EncoderConf.__dataclass_fields__)
         extra = {}
@@ -219,8 +209,6 @@ class ServeJob:
         import yaml
         from ray.serve.schema import ServeDeploySchema
 
-        from medray.serve.config import deploy_config
-
         config = deploy_config(self.args(), self.cfg.serve)
         ServeDeploySchema.model_validate(config)  # what `serve deploy` will check
         head = (
@@ -241,8 +229,7 @@ class ServeJob:
         """Start the application on Ray and block until Ctrl-C / SIGTERM."""
         from ray import serve
 
-        from medray.platform.runtime import init_ray
-        from medray.serve.app import ServeArgs, build_app
+        from medray.serve.app import ServeArgs, build_app  # lazy: imports ray
 
         c, s = self.cfg, self.cfg.serve
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")

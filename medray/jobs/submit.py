@@ -20,7 +20,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from medray.jobs import JobInfo
+from medray.config import CONF_DIR, register_schemas
+from medray.jobs import JobInfo, discover_jobs
+from medray.platform.cluster import ClusterClient
+from medray.platform.errors import ConfigError
 
 __all__ = ["JOB", "main", "expand_sweep"]
 
@@ -55,8 +58,6 @@ def _group_options_loader() -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from medray.config import CONF_DIR
-
     gh = GlobalHydra.instance()
     if gh.is_initialized():
         return gh.config_loader()
@@ -84,8 +85,6 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-
-    from medray.platform.errors import ConfigError
 
     # Hydra's BasicSweeper.split_arguments, except that a value that is not swept
     # is passed on exactly as typed (Hydra re-serialises it, escaping ':' and '$').
@@ -126,9 +125,6 @@ def _check_points(job: Any, points: Sequence[Sequence[str]]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from medray.config import CONF_DIR, register_schemas
-    from medray.platform.errors import ConfigError
-
     register_schemas()
     if job.register is not None:
         job.register()
@@ -142,10 +138,6 @@ def _check_points(job: Any, points: Sequence[Sequence[str]]) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """Submit; print the job id(s); with ``--wait`` follow to the end."""
-    from medray.jobs import discover_jobs
-    from medray.platform.cluster import ClusterClient
-    from medray.platform.errors import ConfigError
-
     args, unknown = _parser().parse_known_args(list(argv))
     overrides = list(args.overrides) + [u for u in unknown if "=" in u and not u.startswith("-")]
     jobs = discover_jobs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medray.jobs import JobInfo
+from medray.testing.samples import generate_samples
 
 __all__ = ["JOB", "main"]
 
@@ -13,8 +14,6 @@ JOB = JobInfo(
 
 def main(argv: list[str]) -> int:
     """``medray samples <out_dir> [n]``."""
-    from medray.testing.samples import generate_samples
-
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: medray samples <out_dir> [n]")
         return 0 if argv else 2

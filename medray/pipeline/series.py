@@ -33,10 +33,14 @@ from typing import Any
 import pyarrow as pa
 
 from medray.pipeline.options import preprocessors
-from medray.platform.errors import RecordError
+from medray.platform.decoders import DecodeLimits
+from medray.platform.decoders.series import SeriesOptions, SliceHeader, assemble_series, plan_series, read_slice_header
+from medray.platform.errors import ReadError, RecordError
 from medray.platform.formats.registry import PrepareContext
 from medray.platform.formats.volume import prepare_volume
 from medray.platform.records import quarantine_fields, record_id
+from medray.platform.sources import ARCHIVE_MEMBER_PENDING, is_archive, iter_archive_members
+from medray.platform.storage import open_fs, read_bytes
 
 __all__ = [
     "series_options",
@@ -80,7 +84,6 @@ HEADER_SCHEMA = pa.schema(
 
 @functools.lru_cache(maxsize=8)
 def _options(text: str) -> Any:
-    from medray.platform.decoders.series import SeriesOptions
 
     fields = json.loads(text)
     for key in ("spacing", "modalities", "channels"):
@@ -103,7 +106,6 @@ def is_series_slice(data: bytes | Any, opts: Any) -> bool:
 
     ``data``: the instance's bytes, or a binary file positioned at its start (only the header is read).
     """
-    from medray.platform.decoders.series import read_slice_header
 
     sopts = series_options(opts)
     return sopts is not None and read_slice_header(data, salt=opts.salt, options=sopts) is not None
@@ -120,9 +122,6 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
     Anything that is not a series slice, or cannot be read, is left to the
     per-instance path, which reads, embeds or quarantines it as before.
     """
-    from medray.platform.decoders.series import read_slice_header
-    from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
-    from medray.platform.storage import open_fs
 
     sopts = series_options(opts)
     cols: dict[str, list] = {name: [] for name in HEADER_SCHEMA.names}
@@ -166,9 +165,6 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
 
 def _read_instances(headers: list[Any], opts: Any) -> list[bytes]:
     """The bytes of each instance, in ``headers`` order; an archive is streamed once per group."""
-    from medray.platform.errors import ReadError
-    from medray.platform.sources import is_archive, iter_archive_members
-    from medray.platform.storage import open_fs, read_bytes
 
     out: list[bytes | None] = [None] * len(headers)
     wanted: dict[str, dict[str, list[int]]] = {}
@@ -250,8 +246,6 @@ def _assemble(header_json: list[str], opts: Any) -> pa.Table:
     Volume: one ``(1, C, D, H, W)`` input for the 3D encoder, one row.
     A series already in the output (resume) yields nothing.
     """
-    from medray.platform.decoders import DecodeLimits
-    from medray.platform.decoders.series import SliceHeader, assemble_series, plan_series
 
     t0 = time.perf_counter()
     sopts = series_options(opts)

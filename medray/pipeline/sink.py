@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medray.pipeline.columns import INTERNAL_COLUMNS
-from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema
+from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema, record_id
 from medray.platform.storage import open_fs
 
 __all__ = ["make_sink", "embeddings_table", "existing_record_ids", "write_parquet_atomic", "pool_slides"]
@@ -91,8 +91,6 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
     import json
 
     import numpy as np
-
-    from medray.platform.records import record_id
 
     fs, root = open_fs(output, options)
     d = posixpath.join(root, subdir)

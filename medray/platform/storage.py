@@ -17,6 +17,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from medray.platform.errors import LimitExceeded, ReadError
+
 __all__ = [
     "open_fs",
     "unstrip",
@@ -98,8 +100,6 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
     """Read a whole object, refusing (before reading) objects over ``max_bytes``."""
-    from medray.platform.errors import LimitExceeded, ReadError
-
     try:
         size = fs.size(path)
     except FileNotFoundError:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from medray.platform.storage import open_fs
+
 __all__ = ["wandb_mode", "log_run", "default_group", "RunArtifact", "artifact_name"]
 
 log = logging.getLogger("medray")
@@ -82,8 +84,6 @@ def artifact_name(prefix: str, *parts: str) -> str:
 def _stage_artifact(run: Any, spec: RunArtifact) -> str:
     """Copy ``spec``'s files into the run directory and log them as one artifact; return its folder."""
     import wandb
-
-    from medray.platform.storage import open_fs
 
     root = os.path.join(os.path.dirname(os.path.abspath(run.dir)), "artifacts", spec.name)
     os.makedirs(root, exist_ok=True)

@@ -21,7 +21,7 @@ __all__ = ["ServeArgs", "build_app"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from medray.serve import app
+        from medray.serve import app  # lazy: imports ray
 
         return getattr(app, name)
     raise AttributeError(f"module 'medray.serve' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 from medray.config import DecodeConf, EncoderConf, StorageConf
+from medray.encoders import family_modality
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.formats import TextOptions
 from medray.serve.config import (
@@ -106,8 +107,6 @@ def _encoder_gpus(requested: Any) -> float:
 
 
 def _modality(spec: EncoderConf) -> str:
-    from medray.encoders import family_modality
-
     return family_modality(spec.family)
 
 

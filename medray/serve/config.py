@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from medray.config import DecodeConf, EncoderConf, RayConf, StorageConf
+from medray.encoders.heads import CARD_FILE
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.errors import ConfigError
 from medray.platform.formats import TextOptions
+from medray.platform.storage import open_fs
 
 __all__ = [
     "AutoscalingConf",
@@ -377,9 +379,6 @@ def read_model_card(uri: str, storage_options: Mapping[str, Any] | None = None) 
     Raises:
         ConfigError: ``heads``: the URI holds no model card.
     """
-    from medray.encoders.heads import CARD_FILE
-    from medray.platform.storage import open_fs
-
     try:
         fs, root = open_fs(uri, storage_options)
         with fs.open(f"{root.rstrip('/')}/{CARD_FILE}", "rb") as f:

@@ -28,11 +28,14 @@ from typing import Any, Protocol, cast
 import numpy as np
 from ray import serve
 
+from medray.encoders import create_encoder, family_modality, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
 from medray.platform.decoders import check_size
 from medray.platform.errors import EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
+from medray.platform.storage import open_fs, read_bytes
+from medray.serve.config import uri_allowed
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
@@ -111,13 +114,10 @@ class DecodedInput:
 
 def _fetch(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes, str]:
     """The request's bytes and a format hint (an extension only: file names may hold PHI)."""
-    from medray.serve.config import uri_allowed
-
     if payload.get("uri") is not None:
         uri = str(payload["uri"])
         if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
             raise ReadError("URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)")
-        from medray.platform.storage import open_fs, read_bytes
 
         try:
             fs, path = open_fs(uri, settings.storage_options)
@@ -277,8 +277,6 @@ class EncoderDeployment:
         num_cpus: float = 1.0,
     ) -> None:
         import torch
-
-        from medray.encoders import create_encoder, family_modality, get_spec
 
         threads = torch_threads or max(1, int(round(num_cpus)))
         torch.set_num_threads(threads)

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from medray.encoders import create_encoder, family_modality, get_spec
+from medray.encoders.heads import load_artifact
 from medray.serve.encoder import DecodeSettings, decode_input, error_result, replica_tag
 
 __all__ = ["HeadRefused", "LoadedHead", "HeadsDeployment", "check_head_card"]
@@ -77,8 +79,6 @@ def _warm_imports() -> None:
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
-
-        import medray.encoders  # noqa: F401
     except Exception:  # noqa: BLE001 - only a head load that needs them will tell
         pass
 
@@ -145,8 +145,6 @@ class HeadsDeployment:
         return True
 
     async def _load(self, head_id: str) -> LoadedHead:
-        from medray.encoders.heads import load_artifact
-
         loop = asyncio.get_running_loop()
         head, card, local, _ = await loop.run_in_executor(
             self._pool,
@@ -166,8 +164,6 @@ class HeadsDeployment:
 
     def _backbone(self, card: Any, local_dir: str) -> Any:
         import torch
-
-        from medray.encoders import create_encoder, get_spec
 
         enc = dict(card.encoder or {})
         device = self._device
@@ -232,8 +228,6 @@ class HeadsDeployment:
         else:
             loop = asyncio.get_running_loop()
             try:
-                from medray.encoders import family_modality
-
                 modality = family_modality(str((loaded.card.encoder or {}).get("family", "hf_image")))
                 decoded = await loop.run_in_executor(
                     self._pool,

@@ -39,7 +39,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import medray
-from medray.platform.formats import media_types
+from medray.platform.errors import RecordError
+from medray.platform.formats import detect_modality, media_types
 from medray.serve.config import uri_allowed
 
 __all__ = [
@@ -462,9 +463,6 @@ class Ingress:
             ext = str(payload["uri"]).rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
             route = {"wav": "audio", "flac": "audio", "ogg": "audio", "txt": "text"}.get(ext, "image")
         else:
-            from medray.platform.errors import RecordError
-            from medray.platform.formats import detect_modality
-
             try:
                 route, _ = await asyncio.to_thread(detect_modality, payload["data"], payload.get("name") or "")
             except RecordError as err:

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from medray.testing.media import nifti_bytes
+
 __all__ = [
     "MANIFEST_COLUMNS",
     "claiming_series_instance",
@@ -918,8 +920,6 @@ def ct_nifti(
     affine saying so, as tools that write radiological-order NIfTI do: a reader
     that honours the affine sees the same volume.
     """
-    from medray.testing.media import nifti_bytes
-
     dz, dy, dx = (float(v) for v in spacing)
     iop = np.asarray(orientation, dtype=np.float64)
     row, col = iop[:3], iop[3:]

@@ -34,10 +34,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from medray.pipeline import decode_batch, read_batch
+from medray.platform.deid import patient_key
 from medray.platform.errors import ConfigError
 from medray.platform.manifest import iter_manifest_batches, manifest_columns, manifest_sha256
 from medray.platform.metrics import age_band
+from medray.platform.records import QUARANTINE_SCHEMA
 from medray.platform.splits import SPLITS, SplitFractions, assign_splits
+from medray.platform.storage import atomic_write_bytes, open_fs
 
 __all__ = [
     "ExampleSpec",
@@ -132,9 +136,6 @@ def write_quarantine(table: pa.Table, target: QuarantineTarget | None) -> int:
         return 0
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from medray.platform.records import QUARANTINE_SCHEMA
-    from medray.platform.storage import atomic_write_bytes, open_fs
 
     status = table.column("status")
     bad = table.filter(pc.fill_null(pc.is_in(status, pa.array(["error", "skipped"])), False))
@@ -357,8 +358,6 @@ def header_keys_batch(table: pa.Table, salt: str, plan: SplitPlan) -> pa.Table:
     """
     import pydicom
 
-    from medray.platform.deid import patient_key
-
     datas = table.column("data").to_pylist()
     keys: list[str | None] = []
     for data in datas:
@@ -459,6 +458,4 @@ def decode_examples_batch(
     task per batch goes from URIs to tensors without materialising the raw
     bytes or the decoded records as blocks between stages.
     """
-    from medray.pipeline import decode_batch, read_batch
-
     return examples_batch(decode_batch(read_batch(table, opts), opts), spec, plan, quarantine)

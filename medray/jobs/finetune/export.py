@@ -29,8 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from medray.encoders import create_encoder, family_modality, get_spec, resolve_checkpoint, spec_to_dict
+from medray.encoders.heads import LinearHead, ModelCard, load_artifact, save_artifact
+from medray.encoders.lora import merge_lora
+from medray.jobs.finetune.features import embedding_examples_batch
 from medray.jobs.finetune.loop import PREDICTIONS_FILE, STATE_FILE
 from medray.jobs.finetune.model import build_classifier, consolidated_state_dict, stack_examples, write_backbone
+from medray.pipeline import EncoderActor, decode_batch, read_batch
+from medray.platform.metrics import json_safe
+from medray.platform.storage import open_fs
 
 __all__ = ["export_run"]
 
@@ -38,8 +45,6 @@ __all__ = ["export_run"]
 def _load_trained(job: Any, state_dict: dict, input_shape: list[int]) -> tuple[Any, Any]:
     """The classifier rebuilt on the CPU with the trained weights loaded."""
     import torch
-
-    from medray.encoders import spec_to_dict
 
     c = job.cfg
     model, tuner, _ = build_classifier(
@@ -85,12 +90,6 @@ def export_run(
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from medray.encoders import resolve_checkpoint
-    from medray.encoders.heads import LinearHead, ModelCard, load_artifact, save_artifact
-    from medray.encoders.lora import merge_lora
-    from medray.platform.metrics import json_safe
-    from medray.platform.storage import open_fs
 
     c = job.cfg
     spec = job.spec
@@ -202,8 +201,6 @@ def _verify(
     Raises:
         RuntimeError: the difference is above 1e-4.
     """
-    from medray.encoders import create_encoder, get_spec
-
     load_spec = (
         spec
         if not card.backbone_included
@@ -234,8 +231,6 @@ def _record_embedding_info(job: Any) -> dict:
         return {}
     from dataclasses import asdict
 
-    from medray.encoders import family_modality
-
     c = job.cfg
     modality = family_modality(job.spec.family)
     segments = {
@@ -264,10 +259,6 @@ def _verify_embeddings(job: Any, head: Any, preds: dict, datasets: dict) -> tupl
         RuntimeError: the difference is above 1e-4.
     """
     import pyarrow as pa
-
-    from medray.encoders import spec_to_dict
-    from medray.jobs.finetune.features import embedding_examples_batch
-    from medray.pipeline import EncoderActor, decode_batch, read_batch
 
     c = job.cfg
     n = c.eval.verify_records

@@ -37,6 +37,8 @@ from medray.jobs.finetune.model import (
     to_outputs,
     write_json,
 )
+from medray.platform.metrics import flatten_metrics, subgroup_metrics, task_metrics
+from medray.platform.tracking import wandb_mode
 
 __all__ = ["PREDICTIONS_FILE", "STATE_FILE", "check_complete", "train_loop"]
 
@@ -97,8 +99,6 @@ def _wandb_run(config: dict, state: dict) -> Any:
         return None
     try:
         import wandb
-
-        from medray.platform.tracking import wandb_mode
 
         mode = wandb_mode(tracking.get("mode", "auto"))
         if mode == "disabled":
@@ -168,8 +168,6 @@ def _evaluate(engine: Any, val_it: Any, config: dict, device: Any, dtype: torch.
 
 
 def _metrics(config: dict, val: dict) -> dict:
-    from medray.platform.metrics import subgroup_metrics, task_metrics
-
     task, labels = config["task"], config["labels"]
     y = val["y"][:, 0] if task == "multiclass" else val["y"]
     overall = task_metrics(task, y, val["probs"], labels, n_bins=config["ece_bins"])
@@ -313,8 +311,6 @@ def train_loop(config: dict) -> None:
         }
         flat: dict[str, Any] = dict(record)
         if rank == 0 and val is not None:
-            from medray.platform.metrics import flatten_metrics
-
             metrics = _metrics(config, val)
             record["metrics"] = metrics
             flat.update(flatten_metrics(metrics["val"], "val"))

@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from medray.encoders import create_encoder, spec_from_dict
+from medray.encoders.lora import apply_lora
+from medray.platform.metrics import json_safe
+
 if TYPE_CHECKING:
     from medray.encoders.registry import Encoder
 
@@ -170,8 +174,6 @@ def build_classifier(
             stats = embedding_stats or {}
             head = EmbeddingHead(int(embedding_dim), n_outputs, stats.get("mean"), stats.get("std"))
         return head.to(device), None, None
-    from medray.encoders import create_encoder, spec_from_dict
-    from medray.encoders.lora import apply_lora
 
     encoder = create_encoder(spec_from_dict(dict(spec)), device=device)
     module = encoder.module
@@ -428,8 +430,6 @@ def write_backbone(module: Any, *, family: str, base_dir: str, out_dir: str) -> 
 
 def write_json(path: str, data: Any) -> None:
     """Write JSON (strict: nan/inf as null)."""
-    from medray.platform.metrics import json_safe
-
     with open(path, "w") as f:
         json.dump(json_safe(data), f, indent=2, default=str)
 

@@ -53,7 +53,18 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+import medray
 from medray.config import patient_salt
+from medray.encoders import (
+    EncoderSpec,
+    create_preprocessor,
+    family_modality,
+    get_spec,
+    list_families,
+    resolve_checkpoint,
+    spec_to_dict,
+)
+from medray.encoders.heads import CARD_FILE
 from medray.jobs import JobInfo
 from medray.jobs.finetune.config import (
     PRECISIONS,
@@ -63,8 +74,42 @@ from medray.jobs.finetune.config import (
     FinetuneConf,
     register,
 )
+from medray.jobs.finetune.data import (
+    DERIVED_SUBGROUPS,
+    ExampleSpec,
+    QuarantineTarget,
+    SplitPlan,
+    count_examples,
+    count_splits,
+    decode_examples_batch,
+    header_keys_batch,
+    keep_split,
+    manifest_columns,
+    split_batch,
+)
+from medray.jobs.finetune.features import (
+    EMBED_COLUMNS,
+    FEATURES,
+    embed_output_rows,
+    embedding_examples_batch,
+    join_examples,
+    keyed_rows,
+    pool_tiles,
+    set_split,
+    stage_options_kwargs,
+)
+from medray.pipeline import StageOptions, plan_dataset, read_batch
+from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.slide import SlideOptions, sniff_slide
+from medray.platform.deid import ALLOWED_FIELDS
 from medray.platform.errors import ConfigError
+from medray.platform.formats import TextOptions, get_format
 from medray.platform.manifest import iter_manifest_batches, manifest_sha256, read_manifest
+from medray.platform.metrics import json_safe
+from medray.platform.runtime import init_ray
+from medray.platform.splits import SplitFractions
+from medray.platform.storage import atomic_write_bytes, is_remote, open_fs, redact_options
+from medray.platform.tracking import RunArtifact, artifact_name, log_run
 
 __all__ = ["JOB", "FinetuneFailed", "FinetuneJob", "FinetuneResult", "main"]
 
@@ -148,10 +193,6 @@ def _lists_whole_records(manifest: str, storage_options: Any, sample: int = 8) -
     bytes by its format's own sniff. A manifest that cannot be read yet answers
     ``None`` (the data checks report it with its key).
     """
-    from medray.platform.decoders.slide import sniff_slide
-    from medray.platform.formats import get_format
-    from medray.platform.storage import open_fs
-
     try:
         batch = next(iter_manifest_batches(manifest, ["uri"], storage_options), None)
     except Exception:  # noqa: BLE001 - no manifest / no uri column: _check_data names the key
@@ -208,9 +249,6 @@ class FinetuneJob:
 
     # ------------------------------------------------------------ config checks
     def _validate(self) -> None:
-        from medray.encoders import EncoderSpec, get_spec, list_families
-        from medray.jobs.finetune.data import ExampleSpec
-
         c = self.cfg
         t, tr, ds, sc = c.task, c.train, c.deepspeed, c.scaling
         if t.type not in TASK_TYPES:
@@ -267,7 +305,7 @@ class FinetuneJob:
             raise ConfigError("train.checkpoints_to_keep", "must be >= 1")
         if tr.strategy == "lora" and tr.lora.r < 1:
             raise ConfigError("train.lora.r", f"must be >= 1, got {tr.lora.r}")
-        from medray.jobs.finetune.model import AUGMENT_KEYS
+        from medray.jobs.finetune.model import AUGMENT_KEYS  # lazy: imports torch
 
         for modality, aug in (tr.augment or {}).items():
             for key, value in (aug or {}).items():
@@ -343,12 +381,6 @@ class FinetuneJob:
 
     def _features(self) -> str:
         """``data.features`` resolved: ``inputs`` (the encoder trains on decoded images) or ``embeddings``."""
-        from medray.encoders import family_modality
-        from medray.jobs.finetune.features import FEATURES
-        from medray.platform.decoders.audio import AudioOptions
-        from medray.platform.decoders.slide import SlideOptions
-        from medray.platform.formats import TextOptions
-
         c = self.cfg
         d, tr = c.data, c.train
         self.embedding_dim: int | None = None  # data.features=embeddings: known once the records are embedded
@@ -428,8 +460,6 @@ class FinetuneJob:
         """``quarantined`` (distinct records) and ``quarantine_by_class`` from ``<output>/quarantine``."""
         import pyarrow.parquet as pq
 
-        from medray.platform.storage import open_fs
-
         fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
         by_record: dict[str, str] = {}
         try:
@@ -451,8 +481,6 @@ class FinetuneJob:
 
     def _check_output(self) -> None:
         """A run already in ``output`` continues only with ``resume=true``."""
-        from medray.platform.storage import open_fs
-
         fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
         runs = posixpath.join(root, "checkpoints", "train")
         # Ray Train's run snapshot (written with each checkpoint), not the prefix: object stores
@@ -467,16 +495,6 @@ class FinetuneJob:
 
     def _check_data(self) -> None:
         """Manifest columns, label values and split positives, streamed on the driver."""
-        from medray.jobs.finetune.data import (
-            DERIVED_SUBGROUPS,
-            SplitPlan,
-            count_splits,
-            iter_manifest_batches,
-            manifest_columns,
-        )
-        from medray.platform.deid import ALLOWED_FIELDS
-        from medray.platform.splits import SplitFractions
-
         c, spec = self.cfg, self.example_spec
         opts = c.storage.options
         self.columns = {"train": manifest_columns(c.data.train, opts)}
@@ -514,8 +532,6 @@ class FinetuneJob:
                     )
         d = c.data
         if d.embeddings:
-            from medray.platform.storage import open_fs
-
             efs, eroot = open_fs(d.embeddings, opts)
             if not efs.exists(posixpath.join(eroot, "_medray.json")):
                 raise ConfigError(
@@ -596,8 +612,6 @@ class FinetuneJob:
         """Ray Train storage path and filesystem for ``<output>/checkpoints``."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.platform.storage import is_remote, open_fs
-
         fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
         path = posixpath.join(root, "checkpoints")
         if not is_remote(self.cfg.output):
@@ -606,9 +620,6 @@ class FinetuneJob:
         return path, PyFileSystem(FSSpecHandler(fs))
 
     def _stage_options(self, pre: Any) -> Any:
-        from medray.jobs.finetune.features import stage_options_kwargs
-        from medray.pipeline import StageOptions
-
         c = self.cfg
         return StageOptions(
             storage_options=dict(c.storage.options),
@@ -624,18 +635,11 @@ class FinetuneJob:
 
     def _quarantine(self) -> Any:
         """Where the stages write the records they could not use (``<output>/quarantine``)."""
-        import medray
-        from medray.jobs.finetune.data import QuarantineTarget
-
         return QuarantineTarget(self.cfg.output, dict(self.cfg.storage.options), medray.__version__)
 
     def _write_split_manifest(self, ray: Any, opts: Any) -> str:
         """Header-only pass: salted patient key + split per record, written to ``<output>/splits/``."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        from medray.jobs.finetune.data import header_keys_batch
-        from medray.pipeline import read_batch
-        from medray.platform.storage import atomic_write_bytes, open_fs
 
         c = self.cfg
         fs, root = open_fs(c.output, c.storage.options)
@@ -674,9 +678,6 @@ class FinetuneJob:
     def _split_dataset(self, ray: Any, split: str, opts: Any, split_manifest: str | None) -> Any:
         """Ray Dataset of training examples of one split (streamed; nothing collected)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        from medray.jobs.finetune.data import decode_examples_batch, keep_split, split_batch
-        from medray.platform.storage import open_fs
 
         c = self.cfg
         d = c.data
@@ -722,9 +723,6 @@ class FinetuneJob:
         """``data.embeddings``: the record rows of this encoder in an ``embed`` output (a Ray Dataset)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs.finetune.features import EMBED_COLUMNS, embed_output_rows
-        from medray.platform.storage import open_fs
-
         c = self.cfg
         assert c.data.embeddings is not None  # only called when data.embeddings is set
         fs, root = open_fs(c.data.embeddings, c.storage.options)
@@ -764,17 +762,7 @@ class FinetuneJob:
         Records that fail are quarantine rows. Returns the datasets, the checked
         counts and the embedding size.
         """
-        from medray.encoders import family_modality, spec_to_dict
-        from medray.jobs.finetune.data import count_examples, keep_split, split_batch
-        from medray.jobs.finetune.features import (
-            embedding_examples_batch,
-            join_examples,
-            keyed_rows,
-            pool_tiles,
-            set_split,
-        )
-        from medray.jobs.finetune.model import feature_stats
-        from medray.pipeline import plan_dataset
+        from medray.jobs.finetune.model import feature_stats  # lazy: imports torch
 
         c, d, plan = self.cfg, self.cfg.data, self.plan
 
@@ -853,16 +841,6 @@ class FinetuneJob:
         """
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from medray.jobs.finetune.data import (
-            SplitPlan,
-            count_examples,
-            count_splits,
-            decode_examples_batch,
-            iter_manifest_batches,
-            keep_split,
-        )
-        from medray.platform.storage import open_fs
-
         c = self.cfg
         opts = self._stage_options(pre)
         if self.features == "embeddings":
@@ -938,10 +916,7 @@ class FinetuneJob:
         )
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from medray.encoders import create_preprocessor, resolve_checkpoint, spec_to_dict
-        from medray.jobs.finetune.loop import train_loop
-        from medray.platform.runtime import init_ray
-        from medray.platform.storage import redact_options
+        from medray.jobs.finetune.loop import train_loop  # lazy: imports torch
 
         c = self.cfg
         t_start = time.perf_counter()
@@ -1051,7 +1026,7 @@ class FinetuneJob:
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
 
-        from medray.jobs.finetune.export import export_run
+        from medray.jobs.finetune.export import export_run  # lazy: imports torch
 
         export = export_run(
             self,
@@ -1099,8 +1074,6 @@ class FinetuneJob:
             features=self.features,
             **self._quarantine_counts(),
         )
-        from medray.platform.metrics import json_safe
-        from medray.platform.storage import atomic_write_bytes, open_fs
 
         summary = json.dumps(json_safe(asdict(res)), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
@@ -1122,9 +1095,6 @@ def _track_model(c: Any, res: FinetuneResult, wandb_run_id: str, run_name: str) 
     """
     if not c.tracking.enabled:
         return
-    from medray.encoders.heads import CARD_FILE
-    from medray.platform.metrics import json_safe
-    from medray.platform.tracking import RunArtifact, artifact_name, log_run
 
     artifact = RunArtifact(
         artifact_name("model", run_name, c.output),

@@ -43,6 +43,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from medray.platform.decoders import DecodeLimits
+from medray.platform.decoders.dicom import check_header, guarded, quiet, read_dataset
+from medray.platform.deid import extract_metadata, patient_key
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded
 
 __all__ = [
@@ -238,9 +241,6 @@ def read_slice_header(
     """
     import pydicom
     from pydicom.dataset import Dataset
-
-    from medray.platform.decoders.dicom import quiet
-    from medray.platform.deid import extract_metadata, patient_key
 
     options = options or SeriesOptions()
     if isinstance(source, Dataset):
@@ -464,9 +464,6 @@ def decode_slice(data: bytes | Any, header: SliceHeader | None = None, limits: A
     """
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
-
-    from medray.platform.decoders import DecodeLimits
-    from medray.platform.decoders.dicom import check_header, guarded, read_dataset
 
     limits = limits or DecodeLimits()
     with guarded("could not decode a series slice"):

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from medray.platform.errors import ConfigError, DecodeError, LimitExceeded
+from medray.platform.errors import ConfigError, DecodeError, LimitExceeded, RecordError
+from medray.platform.storage import open_fs
 
 __all__ = [
     "SlideOptions",
@@ -190,8 +191,6 @@ def sniff_slide(uri: str, fs: Any, path: str, storage_options: Mapping[str, Any]
     object that cannot be read, or a damaged TIFF, answers ``None``: the image
     path reads it and quarantines it with its own reason.
     """
-    from medray.platform.errors import RecordError
-
     name = path.rsplit("/", 1)[-1]
     if name.lower().endswith(_NOT_TIFF):
         return None
@@ -221,8 +220,6 @@ def open_slide(uri: str, storage_options: Mapping[str, Any] | None = None) -> An
 @functools.lru_cache(maxsize=8)
 def _open_slide(uri: str, options_json: str) -> Any:
     import tiffslide
-
-    from medray.platform.storage import open_fs
 
     try:
         fs, path = open_fs(uri, json.loads(options_json))
