@@ -13,8 +13,10 @@ actor::
     # CPU decode tasks: the same preprocessing without loading weights
     pixels = create_preprocessor(spec).preprocess(rgb_uint8_images)
 
-Importing this package registers the ``hf_image``, ``timm_image``,
-``hf_audio`` and ``hf_text`` families and their presets; torch, transformers and timm are imported only
+Importing this package registers the ``hf_image``, ``timm_image``, ``hf_audio``,
+``hf_text`` and ``torchvision_video`` families; presets (a named checkpoint of a
+family) are the files ``conf/encoder/<name>.yaml``, read once, the same files Hydra
+composes for ``encoder=<name>``. torch, transformers and timm are imported only
 when an encoder is built.
 """
 

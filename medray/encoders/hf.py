@@ -36,7 +36,6 @@ from medray.encoders.registry import (
     Preprocessor,
     preprocessing_digest,
     register_family,
-    register_preset,
 )
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError
@@ -212,17 +211,3 @@ def quiet_loading() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def _preset(name: str, checkpoint: str) -> None:
-    register_preset(EncoderSpec(name=name, family="hf_image", checkpoint=checkpoint, pooling="cls"))
-
-
-_preset("hf_image", "???")
-# Dinov2; the model card's reference embedding is last_hidden_state[:, 0].
-_preset("rad_dino", "microsoft/rad-dino")
-# ViT-B/16 for pathology; the reference feature is last_hidden_state[:, 0].
-_preset("phikon", "owkin/phikon")
-_preset("dinov2_small", "facebook/dinov2-small")
-_preset("dinov2_base", "facebook/dinov2-base")
-_preset("vit_base", "google/vit-base-patch16-224-in21k")

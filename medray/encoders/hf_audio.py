@@ -29,7 +29,6 @@ from medray.encoders.registry import (
     Preprocessor,
     preprocessing_digest,
     register_family,
-    register_preset,
 )
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError, PreprocessError
@@ -145,13 +144,3 @@ def _build_preprocessor(spec: EncoderSpec, local_dir: str) -> Preprocessor:
 def build_hf_audio(spec: EncoderSpec, local_dir: str, device: str) -> Encoder:
     """Builder of family ``hf_audio`` (see :class:`HFAudioEncoder`)."""
     return HFAudioEncoder(spec, local_dir, device)
-
-
-def _preset(name: str, checkpoint: str, pooling: str = "mean") -> None:
-    register_preset(EncoderSpec(name=name, family="hf_audio", checkpoint=checkpoint, modality="audio", pooling=pooling))
-
-
-_preset("hf_audio", "???")
-_preset("hubert_base", "facebook/hubert-base-ls960")
-_preset("wav2vec2_base", "facebook/wav2vec2-base")
-_preset("ast_audioset", "MIT/ast-finetuned-audioset-10-10-0.4593", pooling="pooler")

@@ -32,7 +32,6 @@ from medray.encoders.registry import (
     Preprocessor,
     preprocessing_digest,
     register_family,
-    register_preset,
 )
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError, EncodeError, PreprocessError
@@ -203,13 +202,3 @@ def _build_preprocessor(spec: EncoderSpec, local_dir: str) -> Preprocessor:
 def build_hf_text(spec: EncoderSpec, local_dir: str, device: str) -> Encoder:
     """Builder of family ``hf_text`` (see :class:`HFTextEncoder`)."""
     return HFTextEncoder(spec, local_dir, device)
-
-
-def _preset(name: str, checkpoint: str) -> None:
-    register_preset(EncoderSpec(name=name, family="hf_text", checkpoint=checkpoint, modality="text", pooling="cls"))
-
-
-_preset("hf_text", "???")
-_preset("biomedbert", "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext")
-_preset("clinicalbert", "medicalai/ClinicalBERT")
-_preset("bioclinicalbert", "emilyalsentzer/Bio_ClinicalBERT")

@@ -25,9 +25,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 
 from medray.encoders.checkpoint import is_untrained, resolve_checkpoint
 from medray.encoders.spec import EncoderSpec
@@ -64,6 +66,10 @@ PreprocessorBuilder = Callable[[EncoderSpec, str], "Preprocessor"]
 _FAMILIES: dict[str, Builder] = {}
 _PREPROCESSORS: dict[str, PreprocessorBuilder] = {}
 _PRESETS: dict[str, EncoderSpec] = {}
+#: The preset files: ``conf/encoder/<name>.yaml`` in the package, the same files Hydra composes for
+#: ``encoder=<name>``, so a checkpoint is declared once.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "encoder"
+_PRESET_FILES_READ = False
 _MODALITIES: dict[str, str] = {}
 
 _DTYPES = {
@@ -350,6 +356,23 @@ def register_preset(spec: EncoderSpec) -> None:
     _PRESETS[spec.name] = copy.deepcopy(spec)
 
 
+def _read_preset_files() -> None:
+    """Register every ``conf/encoder/*.yaml`` preset once (presets registered in code win)."""
+    global _PRESET_FILES_READ
+    if _PRESET_FILES_READ:
+        return
+    _PRESET_FILES_READ = True
+    known = {f.name for f in dataclasses.fields(EncoderSpec)}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        values = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"encoder.{unknown[0]}", f"unknown field in preset file {path.name}")
+        name = str(values.get("name") or path.stem)
+        if name not in _PRESETS:
+            _PRESETS[name] = EncoderSpec(**values)
+
+
 def list_encoders(pattern: str = "*") -> list[str]:
     """List preset and family names matching a shell-style pattern.
 
@@ -359,6 +382,7 @@ def list_encoders(pattern: str = "*") -> list[str]:
     Returns:
         Sorted names.
     """
+    _read_preset_files()
     names = set(_PRESETS) | set(_FAMILIES)
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
@@ -396,6 +420,7 @@ def get_spec(name_or_spec: str | EncoderSpec | Mapping[str, Any], **overrides: A
     elif isinstance(name_or_spec, Mapping):
         spec = EncoderSpec.from_dict(name_or_spec)
     elif isinstance(name_or_spec, str):
+        _read_preset_files()
         if name_or_spec in _PRESETS:
             spec = copy.deepcopy(_PRESETS[name_or_spec])
         elif name_or_spec in _FAMILIES:

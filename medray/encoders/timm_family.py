@@ -36,7 +36,6 @@ from medray.encoders.registry import (
     Preprocessor,
     preprocessing_digest,
     register_family,
-    register_preset,
 )
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError
@@ -197,26 +196,3 @@ def _check_layout(spec: EncoderSpec, local_dir: Path) -> None:
             "'architecture' (as timm.models.save_for_hf writes); for transformers "
             "checkpoints set encoder.family=hf_image",
         )
-
-
-register_preset(EncoderSpec(name="timm_image", family="timm_image", checkpoint="???", pooling="pooler"))
-register_preset(
-    EncoderSpec(
-        name="timm_vit_small",
-        family="timm_image",
-        checkpoint="hf-hub:timm/vit_small_patch16_224.augreg_in21k",
-        pooling="pooler",
-    )
-)
-# UNI (MahmoodLab, ViT-L/16, DINOv2-trained on pathology): gated on the hub (accept its licence, set
-# HF_TOKEN); LayerScale needs init_values to load, as the model card says. The pooled pre-logits
-# feature is the normed CLS token, the model card's embedding.
-register_preset(
-    EncoderSpec(
-        name="uni",
-        family="timm_image",
-        checkpoint="hf-hub:MahmoodLab/uni",
-        pooling="pooler",
-        options={"model_kwargs": {"init_values": 1e-5, "dynamic_img_size": True}},
-    )
-)

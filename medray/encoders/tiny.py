@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medray.encoders.checkpoint import DEMO_SCHEME, UNTRAINED_MARKER, node_lock, register_scheme
-from medray.encoders.registry import register_preset
-from medray.encoders.spec import EncoderSpec, default_cache_dir
+from medray.encoders.spec import default_cache_dir
 from medray.platform.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -276,17 +275,6 @@ def _write_timm(arch: str, out: Path, size: int) -> None:
         reg_tokens=4 if arch == "vit_reg" else 0,
     )
     save_for_hf(model, str(out), safe_serialization=True, data_config={"crop_pct": 0.875})
-
-
-register_preset(
-    EncoderSpec(
-        name="demo_tiny_vit",
-        family="hf_image",
-        checkpoint=DEMO_SCHEME + "tiny_vit",
-        pooling="cls",
-        untrained=True,
-    )
-)
 
 
 def _demo(uri: str, root: Path) -> str:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medray.encoders.checkpoint import UNTRAINED_MARKER, node_lock, register_scheme
-from medray.encoders.registry import Encoder, Preprocessor, preprocessing_digest, register_family, register_preset
+from medray.encoders.registry import Encoder, Preprocessor, preprocessing_digest, register_family
 from medray.encoders.spec import EncoderSpec
 from medray.platform.errors import ConfigError, PreprocessError
 
@@ -276,24 +276,6 @@ def build_video_checkpoint(
         )
     )
     return str(out)
-
-
-register_preset(
-    EncoderSpec(
-        name="torchvision_video", family="torchvision_video", checkpoint="???", modality="volume", pooling="pooler"
-    )
-)
-# Kinetics-400 ResNet-3D-18 (torchvision): downloaded once by torchvision (network access needed),
-# then saved in this family's layout in the checkpoint cache.
-register_preset(
-    EncoderSpec(
-        name="r3d_18_kinetics",
-        family="torchvision_video",
-        checkpoint="torchvision://r3d_18/KINETICS400_V1",
-        modality="volume",
-        pooling="pooler",
-    )
-)
 
 
 #: torchvision video weights (``torchvision://r3d_18/KINETICS400_V1``), saved once in the cache.

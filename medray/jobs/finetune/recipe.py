@@ -905,24 +905,55 @@ class FinetuneJob:
         return datasets, self.counts or {}, True
 
     def run(self) -> FinetuneResult:
-        """Split, train on Ray, export the artifact; return what happened."""
-        from ray.train import (
-            CheckpointConfig,
-            DataConfig,
-            FailureConfig,
-            RunConfig,
-            ScalingConfig,
-            TrainingFailedError,
-        )
-        from ray.train.torch import TorchConfig, TorchTrainer
+        """Split, train on Ray, export the artifact; return what happened.
 
-        from medray.jobs.finetune.loop import train_loop  # lazy: imports torch
-
+        The recipe: check the checkpoint and its preprocessing on the driver,
+        start Ray, build the split datasets (decoded inputs or pooled record
+        embeddings), train with Ray Train + DeepSpeed, export and check the
+        artifact, write the summary.
+        """
         c = self.cfg
         t_start = time.perf_counter()
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         run_name = c.run_name or posixpath.basename(c.output.rstrip("/")) or "finetune"
-        # Fetch (once, hashed) and check the checkpoint and its preprocessing on the driver first.
+        pre, weights_hash = self._resolve_encoder()
+        data_sha = manifest_sha256(c.data.train, c.storage.options)
+        ray = self._start_ray()
+        phases: dict[str, float] = {"prepare": time.perf_counter() - t_start}
+
+        t_phase = time.perf_counter()
+        datasets, counts, cached = self._datasets(ray, pre)
+        phases["data"] = time.perf_counter() - t_phase
+
+        config = self._recorded_config()
+        loop_config = self._loop_config(pre, counts, run_name, config)
+        t_phase = time.perf_counter()
+        checkpoint = self._fit(loop_config, datasets)
+        phases["train"] = time.perf_counter() - t_phase
+
+        from medray.jobs.finetune.export import export_run  # lazy: imports torch
+
+        t_phase = time.perf_counter()
+        export = export_run(
+            self,
+            ray,
+            checkpoint,
+            weights_hash=weights_hash,
+            pre=pre,
+            data_sha=data_sha,
+            run_name=run_name,
+            config=config,
+            counts=counts,
+            datasets=datasets,
+        )
+        phases["export"] = time.perf_counter() - t_phase
+        res = self._result(run_id, export, counts, phases, cached, config, wall=time.perf_counter() - t_start)
+        self._write_summary(res)
+        _track_model(c, res, loop_config["run_id"], run_name)
+        return res
+
+    def _resolve_encoder(self) -> tuple[Any, str]:
+        """Fetch (once, hashed) and check the checkpoint and its preprocessing on the driver."""
         _, weights_hash = resolve_checkpoint(
             self.spec.checkpoint,
             storage_options=self.spec.storage_options,
@@ -930,30 +961,35 @@ class FinetuneJob:
             expected_sha256=self.spec.sha256,
         )
         self.weights_hash = weights_hash
-        pre = create_preprocessor(self.spec)
-        data_sha = manifest_sha256(c.data.train, c.storage.options)
+        return create_preprocessor(self.spec), weights_hash
 
+    def _start_ray(self) -> Any:
+        """Connect to the cluster, or start a local Ray sized for the workers plus decoding."""
+        c = self.cfg
         num_cpus = c.ray.num_cpus
         if c.ray.address is None and num_cpus is None:
             # Training workers hold their CPUs for the whole run; Ray Data needs some left to decode.
             need = c.scaling.num_workers * c.scaling.cpus_per_worker + c.data.decode_num_cpus
             num_cpus = max(os.cpu_count() or 1, int(math.ceil(need)))
-        ray = init_ray(c.ray.address, num_cpus=num_cpus, include_dashboard=c.ray.include_dashboard)
-        phases: dict[str, float] = {"prepare": time.perf_counter() - t_start}
-        t_phase = time.perf_counter()
-        datasets, counts, cached = self._datasets(ray, pre)
-        phases["data"] = time.perf_counter() - t_phase
+        return init_ray(c.ray.address, num_cpus=num_cpus, include_dashboard=c.ray.include_dashboard)
+
+    def _recorded_config(self) -> dict[str, Any]:
+        """The resolved config as recorded in the model card and the summary: no secrets."""
+        config = dict(self.resolved)
+        config["storage"] = {"options": redact_options(self.cfg.storage.options)}
+        config.get("encoder", {}).pop("storage_options", None)
+        if config.get("patient_salt"):
+            config["patient_salt"] = "***"
+        return config
+
+    def _loop_config(self, pre: Any, counts: dict, run_name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """What every training worker's loop needs (:func:`medray.jobs.finetune.loop.train_loop`)."""
+        c = self.cfg
         world = c.scaling.num_workers
         rows_per_worker = counts["train"]["usable"] // world
         steps_per_epoch = max(1, rows_per_worker // c.train.batch_size // c.train.grad_accum)
         total_steps = steps_per_epoch * c.train.epochs
-
-        config = dict(self.resolved)  # recorded in the model card: no secrets
-        config["storage"] = {"options": redact_options(c.storage.options)}
-        config.get("encoder", {}).pop("storage_options", None)
-        if config.get("patient_salt"):
-            config["patient_salt"] = "***"
-        loop_config = {
+        return {
             "encoder": spec_to_dict(self.spec),
             "input_shape": self.input_shape(pre),
             "embedding_dim": self.embedding_dim if self.features == "embeddings" else None,
@@ -992,12 +1028,23 @@ class FinetuneJob:
             "run_id": "ft-" + hashlib.sha256(c.output.encode()).hexdigest()[:12],
             "resolved": config,
         }
+
+    def _fit(self, loop_config: dict[str, Any], datasets: dict) -> Any:
+        """Train with Ray Train's ``TorchTrainer``; the last checkpoint, or :class:`FinetuneFailed`."""
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from medray.jobs.finetune.loop import train_loop  # lazy: imports torch
+
+        c = self.cfg
         storage_path, storage_fs = self._storage()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=world, use_gpu=c.scaling.use_gpu, resources_per_worker={"CPU": c.scaling.cpus_per_worker}
+                num_workers=c.scaling.num_workers,
+                use_gpu=c.scaling.use_gpu,
+                resources_per_worker={"CPU": c.scaling.cpus_per_worker},
             ),
             torch_config=TorchConfig(backend="nccl" if c.scaling.use_gpu else "gloo"),
             datasets=datasets,
@@ -1010,7 +1057,6 @@ class FinetuneJob:
                 checkpoint_config=CheckpointConfig(num_to_keep=c.train.checkpoints_to_keep),
             ),
         )
-        t_train = time.perf_counter()
         try:
             result = trainer.fit()
         except TrainingFailedError as err:
@@ -1020,30 +1066,27 @@ class FinetuneJob:
                 f"checkpoint is under {c.output.rstrip('/')}/checkpoints: fix the cause and "
                 "rerun the same command with resume=true"
             ) from err
-        train_s = time.perf_counter() - t_train
-        phases["train"] = train_s
-        t_phase = time.perf_counter()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
+        return result.checkpoint
 
-        from medray.jobs.finetune.export import export_run  # lazy: imports torch
-
-        export = export_run(
-            self,
-            ray,
-            result.checkpoint,
-            weights_hash=weights_hash,
-            pre=pre,
-            data_sha=data_sha,
-            run_name=run_name,
-            config=config,
-            counts=counts,
-            datasets=datasets,
-        )
+    def _result(
+        self,
+        run_id: str,
+        export: dict[str, Any],
+        counts: dict,
+        phases: dict[str, float],
+        cached: bool,
+        config: dict[str, Any],
+        *,
+        wall: float,
+    ) -> FinetuneResult:
+        """What the run did, from the exported artifact's state."""
+        c = self.cfg
         state = export["state"]
-        phases["export"] = time.perf_counter() - t_phase
-        wall = time.perf_counter() - t_start
-        res = FinetuneResult(
+        world = c.scaling.num_workers
+        train_s = phases["train"]
+        return FinetuneResult(
             run_id=run_id,
             output=c.output,
             artifact=export["artifact"],
@@ -1075,12 +1118,12 @@ class FinetuneJob:
             **self._quarantine_counts(),
         )
 
+    def _write_summary(self, res: FinetuneResult) -> None:
+        """``runs/<run_id>.json`` and ``summary.json`` beside the artifact."""
         summary = json.dumps(json_safe(asdict(res)), indent=2, default=str).encode()
-        fs, root = open_fs(c.output, c.storage.options)
-        atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        atomic_write_bytes(fs, posixpath.join(root, "runs", f"{res.run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
-        _track_model(c, res, loop_config["run_id"], run_name)
-        return res
 
 
 class FinetuneFailed(RuntimeError):
