@@ -119,6 +119,9 @@ class ComputeConf:
     dtype: str = "auto"  # auto (bf16 on GPU) | float32 | bfloat16 | float16
     task_retries: int = 2
     max_errored_blocks: int = 0  # >0: a block whose task keeps crashing is dropped (rerun retries it)
+    # auto: without GPUs, one actor per CPU reads, decodes, embeds and writes (no stage holds an idle core);
+    # with GPUs (or series/slide branches), decode tasks feed an encoder actor pool. true | false force one.
+    fuse: str = "auto"
 
 
 @dataclass

@@ -39,8 +39,9 @@ from medray.encoders import (
 )
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
-from medray.pipeline import StageOptions, plan_dataset
-from medray.pipeline.sink import existing_record_ids, make_sink, pool_slides
+from medray.pipeline import StageOptions, plan_dataset, plan_fused
+from medray.pipeline.resume import DoneIndex, anti_join, done_index
+from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions
@@ -62,6 +63,9 @@ JOB = JobInfo(
 )
 
 log = logging.getLogger("medray.embed")
+
+#: Source records per fused actor call, at least (each call writes its own Parquet part).
+FUSED_BATCH_SIZE = 64
 
 
 @dataclass
@@ -152,6 +156,8 @@ class EmbedJob:
                 raise ConfigError(f"compute.{key}", f"must be >= 1, got {getattr(c.compute, key)}")
         if c.compute.min_actors > c.compute.max_actors:
             raise ConfigError("compute.min_actors", "must not exceed compute.max_actors")
+        if str(c.compute.fuse).lower() not in ("auto", "true", "false"):
+            raise ConfigError("compute.fuse", f"must be auto, true or false, got {c.compute.fuse!r}")
         if c.compute.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("compute.dtype", "must be auto, float32, bfloat16 or float16")
         if c.decode.max_bytes < 1 or c.decode.max_pixels < 1:
@@ -277,17 +283,31 @@ class EmbedJob:
         else:
             atomic_write_bytes(fs, marker, json.dumps(ident, indent=2).encode())
 
-    def _records(self, ray: Any) -> Any:
-        """The source dataset: one row per object / archive / manifest row."""
+    def _fuse(self, gpus: float) -> bool:
+        """``compute.fuse``: one read-decode-embed-write actor per CPU (see :mod:`medray.pipeline.fused`)."""
+        mode = str(self.cfg.compute.fuse).lower()
+        if mode in ("true", "false"):
+            return mode == "true"
+        # the series and slide branches group and spread records before the encoder: they keep the staged plan
+        return gpus == 0 and self.series_opts["mode"] == "off" and not self.slide_inputs
+
+    def _listing(self, done: DoneIndex) -> list[dict] | None:
+        """The objects to do, listed on the driver (paths only) minus the finished ones; ``None`` for manifests."""
         c = self.cfg
         if self.input.kind == "manifest":
             self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
-            return read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
-        # Paths only (no contents) are listed on the driver; Ray Data streams the rest.
+            return None
         rows = list(list_objects(c.input, c.storage.options))
         if not rows:
             raise ConfigError("input", f"no objects found under '{c.input}'")
         self.slide_inputs = may_hold_slides(r["uri"] for r in rows)
+        return anti_join(rows, done)
+
+    def _records(self, ray: Any, rows: list[dict] | None) -> Any:
+        """The source dataset: one row per object / archive / manifest row (Ray Data streams the rest)."""
+        c = self.cfg
+        if rows is None:
+            return read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
         return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 200)))
 
     def run(self) -> EmbedResult:
@@ -338,7 +358,11 @@ class EmbedJob:
                 "untrained": bool(extra_pre.spec.untrained),
             }
         self._check_output(ident)
-        done = existing_record_ids(c.output, c.storage.options)
+        done = done_index(c.output, c.storage.options)
+        rows = self._listing(done)
+        if rows is not None and not rows:
+            # nothing left to do: no Ray, no encoder pool
+            return self._summarise(run_id, t_start, {}, ident, untrained, len(done), pipeline_s=0.0)
 
         ray = init_ray(
             c.ray.address,
@@ -359,7 +383,9 @@ class EmbedJob:
             prefer_file_voi=c.decode.prefer_file_voi,
             salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec,
-            done=done,
+            # finished ids: listed inputs were anti-joined on the driver (only CT/MR series ids travel);
+            # a manifest is read by the cluster, so its rows are checked against every finished id
+            done=done.series if rows is not None else done.ids,
             encoder_specs=dict(self.specs),
             audio=self.audio_opts,
             text=self.text_opts,
@@ -375,34 +401,63 @@ class EmbedJob:
             "medray_version": medray.__version__,
             "untrained": untrained,
         }
-        records = self._records(ray)
-        ds = plan_dataset(
-            records,
-            opts,
-            encoder_spec=spec_to_dict(self.spec),
-            provenance=provenance,
-            decode_concurrency=c.compute.decode_concurrency,
-            read_batch_size=c.compute.read_batch_size,
-            decode_batch_size=c.compute.decode_batch_size,
-            encode_batch_size=c.compute.batch_size,
-            actors=(c.compute.min_actors, c.compute.max_actors),
-            num_gpus=gpus,
-            device=device,
-            dtype=c.compute.dtype,
-            task_retries=c.compute.task_retries,
-            decode_num_cpus=c.compute.decode_num_cpus,
-            actor_num_cpus=c.compute.actor_num_cpus,
-            encoder_specs={m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
-            provenances={self.primary: provenance, **provenances} if provenances else None,
-            series_source=records if self.series_opts["mode"] != "off" else None,
-            slide_branch=self.slide_inputs,
-        )
-        sink = make_sink(
-            c.output, c.storage.options, medray.__version__, subdirs={m: f"embeddings/{m}" for m in provenances}
-        )
+        records = self._records(ray, rows)
+        subdirs = {m: f"embeddings/{m}" for m in provenances}
+        actor_kwargs: dict[str, Any] = {
+            "spec": spec_to_dict(self.spec),
+            "device": device,
+            "dtype": c.compute.dtype,
+            "batch_size": c.compute.batch_size,
+            "provenance": provenance,
+            "specs": {m: spec_to_dict(s) for m, s in self.specs.items()} if provenances else None,
+            "provenances": {self.primary: provenance, **provenances} if provenances else None,
+        }
         t_pipe = time.perf_counter()
-        ds.write_datasink(sink)
-        stats = dict(sink.result)
+        if self._fuse(gpus):
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            ds = plan_fused(
+                records,
+                opts,
+                actor_kwargs=actor_kwargs,
+                output=c.output,
+                storage_options=c.storage.options,
+                version=medray.__version__,
+                subdirs=subdirs,
+                actors=max(1, int(cpus // c.compute.actor_num_cpus)),
+                actor_num_cpus=c.compute.actor_num_cpus,
+                batch_size=max(c.compute.read_batch_size, c.compute.batch_size, FUSED_BATCH_SIZE),
+                task_retries=c.compute.task_retries,
+            )
+            stats = aggregate_stats(
+                json.loads(s)
+                for batch in ds.iter_batches(batch_format="pyarrow")
+                for s in batch.column("stats").to_pylist()
+            )
+        else:
+            ds = plan_dataset(
+                records,
+                opts,
+                encoder_spec=actor_kwargs["spec"],
+                provenance=provenance,
+                decode_concurrency=c.compute.decode_concurrency,
+                read_batch_size=c.compute.read_batch_size,
+                decode_batch_size=c.compute.decode_batch_size,
+                encode_batch_size=c.compute.batch_size,
+                actors=(c.compute.min_actors, c.compute.max_actors),
+                num_gpus=gpus,
+                device=device,
+                dtype=c.compute.dtype,
+                task_retries=c.compute.task_retries,
+                decode_num_cpus=c.compute.decode_num_cpus,
+                actor_num_cpus=c.compute.actor_num_cpus,
+                encoder_specs=actor_kwargs["specs"],
+                provenances=actor_kwargs["provenances"],
+                series_source=records if self.series_opts["mode"] != "off" else None,
+                slide_branch=self.slide_inputs,
+            )
+            sink = make_sink(c.output, c.storage.options, medray.__version__, subdirs=subdirs)
+            ds.write_datasink(sink)
+            stats = dict(sink.result)
         # Slide-level rows: after every tile is written, from the written tiles (idempotent).
         slide_route = "slide" if "slide" in self.specs else "image"
         slides = {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
@@ -413,11 +468,31 @@ class EmbedJob:
                 "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}",
             )
         pipeline_s = time.perf_counter() - t_pipe
+        done_before = len(done)
+        return self._summarise(
+            run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides
+        )
+
+    def _summarise(
+        self,
+        run_id: str,
+        t_start: float,
+        stats: dict,
+        ident: dict[str, Any],
+        untrained: bool,
+        done_before: int,
+        *,
+        pipeline_s: float,
+        slides: dict | None = None,
+    ) -> EmbedResult:
+        """The run's result: ``summary.json``, ``runs/<run_id>.json`` and the W&B run."""
+        c = self.cfg
+        slides = slides or {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
         wall = time.perf_counter() - t_start
         embedded = int(stats.get("records", 0))
         quarantined = int(stats.get("quarantined", 0))
         read = embedded + quarantined
-        total = len(existing_record_ids(c.output, c.storage.options))
+        total = len(done_index(c.output, c.storage.options))
         steady = _steady_rate(stats.get("parts") or [])
         config = dict(self.resolved)
         config["storage"] = {"options": redact_options(c.storage.options)}
@@ -427,7 +502,7 @@ class EmbedJob:
             output=c.output,
             encoder=self.spec.name,
             untrained=untrained,
-            records_done_before=len(done),
+            records_done_before=done_before,
             records_read=read,
             records_embedded=embedded,
             rows_written=int(stats.get("rows", 0)) + slides["pooled"],

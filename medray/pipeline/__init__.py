@@ -8,7 +8,7 @@ the encoder actor and the plan, and the sink (:mod:`~medray.pipeline.sink`).
 
 from medray.pipeline.actor import EncoderActor
 from medray.pipeline.options import StageOptions, decode_options, encoder_routes, preprocessors
-from medray.pipeline.plan import plan_dataset
+from medray.pipeline.plan import plan_dataset, plan_fused
 from medray.pipeline.stages import decode_batch, read_batch
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "decode_batch",
     "EncoderActor",
     "plan_dataset",
+    "plan_fused",
     "decode_options",
     "encoder_routes",
     "preprocessors",

@@ -35,6 +35,7 @@ INTERNAL_COLUMNS = (
     "t_preprocess",
     "t_encode",
     "t_done",
+    "done_ids",
 )
 
 #: A row's outcome: ``status`` (ok, error, skipped, noop) and, unless ok, where and why.

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from medray.pipeline.actor import EncoderActor
+from medray.pipeline.fused import FusedEmbedder
 from medray.pipeline.options import StageOptions
 from medray.pipeline.series import plan_series_branch
 from medray.pipeline.stages import SERIES_MODE_READ_BATCH, decode_batch, read_batch, slide_wanted
 
-__all__ = ["plan_dataset"]
+__all__ = ["plan_dataset", "plan_fused"]
 
 
 def plan_dataset(
@@ -132,3 +133,44 @@ def plan_dataset(
             max_task_retries=task_retries,
         )
     return ds
+
+
+def plan_fused(
+    ds: Any,
+    opts: StageOptions,
+    *,
+    actor_kwargs: Mapping[str, Any],
+    output: str,
+    storage_options: Mapping[str, Any],
+    version: str,
+    subdirs: Mapping[str, str],
+    actors: int,
+    actor_num_cpus: float,
+    batch_size: int,
+    task_retries: int = 2,
+) -> Any:
+    """The CPU plan: ``actors`` :class:`~medray.pipeline.fused.FusedEmbedder` actors, one batch of source
+    records per call; the dataset's rows are their write counters (a JSON ``stats`` column).
+    """
+    from ray.data import ActorPoolStrategy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return ds.map_batches(
+            FusedEmbedder,
+            fn_constructor_kwargs={
+                "opts": opts,
+                "output": output,
+                "storage_options": dict(storage_options),
+                "version": version,
+                "subdirs": dict(subdirs),
+                "threads": max(1, int(actor_num_cpus)),
+                "actor_kwargs": dict(actor_kwargs),
+            },
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ActorPoolStrategy(size=max(1, actors)),
+            num_cpus=actor_num_cpus,
+            max_restarts=task_retries,
+            max_task_retries=task_retries,
+        )

@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 
 from medray.pipeline.options import preprocessors
+from medray.pipeline.resume import DONE_IDS
 from medray.platform.decoders import DecodeLimits
 from medray.platform.decoders.series import SeriesOptions, SliceHeader, assemble_series, plan_series, read_slice_header
 from medray.platform.errors import ReadError, RecordError
@@ -143,7 +144,7 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
         else [None] * len(uris)
     )
     # manifest columns travel with each slice's header; the series row keeps those its slices agree on
-    extra = [c for c in table.column_names if c not in ("uri", "member", opts.text_column)]
+    extra = [c for c in table.column_names if c not in ("uri", "member", opts.text_column, DONE_IDS)]
     rows = table.select(extra).to_pylist() if extra else [{}] * len(uris)
     for uri, member, text, carried in zip(uris, members, texts, rows):
         member = member or ""

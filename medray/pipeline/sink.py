@@ -26,10 +26,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medray.pipeline.columns import INTERNAL_COLUMNS
+from medray.pipeline.resume import done_index
 from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema, record_id
 from medray.platform.storage import open_fs
 
-__all__ = ["make_sink", "embeddings_table", "existing_record_ids", "write_parquet_atomic", "pool_slides"]
+__all__ = [
+    "make_sink",
+    "write_tables",
+    "aggregate_stats",
+    "embeddings_table",
+    "existing_record_ids",
+    "write_parquet_atomic",
+    "pool_slides",
+]
 
 _TIMING = ("t_read", "t_decode", "t_preprocess", "t_encode")
 
@@ -59,19 +68,7 @@ def write_parquet_atomic(table: pa.Table, output: str, subdir: str, options: Map
 
 def existing_record_ids(output: str, options: Mapping[str, Any] | None) -> frozenset[str]:
     """Record ids already written under ``output`` (embeddings and quarantine)."""
-    fs, root = open_fs(output, options)
-    done: set[str] = set()
-    for sub in ("embeddings", "quarantine"):
-        d = posixpath.join(root, sub)
-        try:
-            files = [p for p in fs.find(d) if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")]
-        except FileNotFoundError:
-            continue
-        for p in files:
-            with fs.open(p, "rb") as f:
-                col = pq.read_table(f, columns=["record_id"]).column("record_id")
-            done.update(col.to_pylist())
-    return frozenset(done)
+    return done_index(output, options).ids
 
 
 def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "embeddings") -> dict[str, int]:
@@ -177,6 +174,84 @@ def embeddings_table(ok: pa.Table) -> pa.Table:
     return ok.select(schema.names).cast(schema)
 
 
+def write_tables(
+    tables: list[pa.Table],
+    output: str,
+    options: Mapping[str, Any] | None,
+    version: str,
+    subdirs: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write one batch of encoder rows: embeddings parts (per ``route``), quarantine part; return counts.
+
+    What the Ray Data sink does with each block, and what a fused
+    read-decode-encode actor does with its own output (see :mod:`medray.pipeline.fused`).
+    """
+    subdirs = dict(subdirs or {})
+    tables = [t for t in tables if t.num_rows]
+    stats = {
+        "rows": 0,
+        "records": 0,
+        "quarantined": 0,
+        "skipped": 0,
+        "skipped_by_modality": [],
+        "slide_rows": 0,
+        **{k: 0.0 for k in _TIMING},
+    }
+    if not tables:
+        return stats
+    table = pa.concat_tables(tables, promote_options="permissive")
+    for k in _TIMING:
+        if k in table.column_names:
+            stats[k] = float(pc.sum(pc.fill_null(table.column(k).cast(pa.float64()), 0.0)).as_py() or 0.0)
+    ok_mask = pc.equal(table.column("status"), "ok")
+    skip_mask = pc.equal(table.column("status"), "skipped")
+    noop_mask = pc.equal(table.column("status"), "noop")  # a slide whose tiles are all written
+    ok = table.filter(ok_mask)
+    bad = table.filter(pc.invert(pc.or_(pc.or_(ok_mask, skip_mask), noop_mask)))
+    if "modality" in table.column_names:  # slide tiles written, or slides waiting for pooling
+        slide = pc.equal(table.column("modality"), "slide")
+        stats["slide_rows"] = int(pc.sum(pc.and_(slide, pc.or_(ok_mask, noop_mask)).cast(pa.int64())).as_py() or 0)
+    skipped = table.filter(skip_mask)
+    if skipped.num_rows:
+        routes = skipped.column("route").to_pylist() if "route" in skipped.column_names else [None] * skipped.num_rows
+        stats["skipped"] = skipped.num_rows
+        stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
+    if ok.num_rows:
+        routes = ok.column("route").to_pylist() if "route" in ok.column_names else [None] * ok.num_rows
+        dirs = [subdirs.get(str(r), "embeddings") for r in routes]
+        for sub in sorted(set(dirs)):
+            part = ok.filter(pa.array([d == sub for d in dirs]))
+            part = embeddings_table(part)
+            write_parquet_atomic(part, output, sub, options)
+        stats["rows"] = ok.num_rows
+        stats["records"] = len(set(ok.column("record_id").to_pylist()))
+    if bad.num_rows:
+        if "medray_version" not in bad.column_names:
+            bad = bad.append_column("medray_version", pa.array([version] * bad.num_rows))
+        bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+        write_parquet_atomic(bad, output, "quarantine", options)
+        stats["quarantined"] = bad.num_rows
+    # (time the encoder finished a batch, records in it): steady-state throughput.
+    if "t_done" in table.column_names:
+        done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
+        stats["parts"] = [
+            [t, n]
+            for t, n in zip(done.column("t_done").to_pylist(), done.column("record_id_count_distinct").to_pylist())
+            if t is not None
+        ]
+    return stats
+
+
+def aggregate_stats(results: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Sum the counts of :func:`write_tables` calls (lists are concatenated; ``parts`` sorted)."""
+    agg: dict[str, Any] = {"parts": []}
+    for r in results:
+        for k, v in (r or {}).items():
+            agg[k] = agg.get(k, 0) + v if not isinstance(v, list) else agg.get(k, []) + v
+    agg["parts"] = sorted(agg["parts"])
+    return agg
+
+
 def make_sink(
     output: str, options: Mapping[str, Any] | None, version: str, subdirs: Mapping[str, str] | None = None
 ) -> Any:
@@ -204,74 +279,9 @@ def make_sink(
 
         def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            stats = {
-                "rows": 0,
-                "records": 0,
-                "quarantined": 0,
-                "skipped": 0,
-                "skipped_by_modality": [],
-                "slide_rows": 0,
-                **{k: 0.0 for k in _TIMING},
-            }
-            if not tables:
-                return stats
-            table = pa.concat_tables(tables, promote_options="permissive")
-            for k in _TIMING:
-                if k in table.column_names:
-                    stats[k] = float(pc.sum(pc.fill_null(table.column(k).cast(pa.float64()), 0.0)).as_py() or 0.0)
-            ok_mask = pc.equal(table.column("status"), "ok")
-            skip_mask = pc.equal(table.column("status"), "skipped")
-            noop_mask = pc.equal(table.column("status"), "noop")  # a slide whose tiles are all written
-            ok = table.filter(ok_mask)
-            bad = table.filter(pc.invert(pc.or_(pc.or_(ok_mask, skip_mask), noop_mask)))
-            if "modality" in table.column_names:  # slide tiles written, or slides waiting for pooling
-                slide = pc.equal(table.column("modality"), "slide")
-                stats["slide_rows"] = int(
-                    pc.sum(pc.and_(slide, pc.or_(ok_mask, noop_mask)).cast(pa.int64())).as_py() or 0
-                )
-            skipped = table.filter(skip_mask)
-            if skipped.num_rows:
-                routes = (
-                    skipped.column("route").to_pylist()
-                    if "route" in skipped.column_names
-                    else [None] * skipped.num_rows
-                )
-                stats["skipped"] = skipped.num_rows
-                stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
-            if ok.num_rows:
-                routes = ok.column("route").to_pylist() if "route" in ok.column_names else [None] * ok.num_rows
-                dirs = [self.subdirs.get(str(r), "embeddings") for r in routes]
-                for sub in sorted(set(dirs)):
-                    part = ok.filter(pa.array([d == sub for d in dirs]))
-                    part = embeddings_table(part)
-                    write_parquet_atomic(part, self.output, sub, self.options)
-                stats["rows"] = ok.num_rows
-                stats["records"] = len(set(ok.column("record_id").to_pylist()))
-            if bad.num_rows:
-                if "medray_version" not in bad.column_names:
-                    bad = bad.append_column("medray_version", pa.array([self.version] * bad.num_rows))
-                bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
-                write_parquet_atomic(bad, self.output, "quarantine", self.options)
-                stats["quarantined"] = bad.num_rows
-            # (time the encoder finished a batch, records in it): steady-state throughput.
-            if "t_done" in table.column_names:
-                done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
-                stats["parts"] = [
-                    [t, n]
-                    for t, n in zip(
-                        done.column("t_done").to_pylist(), done.column("record_id_count_distinct").to_pylist()
-                    )
-                    if t is not None
-                ]
-            return stats
+            return write_tables(tables, self.output, self.options, self.version, self.subdirs)
 
         def on_write_complete(self, write_result: Any) -> None:
-            agg: dict[str, Any] = {"parts": []}
-            for r in write_result.write_returns:
-                for k, v in (r or {}).items():
-                    agg[k] = agg.get(k, 0) + v if not isinstance(v, list) else agg.get(k, []) + v
-            agg["parts"] = sorted(agg["parts"])
-            self.result = agg
+            self.result = aggregate_stats(write_result.write_returns)
 
     return _Sink()

@@ -141,6 +141,38 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     assert "medray embed:" in prefix_run["proc"].stdout
 
 
+def test_staged_plan_writes_the_same_rows_as_the_fused_plan(corpus, prefix_run):
+    """On CPU the default plan fuses read, decode, embed and write per actor; the staged plan
+    (decode tasks feeding an encoder pool, as on GPU nodes) must write the same records."""
+    out = f"s3://{corpus['bucket']}/out/prefix-staged"
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{corpus['bucket']}/in/",
+        f"output={out}",
+        "max_error_fraction=0.5",
+        "compute.fuse=false",
+        *common(corpus),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fs = corpus["fs"]
+
+    def rows(uri: str) -> dict:
+        t = read_parts(fs, uri + "/embeddings")
+        return {
+            (r, f): e
+            for r, f, e in zip(
+                t.column("record_id").to_pylist(), t.column("frame").to_pylist(), t.column("embedding").to_pylist()
+            )
+        }
+
+    fused, staged = rows(prefix_run["out"]), rows(out)
+    assert set(fused) == set(staged)
+    assert max(float(np.abs(np.asarray(fused[k]) - np.asarray(staged[k])).max()) for k in fused) <= 1e-5
+    q = {r["record_id"] for r in read_parts(fs, out + "/quarantine").to_pylist()}
+    assert q == {r["record_id"] for r in read_parts(fs, prefix_run["out"] + "/quarantine").to_pylist()}
+
+
 def test_run_is_tracked_in_wandb_offline(corpus, prefix_run):
     runs = list(Path(corpus["home"]).glob("wandb/offline-run-*"))
     assert runs, "no offline W&B run directory"

@@ -91,3 +91,57 @@ def test_encoder_isolates_a_poison_record(setup):
     assert [s for _, s in status] == ["ok", "error", "ok"]
     assert out[1]["stage"] == "encode" and out[1]["embedding"] is None
     assert len(out[0]["embedding"]) == 32 and out[0]["encoder"] == "x"
+
+
+def test_a_fused_actor_reads_decodes_embeds_and_writes_its_own_parts(setup, tmp_path):
+    """The CPU plan's actor, called directly: the same rows as the stages, written by itself."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from medray.pipeline.fused import STATS_COLUMN, FusedEmbedder
+
+    root, info, spec = setup
+    rows = [{"uri": str(root / p), "member": "", "label": i} for i, p in enumerate(info["dicom"][:3])]
+    rows.append({"uri": str(root / info["hostile"]["bomb"]), "member": "", "label": 7})
+    opts = StageOptions(encoder_spec=spec, salt="s")
+    kwargs = {"spec": spec_to_dict(spec), "device": "cpu", "batch_size": 4, "provenance": {"encoder": "tiny"}}
+    fused = FusedEmbedder(opts, str(tmp_path / "out"), {}, "test", {}, threads=1, actor_kwargs=kwargs)
+    stats = json.loads(fused(_table(rows)).column(STATS_COLUMN)[0].as_py())
+    assert (stats["records"], stats["quarantined"]) == (3, 1)
+    written = pq.read_table(tmp_path / "out" / "embeddings")
+    staged = EncoderActor(**kwargs)(decode_batch(read_batch(_table(rows), opts), opts))
+    ok = staged.filter(pc.equal(staged.column("status"), "ok"))
+    assert sorted(written.column("record_id").to_pylist()) == sorted(ok.column("record_id").to_pylist())
+    assert sorted(written.column("label").to_pylist()) == [0, 1, 2]  # manifest columns ride along
+    by_id = dict(zip(ok.column("record_id").to_pylist(), ok.column("embedding").to_pylist()))
+    for rid, emb in zip(written.column("record_id").to_pylist(), written.column("embedding").to_pylist()):
+        np.testing.assert_allclose(emb, by_id[rid], atol=1e-6)
+    assert pq.read_table(tmp_path / "out" / "quarantine").column("error_class").to_pylist() == ["LimitExceeded"]
+
+
+def test_batched_preprocessing_isolates_the_record_it_fails_on():
+    """Frames of a batch go through one preprocessing call; a failure falls back record by record."""
+    from medray.pipeline.stages import _preprocess_frames
+
+    class Pre:
+        calls = 0
+
+        def preprocess(self, images):
+            Pre.calls += 1
+            if any(img.shape[0] == 3 for img in images):
+                raise ValueError("bad size")
+            return np.stack([np.full((3, 2, 2), img.mean(), np.float32) for img in images])
+
+    good = [np.full((4, 4, 3), 10, np.uint8)]
+    two = [np.full((4, 4, 3), 20, np.uint8), np.full((4, 4, 3), 30, np.uint8)]
+    bad = [np.zeros((3, 4, 3), np.uint8)]
+    cols = ("pixel_values", "pixel_shape", "pixel_dtype", "t_preprocess", "status", "stage", "error_class", "message")
+    new = {c: [None] * 3 for c in cols}
+    _preprocess_frames([(0, good), (1, bad), (2, two)], Pre(), new)
+    assert new["pixel_shape"] == [[1, 3, 2, 2], None, [2, 3, 2, 2]]
+    assert (new["status"][1], new["stage"][1], new["error_class"][1]) == ("error", "preprocess", "RecordError")
+    assert np.frombuffer(new["pixel_values"][2], np.float32).reshape(2, 3, 2, 2)[1].max() == 30
+    new = {c: [None] * 2 for c in cols}
+    Pre.calls = 0
+    _preprocess_frames([(0, good), (1, two)], Pre(), new)
+    assert Pre.calls == 1 and new["pixel_shape"] == [[1, 3, 2, 2], [2, 3, 2, 2]]

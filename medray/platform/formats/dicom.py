@@ -14,6 +14,7 @@ import time
 
 from medray.platform.decoders import DICOM_EXTENSIONS, decode_dicom, is_image_signature, is_raw_dataset
 from medray.platform.decoders.audio import is_audio
+from medray.platform.decoders.base import Decoded
 from medray.platform.decoders.text import is_structured_report, sr_text
 from medray.platform.deid import extract_metadata, patient_key
 from medray.platform.errors import DecodeError, RecordError
@@ -93,10 +94,15 @@ def _sniff_dicom(data: bytes, name: str) -> str | None:
     return "other" if is_non_image_dicom(data) else "image"
 
 
+def decode_frames(data: bytes, ctx: PrepareContext) -> Decoded:
+    """Selected frames, display-ready RGB (modality and VOI LUTs, windows), with allow-listed metadata."""
+    return decode_dicom(data, options=dicom_options(ctx), limits=ctx.limits, salt=ctx.salt)
+
+
 def prepare_dicom(data: bytes, ctx: PrepareContext) -> Prepared:
     """Selected frames, display-ready RGB, through the image encoder's preprocessing."""
     t0 = time.perf_counter()
-    decoded = decode_dicom(data, options=dicom_options(ctx), limits=ctx.limits, salt=ctx.salt)
+    decoded = decode_frames(data, ctx)
     return frames_input(decoded, ctx, time.perf_counter() - t0)
 
 
@@ -140,6 +146,7 @@ DICOM = register_format(
         modality="image",
         sniff=_sniff_dicom,
         prepare=prepare_dicom,
+        decode=decode_frames,
         priority=11,
         media_types={"application/dicom": "input.dcm"},
         extensions=DICOM_EXTENSIONS,

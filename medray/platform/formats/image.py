@@ -41,10 +41,15 @@ def _sniff(data: bytes, name: str) -> str | None:
     return "image" if is_image_signature(bytes(data[:132])) else None
 
 
+def decode_frames(data: bytes, ctx: PrepareContext) -> Decoded:
+    """One RGB frame, EXIF orientation applied."""
+    return decode_image(data, limits=ctx.limits)
+
+
 def prepare_image(data: bytes, ctx: PrepareContext) -> Prepared:
     """One RGB frame (EXIF orientation applied) through the image encoder's preprocessing."""
     t0 = time.perf_counter()
-    decoded = decode_image(data, limits=ctx.limits)
+    decoded = decode_frames(data, ctx)
     return frames_input(decoded, ctx, time.perf_counter() - t0)
 
 
@@ -54,6 +59,7 @@ IMAGE = register_format(
         modality="image",
         sniff=_sniff,
         prepare=prepare_image,
+        decode=decode_frames,
         priority=20,
         media_types={"image/png": "input.png", "image/jpeg": "input.jpg"},
         extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"),

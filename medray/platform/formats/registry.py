@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medray.platform.decoders.base import DecodeLimits, DicomOptions
+from medray.platform.decoders.base import Decoded, DecodeLimits, DicomOptions
 from medray.platform.errors import ConfigError, PreprocessError, RecordError, UnsupportedFormat
 
 __all__ = [
@@ -147,6 +147,10 @@ class Format:
         resolve_route: ``(sniffed route, ctx) -> route``: pick among the
             configured encoders (e.g. a volume goes to a 3D encoder when there
             is one, else slice by slice to the image encoder).
+        decode: ``(bytes, ctx) -> Decoded`` display-ready frames, for formats
+            whose model input is their frames through the image preprocessing:
+            the pipeline then preprocesses the frames of a whole batch of
+            records in one call (``prepare`` does one record).
         description: one line for listings.
     """
 
@@ -161,6 +165,7 @@ class Format:
     options_key: str | None = None
     columns: tuple[tuple[str, str], ...] = ()
     resolve_route: Callable[[str, PrepareContext], str] = _no_route
+    decode: Callable[[bytes, PrepareContext], Decoded] | None = None
     description: str = ""
 
 

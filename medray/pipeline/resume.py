@@ -1,0 +1,129 @@
+"""Resume: what an output already holds, and the anti-join that leaves only new records to do.
+
+A rerun reads the ``record_id``/``uri`` columns of the output's parts once, on
+the driver, with Arrow (:func:`done_index`), and removes finished records from
+the listing there (:func:`anti_join`), so the cost of a resume grows with the
+new records, not with the output, and no task receives the whole set of
+finished ids: an archive or a slide row carries only its own finished member or
+tile ids (``done_ids``), and only CT/MR series ids (few) travel with the stage
+options. When nothing is left, the job writes its summary without starting Ray.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from medray.platform.records import record_id
+from medray.platform.sources import ARCHIVE_MEMBER_PENDING
+from medray.platform.storage import open_fs
+
+__all__ = ["DoneIndex", "done_index", "anti_join", "DONE_IDS"]
+
+#: The column of a source row listing its own finished member/tile ids (archives, slides).
+DONE_IDS = "done_ids"
+
+_EMPTY = pa.table({"record_id": pa.array([], pa.string()), "uri": pa.array([], pa.string())})
+
+
+@dataclass(frozen=True)
+class DoneIndex:
+    """The finished records of an output: one row per record (``record_id``, ``uri``), plus series ids.
+
+    Attributes:
+        table: distinct ``record_id`` with the ``uri`` it came from.
+        series: ids of finished CT/MR series records (their rows have a ``series_key``).
+    """
+
+    table: pa.Table
+    series: frozenset[str]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """Every finished id (for inputs listed in a distributed way, e.g. manifests)."""
+        return frozenset(self.table.column("record_id").to_pylist())
+
+
+def _parts(fs: Any, root: str) -> list[str]:
+    files: list[str] = []
+    for sub in ("embeddings", "quarantine"):
+        d = posixpath.join(root, sub)
+        fs.invalidate_cache(d)  # s3fs caches listings: a part written since must be seen, a gone one not
+        try:
+            found = fs.find(d)
+        except FileNotFoundError:
+            continue
+        files += [p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")]
+    return sorted(files)
+
+
+def done_index(output: str, options: Mapping[str, Any] | None) -> DoneIndex:
+    """The records already written under ``output`` (embeddings and quarantine)."""
+    fs, root = open_fs(output, options)
+    tables, series = [], set()
+    for path in _parts(fs, root):
+        try:
+            with fs.open(path, "rb") as f:
+                names = pq.read_schema(f).names
+                f.seek(0)
+                cols = [c for c in ("record_id", "uri", "series_key") if c in names]
+                t = pq.read_table(f, columns=cols)
+        except FileNotFoundError:  # removed between the listing and the read: nothing of it is done
+            continue
+        if "series_key" in t.column_names:
+            mask = pc.is_valid(t.column("series_key"))
+            series.update(t.filter(mask).column("record_id").to_pylist())
+        if "uri" not in t.column_names:
+            t = t.append_column("uri", pa.nulls(t.num_rows, pa.string()))
+        tables.append(t.select(["record_id", "uri"]).cast(_EMPTY.schema))
+    table = pa.concat_tables(tables) if tables else _EMPTY
+    if table.num_rows:
+        table = table.group_by(["record_id"]).aggregate([("uri", "min")]).rename_columns(["record_id", "uri"])
+    return DoneIndex(table, frozenset(series))
+
+
+def anti_join(rows: list[dict], done: DoneIndex) -> list[dict]:
+    """The listed rows that are not finished; archives and possible slides carry their own finished ids.
+
+    A plain object is finished when its ``(uri, member)`` id is in the output.
+    An archive (member pending) or a TIFF (may be a slide, tiled) is never
+    dropped here: its row gets ``done_ids``, the finished ids among its members
+    or tiles, for the read stage to skip.
+    """
+    if not len(done) or not rows:
+        return rows
+    ids = pa.array([record_id(r["uri"], r["member"]) for r in rows], pa.string())
+    finished = pc.is_in(ids, value_set=done.table.column("record_id")).to_pylist()
+    keep: list[dict] = []
+    multi: list[dict] = []
+    for row, is_done in zip(rows, finished):
+        if row["member"] == ARCHIVE_MEMBER_PENDING or _may_be_slide(row["uri"]):
+            multi.append(row)
+        elif is_done:
+            continue
+        keep.append(dict(row, **{DONE_IDS: []}))
+    if multi:
+        uris = pa.array(sorted({r["uri"] for r in multi}), pa.string())
+        mine = done.table.filter(pc.is_in(done.table.column("uri"), value_set=uris))
+        by_uri: dict[str, list[str]] = {}
+        for rid, uri in zip(mine.column("record_id").to_pylist(), mine.column("uri").to_pylist()):
+            by_uri.setdefault(uri, []).append(rid)
+        for row in keep:
+            if row["uri"] in by_uri:
+                row[DONE_IDS] = by_uri[row["uri"]]
+    return keep
+
+
+def _may_be_slide(uri: str) -> bool:
+    from medray.platform.decoders.slide import SLIDE_EXTENSIONS
+
+    return uri.lower().endswith((*SLIDE_EXTENSIONS, ".tif", ".tiff"))
