@@ -135,6 +135,10 @@ def plan_dataset(
     return ds
 
 
+#: The share of its CPU a fused actor reserves (the rest is room for the source's light tasks).
+FUSED_CPU_SHARE = 0.9
+
+
 def plan_fused(
     ds: Any,
     opts: StageOptions,
@@ -154,6 +158,9 @@ def plan_fused(
     """
     from ray.data import ActorPoolStrategy
 
+    # The source's own tasks (reading a manifest) run first: the actors then hold every CPU without
+    # starving them. Source rows are small (URIs and carried columns), so this costs little.
+    ds = ds.materialize()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         return ds.map_batches(
@@ -170,7 +177,8 @@ def plan_fused(
             batch_format="pyarrow",
             batch_size=batch_size,
             compute=ActorPoolStrategy(size=max(1, actors)),
-            num_cpus=actor_num_cpus,
+            # a tenth of each actor's share stays free for the source's own light tasks (reading a manifest)
+            num_cpus=actor_num_cpus * FUSED_CPU_SHARE,
             max_restarts=task_retries,
             max_task_retries=task_retries,
         )
