@@ -64,9 +64,6 @@ JOB = JobInfo(
 
 log = logging.getLogger("medray.embed")
 
-#: Source records per fused actor call, at least (each call writes its own Parquet part).
-FUSED_BATCH_SIZE = 64
-
 
 @dataclass
 class EmbedResult:
@@ -383,9 +380,10 @@ class EmbedJob:
             prefer_file_voi=c.decode.prefer_file_voi,
             salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec,
-            # finished ids: listed inputs were anti-joined on the driver (only CT/MR series ids travel);
-            # a manifest is read by the cluster, so its rows are checked against every finished id
-            done=done.series if rows is not None else done.ids,
+            # finished ids: listed inputs were anti-joined on the driver, so none travel; a manifest is
+            # read by the cluster, and series records (quarantined ones too) are keyed by series, so
+            # there the tasks check against every finished id
+            done=done.ids if rows is None or self.series_opts["mode"] != "off" else frozenset(),
             encoder_specs=dict(self.specs),
             audio=self.audio_opts,
             text=self.text_opts,
@@ -425,7 +423,8 @@ class EmbedJob:
                 subdirs=subdirs,
                 actors=max(1, int(cpus // c.compute.actor_num_cpus)),
                 actor_num_cpus=c.compute.actor_num_cpus,
-                batch_size=max(c.compute.read_batch_size, c.compute.batch_size, FUSED_BATCH_SIZE),
+                # records per actor call (each call writes its own part): the read batch, at least a model batch
+                batch_size=max(c.compute.read_batch_size, c.compute.batch_size),
                 task_retries=c.compute.task_retries,
             )
             stats = aggregate_stats(

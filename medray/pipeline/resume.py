@@ -5,8 +5,11 @@ the driver, with Arrow (:func:`done_index`), and removes finished records from
 the listing there (:func:`anti_join`), so the cost of a resume grows with the
 new records, not with the output, and no task receives the whole set of
 finished ids: an archive or a slide row carries only its own finished member or
-tile ids (``done_ids``), and only CT/MR series ids (few) travel with the stage
-options. When nothing is left, the job writes its summary without starting Ray.
+tile ids (``done_ids``). Two cases still ship every finished id with the stage
+options: a manifest (read by the cluster, not listed on the driver) and
+``series.mode`` (a series record, embedded or quarantined, is keyed by its
+series, not by a listed object). When nothing is left, the job writes its
+summary without starting Ray.
 """
 
 from __future__ import annotations
