@@ -193,7 +193,7 @@ def resume(input_dir: Path, work: Path, ckpt: str, rounds: int, extra: list[str]
         _run(_medray(input_dir, out, ckpt, extra), env)
     walls = []
     for _ in range(rounds):
-        wall, stdout = _run(_medray(input_dir, out, ckpt, extra), env)
+        wall, _ = _run(_medray(input_dir, out, ckpt, extra), env)
         walls.append(wall)
     summary = json.loads((out / "summary.json").read_text())
     return {"records_in_output": summary.get("records_total_in_output"), "rerun_wall_s": walls, "best_s": min(walls)}

@@ -167,10 +167,6 @@ class EmbedConf:
     run_name: Optional[str] = None
 
 
-#: Config sections that are not a format's options (series grouping, the DICOM display choices).
-DECLARED_SECTIONS = frozenset({"series", "decode"})
-
-
 def _schema_of(options: type) -> type:
     """A mutable copy of a format's (frozen) options dataclass, for Hydra to compose and override."""
     hints = typing.get_type_hints(options)
@@ -195,7 +191,7 @@ def format_sections() -> dict[str, type]:
     A format declares its options once, as a dataclass in its own module
     (:attr:`medray.platform.formats.Format.options`); this is what Hydra composes.
     """
-    return {key: _schema_of(cls) for key, cls in option_types().items() if key not in DECLARED_SECTIONS}
+    return {key: _schema_of(cls) for key, cls in option_types().items()}
 
 
 @functools.lru_cache(maxsize=8)

@@ -359,7 +359,7 @@ class EmbedJob:
         rows = self._listing(done)
         if rows is not None and not rows:
             # nothing left to do: no Ray, no encoder pool
-            return self._summarise(run_id, t_start, {}, ident, untrained, len(done), pipeline_s=0.0)
+            return self._summarise(run_id, t_start, {}, ident, untrained, len(done), pipeline_s=0.0, total=len(done))
 
         ray = init_ray(
             c.ray.address,
@@ -483,6 +483,7 @@ class EmbedJob:
         *,
         pipeline_s: float,
         slides: dict | None = None,
+        total: int | None = None,
     ) -> EmbedResult:
         """The run's result: ``summary.json``, ``runs/<run_id>.json`` and the W&B run."""
         c = self.cfg
@@ -491,7 +492,8 @@ class EmbedJob:
         embedded = int(stats.get("records", 0))
         quarantined = int(stats.get("quarantined", 0))
         read = embedded + quarantined
-        total = len(done_index(c.output, c.storage.options))
+        if total is None:  # what the output holds now (a run that wrote nothing already knows)
+            total = len(done_index(c.output, c.storage.options))
         steady = _steady_rate(stats.get("parts") or [])
         config = dict(self.resolved)
         config["storage"] = {"options": redact_options(c.storage.options)}

@@ -4,8 +4,8 @@ A rerun reads the ``record_id``/``uri`` columns of the output's parts once, on
 the driver, with Arrow (:func:`done_index`), and removes finished records from
 the listing there (:func:`anti_join`), so the cost of a resume grows with the
 new records, not with the output, and no task receives the whole set of
-finished ids: an archive or a slide row carries only its own finished member or
-tile ids (``done_ids``). Two cases still ship every finished id with the stage
+finished ids: a row carries only the finished ids under its own URI
+(``done_ids``: an archive's members, a slide's tiles). Two cases still ship every finished id with the stage
 options: a manifest (read by the cluster, not listed on the driver) and
 ``series.mode`` (a series record, embedded or quarantined, is keyed by its
 series, not by a listed object). When nothing is left, the job writes its
@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medray.platform.records import record_id
-from medray.platform.sources import ARCHIVE_MEMBER_PENDING
 from medray.platform.storage import open_fs
 
 __all__ = ["DoneIndex", "done_index", "anti_join", "DONE_IDS"]
@@ -95,38 +94,23 @@ def done_index(output: str, options: Mapping[str, Any] | None) -> DoneIndex:
 
 
 def anti_join(rows: list[dict], done: DoneIndex) -> list[dict]:
-    """The listed rows that are not finished; archives and possible slides carry their own finished ids.
+    """The listed rows that are not finished, each with the finished ids written under its URI.
 
-    A plain object is finished when its ``(uri, member)`` id is in the output.
-    An archive (member pending) or a TIFF (may be a slide, tiled) is never
-    dropped here: its row gets ``done_ids``, the finished ids among its members
-    or tiles, for the read stage to skip.
+    An object is finished when its own ``(uri, member)`` id is in the output (an
+    image, or a slide whose pooled row is written). A row that stays carries in
+    ``done_ids`` the finished ids of its members or tiles (an archive, a slide
+    whose run stopped part way), for the read stage to skip: never the whole set.
     """
     if not len(done) or not rows:
         return rows
     ids = pa.array([record_id(r["uri"], r["member"]) for r in rows], pa.string())
     finished = pc.is_in(ids, value_set=done.table.column("record_id")).to_pylist()
-    keep: list[dict] = []
-    multi: list[dict] = []
-    for row, is_done in zip(rows, finished):
-        if row["member"] == ARCHIVE_MEMBER_PENDING or _may_be_slide(row["uri"]):
-            multi.append(row)
-        elif is_done:
-            continue
-        keep.append(dict(row, **{DONE_IDS: []}))
-    if multi:
-        uris = pa.array(sorted({r["uri"] for r in multi}), pa.string())
-        mine = done.table.filter(pc.is_in(done.table.column("uri"), value_set=uris))
-        by_uri: dict[str, list[str]] = {}
-        for rid, uri in zip(mine.column("record_id").to_pylist(), mine.column("uri").to_pylist()):
-            by_uri.setdefault(uri, []).append(rid)
-        for row in keep:
-            if row["uri"] in by_uri:
-                row[DONE_IDS] = by_uri[row["uri"]]
+    keep = [dict(row, **{DONE_IDS: []}) for row, is_done in zip(rows, finished) if not is_done]
+    uris = pa.array(sorted({r["uri"] for r in keep}), pa.string())
+    mine = done.table.filter(pc.is_in(done.table.column("uri"), value_set=uris))
+    by_uri: dict[str, list[str]] = {}
+    for rid, uri in zip(mine.column("record_id").to_pylist(), mine.column("uri").to_pylist()):
+        by_uri.setdefault(uri, []).append(rid)
+    for row in keep:
+        row[DONE_IDS] = by_uri.get(row["uri"], [])
     return keep
-
-
-def _may_be_slide(uri: str) -> bool:
-    from medray.platform.decoders.slide import SLIDE_EXTENSIONS
-
-    return uri.lower().endswith((*SLIDE_EXTENSIONS, ".tif", ".tiff"))

@@ -150,7 +150,7 @@ def read_nifti(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
         raise DecodeError(f"truncated NIfTI: {len(raw)} bytes, the header promises {expected}")
     try:
         return cls.from_bytes(raw[:expected])
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for damaged data
         raise DecodeError(f"unreadable NIfTI image ({type(err).__name__})") from None
 
 
