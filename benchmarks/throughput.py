@@ -7,7 +7,12 @@ interleaved, best of ``--rounds``):
   layers), so decoding is the work;
 * ``overhead``: 32×32 PNGs and the same tiny ViT, so per-record cost is the work;
 * ``resume``: ``medray embed`` run again on its finished ``overhead`` output
-  (nothing left to do).
+  (nothing left to do);
+* ``growth``: ``medray embed`` alone on 2,000, 20,000 and 200,000 small PNGs:
+  wall time per size, seconds per extra record, the driver's peak memory.
+
+The ``overhead`` regime also runs on half its inputs, so the marginal rate
+(extra records ÷ extra seconds, start-up cancelled) is reported for both.
 
 The plain loop is what a research group would write: list the files, read,
 decode and preprocess each with the same functions medray uses (so the
@@ -165,6 +170,9 @@ def regime(name: str, input_dir: Path, work: Path, ckpt: str, rounds: int, batch
                 "records": summary.get("records_embedded"),
                 "steady_records_per_s": summary.get("steady_records_per_s"),
                 "pipeline_s": summary.get("pipeline_s"),
+                "first_row_s": summary.get("first_row_s"),
+                "driver_peak_rss_mb": summary.get("driver_peak_rss_mb"),
+                "driver_seconds": summary.get("driver_seconds"),
             }
         )
         if parity is None:
@@ -182,6 +190,69 @@ def regime(name: str, input_dir: Path, work: Path, ckpt: str, rounds: int, batch
         "steady_vs_cores_x_loop_rate": (steady / (cores * best_loop["rate"])) if steady else None,
         "parity_max_abs_diff": parity,
         "rounds": {"loop": loops, "medray": pipes},
+    }
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    """``dst`` holding hard links to the first ``n`` files of ``src`` (same bytes, no copies)."""
+    files = sorted(src.iterdir())[:n]
+    if dst.is_dir() and len(list(dst.iterdir())) == n:
+        return dst
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in files:
+        os.link(f, dst / f.name)
+    return dst
+
+
+def marginal(half: dict, full: dict) -> dict:
+    """Extra records ÷ extra seconds between a run on half the inputs and one on all (start-up cancels)."""
+    extra = full["records"] - half["records"]
+    loop = extra / (full["loop"]["wall_s"] - half["loop"]["wall_s"])
+    mine = extra / (full["medray"]["wall_s"] - half["medray"]["wall_s"])
+    return {
+        "records": [half["records"], full["records"]],
+        "loop_records_per_s": loop,
+        "medray_records_per_s": mine,
+        "medray_vs_loop": mine / loop,
+    }
+
+
+def growth(src: Path, work: Path, ckpt: str, sizes: list[int], extra: list[str]) -> dict:
+    """``medray embed`` on growing inputs: wall time, rate and the driver's peak memory per size."""
+    import shutil
+
+    env = dict(os.environ, MEDRAY_PROGRESS="0")
+    points = []
+    for n in sizes:
+        d = src if n == max(sizes) else _subset(src, work / f"in-growth-{n}", n)
+        out = work / f"growth-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, _ = _run(_medray(d, out, ckpt, extra), env)
+        summary = json.loads((out / "summary.json").read_text())
+        points.append(
+            {
+                "records": n,
+                "wall_s": wall,
+                "records_per_s": n / wall,
+                "driver_peak_rss_mb": summary.get("driver_peak_rss_mb"),
+                "first_row_s": summary.get("first_row_s"),
+            }
+        )
+        print(f"growth {n}: {wall:.1f}s, driver {summary.get('driver_peak_rss_mb')} MB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    # linear: the seconds per extra record of each step, against the first step's
+    per = [
+        (b["wall_s"] - a["wall_s"]) / (b["records"] - a["records"]) for a, b in zip(points, points[1:], strict=False)
+    ]
+    rss = [p["driver_peak_rss_mb"] for p in points if p["driver_peak_rss_mb"] is not None]
+    return {
+        "points": points,
+        "seconds_per_extra_record": per,
+        "marginal_cost_ratio_last_vs_first": per[-1] / per[0] if len(per) > 1 and per[0] > 0 else None,
+        "driver_peak_rss_growth_mb": (max(rss) - min(rss)) if rss else None,
     }
 
 
@@ -204,9 +275,10 @@ def main() -> None:
         loop(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--regimes", default="decode,overhead,resume")
+    ap.add_argument("--regimes", default="decode,overhead,resume,growth")
     ap.add_argument("--n-decode", type=int, default=1200)
     ap.add_argument("--n-overhead", type=int, default=20000)
+    ap.add_argument("--n-growth", default="2000,20000,200000", help="input sizes of the growth regime")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--work", default=os.path.join(os.environ.get("MEDRAY_HOME", ".medray"), "bench-throughput"))
@@ -233,13 +305,21 @@ def main() -> None:
         o = work / "in-overhead"
         _make_pngs(o, args.n_overhead)
         if "overhead" in regimes:
+            half = _subset(o, work / "in-overhead-half", args.n_overhead // 2)
+            result["overhead_half"] = regime("overhead-half", half, work, ckpt, args.rounds, args.batch, extra)
             result["overhead"] = regime("overhead", o, work, ckpt, args.rounds, args.batch, extra)
+            result["overhead_marginal"] = marginal(result["overhead_half"], result["overhead"])
         if "resume" in regimes:
             result["resume"] = resume(o, work, ckpt, args.rounds, extra)
+    if "growth" in regimes:
+        sizes = sorted(int(n) for n in args.n_growth.split(","))
+        g = work / "in-growth"
+        _make_pngs(g, max(sizes))
+        result["growth"] = growth(g, work, ckpt, sizes, extra)
     result["load_avg_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("decode", "overhead")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("decode", "overhead", "overhead_half")}, indent=2))
     for k in ("decode", "overhead"):
         if k in result:
             r = result[k]

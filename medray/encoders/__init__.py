@@ -25,7 +25,7 @@ from medray.encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf_a
 from medray.encoders import hf_text as _hf_text  # noqa: F401  (registers hf_text)
 from medray.encoders import timm_family as _timm_family  # noqa: F401  (registers timm_image)
 from medray.encoders import video as _video  # noqa: F401  (registers torchvision_video: CT/MR volumes)
-from medray.encoders.checkpoint import UNTRAINED_MARKER, hash_directory, resolve_checkpoint
+from medray.encoders.checkpoint import UNTRAINED_MARKER, hash_directory, is_untrained, resolve_checkpoint
 from medray.encoders.registry import (
     Encoder,
     Preprocessor,
@@ -38,7 +38,7 @@ from medray.encoders.registry import (
     register_family,
     register_preset,
 )
-from medray.encoders.spec import EncoderSpec, spec_from_dict, spec_to_dict
+from medray.encoders.spec import EncoderSpec, identity_key, spec_from_dict, spec_to_dict
 from medray.encoders.tiny import build_tiny_checkpoint, ensure_demo_checkpoint
 
 __all__ = [
@@ -53,6 +53,8 @@ __all__ = [
     "family_modality",
     "get_spec",
     "hash_directory",
+    "identity_key",
+    "is_untrained",
     "list_encoders",
     "list_families",
     "register_family",

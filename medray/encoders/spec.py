@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ __all__ = [
     "MISSING",
     "POOLINGS",
     "default_cache_dir",
+    "identity_key",
     "spec_from_dict",
     "spec_to_dict",
 ]
@@ -162,3 +165,34 @@ def spec_from_dict(data: Mapping[str, Any]) -> EncoderSpec:
 def spec_to_dict(spec: EncoderSpec) -> dict[str, Any]:
     """Return a spec as a plain dict (for Ray task arguments and JSON)."""
     return spec.to_dict()
+
+
+#: Libraries whose version can change what a checkpoint's processor does to an input.
+_PREPROCESSING_LIBRARIES = ("transformers", "timm", "torchvision", "open_clip_torch", "medray")
+
+
+def identity_key(specs: Mapping[str, EncoderSpec], weights_hashes: Mapping[str, str]) -> str:
+    """A digest of everything a run's preprocessing hashes depend on, computed without building them.
+
+    The specs (minus credentials and cache location), each checkpoint's
+    directory hash (which covers its processor config) and the versions of the
+    libraries that implement the processors. Two runs with the same key build
+    the same preprocessing hashes, so an output can remember them.
+    """
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in _PREPROCESSING_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    body = {
+        "specs": {
+            m: {k: v for k, v in spec.to_dict().items() if k not in ("storage_options", "cache_dir")}
+            for m, spec in sorted(specs.items())
+        },
+        "weights": dict(sorted(weights_hashes.items())),
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()

@@ -26,6 +26,8 @@ class JobInfo:
         config_name: Hydra primary config in ``conf/`` (None: the job parses its own argv).
         register: registers the job's structured-config schemas with Hydra.
         order: position in ``medray --help``.
+        exit_fast: a console run ends with ``os._exit`` once the job returned
+            (its outputs are committed): skips Ray's and the interpreter's teardown.
     """
 
     name: str
@@ -33,6 +35,7 @@ class JobInfo:
     config_name: str | None = None
     register: Callable[[], None] | None = field(default=None, compare=False)
     order: int = 50
+    exit_fast: bool = False
 
 
 def discover_jobs() -> dict[str, tuple[JobInfo, str]]:

@@ -33,6 +33,8 @@ from medray.encoders import (
     create_preprocessor,
     family_modality,
     get_spec,
+    identity_key,
+    is_untrained,
     list_families,
     resolve_checkpoint,
     spec_to_dict,
@@ -48,7 +50,7 @@ from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions
 from medray.platform.errors import ConfigError
 from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
-from medray.platform.runtime import cluster_gpus, init_ray
+from medray.platform.runtime import Background, Stopwatch, cluster_gpus, init_ray, process_start
 from medray.platform.sources import InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
 from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
@@ -60,6 +62,7 @@ JOB = JobInfo(
     "stream DICOM/images from a prefix, manifest or archive into embeddings (Parquet)",
     config_name="embed",
     order=10,
+    exit_fast=True,
 )
 
 log = logging.getLogger("medray.embed")
@@ -90,6 +93,9 @@ class EmbedResult:
     skipped_by_modality: dict = None  # type: ignore[assignment]
     encoders: dict = None  # type: ignore[assignment]  # modality -> encoder name
     slides: dict = None  # type: ignore[assignment]  # slides, pooled rows, tiles, background tiles
+    driver_seconds: dict = None  # type: ignore[assignment]  # the driver's phases (checkpoint, listing, ray_init, ...)
+    first_row_s: float | None = None  # from the process start to the first written embedding
+    driver_peak_rss_mb: float | None = None  # the driver process's peak resident memory
 
     def one_line(self) -> str:
         """The closing one-line summary."""
@@ -275,10 +281,67 @@ class EmbedJob:
                         f"output already holds {modality} embeddings of "
                         f"encoder '{theirs.get('encoder')}'; choose a new output location",
                     )
-            if any(m not in known for m in extra):
-                atomic_write_bytes(fs, marker, json.dumps({**have, "encoders": {**known, **extra}}, indent=2).encode())
+            if any(m not in known for m in extra) or have.get("identity_key") != ident.get("identity_key"):
+                merged = {**have, "encoders": {**known, **extra}, "identity_key": ident.get("identity_key")}
+                atomic_write_bytes(fs, marker, json.dumps(merged, indent=2).encode())
         else:
             atomic_write_bytes(fs, marker, json.dumps(ident, indent=2).encode())
+
+    def _check_weights(self, hashes: dict[str, str]) -> None:
+        """Before Ray starts: refuse an output that holds another checkpoint's embeddings (by weights hash).
+
+        :meth:`_check_output` checks the preprocessing hashes too, once they are built.
+        """
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        try:
+            with fs.open(posixpath.join(root, "_medray.json"), "rb") as f:
+                have = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return
+        known = {self.primary: have} | dict(have.get("encoders") or {})
+        for modality, mine in hashes.items():
+            theirs = known.get(modality) or {}
+            if theirs.get("weights_hash") not in (None, mine):
+                key = "output" if modality == self.primary else f"encoders.{modality}"
+                what = "embeddings" if modality == self.primary else f"{modality} embeddings"
+                raise ConfigError(
+                    key,
+                    f"already holds {what} of encoder '{theirs.get('encoder')}' "
+                    "(weights_hash differs); choose a new output location",
+                )
+
+    def _known_identity(self, key: str) -> dict[str, Any] | None:
+        """The output marker's identity when it was written for the same :func:`identity_key`, else None."""
+        fs, root = open_fs(self.cfg.output, self.cfg.storage.options)
+        try:
+            with fs.open(posixpath.join(root, "_medray.json"), "rb") as f:
+                have = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        if have.get("identity_key") != key:
+            return None
+        extra = {m: e for m, e in (have.get("encoders") or {}).items() if m in self.specs}
+        ident = {k: have[k] for k in ("encoder", "checkpoint", "weights_hash", "preprocessing_hash", "identity_key")}
+        ident["medray_version"] = medray.__version__
+        if extra:
+            ident["encoders"] = extra
+        return ident
+
+    def _identify(self, hashes: dict[str, str], key: str) -> dict[str, Any]:
+        """What the output marker records of this run's encoders: checkpoint, weights and preprocessing hashes."""
+        ident: dict[str, Any] = {}
+        for modality, spec in self.specs.items():
+            entry = {
+                "encoder": spec.name,
+                "checkpoint": spec.checkpoint,
+                "weights_hash": hashes[modality],
+                "preprocessing_hash": create_preprocessor(spec).preprocessing_hash,
+            }
+            if modality == self.primary:
+                ident.update(entry, medray_version=medray.__version__, identity_key=key)
+            else:
+                ident.setdefault("encoders", {})[modality] = entry
+        return ident
 
     def _fuse(self, gpus: float) -> bool:
         """``compute.fuse``: one read-decode-embed-write actor per CPU (see :mod:`medray.pipeline.fused`)."""
@@ -311,55 +374,43 @@ class EmbedJob:
         """Run the pipeline and write embeddings, quarantine and the summary."""
         c = self.cfg
         t_start = time.perf_counter()
+        clock = Stopwatch()
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        # Resolve (download once, verify) the checkpoint and its preprocessing on the driver,
-        # so a wrong checkpoint fails before Ray starts and provenance is known up front.
-        _, weights_hash = resolve_checkpoint(
-            self.spec.checkpoint,
-            storage_options=self.spec.storage_options,
-            cache_dir=self.spec.cache_dir,
-            expected_sha256=self.spec.sha256,
-        )
-        pre = create_preprocessor(self.spec)
-        # the checkpoint's own MEDRAY_UNTRAINED marker counts too, not only encoder.untrained
-        untrained = bool(pre.spec.untrained)
-        ident: dict[str, Any] = {
-            "encoder": self.spec.name,
-            "checkpoint": self.spec.checkpoint,
-            "weights_hash": weights_hash,
-            "preprocessing_hash": pre.preprocessing_hash,
-            "medray_version": medray.__version__,
-        }
-        provenances: dict[str, dict] = {}
+        # Resolve (download once, verify) every checkpoint on the driver, so a wrong checkpoint
+        # fails before Ray starts and provenance is known up front.
+        hashes: dict[str, str] = {}
+        untrained_by: dict[str, bool] = {}
         for modality, spec in self.specs.items():
-            if modality == self.primary:
-                continue
-            _, extra_hash = resolve_checkpoint(
+            local, hashes[modality] = resolve_checkpoint(
                 spec.checkpoint,
                 storage_options=spec.storage_options,
                 cache_dir=spec.cache_dir,
                 expected_sha256=spec.sha256,
             )
-            extra_pre = create_preprocessor(spec)
-            ident.setdefault("encoders", {})[modality] = {
-                "encoder": spec.name,
-                "checkpoint": spec.checkpoint,
-                "weights_hash": extra_hash,
-                "preprocessing_hash": extra_pre.preprocessing_hash,
-            }
-            provenances[modality] = {
-                "encoder": spec.name,
-                "weights_hash": extra_hash,
-                "preprocessing_hash": extra_pre.preprocessing_hash,
-                "medray_version": medray.__version__,
-                "untrained": bool(extra_pre.spec.untrained),
-            }
-        self._check_output(ident)
+            # the checkpoint's own MEDRAY_UNTRAINED marker counts too, not only encoder.untrained
+            untrained_by[modality] = bool(spec.untrained or is_untrained(local))
+        untrained = untrained_by[self.primary]
+        self._check_weights(hashes)
+        key = identity_key(self.specs, hashes)
+        # The preprocessing hashes need each checkpoint's processor (transformers, torchvision: seconds
+        # of imports). The output's marker remembers them under the same identity key; otherwise they
+        # are built in a thread, beside the listing and Ray's start-up.
+        ident = self._known_identity(key)
+        pending = None if ident is not None else Background(self._identify, hashes, key)
+        clock.lap("checkpoint")
         done = done_index(c.output, c.storage.options)
+        clock.lap("done_index")
         rows = self._listing(done)
+        clock.lap("listing")
         if rows is not None and not rows:
-            # nothing left to do: no Ray, no encoder pool
-            return self._summarise(run_id, t_start, {}, ident, untrained, len(done), pipeline_s=0.0, total=len(done))
+            # nothing left to do: no Ray, no encoder pool, no W&B run
+            if pending is not None:
+                ident = pending.result()
+                self._check_output(ident)
+            assert ident is not None
+            return self._summarise(
+                run_id, t_start, {}, ident, untrained, len(done), pipeline_s=0.0, total=len(done), clock=clock
+            )
 
         ray = init_ray(
             c.ray.address,
@@ -367,6 +418,24 @@ class EmbedJob:
             include_dashboard=c.ray.include_dashboard,
             max_errored_blocks=c.compute.max_errored_blocks,
         )
+        clock.lap("ray_init")
+        if pending is not None:
+            ident = pending.result()
+            self._check_output(ident)
+            clock.lap("preprocessing_wait")
+        assert ident is not None
+        version = medray.__version__
+        provenances: dict[str, dict] = {
+            modality: {
+                "encoder": extra["encoder"],
+                "weights_hash": extra["weights_hash"],
+                "preprocessing_hash": extra["preprocessing_hash"],
+                "medray_version": version,
+                "untrained": untrained_by[modality],
+            }
+            for modality, extra in (ident.get("encoders") or {}).items()
+        }
+        weights_hash, preprocessing_hash = ident["weights_hash"], ident["preprocessing_hash"]
         gpus = c.compute.num_gpus if c.compute.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
         device = c.compute.device
         if device == "auto":
@@ -395,8 +464,8 @@ class EmbedJob:
         provenance = {
             "encoder": self.spec.name,
             "weights_hash": weights_hash,
-            "preprocessing_hash": pre.preprocessing_hash,
-            "medray_version": medray.__version__,
+            "preprocessing_hash": preprocessing_hash,
+            "medray_version": version,
             "untrained": untrained,
         }
         records = self._records(ray, rows)
@@ -467,9 +536,10 @@ class EmbedJob:
                 "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}",
             )
         pipeline_s = time.perf_counter() - t_pipe
+        clock.lap("pipeline")
         done_before = len(done)
         return self._summarise(
-            run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides
+            run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides, clock=clock
         )
 
     def _summarise(
@@ -484,8 +554,9 @@ class EmbedJob:
         pipeline_s: float,
         slides: dict | None = None,
         total: int | None = None,
+        clock: Stopwatch | None = None,
     ) -> EmbedResult:
-        """The run's result: ``summary.json``, ``runs/<run_id>.json`` and the W&B run."""
+        """The result: ``summary.json``, ``runs/<run_id>.json`` and a W&B run (none for a run that read nothing)."""
         c = self.cfg
         slides = slides or {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
         wall = time.perf_counter() - t_start
@@ -495,6 +566,10 @@ class EmbedJob:
         if total is None:  # what the output holds now (a run that wrote nothing already knows)
             total = len(done_index(c.output, c.storage.options))
         steady = _steady_rate(stats.get("parts") or [])
+        if clock is not None:
+            clock.lap("output_count")
+        started = process_start()
+        first = (stats.get("parts") or [[None]])[0][0]
         config = dict(self.resolved)
         config["storage"] = {"options": redact_options(c.storage.options)}
         config.get("encoder", {}).pop("storage_options", None)
@@ -522,12 +597,15 @@ class EmbedJob:
             skipped_by_modality=_count_pairs(stats.get("skipped_by_modality") or []),
             encoders={m: s.name for m, s in self.specs.items()},
             slides=slides,
+            driver_seconds=dict(clock.phases) if clock is not None else {},
+            first_row_s=round(first - started, 3) if first is not None and started is not None else None,
+            driver_peak_rss_mb=_peak_rss_mb(),
         )
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
-        if c.tracking.enabled:
+        if c.tracking.enabled and read:
             log_run(
                 job="embed",
                 config=config,
@@ -545,6 +623,15 @@ class EmbedJob:
                 ),
             )
         return result
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _count_pairs(pairs: list) -> dict:

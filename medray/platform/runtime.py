@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["init_ray", "cluster_gpus"]
+__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("medray")
 
@@ -55,3 +60,58 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+class Stopwatch:
+    """Named phases of a driver, in seconds: ``lap(name)`` closes the phase that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap (or construction) under ``name`` (added up if repeated)."""
+        now = time.perf_counter()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self._t, 3)
+        self._t = now
+
+
+class Background(Generic[T]):
+    """Run ``fn(*args)`` in a daemon thread now; :meth:`result` waits and returns it or raises its error.
+
+    For driver work that waits on imports or I/O (building a preprocessor)
+    while the main thread does other work (listing, starting Ray). Ray itself
+    must start on the main thread: the processes it starts die with the thread
+    that started them.
+    """
+
+    def __init__(self, fn: Callable[..., T], *args: Any) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True, name="medray-background")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread by result()
+            self._error = err
+
+    def result(self) -> T:
+        """The function's return value (its exception is raised here)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
+
+
+def process_start() -> float | None:
+    """When this process started (epoch seconds), from ``/proc``; None where that is not readable."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -230,6 +230,16 @@ def test_rerun_is_a_noop(corpus, prefix_run):
     assert before == after
     summary = json.loads(fs.cat(prefix_run["out"].split("://")[1] + "/summary.json"))
     assert summary["records_read"] == 0 and summary["records_done_before"] == summary["records_total_in_output"]
+    # the checkpoint's processor was not built again: the output remembers its preprocessing hash
+    # (Ray does start: the input's archives keep their rows and are opened to check their members)
+    assert "preprocessing_wait" not in summary["driver_seconds"]
+    first = json.loads(fs.cat(prefix_run["out"].split("://")[1] + f"/runs/{_first_run_id(fs, prefix_run)}.json"))
+    assert 0 < first["first_row_s"] < first["wall_s"] + 30 and first["driver_peak_rss_mb"] > 0
+
+
+def _first_run_id(fs, prefix_run) -> str:
+    runs = sorted(fs.ls(prefix_run["out"].split("://")[1] + "/runs"))
+    return runs[0].rsplit("/", 1)[-1][: -len(".json")]
 
 
 def test_other_encoder_into_same_output_is_refused(corpus, prefix_run):
@@ -368,6 +378,11 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
         assert 0 < first < exp["dicom_frames"], "the kill should have landed mid-run"
         summary = json.loads((out / "summary.json").read_text())
         assert summary["records_done_before"] > 0
+    # once more: nothing left, so neither Ray nor the encoder's processor starts
+    again = run_medray(corpus, *args[0:], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    phases = json.loads((out / "summary.json").read_text())["driver_seconds"]
+    assert "ray_init" not in phases and "preprocessing_wait" not in phases, phases
 
 
 def test_multirun_sweep_writes_one_output_per_point_in_one_wandb_group(corpus, tmp_path):
