@@ -46,6 +46,7 @@ def _make_dicoms(root: Path, n: int, size: int, syntax: str) -> list[Path]:
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.Modality = "CR"
+        ds.BurnedInAnnotation = "NO"  # synthetic: no text in the pixels (secondary capture is skipped without it)
         ds.PatientID = f"BENCH{i}"
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel = 1

@@ -100,6 +100,7 @@ class DecodeConf:
     frames: Any = "all"  # all | first | middle | [0, 2, ...]
     prefer_file_voi: bool = True
     windows: Dict[str, List[float]] = field(default_factory=lambda: {"CT": [-600.0, 1500.0]})
+    allow_burned_in: bool = False  # embed objects that may show patient text in their pixels
 
 
 @dataclass
@@ -165,6 +166,7 @@ class EmbedConf:
     max_error_fraction: float = 0.05
     patient_salt: Optional[str] = None
     run_name: Optional[str] = None
+    show: Optional[str] = None  # outcomes: print what became of every record of `output`, then stop
 
 
 def _schema_of(options: type) -> type:

@@ -42,6 +42,7 @@ from medray.encoders import (
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.pipeline import StageOptions, plan_dataset, plan_fused
+from medray.pipeline.outcomes import format_outcomes, output_outcomes
 from medray.pipeline.resume import DoneIndex, anti_join, done_index
 from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
@@ -91,6 +92,8 @@ class EmbedResult:
     config: dict
     skipped: int = 0
     skipped_by_modality: dict = None  # type: ignore[assignment]
+    skipped_by_reason: dict = None  # type: ignore[assignment]  # NoEncoder, NonImageObject, BurnedInAnnotation, ...
+    quarantined_by_class: dict = None  # type: ignore[assignment]  # DecodeError, LimitExceeded, ...
     encoders: dict = None  # type: ignore[assignment]  # modality -> encoder name
     slides: dict = None  # type: ignore[assignment]  # slides, pooled rows, tiles, background tiles
     driver_seconds: dict = None  # type: ignore[assignment]  # the driver's phases (checkpoint, listing, ray_init, ...)
@@ -98,21 +101,23 @@ class EmbedResult:
     driver_peak_rss_mb: float | None = None  # the driver process's peak resident memory
 
     def one_line(self) -> str:
-        """The closing one-line summary."""
+        """The closing one-line summary: outcomes by reason."""
         tag = " [UNTRAINED demo weights]" if self.untrained else ""
-        skipped = ""
-        if self.skipped:
-            by = ", ".join(f"{k}: {v}" for k, v in sorted((self.skipped_by_modality or {}).items()))
-            skipped = f"{self.skipped} skipped (no encoder for {by}), "
+
+        def by(counts: dict | None) -> str:
+            return f" ({', '.join(f'{k} {v}' for k, v in sorted((counts or {}).items()))})" if counts else ""
+
+        slides = ""
         if self.slides and self.slides.get("slides"):
             s = self.slides
-            skipped += (
+            slides = (
                 f"{s['slides']} slides ({s['tiles']} tissue tiles, {s['background_tiles']} background "
                 f"tiles skipped, {s['pooled']} pooled rows added), "
             )
         return (
             f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "
-            f"{self.quarantined} quarantined, {skipped}{self.records_done_before} already done; "
+            f"{self.quarantined} quarantined{by(self.quarantined_by_class)}, "
+            f"{self.skipped} skipped{by(self.skipped_by_reason)}, {slides}{self.records_done_before} already done; "
             f"{self.records_per_s:.1f} records/s in {self.wall_s:.1f}s; encoder {self.encoder}{tag}; "
             f"output {self.output} (now {self.records_total_in_output} records)"
         )
@@ -287,6 +292,15 @@ class EmbedJob:
         else:
             atomic_write_bytes(fs, marker, json.dumps(ident, indent=2).encode())
 
+    def _skip_applies(self, reason: str, modality: str | None) -> bool:
+        """Whether a record an earlier run skipped would be skipped again (then it counts as done)."""
+        if reason == "NoEncoder":
+            routes = set(self.specs) | ({"slide"} if "image" in self.specs else set())
+            return modality not in routes
+        if reason == "BurnedInAnnotation":
+            return not self.cfg.decode.allow_burned_in
+        return True
+
     def _check_weights(self, hashes: dict[str, str]) -> None:
         """Before Ray starts: refuse an output that holds another checkpoint's embeddings (by weights hash).
 
@@ -398,7 +412,7 @@ class EmbedJob:
         ident = self._known_identity(key)
         pending = None if ident is not None else Background(self._identify, hashes, key)
         clock.lap("checkpoint")
-        done = done_index(c.output, c.storage.options)
+        done = done_index(c.output, c.storage.options, self._skip_applies)
         clock.lap("done_index")
         rows = self._listing(done)
         clock.lap("listing")
@@ -447,6 +461,7 @@ class EmbedJob:
             frames=c.decode.frames,
             windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi,
+            allow_burned_in=c.decode.allow_burned_in,
             salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec,
             # finished ids: listed inputs were anti-joined on the driver, so none travel; a manifest is
@@ -564,7 +579,7 @@ class EmbedJob:
         quarantined = int(stats.get("quarantined", 0))
         read = embedded + quarantined
         if total is None:  # what the output holds now (a run that wrote nothing already knows)
-            total = len(done_index(c.output, c.storage.options))
+            total = len(done_index(c.output, c.storage.options, self._skip_applies))
         steady = _steady_rate(stats.get("parts") or [])
         if clock is not None:
             clock.lap("output_count")
@@ -595,6 +610,8 @@ class EmbedJob:
             config=config,
             skipped=int(stats.get("skipped", 0)),
             skipped_by_modality=_count_pairs(stats.get("skipped_by_modality") or []),
+            skipped_by_reason=_count_pairs(stats.get("skipped_by_reason") or []),
+            quarantined_by_class=_count_pairs(stats.get("quarantined_by_class") or []),
             encoders={m: s.name for m, s in self.specs.items()},
             slides=slides,
             driver_seconds=dict(clock.phases) if clock is not None else {},
@@ -670,8 +687,25 @@ def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> boo
     return batch is not None and may_hold_slides(u for u in batch.column(0).slice(0, rows).to_pylist() if u)
 
 
+def _show(cfg: DictConfig, what: str) -> int:
+    """``show=outcomes``: the outcome table of an existing output (no input, no Ray)."""
+    if what != "outcomes":
+        raise ConfigError("show", f"must be outcomes (or null), got {what!r}")
+    if OmegaConf.is_missing(cfg, "output"):
+        raise ConfigError("output", "is required: the output whose outcomes to show")
+    options = cast("dict[str, Any]", OmegaConf.to_container(cfg.storage.options, resolve=True))
+    fs, root = open_fs(cfg.output, options)
+    if not fs.exists(root):
+        raise ConfigError("output", f"nothing found at '{cfg.output}'")
+    print(format_outcomes(output_outcomes(cfg.output, options), cfg.output), flush=True)
+    return 0
+
+
 def main(cfg: DictConfig) -> int:
     """Hydra entry point body; returns the process exit code."""
+    show = OmegaConf.select(cfg, "show")
+    if show is not None:
+        return _show(cfg, str(show))
     job = EmbedJob(cfg)  # ConfigError names the key and the fix
     result = job.run()  # first line that touches Ray
     print(result.one_line(), flush=True)

@@ -23,6 +23,7 @@ class StageOptions:
     frames: Any = "all"
     windows: dict = field(default_factory=dict)
     prefer_file_voi: bool = True
+    allow_burned_in: bool = False
     salt: str = ""
     encoder_spec: Any = None  # medray.encoders.EncoderSpec
     done: frozenset = frozenset()  # record ids already in the output (resume)
@@ -55,7 +56,12 @@ def decode_options(opts: StageOptions) -> tuple[DicomOptions, DecodeLimits]:
         frames = tuple(int(f) for f in frames)
     windows = {str(k): (float(v[0]), float(v[1])) for k, v in (opts.windows or {}).items()}
     return (
-        DicomOptions(frames=frames, windows=windows, prefer_file_voi=opts.prefer_file_voi),
+        DicomOptions(
+            frames=frames,
+            windows=windows,
+            prefer_file_voi=opts.prefer_file_voi,
+            allow_burned_in=opts.allow_burned_in,
+        ),
         DecodeLimits(max_bytes=opts.max_bytes, max_pixels=opts.max_pixels),
     )
 

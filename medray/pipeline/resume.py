@@ -15,7 +15,7 @@ summary without starting Ray.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,9 @@ class DoneIndex:
         return frozenset(self.table.column("record_id").to_pylist())
 
 
-def _parts(fs: Any, root: str) -> list[str]:
+def _parts(fs: Any, root: str, subs: tuple[str, ...] = ("embeddings", "quarantine")) -> list[str]:
     files: list[str] = []
-    for sub in ("embeddings", "quarantine"):
+    for sub in subs:
         d = posixpath.join(root, sub)
         fs.invalidate_cache(d)  # s3fs caches listings: a part written since must be seen, a gone one not
         try:
@@ -68,19 +68,35 @@ def _parts(fs: Any, root: str) -> list[str]:
     return sorted(files)
 
 
-def done_index(output: str, options: Mapping[str, Any] | None) -> DoneIndex:
-    """The records already written under ``output`` (embeddings and quarantine)."""
+def done_index(
+    output: str,
+    options: Mapping[str, Any] | None,
+    skip_applies: Callable[[str, str | None], bool] | None = None,
+) -> DoneIndex:
+    """The records already written under ``output`` (embeddings and quarantine).
+
+    Args:
+        skip_applies: ``(reason, modality) -> bool``: whether a record skipped
+            by an earlier run would be skipped again by this one (e.g. a
+            ``NoEncoder`` row is not, once its modality has an encoder); those
+            count as done. None: skipped records are all tried again.
+    """
     fs, root = open_fs(output, options)
     tables, series = [], set()
-    for path in _parts(fs, root):
+    subs = ("embeddings", "quarantine", "skipped") if skip_applies is not None else ("embeddings", "quarantine")
+    for path in _parts(fs, root, subs):
         try:
             with fs.open(path, "rb") as f:
                 names = pq.read_schema(f).names
                 f.seek(0)
-                cols = [c for c in ("record_id", "uri", "series_key") if c in names]
+                cols = [c for c in ("record_id", "uri", "series_key", "reason", "modality") if c in names]
                 t = pq.read_table(f, columns=cols)
         except FileNotFoundError:  # removed between the listing and the read: nothing of it is done
             continue
+        if "reason" in t.column_names and skip_applies is not None:  # a skipped part
+            pairs = zip(t.column("reason").to_pylist(), t.column("modality").to_pylist())
+            keep = [skip_applies(r, m) for r, m in pairs]
+            t = t.filter(pa.array(keep, pa.bool_())).drop_columns(["reason", "modality"])
         if "series_key" in t.column_names:
             mask = pc.is_valid(t.column("series_key"))
             series.update(t.filter(mask).column("record_id").to_pylist())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from medray.pipeline.columns import INTERNAL_COLUMNS
 from medray.pipeline.resume import done_index
-from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, embedding_schema, record_id
+from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, SKIPPED_SCHEMA, embedding_schema, record_id
 from medray.platform.storage import open_fs
 
 __all__ = [
@@ -91,6 +92,7 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
 
     fs, root = open_fs(output, options)
     d = posixpath.join(root, subdir)
+    fs.invalidate_cache(d)  # s3fs caches listings: parts written since (or removed) must be seen as they are
     try:
         files = sorted(
             p for p in fs.ls(d, detail=False) if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
@@ -103,8 +105,11 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
     pooled: set[tuple] = set()
     schema = None
     for p in files:
-        with fs.open(p, "rb") as f:
-            t = pq.read_table(f, filters=[("modality", "=", "slide")])
+        try:
+            with fs.open(p, "rb") as f:
+                t = pq.read_table(f, filters=[("modality", "=", "slide")])
+        except FileNotFoundError:  # gone since the listing (a concurrent run's cleanup): nothing to pool from it
+            continue
         if not t.num_rows:
             continue
         segs = t.column("segment").to_pylist()
@@ -214,8 +219,21 @@ def write_tables(
     skipped = table.filter(skip_mask)
     if skipped.num_rows:
         routes = skipped.column("route").to_pylist() if "route" in skipped.column_names else [None] * skipped.num_rows
+        reasons = [r or "Skipped" for r in skipped.column("error_class").to_pylist()]
         stats["skipped"] = skipped.num_rows
-        stats["skipped_by_modality"] = [[str(r), 1] for r in routes]
+        stats["skipped_by_modality"] = _pairs(str(r) for r in routes)
+        stats["skipped_by_reason"] = _pairs(reasons)
+        rows = {
+            "record_id": skipped.column("record_id"),
+            "uri": skipped.column("uri"),
+            "member": skipped.column("member"),
+            "modality": pa.array([None if r is None else str(r) for r in routes], pa.string()),
+            "stage": skipped.column("stage"),
+            "reason": pa.array(reasons, pa.string()),
+            "message": skipped.column("message"),
+            "medray_version": pa.array([version] * skipped.num_rows, pa.string()),
+        }
+        write_parquet_atomic(pa.table(rows).cast(SKIPPED_SCHEMA), output, "skipped", options)
     if ok.num_rows:
         routes = ok.column("route").to_pylist() if "route" in ok.column_names else [None] * ok.num_rows
         dirs = [subdirs.get(str(r), "embeddings") for r in routes]
@@ -231,6 +249,7 @@ def write_tables(
         bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
         write_parquet_atomic(bad, output, "quarantine", options)
         stats["quarantined"] = bad.num_rows
+        stats["quarantined_by_class"] = _pairs(str(c or "Error") for c in bad.column("error_class").to_pylist())
     # (time the encoder finished a batch, records in it): steady-state throughput.
     if "t_done" in table.column_names:
         done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
@@ -240,6 +259,11 @@ def write_tables(
             if t is not None
         ]
     return stats
+
+
+def _pairs(values: Iterable[str]) -> list[list[Any]]:
+    """``[[value, count], ...]``: a JSON-friendly counter that :func:`aggregate_stats` concatenates."""
+    return [[k, n] for k, n in sorted(Counter(values).items())]
 
 
 def aggregate_stats(results: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:

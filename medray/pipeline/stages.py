@@ -33,7 +33,7 @@ from medray.platform.decoders import DICOM_EXTENSIONS, check_size
 from medray.platform.decoders.base import DicomOptions
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
-from medray.platform.errors import RecordError, UnsupportedFormat
+from medray.platform.errors import RecordError, SkipRecord, UnsupportedFormat
 from medray.platform.formats import PrepareContext, build_options, detect, extensions, prepare_record
 from medray.platform.formats.slide import slide_route
 from medray.platform.records import quarantine_fields, record_id, tile_record_id
@@ -280,9 +280,7 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
             route = fmt.resolve_route(route, ctx)
             new["route"][i] = route
             if pres.get(route) is None:
-                new["status"][i], new["stage"][i] = "skipped", "route"
-                new["message"][i] = f"no encoder configured for modality '{route}'"
-                continue
+                raise no_encoder(route, fmt.name)
             if fmt.prepare is None:
                 raise UnsupportedFormat(
                     "whole-slide image inside an archive (or with a non-TIFF name): "
@@ -325,6 +323,19 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
     for route, items in frames.items():
         _preprocess_frames(items, pres[route], new)
     return assemble(table, list(range(n)), new, drop=("data",))
+
+
+def no_encoder(route: str, format_name: str) -> SkipRecord:
+    """The skip of a record whose modality has no encoder in this run (non-image DICOM objects by name)."""
+    if route == "other" and format_name == "dicom":
+        return SkipRecord(
+            "NonImageObject",
+            "a DICOM object without pixel data (structure set, presentation state, document...): nothing to embed",
+            stage="route",
+        )
+    return SkipRecord(
+        "NoEncoder", f"no encoder configured for modality '{route}' (set encoders.{route}=...)", stage="route"
+    )
 
 
 def _preprocess_frames(items: list[tuple[int, list[np.ndarray]]], pre: Any, new: dict[str, list]) -> None:
@@ -396,7 +407,7 @@ def _decode_tile(
         return
     if pre is None or not info:
         new["route"][i] = "slide"
-        new["status"][i], new["stage"][i] = "skipped", "route"
+        new["status"][i], new["stage"][i], new["error_class"][i] = "skipped", "route", "NoEncoder"
         new["message"][i] = "no encoder configured for modality 'slide' (set encoders.slide or an image encoder)"
         return
     try:

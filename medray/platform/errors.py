@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedFormat",
     "PreprocessError",
     "EncodeError",
+    "SkipRecord",
 ]
 
 
@@ -72,6 +73,22 @@ class LimitExceeded(DecodeError):
 
 class UnsupportedFormat(DecodeError):
     """No decoder recognises the content."""
+
+
+class SkipRecord(RecordError):
+    """A readable record that is deliberately not embedded; it becomes a ``skipped`` row with its reason.
+
+    Args:
+        reason: a short CamelCase code (``NoEncoder``, ``NonImageObject``,
+            ``BurnedInAnnotation``, ...), counted in summaries.
+        message: PHI-free explanation and, where there is one, the setting that changes it.
+    """
+
+    stage = "rule"
+
+    def __init__(self, reason: str, message: str, *, stage: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, stage=stage)
 
 
 class PreprocessError(RecordError):

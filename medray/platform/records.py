@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from medray.platform.errors import RecordError
+from medray.platform.errors import RecordError, SkipRecord
 from medray.platform.formats import segment_columns
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "tile_record_id",
     "embedding_schema",
     "QUARANTINE_SCHEMA",
+    "SKIPPED_SCHEMA",
     "quarantine_fields",
     "BASE_COLUMNS",
     "CORE_COLUMNS",
@@ -76,6 +77,21 @@ RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {
     "route",
     "tile",
 }
+
+#: A skipped record (readable, deliberately not embedded): ``reason`` is a CamelCase code, ``modality``
+#: the route it would have taken (a ``NoEncoder`` row is retried once that modality has an encoder).
+SKIPPED_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("uri", pa.string()),
+        ("member", pa.string()),
+        ("modality", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("medray_version", pa.string()),
+    ]
+)
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -145,6 +161,8 @@ def quarantine_fields(err: BaseException, stage: str | None = None) -> dict[str,
     Library exceptions that are not :class:`RecordError` contribute their
     class name only: their messages may quote header values.
     """
+    if isinstance(err, SkipRecord):
+        return {"status": "skipped", "stage": err.stage, "error_class": err.reason, "message": str(err)}
     if isinstance(err, RecordError):
         return {"status": "error", "stage": stage or err.stage, "error_class": type(err).__name__, "message": str(err)}
     return {

@@ -227,6 +227,7 @@ def _base_dataset(
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = _FIXED_DATE
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
     ds.Modality = modality
+    ds.BurnedInAnnotation = "NO"  # synthetic pixels carry no text
     ds.Manufacturer = f"PHANTOM-VENDOR-{patient['site'][-1]}"
     ds.ManufacturerModelName = "medray-synthetic"
     pv = patient["phi_values"]

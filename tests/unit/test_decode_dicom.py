@@ -139,7 +139,8 @@ PARITY_FILES = [
 def test_bundled_file_matches_pydicom_reference(name: str) -> None:
     path = _bundled(name)
     data = Path(path).read_bytes()
-    out = decode_bytes(data, name=name)
+    # pixel parity: secondary-capture and ultrasound files are decoded although they may hold burned-in text
+    out = decode_bytes(data, name=name, dicom=DicomOptions(allow_burned_in=True))
     want = _reference_frames(pydicom.dcmread(path))
     assert out.kind == "dicom"
     assert [f.frame for f in out.frames] == list(range(len(want)))
@@ -170,7 +171,7 @@ def test_frame_selection() -> None:
 
 def test_frame_selection_on_encapsulated_multiframe() -> None:
     data = Path(_bundled("examples_ybr_color.dcm")).read_bytes()
-    out = decode_bytes(data, dicom=DicomOptions(frames=(29, 1)))
+    out = decode_bytes(data, dicom=DicomOptions(frames=(29, 1), allow_burned_in=True))  # an ultrasound file
     want = _reference_frames(pydicom.dcmread(BytesIO(data)))
     assert [f.frame for f in out.frames] == [29, 1]
     _assert_close(out.frames[0].image, want[29])
@@ -496,6 +497,52 @@ def test_mutated_files_raise_only_record_errors(name: str) -> None:
             for _ in range(rng.integers(1, 20)):
                 data[rng.integers(0, len(data))] = rng.integers(0, 256)
         try:
-            decode_bytes(bytes(data), limits=DecodeLimits(max_pixels=50_000_000))
+            decode_bytes(
+                bytes(data),
+                limits=DecodeLimits(max_pixels=50_000_000),
+                dicom=DicomOptions(allow_burned_in=True),  # the pixel path is what is fuzzed here
+            )
         except DecodeError:
             pass
+
+
+# ---- burned-in annotation: skipped (not quarantined) unless allowed
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "flag", "skipped"),
+    [
+        (CTImageStorage, "CT", "YES", True),  # any object that says so
+        (CTImageStorage, "CT", None, False),
+        ("1.2.840.10008.5.1.4.1.1.7", "OT", None, True),  # secondary capture without an explicit NO
+        ("1.2.840.10008.5.1.4.1.1.7", "OT", "NO", False),
+        ("1.2.840.10008.5.1.4.1.1.6.1", "US", None, True),  # ultrasound
+        ("1.2.840.10008.5.1.4.1.1.6.1", "US", "NO", False),
+        ("1.2.840.10008.5.1.4.1.1.1", "US", None, True),  # modality US under another class
+    ],
+)
+def test_burned_in_annotation_is_skipped_unless_allowed(sop_class, modality, flag, skipped) -> None:
+    from medray.platform.errors import SkipRecord
+    from medray.platform.records import quarantine_fields
+
+    ds = _ct(SOPClassUID=sop_class, Modality=modality, PatientName="Doe^Jane", PatientID="MRN-0042")
+    if flag is not None:
+        ds.BurnedInAnnotation = flag
+    data = _to_bytes(ds)
+    if skipped:
+        with pytest.raises(SkipRecord) as info:
+            decode_bytes(data)
+        row = quarantine_fields(info.value, "decode")
+        assert row["status"] == "skipped" and row["error_class"] == "BurnedInAnnotation"
+        assert "decode.allow_burned_in=true" in row["message"]
+        assert "Doe" not in row["message"] and "MRN-0042" not in row["message"]
+    else:
+        assert decode_bytes(data).frames
+    assert decode_bytes(data, dicom=DicomOptions(allow_burned_in=True)).frames  # allowed: decoded
+
+
+def test_a_damaged_burned_in_object_is_quarantined_not_skipped() -> None:
+    ds = _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.7", Modality="OT")
+    data = _to_bytes(ds)
+    with pytest.raises(DecodeError):
+        decode_bytes(data[: len(data) - 200])

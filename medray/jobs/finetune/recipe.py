@@ -628,6 +628,7 @@ class FinetuneJob:
             frames=c.decode.frames,
             windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi,
+            allow_burned_in=c.decode.allow_burned_in,
             salt=self.salt,
             encoder_spec=self.spec,
             **stage_options_kwargs(c),

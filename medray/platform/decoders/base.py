@@ -52,6 +52,9 @@ class DicomOptions:
         prefer_file_voi: use the file's VOI LUT/window before ``windows``.
         voi_index: which of the file's windows/VOI LUTs to use; files with
             fewer fall back to the first.
+        allow_burned_in: decode objects that may show patient text in their
+            pixels (``BurnedInAnnotation=YES``; secondary capture and
+            ultrasound without an explicit ``NO``); by default they are skipped.
 
     Raises:
         ConfigError: a value has the wrong type or range.
@@ -61,6 +64,7 @@ class DicomOptions:
     windows: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     prefer_file_voi: bool = True
     voi_index: int = 0
+    allow_burned_in: bool = False
 
     def __post_init__(self) -> None:
         frames = self.frames

@@ -55,9 +55,9 @@ from medray.platform.decoders.base import (
     check_size,
 )
 from medray.platform.deid import extract_metadata, patient_key, safe_uid
-from medray.platform.errors import DecodeError, LimitExceeded, RecordError, UnsupportedFormat
+from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord, UnsupportedFormat
 
-__all__ = ["decode_dicom", "dicom_display_frames"]
+__all__ = ["BURNED_IN_PRONE", "check_burned_in", "decode_dicom", "dicom_display_frames"]
 
 _NATIVE = {
     ImplicitVRLittleEndian,
@@ -521,11 +521,54 @@ def dicom_display_frames(
         return _display_frames(ds, options, limits)
 
 
+#: SOP classes whose pixels often carry burned-in patient text: secondary capture (screenshots,
+#: scanned documents) and ultrasound (the scanner's overlay is part of the image).
+BURNED_IN_PRONE = {
+    "1.2.840.10008.5.1.4.1.1.7": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.6.1": "ultrasound",
+    "1.2.840.10008.5.1.4.1.1.6.2": "ultrasound",
+    "1.2.840.10008.5.1.4.1.1.3.1": "ultrasound",
+}
+
+
+def check_burned_in(ds: Dataset, options: DicomOptions) -> None:
+    """Skip an object whose pixels may show patient text, unless ``options.allow_burned_in``.
+
+    ``BurnedInAnnotation=YES`` always; secondary capture and ultrasound objects
+    (by SOP class, or modality US) unless they say ``BurnedInAnnotation=NO``.
+
+    Raises:
+        SkipRecord: reason ``BurnedInAnnotation``.
+    """
+    if options.allow_burned_in:
+        return
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        raise SkipRecord(
+            "BurnedInAnnotation",
+            "BurnedInAnnotation=YES: its pixels show text that may identify the patient "
+            "(decode.allow_burned_in=true embeds it anyway)",
+        )
+    sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
+    kind = BURNED_IN_PRONE.get(sop) or ("ultrasound" if str(ds.get("Modality", "")).upper() == "US" else None)
+    if kind is not None and flag != "NO":
+        raise SkipRecord(
+            "BurnedInAnnotation",
+            f"a {kind} object without BurnedInAnnotation=NO: its pixels may show text that identifies the patient "
+            "(decode.allow_burned_in=true embeds it anyway)",
+        )
+
+
 def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) -> list[DecodedFrame]:
     """Body of :func:`dicom_display_frames`, run with pydicom's warnings off."""
     if getattr(ds, "file_meta", None) is None or not ds.file_meta.get("TransferSyntaxUID"):
         raise DecodeError("dataset has no file meta Transfer Syntax UID")
-    count, photometric = check_header(ds, limits)
+    count, photometric = check_header(ds, limits)  # damage and limits first: those are quarantined
+    check_burned_in(ds, options)
     indices = _select_frames(options.frames, count)
     uid = ds.file_meta.TransferSyntaxUID
     try:
