@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from medray.pipeline.columns import INTERNAL_COLUMNS
 from medray.pipeline.resume import done_index
 from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, SKIPPED_SCHEMA, embedding_schema, record_id
-from medray.platform.storage import open_fs
+from medray.platform.storage import open_fs, retry_transient
 
 __all__ = [
     "make_sink",
@@ -63,7 +63,7 @@ def write_parquet_atomic(table: pa.Table, output: str, subdir: str, options: Map
             os.fsync(f.fileno())
         os.replace(tmp, final)
     else:
-        fs.pipe_file(final, data)  # one PUT: visible whole or not at all
+        retry_transient(fs.pipe_file, final, data, what="write part")  # one PUT: visible whole or not at all
     return name
 
 

@@ -8,11 +8,15 @@ unchanged, so anything s3fs/gcsfs accept works (``endpoint_url``, ``profile``,
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -28,7 +32,72 @@ __all__ = [
     "atomic_write_bytes",
     "read_bytes",
     "redact_options",
+    "is_transient",
+    "retry_transient",
 ]
+
+log = logging.getLogger("medray.storage")
+T = TypeVar("T")
+
+#: Exception classes (by name: botocore, aiohttp, urllib3 are optional) of a store that is briefly unreachable.
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "FSTimeoutError",
+    "NewConnectionError",
+    "ProtocolError",
+    "IncompleteRead",
+    "ResponseStreamingError",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH}
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps) says the store is briefly unreachable, not that the request is wrong."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionError, TimeoutError)) or type(cur).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(cur, OSError) and cur.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = getattr(cur, "response", {}) or {}
+        if isinstance(status, dict):
+            code = status.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_STATUS or status.get("Error", {}).get("Code") in ("SlowDown", "ServiceUnavailable"):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def retry_transient(fn: Callable[..., T], *args: Any, what: str = "storage call", budget_s: float | None = None) -> T:
+    """Call ``fn(*args)``, retrying with backoff while the store is unreachable (see :func:`is_transient`).
+
+    A store that restarts or drops connections for a while (``budget_s``,
+    default ``MEDRAY_STORAGE_RETRY_S`` or 60 s) delays the work instead of
+    failing records; any other error is raised at once.
+    """
+    budget = float(os.environ.get("MEDRAY_STORAGE_RETRY_S", "60")) if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    delay = 0.25
+    while True:
+        try:
+            return fn(*args)
+        except Exception as err:
+            if not is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: store unreachable (%s); retrying in %.1fs", what, type(err).__name__, delay)
+            time.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, 8.0)
+
 
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential")
 
@@ -101,16 +170,20 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
     """Read a whole object, refusing (before reading) objects over ``max_bytes``."""
     try:
-        size = fs.size(path)
+        size = retry_transient(fs.size, path, what="stat")
     except FileNotFoundError:
         raise ReadError("object not found") from None
     except Exception as err:  # noqa: BLE001 - storage errors become record errors
         raise ReadError(f"cannot stat object ({type(err).__name__})") from None
     if size is not None and size > max_bytes:
         raise LimitExceeded(f"object is {size} bytes, over limits.max_bytes={max_bytes}", stage="read")
-    try:
+
+    def _read() -> bytes:
         with fs.open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            return f.read(max_bytes + 1)
+
+    try:
+        data = retry_transient(_read, what="read")
     except Exception as err:  # noqa: BLE001
         raise ReadError(f"cannot read object ({type(err).__name__})") from None
     if len(data) > max_bytes:
@@ -132,7 +205,7 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        retry_transient(fs.pipe_file, path, data, what="write")
 
 
 def redact_options(options: Mapping[str, Any] | None) -> dict:

@@ -341,13 +341,52 @@ class SeaweedS3:
             self._cleanup()
         raise SeaweedError(f"weed server exited during startup 3 times; last log:\n{last_error}")
 
-    def _start_once(self, rng: random.Random) -> bool:
-        """Launch once; return True if the process died (retry), raise on timeout."""
+    def restart(self, down_s: float = 10.0) -> None:
+        """Stop the server, stay down ``down_s`` seconds, start it again on the same ports with the same data.
+
+        What a client sees of a store that restarts: refused connections, then
+        the same objects again (for fault-injection tests).
+        """
+        self._require_started()
+        self._terminate(kill_after=5.0)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        time.sleep(down_s)
+        if self._start_once(random.Random(), reuse=True):
+            raise SeaweedError(f"weed server did not come back on its ports; log:\n{self._log_tail()}")
+
+    def _start_once(self, rng: random.Random, reuse: bool = False) -> bool:
+        """Launch once; return True if the process died (retry), raise on timeout.
+
+        ``reuse``: the data directory, config and ports of the previous launch (a restart).
+        """
         assert self._tmp is not None
         data_dir = self._tmp / "data"
-        data_dir.mkdir()
-        (self._tmp / "tmp").mkdir()
         config = self._tmp / "s3.json"
+        if not reuse:
+            data_dir.mkdir()
+            (self._tmp / "tmp").mkdir()
+            self._write_config(config)
+            self._ports = dict(zip(_SERVICES, _pick_ports(len(_SERVICES), rng), strict=True))
+        env = {**os.environ, "TMPDIR": str(self._tmp / "tmp")}
+        assert self.log_path is not None
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _cleanup
+        self._proc = subprocess.Popen(
+            self._command(data_dir, config),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self._tmp,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the terminal does not hit weed
+        )
+        return self._wait_ready()
+
+    def _write_config(self, config: Path) -> None:
         config.write_text(
             json.dumps(
                 {
@@ -361,19 +400,10 @@ class SeaweedS3:
                 }
             )
         )
-        self._ports = dict(zip(_SERVICES, _pick_ports(len(_SERVICES), rng), strict=True))
-        env = {**os.environ, "TMPDIR": str(self._tmp / "tmp")}
-        assert self.log_path is not None
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in _cleanup
-        self._proc = subprocess.Popen(
-            self._command(data_dir, config),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=self._tmp,
-            env=env,
-            start_new_session=True,  # Ctrl-C in the terminal does not hit weed
-        )
+
+    def _wait_ready(self) -> bool:
+        """Wait until a real S3 round trip works; True if the process died meanwhile."""
+        assert self._proc is not None and self._tmp is not None
         self._finalizer = weakref.finalize(self, _reap, self._proc, self._tmp, _grpc_sockets(self._ports))
         deadline = time.monotonic() + self.startup_timeout
         fs = self.filesystem(

@@ -324,8 +324,37 @@ def test_error_fraction_over_limit_exits_nonzero_after_writing_quarantine(corpus
     assert pq.read_table(out / "quarantine").num_rows == corpus["info"]["expected"]["hostile_files"]
 
 
-def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
-    out = tmp_path / "resume"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path, where):
+    """SIGKILL mid-run, then the same command: one row per record, exit 0, no traceback (local and s3 outputs)."""
+    fs = corpus["fs"]
+    if where == "s3":
+        out = f"s3://{corpus['bucket']}/out/killed-{tmp_path.name}"
+        key = out.split("://", 1)[1]
+
+        def written() -> bool:
+            fs.invalidate_cache()
+            return fs.exists(key + "/embeddings") and any(p.endswith(".parquet") for p in fs.find(key + "/embeddings"))
+
+        def embeddings() -> pa.Table:
+            fs.invalidate_cache()
+            return read_parts(fs, out + "/embeddings")
+
+        def summary() -> dict:
+            return json.loads(fs.cat_file(key + "/summary.json"))
+    else:
+        out = tmp_path / "resume"
+
+        def written() -> bool:
+            d = out / "embeddings"
+            return d.exists() and any(p.suffix == ".parquet" for p in d.iterdir())
+
+        def embeddings() -> pa.Table:
+            return pq.read_table(out / "embeddings") if (out / "embeddings").exists() else pa.table({})
+
+        def summary() -> dict:
+            return json.loads((out / "summary.json").read_text())
+
     args = [
         "embed",
         f"input=s3://{corpus['bucket']}/in/dicom/",
@@ -345,11 +374,10 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     )
     log = open(tmp_path / "killed-run.log", "wb")
     proc = subprocess.Popen([MEDRAY, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    parts = out / "embeddings"
     deadline = time.time() + 300
     killed = False
     while time.time() < deadline and proc.poll() is None:
-        if parts.exists() and any(p.suffix == ".parquet" for p in parts.iterdir()):
+        if written():
             # kill -9 the driver and everything it started (its own Ray), nobody else's Ray
             family = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -365,10 +393,11 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     log.close()
     if not killed:
         print((tmp_path / "killed-run.log").read_text()[-3000:])
-    first = pq.read_table(parts).num_rows if parts.exists() else 0
+    first = embeddings().num_rows
     done = run_medray(corpus, *args[0:], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    emb = pq.read_table(parts)
+    assert "Traceback" not in done.stderr
+    emb = embeddings()
     keys = list(zip(emb.column("record_id").to_pylist(), emb.column("frame").to_pylist()))
     assert len(keys) == len(set(keys)), "duplicated rows after resume"
     exp = corpus["info"]["expected"]
@@ -376,12 +405,11 @@ def test_killed_run_resumes_to_exactly_one_row_per_record(corpus, tmp_path):
     print(f"killed={killed} rows_before_resume={first}")
     if killed:
         assert 0 < first < exp["dicom_frames"], "the kill should have landed mid-run"
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["records_done_before"] > 0
+        assert summary()["records_done_before"] > 0
     # once more: nothing left, so neither Ray nor the encoder's processor starts
     again = run_medray(corpus, *args[0:], timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    phases = json.loads((out / "summary.json").read_text())["driver_seconds"]
+    phases = summary()["driver_seconds"]
     assert "ray_init" not in phases and "preprocessing_wait" not in phases, phases
 
 

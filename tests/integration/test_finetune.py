@@ -378,6 +378,11 @@ def test_bad_configs_stop_before_ray_starts(corpus, tmp_path):
         r["fold"] = "val" if (not r["lesion"] and i % 3 == 0) else "train"
     local = tmp_path / "folds.parquet"
     pq.write_table(pa.Table.from_pylist(rows), local)
+    one = [
+        dict(r, lesion=1 if i == next(j for j, x in enumerate(rows) if x["lesion"]) else 0) for i, r in enumerate(rows)
+    ]
+    single = tmp_path / "one-positive.parquet"  # a patient split (on Ray) cannot put it in train and val
+    pq.write_table(pa.Table.from_pylist(one), single)
     out = tmp_path / "out"
     cases = [
         ({"task.labels": "[lesion,pneumothorax]"}, "task.labels", "unknown label column 'pneumothorax'"),
@@ -388,6 +393,11 @@ def test_bad_configs_stop_before_ray_starts(corpus, tmp_path):
             "no positive examples in the val split",
         ),
         ({"train.strategy": "adapters"}, "train.strategy", "unknown strategy"),
+        (
+            {"data.train": str(single), "task": "binary", "task.labels": "[lesion]", "data.group_by": "patient_key"},
+            "task.labels",
+            "has 1 positive example(s)",
+        ),
     ]
     for over, key, text in cases:
         t0 = time.perf_counter()

@@ -168,6 +168,25 @@ def test_no_positives_in_a_split_names_the_label(compose_ft, tmp_path):
     assert err.value.key == "task.labels" and "'lesion'" in str(err.value)
 
 
+@pytest.mark.parametrize(("positives", "message"), [(0, "has 0 positive"), (1, "has 1 positive")])
+def test_patient_split_refuses_too_few_positives_before_ray(compose_ft, tmp_path, positives, message):
+    """data.group_by=patient_key splits on Ray (DICOM headers); what the manifest answers is checked first."""
+    rows = pq.read_table(compose_ft("task.labels=[lesion]").data.train).to_pylist()
+    seen = 0
+    for r in rows:
+        if r["lesion"]:
+            seen += 1
+            r["lesion"] = 1 if seen <= positives else 0
+    path = tmp_path / "few.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(ConfigError, match=message) as err:
+        FinetuneJob(compose_ft("task.labels=[lesion]", f"data.train={path}", "data.group_by=patient_key"))
+    assert err.value.key == "task.labels" and "'lesion'" in str(err.value)
+    import sys
+
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 def test_an_existing_run_needs_resume(compose_ft, tmp_path):
     snap = tmp_path / "out" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     snap.parent.mkdir(parents=True)

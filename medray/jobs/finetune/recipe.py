@@ -558,7 +558,17 @@ class FinetuneJob:
             self.plan = SplitPlan("group", d.group_by, d.seed, fractions, self.salt)
         self.counts: dict | None = None
         if self.plan.mode == "patient_key":
-            return  # counted after the header pass in run(), still before any training worker starts
+            # the split needs each DICOM's patient (a header pass on Ray, counted again in run());
+            # what the manifest alone can answer is checked now, before Ray starts
+            self._check_totals(
+                count_splits(
+                    iter_manifest_batches(d.train, list(spec.label_columns), opts),
+                    self.plan,
+                    spec,
+                    fixed_split="train",
+                )["train"]
+            )
+            return
         cols = list(spec.label_columns) + [x for x in (self.plan.column, "uri") if x and x in self.columns["train"]]
         if self.plan.mode == "manifests":
             assert d.val is not None  # the "manifests" plan is chosen when data.val is set
@@ -572,6 +582,30 @@ class FinetuneJob:
         else:
             counts = count_splits(iter_manifest_batches(d.train, sorted(set(cols)), opts), self.plan, spec)
         self._check_counts(counts)
+
+    def _check_totals(self, total: dict) -> None:
+        """Before any split: labels valid, and enough positives for train and val to each hold one."""
+        spec = self.example_spec
+        if total["usable"] < 2:
+            raise ConfigError(
+                "data.train",
+                f"{total['usable']} labelled rows of {total['rows']}: train and val need at least one each",
+            )
+        if spec.task == "regression":
+            return
+        for label in spec.labels:
+            n = total["positives"][label]
+            if n < 2:
+                raise ConfigError(
+                    "task.labels",
+                    f"label '{label}' has {n} positive example(s) in data.train (of {total['usable']} labelled "
+                    "rows); the train and val splits each need one: add positives or drop the label",
+                )
+            if total["negatives"][label] == 0:
+                raise ConfigError(
+                    "task.labels",
+                    f"label '{label}' has no negative examples in data.train, so AUROC is undefined; drop the label",
+                )
 
     def _check_counts(self, counts: dict) -> None:
         """Every label needs positives (and val negatives) in train and val."""
