@@ -192,7 +192,16 @@ def _encoder_rows() -> pa.Table:
                 error_class="DecodeError",
                 message="truncated WAV",
             ),
-            row("note.txt", None, None, None, status="skipped", stage="route", message="no encoder for 'text'"),
+            row(
+                "note.txt",
+                None,
+                None,
+                None,
+                status="skipped",
+                stage="route",
+                error_class="NoEncoder",
+                message="no encoder for 'text'",
+            ),
             row("s.tiff", "tile", 0, [0.0, 4.0], modality="slide", high=0),
             row("s.tiff", "tile", 1, [2.0, 0.0], modality="slide", high=0),
             row("i.dcm", "frame", 0, [5.0, 5.0], modality="CT"),
@@ -221,7 +230,7 @@ def test_embedding_examples_keep_record_rows_and_quarantine_the_rest(tmp_path):
     assert q.schema.equals(QUARANTINE_SCHEMA, check_metadata=False)
     assert sorted((r["uri"], r["error_class"], r["stage"]) for r in q.to_pylist()) == [
         ("bad.wav", "DecodeError", "decode"),
-        ("note.txt", "SkippedModality", "route"),
+        ("note.txt", "NoEncoder", "route"),
     ]
 
 

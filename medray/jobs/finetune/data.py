@@ -124,7 +124,8 @@ def write_quarantine(table: pa.Table, target: QuarantineTarget | None) -> int:
 
     The format is ``medray embed``'s (:data:`~medray.platform.records.QUARANTINE_SCHEMA`:
     record id, uri, member, stage, error class, PHI-free message). A skipped row
-    (no encoder for its modality) gets the class ``SkippedModality``. The part is
+    (no encoder for its modality, no pixel data, burned-in text) gets its skip reason as its
+    class (``NoEncoder``, ``NonImageObject``, ``BurnedInAnnotation``). The part is
     named after the record ids it holds, so a stage that runs again over the same
     records (every epoch when decoded examples are streamed, a restarted task)
     rewrites the same object instead of adding a copy.
@@ -149,7 +150,8 @@ def write_quarantine(table: pa.Table, target: QuarantineTarget | None) -> int:
         "uri": bad.column("uri").to_pylist(),
         "member": bad.column("member").to_pylist() if "member" in bad.column_names else [""] * n,
         "stage": bad.column("stage").to_pylist() if "stage" in bad.column_names else [None] * n,
-        "error_class": ["SkippedModality" if st == "skipped" else (c or "Error") for st, c in zip(skipped, classes)],
+        # a skipped record keeps its reason (NoEncoder, NonImageObject, BurnedInAnnotation) as its class
+        "error_class": [(c or "Skipped") if st == "skipped" else (c or "Error") for st, c in zip(skipped, classes)],
         "message": bad.column("message").to_pylist() if "message" in bad.column_names else [None] * n,
         "medray_version": [target.version] * n,
     }

@@ -160,7 +160,7 @@ class FinetuneResult:
     config: dict
     features: str = "inputs"  # inputs | embeddings (data.features, resolved)
     quarantined: int = 0  # labelled records that could not be used (<output>/quarantine)
-    quarantine_by_class: dict = field(default_factory=dict)  # error class -> records (SkippedModality: no encoder)
+    quarantine_by_class: dict = field(default_factory=dict)  # error class or skip reason -> records
 
     def one_line(self) -> str:
         """The closing one-line summary."""
