@@ -8,6 +8,9 @@ interleaved, best of ``--rounds``):
 * ``overhead``: 32×32 PNGs and the same tiny ViT, so per-record cost is the work;
 * ``resume``: ``medray embed`` run again on its finished ``overhead`` output
   (nothing left to do);
+* ``ceiling``: plain loops on half the ``overhead`` inputs: as written (torch's
+  threads on every core), with one thread, and two one-thread loops at once:
+  what two cores allow for this work;
 * ``growth``: ``medray embed`` alone on 2,000, 20,000 and 200,000 small PNGs:
   wall time per size, seconds per extra record, the driver's peak memory.
 
@@ -193,9 +196,9 @@ def regime(name: str, input_dir: Path, work: Path, ckpt: str, rounds: int, batch
     }
 
 
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    """``dst`` holding hard links to the first ``n`` files of ``src`` (same bytes, no copies)."""
-    files = sorted(src.iterdir())[:n]
+def _subset(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
+    """``dst`` holding hard links to ``n`` files of ``src`` after the first ``skip`` (same bytes, no copies)."""
+    files = sorted(src.iterdir())[skip : skip + n]
     if dst.is_dir() and len(list(dst.iterdir())) == n:
         return dst
     import shutil
@@ -217,6 +220,56 @@ def marginal(half: dict, full: dict) -> dict:
         "loop_records_per_s": loop,
         "medray_records_per_s": mine,
         "medray_vs_loop": mine / loop,
+    }
+
+
+def ceiling(src: Path, work: Path, ckpt: str, batch: int, rounds: int) -> dict:
+    """What two cores allow here for this work, measured with plain loops on half the inputs.
+
+    * ``one_loop_default_threads_s``: one loop as written (torch uses every core inside the model);
+    * ``one_loop_one_thread_s``: one loop with one torch/OpenMP thread;
+    * ``two_loops_one_thread_each_s``: two such loops at once, one per half.
+
+    ``parallel_speedup`` = 2 x one single-threaded loop / two at once (2.0 on two independent cores);
+    ``default_threads_speedup`` = the single-threaded loop / the default one (what torch's own threads
+    already take of the second core, which a plain loop gets for free).
+    """
+    n = len(list(src.iterdir()))
+    halves = [_subset(src, work / f"in-ceiling-{k}", n // 2, skip=k * (n // 2)) for k in (0, 1)]
+    env = dict(os.environ, MEDRAY_PROGRESS="0")
+    one = dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def cmd(d: Path, k: int) -> list[str]:
+        out = work / f"ceiling-loop-{k}"
+        out.mkdir(parents=True, exist_ok=True)
+        return [sys.executable, str(Path(__file__)), "loop", str(d), ckpt, str(out), str(batch)]
+
+    def timed(e: dict) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd(halves[0], 0), check=True, capture_output=True, env=e)
+        return time.perf_counter() - t0
+
+    default, single, pairs = [], [], []
+    for _ in range(rounds):
+        default.append(timed(env))
+        single.append(timed(one))
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(cmd(d, k), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one)
+            for k, d in enumerate(halves)
+        ]
+        for proc in procs:
+            proc.wait()
+        pairs.append(time.perf_counter() - t0)
+        print(f"ceiling: loop {default[-1]:.1f}s, 1 thread {single[-1]:.1f}s, two at once {pairs[-1]:.1f}s", flush=True)
+    return {
+        "records_each": n // 2,
+        "one_loop_default_threads_s": min(default),
+        "one_loop_one_thread_s": min(single),
+        "two_loops_one_thread_each_s": min(pairs),
+        "parallel_speedup": 2 * min(single) / min(pairs),
+        "default_threads_speedup": min(single) / min(default),
+        "rounds": {"default": default, "one_thread": single, "two_at_once": pairs},
     }
 
 
@@ -311,6 +364,10 @@ def main() -> None:
             result["overhead_marginal"] = marginal(result["overhead_half"], result["overhead"])
         if "resume" in regimes:
             result["resume"] = resume(o, work, ckpt, args.rounds, extra)
+    if "ceiling" in regimes:
+        o = work / "in-overhead"
+        _make_pngs(o, args.n_overhead)
+        result["ceiling"] = ceiling(o, work, ckpt, args.batch, args.rounds)
     if "growth" in regimes:
         sizes = sorted(int(n) for n in args.n_growth.split(","))
         g = work / "in-growth"
