@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medray-installed
 
-.PHONY: setup demo lint test test-fast bench bench-modalities clean
+.PHONY: setup system-deps demo lint test test-fast bench bench-modalities clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check medray tests benchmarks
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# The tests' real PACS: Orthanc with its DICOMweb plugin, from Debian's packages (skipped where present).
+system-deps:
+	@command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+	  { (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; }
+
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest tests -q --timeout=900
 
 test-fast: $(STAMP)

@@ -104,6 +104,17 @@ class DecodeConf:
 
 
 @dataclass
+class DicomWebConf:
+    """A ``dicomweb+http(s)://`` input: QIDO-RS study filters and WADO-RS requests in flight per task.
+
+    Credentials come from the environment, never from here (see :mod:`medray.platform.dicomweb`).
+    """
+
+    query: Dict[str, Any] = field(default_factory=dict)  # e.g. {ModalitiesInStudy: CR, StudyDate: 20240101-20241231}
+    max_in_flight: int = 4
+
+
+@dataclass
 class ComputeConf:
     """How the pipeline is sized: decode tasks and the encoder actor pool."""
 
@@ -167,6 +178,7 @@ class EmbedConf:
     patient_salt: Optional[str] = None
     run_name: Optional[str] = None
     show: Optional[str] = None  # outcomes: print what became of every record of `output`, then stop
+    dicomweb: DicomWebConf = field(default_factory=lambda: DicomWebConf())
 
 
 def _schema_of(options: type) -> type:

@@ -48,6 +48,7 @@ from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions
+from medray.platform.dicomweb import list_instances
 from medray.platform.errors import ConfigError
 from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
@@ -371,7 +372,10 @@ class EmbedJob:
         if self.input.kind == "manifest":
             self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
             return None
-        rows = list(list_objects(c.input, c.storage.options))
+        if self.input.kind == "dicomweb":  # QIDO-RS on the driver: UIDs only
+            rows = list(list_instances(c.input, dict(c.dicomweb.query)))
+        else:
+            rows = list(list_objects(c.input, c.storage.options))
         if not rows:
             raise ConfigError("input", f"no objects found under '{c.input}'")
         self.slide_inputs = may_hold_slides(r["uri"] for r in rows)
@@ -462,6 +466,7 @@ class EmbedJob:
             windows={k: list(v) for k, v in c.decode.windows.items()},
             prefer_file_voi=c.decode.prefer_file_voi,
             allow_burned_in=c.decode.allow_burned_in,
+            dicomweb_in_flight=c.dicomweb.max_in_flight,
             salt=patient_salt(c.patient_salt),
             encoder_spec=self.spec,
             # finished ids: listed inputs were anti-joined on the driver, so none travel; a manifest is

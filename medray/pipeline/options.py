@@ -24,6 +24,7 @@ class StageOptions:
     windows: dict = field(default_factory=dict)
     prefer_file_voi: bool = True
     allow_burned_in: bool = False
+    dicomweb_in_flight: int = 4  # WADO-RS requests at a time per read task
     salt: str = ""
     encoder_spec: Any = None  # medray.encoders.EncoderSpec
     done: frozenset = frozenset()  # record ids already in the output (resume)

@@ -33,12 +33,13 @@ from medray.platform.decoders import DICOM_EXTENSIONS, check_size
 from medray.platform.decoders.base import DicomOptions
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
+from medray.platform.dicomweb import fetch_instance, is_dicomweb
 from medray.platform.errors import RecordError, SkipRecord, UnsupportedFormat
 from medray.platform.formats import PrepareContext, build_options, detect, extensions, prepare_record
 from medray.platform.formats.slide import slide_route
 from medray.platform.records import quarantine_fields, record_id, tile_record_id
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
-from medray.platform.storage import open_fs, read_bytes
+from medray.platform.storage import open_fs, read_bytes, retry_transient
 
 __all__ = ["read_batch", "decode_batch", "SERIES_MODE_READ_BATCH", "slide_wanted"]
 
@@ -88,8 +89,13 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
     col = opts.text_column
     texts = table.column(col).to_pylist() if col and col in table.column_names else None
     row_done = table.column(DONE_IDS).to_pylist() if DONE_IDS in table.column_names else None
+    fetched = _fetch_dicomweb(uris, members, opts) if part != "slides" else {}
     for i, (uri, member) in enumerate(zip(uris, members)):
         member = member or ""
+        if i in fetched:  # a DICOMweb instance, fetched with the batch's others
+            wado, wado_err, dt = fetched[i]
+            emit(i, uri, member, wado, wado_err, dt)
+            continue
         # finished ids: the row's own (archive members, slide tiles; see medray.pipeline.resume) or the job's
         done = opts.done.union(row_done[i]) if row_done is not None and row_done[i] else opts.done
         if part == "slides" and (member or (texts is not None and texts[i] is not None)):
@@ -142,6 +148,28 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
             emit(i, uri, member, None, err, time.perf_counter() - t0)
     drop = (DONE_IDS, col) if col is not None and texts is not None else (DONE_IDS,)
     return assemble(table, index, cols, drop=drop)
+
+
+def _fetch_dicomweb(
+    uris: list[str], members: list[str | None], opts: StageOptions
+) -> dict[int, tuple[bytes | None, BaseException | None, float]]:
+    """WADO-RS retrieves of a batch's DICOMweb instances, ``opts.dicomweb_in_flight`` requests at a time."""
+    todo = [i for i, u in enumerate(uris) if is_dicomweb(u) and record_id(u, members[i] or "") not in opts.done]
+    if not todo:
+        return {}
+
+    def one(i: int) -> tuple[bytes | None, BaseException | None, float]:
+        t0 = time.perf_counter()
+        try:
+            data = retry_transient(fetch_instance, uris[i], opts.max_bytes, what="WADO-RS")
+            return data, None, time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - a quarantine row with its (PHI-free) reason
+            return None, err, time.perf_counter() - t0
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.dicomweb_in_flight)) as pool:
+        return dict(zip(todo, pool.map(one, todo)))
 
 
 _SERIES_NOOP = {"status": "noop", "stage": "series"}

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from medray.platform.dicomweb import is_dicomweb, parse_location
 from medray.platform.errors import ConfigError, LimitExceeded, ReadError, RecordError
 from medray.platform.storage import open_fs, unstrip
 
@@ -60,7 +61,8 @@ class InputSpec:
     """What ``input=`` turned out to be.
 
     Attributes:
-        kind: ``manifest``, ``prefix`` or ``object`` (one file or archive).
+        kind: ``manifest``, ``prefix``, ``object`` (one file or archive) or ``dicomweb``
+            (a DICOMweb service, study or series; see :mod:`medray.platform.dicomweb`).
         uri: the input as given.
     """
 
@@ -76,6 +78,9 @@ def classify_input(uri: str, options: Mapping[str, Any] | None = None) -> InputS
     """
     if not uri:
         raise ConfigError("input", "is empty; give a path, prefix, glob, manifest or archive URI")
+    if is_dicomweb(uri):
+        parse_location(uri)  # a malformed UID path names the key now
+        return InputSpec("dicomweb", uri)
     fs, path = open_fs(uri, options)
     if _GLOB_CHARS & set(path):
         return InputSpec("prefix", uri)
