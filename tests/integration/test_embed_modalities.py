@@ -67,7 +67,7 @@ def test_mixed_archive_routes_by_content_skips_then_resumes(mixed):
     ]
     proc = run_medray(mixed, *base)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 skipped (no encoder for text: 2)" in proc.stdout
+    assert "2 skipped (NoEncoder 2)" in proc.stdout
     summary = json.loads(fs.cat(f"{bucket}/out/mixed/summary.json"))
     assert summary["skipped"] == 2 and summary["skipped_by_modality"] == {"text": 2}
     assert summary["quarantined"] == 1 and summary["records_embedded"] == 3

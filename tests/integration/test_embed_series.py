@@ -150,7 +150,7 @@ def test_volume_series_through_a_3d_encoder(series_corpus):
         ),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "1 skipped (no encoder for image: 1)" in proc.stdout  # the photo
+    assert "1 skipped (NoEncoder 1)" in proc.stdout  # the photo
     emb = read_parts(c["fs"], out + "/embeddings")
     assert emb.schema.field("embedding").type == pa.list_(pa.float32(), 512)
     rows = {r["series_key"]: r for r in emb.to_pylist()}

@@ -89,7 +89,8 @@ def two_nodes():
     head_dir, worker_dir = f"{tag}h", f"{tag}w"
     port = _free_port()
     ray = str(BIN / "ray")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # `ray start --head` turns token authentication on; the second node and the driver present the token
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     subprocess.run(
         [
             ray,
@@ -114,7 +115,7 @@ def two_nodes():
         timeout=120,
     )
     try:
-        yield {"address": address, "worker_tag": worker_dir, "tag": tag}
+        yield {"address": address, "worker_tag": worker_dir, "tag": tag, "env": {"RAY_AUTH_MODE": "token"}}
     finally:
         for p in _ray_processes(tag):
             try:
@@ -145,7 +146,7 @@ def test_killing_a_worker_node_mid_embed_loses_nothing(inputs, two_nodes, tmp_pa
         "tracking.enabled=false",
         "max_error_fraction=1.0",
     ]
-    env = _env(inputs["root"])
+    env = _env(inputs["root"], **two_nodes["env"])
     log = open(tmp_path / "run1.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
