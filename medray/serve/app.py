@@ -183,6 +183,8 @@ def build_app(args: ServeArgs) -> Application:
         primary=primary,
         max_body_bytes=s.limits.max_body_bytes,
         request_timeout_s=s.limits.request_timeout_s,
+        max_header_bytes=s.limits.max_header_bytes,
+        max_json_depth=s.limits.max_json_depth,
         allowed_uri_prefixes=list(s.inputs.allowed_uri_prefixes),
         auth_enabled=s.auth.enabled,
         token_env=s.auth.token_env,

@@ -158,11 +158,15 @@ class LimitsConf:
             before the body is read, and while it streams otherwise (413).
         max_frames: most frames one input may yield (413).
         request_timeout_s: deadline of one request inside the app (504).
+        max_header_bytes: most bytes of request headers, names and values (431).
+        max_json_depth: deepest nesting of a JSON body, checked before it is parsed (422).
     """
 
     max_body_bytes: int = 64 << 20
     max_frames: int = 256
     request_timeout_s: float = 60.0
+    max_header_bytes: int = 16384
+    max_json_depth: int = 64
 
 
 @dataclass
@@ -314,7 +318,7 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
     if not (isinstance(serve.heads.max_loaded, int) and serve.heads.max_loaded >= 1):
         raise ConfigError("serve.heads.max_loaded", f"must be an int >= 1, got {serve.heads.max_loaded!r}")
     lim = serve.limits
-    for key in ("max_body_bytes", "max_frames", "request_timeout_s"):
+    for key in ("max_body_bytes", "max_frames", "request_timeout_s", "max_header_bytes", "max_json_depth"):
         _positive(f"serve.limits.{key}", getattr(lim, key))
     for prefix in serve.inputs.allowed_uri_prefixes:
         if not isinstance(prefix, str) or not prefix.startswith(_URI_SCHEMES) or len(prefix.split("://", 1)[1]) < 1:

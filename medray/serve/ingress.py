@@ -127,6 +127,8 @@ class IngressSettings:
     primary: str = "image"  # the modality of `encoder:`; others come from `encoders:`
     max_body_bytes: int = 64 << 20
     request_timeout_s: float = 60.0
+    max_header_bytes: int = 16384
+    max_json_depth: int = 64
     allowed_uri_prefixes: list = field(default_factory=list)
     auth_enabled: bool = False
     token_env: str | None = "MEDRAY_SERVE_TOKEN"
@@ -245,11 +247,41 @@ async def _parse_multipart(content_type: str, body: bytes) -> dict:
     return {"data": data, "name": upload.filename or ""}
 
 
+def json_depth(body: bytes, limit: int) -> int:
+    """The nesting depth of a JSON document without parsing it, or an upper bound of it that is <= ``limit``.
+
+    Linear and in C: strings are cut out, then the running count of opening
+    minus closing brackets is taken with numpy. A body with at most ``limit``
+    brackets cannot be deeper: its bracket count is returned without a scan.
+    """
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets <= limit:
+        return brackets
+    import numpy as np
+
+    # escapes first (an escaped backslash, then an escaped quote), so every '"' left opens or closes a string
+    arr = np.frombuffer(body.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    quotes = np.flatnonzero(arr == ord('"'))
+    opens = np.flatnonzero((arr == ord("[")) | (arr == ord("{")))
+    closes = np.flatnonzero((arr == ord("]")) | (arr == ord("}")))
+    opens = opens[np.searchsorted(quotes, opens) % 2 == 0]  # outside strings: an even number of quotes before
+    closes = closes[np.searchsorted(quotes, closes) % 2 == 0]
+    where = np.concatenate([opens, closes])
+    step = np.concatenate([np.ones(len(opens), np.int64), -np.ones(len(closes), np.int64)])
+    return int(np.cumsum(step[np.argsort(where, kind="stable")]).max(initial=0))
+
+
 async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
+    if json_depth(body, settings.max_json_depth) > settings.max_json_depth:
+        raise ApiError(
+            422, "too_deep", f"JSON nested deeper than serve.limits.max_json_depth={settings.max_json_depth}"
+        )
     try:
         doc = await asyncio.to_thread(json.loads, body) if len(body) > (1 << 20) else json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(422, "invalid_request", "body is not valid JSON") from None
+    except RecursionError:  # deeper than Python's parser goes, if the limit is set that high
+        raise ApiError(422, "too_deep", "JSON body is nested too deeply") from None
     if not isinstance(doc, dict) or len({"bytes_b64", "uri", "text"} & set(doc)) != 1:
         raise ApiError(422, "invalid_request", 'JSON body must hold exactly one of "bytes_b64", "uri" or "text"')
     if "text" in doc:
@@ -304,7 +336,8 @@ def error_for_exception(err: BaseException) -> ApiError:
         return ApiError(504, "timeout", "the request did not finish within serve.limits.request_timeout_s")
     if isinstance(err, (RayActorError, DeploymentUnavailableError, RequestCancelledError)):
         return ApiError(503, "unavailable", "a model replica became unavailable; retry", {"Retry-After": "1"})
-    return ApiError(500, "internal", f"internal error ({type(err).__name__})")
+    # anything else: this request failed, the service did not (4xx, 503 or 504 only, never a bare 500)
+    return ApiError(503, "internal", f"the request failed ({type(err).__name__}); retry", {"Retry-After": "1"})
 
 
 def _request_id(request: Request) -> str:
@@ -349,7 +382,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected %s", type(exc).__name__)
-    return error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"), _request_id(request))
+    err = ApiError(503, "internal", f"the request failed ({type(exc).__name__}); retry", {"Retry-After": "1"})
+    return error_response(err, _request_id(request))
+
+
+def header_bytes(request: Request) -> int:
+    """Bytes of the request's header names and values."""
+    return sum(len(k) + len(v) for k, v in request.headers.raw)
+
+
+@api.middleware("http")
+async def _header_limit(request: Request, call_next: Any) -> Any:
+    """431 for headers over ``serve.limits.max_header_bytes`` (uvicorn in Serve's proxy sets no such limit)."""
+    limit = getattr(request.app.state, "max_header_bytes", None)
+    if limit is not None and header_bytes(request) > limit:
+        err = ApiError(431, "headers_too_large", f"request headers are over serve.limits.max_header_bytes={limit}")
+        return error_response(err, _request_id(request))
+    return await call_next(request)
 
 
 def _segment_entry(frame: int, emb: Any, seg: dict | None) -> dict:
@@ -419,6 +468,7 @@ class Ingress:
         self._settings = settings
         self._head_ids = set(settings.heads)
         self._token = load_token(settings)
+        api.state.max_header_bytes = settings.max_header_bytes  # read by the header-limit middleware
         from ray.serve.metrics import Counter
 
         self._requests = Counter(

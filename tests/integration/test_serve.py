@@ -605,6 +605,26 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
             413,
             "too_large",
         ),
+        (  # JSON nested 100,000 deep: refused before parsing (was a RecursionError, 500)
+            requests.post(
+                url + "/v1/embeddings",
+                data=b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                headers={**auth, "Content-Type": "application/json"},
+                timeout=TIMEOUT,
+            ),
+            422,
+            "too_deep",
+        ),
+        (  # a 1 MiB header
+            requests.get(url + "/v1/models", headers={**auth, "X-Padding": "a" * (1 << 20)}, timeout=TIMEOUT),
+            431,
+            "headers_too_large",
+        ),
+        (
+            requests.get(url + "/healthz", headers={"X-Padding": "a" * 20_000}, timeout=TIMEOUT),
+            431,
+            "headers_too_large",
+        ),
     ]
     sentinels = stack["info"]["phi"]["sentinels"]
     for r, status, code in cases:

@@ -191,7 +191,7 @@ def test_head_errors_and_handle_failures_map():
     assert error_for_exception(asyncio.TimeoutError()).status == 504
     assert error_for_exception(RayActorError()).status == 503
     e = error_for_exception(KeyError("secret value"))
-    assert (e.status, e.code) == (500, "internal") and "secret" not in e.message
+    assert (e.status, e.code) == (503, "internal") and "secret" not in e.message  # never a bare 500
 
 
 def test_head_card_must_match_the_served_encoder():
@@ -306,3 +306,33 @@ def test_audio_and_text_inputs_equal_the_batch_job(family, arch, tmp_path):
         decode_input({"data": _png()}, settings, pre, modality=modality)
     with pytest.raises(LimitExceeded, match="max_frames"):
         decode_input({"data": data, "name": "x"}, DecodeSettings(max_frames=1), pre, modality=modality)
+
+
+# ---- request limits: JSON depth, headers, and no bare 500
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    from medray.serve.ingress import json_depth
+
+    assert json_depth(b'{"a": [1, {"b": "[[[[]"}]}', 1) == 3
+    assert json_depth(b'{"a": "x\\\\\\"[[[[[[[[[[[["}', 2) == 1  # escaped quote and backslash inside a string
+    assert json_depth(b"[" * 100_000 + b"]" * 100_000, 64) == 100_000
+    assert json_depth(b'{"bytes_b64": "AAAA"}', 64) <= 64  # few brackets: no scan, an upper bound
+
+
+def test_deep_json_is_a_422_before_parsing():
+    import asyncio
+
+    from medray.serve.ingress import ApiError, IngressSettings, parse_input
+
+    body = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(ApiError) as err:
+        asyncio.run(parse_input("application/json", body, IngressSettings(max_json_depth=64)))
+    assert (err.value.status, err.value.code) == (422, "too_deep")
+
+
+def test_an_unexpected_failure_is_a_503_not_a_500():
+    from medray.serve.ingress import error_for_exception
+
+    err = error_for_exception(KeyError("patient-name"))
+    assert err.status == 503 and "patient-name" not in err.message and err.headers.get("Retry-After")
