@@ -59,6 +59,7 @@ class DecodeSettings:
     frames: Any = "all"
     windows: Mapping[str, Any] = field(default_factory=dict)
     prefer_file_voi: bool = True
+    allow_burned_in: bool = False
     max_bytes: int = 1 << 30
     max_pixels: int = 1_000_000_000
     max_frames: int = 256
@@ -84,6 +85,7 @@ class DecodeSettings:
             frames=d.get("frames", "all"),
             windows=dict(d.get("windows") or {}),
             prefer_file_voi=bool(d.get("prefer_file_voi", True)),
+            allow_burned_in=bool(d.get("allow_burned_in", False)),
             max_bytes=int(d.get("max_bytes", 1 << 30)),
             max_pixels=int(d.get("max_pixels", 1_000_000_000)),
             max_frames=int(max_frames),
@@ -164,6 +166,7 @@ def decode_input(
         frames=settings.frames,
         windows={k: list(v) for k, v in settings.windows.items()},
         prefer_file_voi=settings.prefer_file_voi,
+        allow_burned_in=settings.allow_burned_in,
         audio=dict(settings.audio),
         text=dict(settings.text),
     )

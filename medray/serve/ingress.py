@@ -100,6 +100,7 @@ _BODY_DOC = {
 _RECORD_ERRORS = {
     "UnsupportedFormat": (415, "unsupported_media"),
     "LimitExceeded": (413, "too_large"),
+    "SkipRecord": (422, "not_embedded"),  # e.g. burned-in patient text (decode.allow_burned_in)
     "ReadError": (422, "unreadable"),
     "DecodeError": (422, "undecodable"),
     "PreprocessError": (422, "undecodable"),
