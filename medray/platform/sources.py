@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medray.platform.dicomweb import is_dicomweb, parse_location
-from medray.platform.errors import ConfigError, LimitExceeded, ReadError, RecordError
+from medray.platform.errors import ConfigError, LimitExceeded, ReadError, RecordError, SkipRecord
 from medray.platform.storage import open_fs, unstrip
 
 __all__ = [
@@ -197,13 +197,22 @@ def _check_member(name: str, size: int, max_bytes: int) -> str:
     return safe
 
 
+#: Most members one archive may list; more is quarantined as a whole (a member-count bomb).
+MAX_ARCHIVE_MEMBERS = 50_000
+
+_HIDDEN = SkipRecord("HiddenMember", "hidden archive member (a name part starts with '.')", stage="read")
+
+
 def _iter_zip(f: Any, max_bytes: int) -> Iterator[tuple[str, bytes | RecordError]]:
     try:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ReadError(f"not a readable zip archive ({type(err).__name__})") from None
     with zf:
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            raise LimitExceeded(f"archive lists {len(infos)} members, over {MAX_ARCHIVE_MEMBERS}", stage="read")
+        for info in infos:
             if info.is_dir():
                 continue
             try:
@@ -212,6 +221,13 @@ def _iter_zip(f: Any, max_bytes: int) -> Iterator[tuple[str, bytes | RecordError
                 yield info.filename, err
                 continue
             if any(part.startswith(".") for part in name.split("/")):
+                yield name, _HIDDEN
+                continue
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                yield name, SkipRecord("ArchiveLink", "symbolic link member: links are never followed", stage="read")
+                continue
+            if info.flag_bits & 0x1:
+                yield name, ReadError("encrypted archive member: medray reads no passwords")
                 continue
             try:
                 with zf.open(info) as member:
@@ -232,8 +248,21 @@ def _iter_tar(f: Any, max_bytes: int) -> Iterator[tuple[str, bytes | RecordError
         raise ReadError(f"not a readable tar archive ({type(err).__name__})") from None
     with tf:
         try:
-            for info in tf:
-                if not info.isfile():
+            for count, info in enumerate(tf, 1):
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise LimitExceeded(f"archive holds over {MAX_ARCHIVE_MEMBERS} members", stage="read")
+                if info.isdir():
+                    continue
+                if not info.isfile():  # links, devices, FIFOs: accounted for, never followed or opened
+                    kind = "link" if (info.issym() or info.islnk()) else "device or FIFO"
+                    yield (
+                        info.name,
+                        SkipRecord(
+                            "ArchiveLink" if kind == "link" else "NotAFile",
+                            f"{kind} member: never followed or read",
+                            stage="read",
+                        ),
+                    )
                     continue
                 try:
                     name = _check_member(info.name, info.size, max_bytes)
@@ -241,6 +270,7 @@ def _iter_tar(f: Any, max_bytes: int) -> Iterator[tuple[str, bytes | RecordError
                     yield info.name, err
                     continue
                 if any(part.startswith(".") for part in name.split("/")):
+                    yield name, _HIDDEN
                     continue
                 member = tf.extractfile(info)
                 yield name, member.read() if member is not None else b""
