@@ -57,7 +57,7 @@ from medray.platform.decoders.base import (
 from medray.platform.deid import extract_metadata, patient_key, safe_uid
 from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord, UnsupportedFormat
 
-__all__ = ["BURNED_IN_PRONE", "check_burned_in", "decode_dicom", "dicom_display_frames"]
+__all__ = ["BURNED_IN_PRONE", "check_burned_in", "decode_dicom", "dicom_display_frames", "frame_view"]
 
 _NATIVE = {
     ImplicitVRLittleEndian,
@@ -305,7 +305,7 @@ def _select_frames(spec: str | tuple[int, ...], count: int) -> list[int]:
     return indices
 
 
-def _frame_view(ds: Dataset, index: int) -> Dataset:
+def frame_view(ds: Dataset, index: int) -> Dataset:
     """`ds`, or a small view of it with frame `index`'s functional groups applied.
 
     Enhanced multi-frame objects keep rescale and window per frame (or shared)
@@ -588,7 +588,7 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
             index = indices[position]
             decoded_as = str(meta.get("photometric_interpretation", photometric))
             if photometric in _MONOCHROME:
-                view = _frame_view(ds, index)
+                view = frame_view(ds, index)
                 image = _monochrome_rgb(arr, view, options, modality, photometric)
             else:
                 bits = int(meta.get("bits_stored") or ds.get("BitsStored") or 8)
