@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pydicom
@@ -129,3 +130,105 @@ def test_an_enhanced_object_that_is_no_regular_stack_says_why(phantom) -> None:
     del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
     with pytest.raises(SeriesError, match="lack ImagePositionPatient, ImageOrientationPatient"):
         assemble_enhanced(ds)
+
+
+# ---------------------------------------------------------------- routes: volume, frames, endpoints
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> dict:
+    from medray.encoders import build_tiny_checkpoint, get_spec
+    from medray.encoders.video import build_video_checkpoint
+
+    root = tmp_path_factory.mktemp("enc")
+    return {
+        "image": get_spec(
+            "hf_image", checkpoint=build_tiny_checkpoint("hf_image", str(root / "i"), arch="vit", image_size=32)
+        ),
+        "volume": get_spec("torchvision_video", checkpoint=build_video_checkpoint(str(root / "v"), arch="r3d_18")),
+    }
+
+
+def _decode(datas: list[bytes], **opts) -> list[dict]:
+    import pyarrow as pa
+
+    from medray.pipeline import StageOptions, decode_batch
+
+    n = len(datas)
+    table = pa.table(
+        {
+            "uri": [f"in/{k}.dcm" for k in range(n)],
+            "member": [""] * n,
+            "record_id": [f"r{k}" for k in range(n)],
+            "data": pa.array(datas, pa.large_binary()),
+            "status": ["ok"] * n,
+            "stage": pa.array([None] * n, pa.string()),
+            "error_class": pa.array([None] * n, pa.string()),
+            "message": pa.array([None] * n, pa.string()),
+        }
+    )
+    return decode_batch(table, StageOptions(salt="s", **opts)).to_pylist()
+
+
+def _pixels(row: dict) -> np.ndarray:
+    return np.frombuffer(row["pixel_values"], np.dtype(row["pixel_dtype"])).reshape(row["pixel_shape"])
+
+
+def test_an_enhanced_object_is_sniffed_as_a_volume(phantom) -> None:
+    from medray.platform.formats import detect_modality
+
+    files = ct_series(phantom, seed=1)
+    assert detect_modality(enhanced_from_series(files), "x.dcm") == ("volume", "dicom")
+    assert detect_modality(files[0], "x.dcm") == ("image", "dicom")
+
+
+def test_in_volume_mode_an_enhanced_ct_is_one_record_with_its_classic_series_model_input(phantom, encoders) -> None:
+    from medray.encoders import create_preprocessor
+    from medray.platform.formats.registry import PrepareContext
+    from medray.platform.formats.volume import prepare_volume
+
+    files = ct_series(phantom, seed=6)
+    (row,) = _decode([enhanced_from_series(files, seed=2)], encoder_spec=encoders["volume"], series={"mode": "volume"})
+    assert (row["status"], row["route"], row["modality"], row["frames"]) == ("ok", "volume", "CT", [0])
+    options = SeriesOptions(mode="volume")
+    ctx = PrepareContext(route="volume", preprocessors={"volume": create_preprocessor(encoders["volume"])})
+    want = prepare_volume(assemble_series(files, options, salt="s"), options, ctx, mode="volume")
+    np.testing.assert_array_equal(_pixels(row), want.inputs)
+    segments = json.loads(row["segments"])
+    assert segments == want.segments and segments[0]["slice_end"] == 11
+    assert row["patient_key"] == want.patient_key
+
+
+def test_otherwise_its_frames_reach_the_image_encoder_each_with_its_own_rescale_and_window(phantom, encoders) -> None:
+    from medray.platform.decoders import decode_dicom
+    from medray.platform.decoders.base import DicomOptions
+
+    files = ct_series(phantom, seed=6)
+    windows = {0: (40.0, 400.0), 1: (-600.0, 1500.0)}
+    data = enhanced_from_series(files, shuffle=False, windows=windows, shared_window=(300.0, 2000.0))
+    rows = _decode([data], encoder_spec=encoders["image"], series={"mode": "slicewise"})
+    assert [(r["status"], r["route"], r["frames"]) for r in rows] == [("ok", "image", list(range(12)))]
+    frames = decode_dicom(data, options=DicomOptions(windows={"CT": (0.0, 100.0)})).frames
+    for n in (0, 1, 2):  # frames 0 and 1: their own window; frame 2: the shared one
+        ds = pydicom.dcmread(io.BytesIO(files[n]))
+        ds.WindowCenter, ds.WindowWidth = windows.get(n, (300.0, 2000.0))
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        (want,) = decode_dicom(buf.getvalue(), options=DicomOptions(windows={"CT": (0.0, 100.0)})).frames
+        np.testing.assert_array_equal(frames[n].image, want.image)
+    assert not np.array_equal(frames[0].image, frames[1].image)
+
+
+def test_an_image_endpoint_serves_an_enhanced_objects_frames(phantom, encoders) -> None:
+    from medray.encoders import create_preprocessor
+    from medray.serve.encoder import DecodeSettings, decode_input
+
+    data = enhanced_from_series(ct_series(phantom, seed=6))
+    served = decode_input({"data": data}, DecodeSettings(max_frames=100), create_preprocessor(encoders["image"]))
+    assert served.pixels.shape[0] == 12 and served.frames == list(range(12))
+
+
+def test_an_enhanced_object_of_a_modality_series_do_not_list_is_skipped(phantom, encoders) -> None:
+    data = enhanced_from_series(ct_series(phantom + 1100, seed=6, modality="MR"))
+    (row,) = _decode([data], encoder_spec=encoders["volume"], series={"mode": "volume", "modalities": ["CT"]})
+    assert (row["status"], row["error_class"]) == ("skipped", "SeriesModality"), row
