@@ -232,3 +232,75 @@ def test_an_enhanced_object_of_a_modality_series_do_not_list_is_skipped(phantom,
     data = enhanced_from_series(ct_series(phantom + 1100, seed=6, modality="MR"))
     (row,) = _decode([data], encoder_spec=encoders["volume"], series={"mode": "volume", "modalities": ["CT"]})
     assert (row["status"], row["error_class"]) == ("skipped", "SeriesModality"), row
+
+
+# ---------------------------------------------------------------- presentation LUT shape, ICC profiles
+
+
+@pytest.mark.parametrize("size", [16, 64])  # per pixel, and through the lookup table (>= 4096 pixels)
+@pytest.mark.parametrize("window", [None, (2000.0, 3000.0)])
+def test_presentation_lut_shape_inverse_is_shown_inverted_as_a_viewer_does(size, window) -> None:
+    from medray.platform.decoders import decode_dicom
+    from medray.testing.dicom_objects import monochrome_image
+
+    pixels = (np.arange(size * size).reshape(size, size) * (4095 // (size * size - 1))).astype(np.uint16)
+
+    def shown(**kw) -> np.ndarray:
+        (frame,) = decode_dicom(monochrome_image(pixels, window=window, **kw)).frames
+        return frame.image.astype(int)
+
+    plain = shown()
+    assert plain[0, 0, 0] == 0 and plain[-1, -1, 0] == 255
+    np.testing.assert_array_equal(shown(presentation_lut_shape="IDENTITY"), plain)
+    np.testing.assert_array_equal(shown(presentation_lut_shape="INVERSE"), 255 - plain)
+    np.testing.assert_array_equal(shown(photometric="MONOCHROME1"), 255 - plain)
+    # a MONOCHROME1 object saying INVERSE (as DX objects must) is inverted once, not twice
+    np.testing.assert_array_equal(shown(photometric="MONOCHROME1", presentation_lut_shape="INVERSE"), 255 - plain)
+
+
+def _rgb() -> np.ndarray:
+    ramp = np.linspace(0, 255, 32).round().astype(np.uint8)
+    return np.stack([np.tile(ramp, (8, 1)), np.tile(ramp[::-1], (8, 1)), np.full((8, 32), 128, np.uint8)], axis=-1)
+
+
+def test_an_icc_profile_converts_colour_pixels_to_srgb() -> None:
+    from PIL import Image, ImageCms
+
+    from medray.platform.decoders import decode_dicom
+    from medray.testing.dicom_objects import linear_rgb_profile, rgb_image
+
+    pixels = _rgb()
+    profile = linear_rgb_profile()
+    (managed,) = decode_dicom(rgb_image(pixels, icc_profile=profile)).frames
+    (unmanaged,) = decode_dicom(rgb_image(pixels)).frames
+    np.testing.assert_array_equal(unmanaged.image, pixels)
+    # the same conversion littlecms makes for a viewer: linear light -> sRGB brightens the mid-tones
+    transform = ImageCms.buildTransform(
+        ImageCms.ImageCmsProfile(io.BytesIO(profile)), ImageCms.createProfile("sRGB"), "RGB", "RGB"
+    )
+    want = np.asarray(ImageCms.applyTransform(Image.fromarray(pixels), transform))
+    np.testing.assert_array_equal(managed.image, want)
+    assert managed.image[0, 0, 2] > 180  # 128 linear is about 188 in sRGB
+
+
+def test_an_srgb_a_damaged_and_an_optical_path_profile() -> None:
+    from PIL import ImageCms
+
+    from medray.platform.decoders import decode_dicom
+    from medray.testing.dicom_objects import linear_rgb_profile, rgb_image
+
+    pixels = _rgb()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    (same,) = decode_dicom(rgb_image(pixels, icc_profile=srgb)).frames
+    assert np.abs(same.image.astype(int) - pixels).max() <= 1
+    (damaged,) = decode_dicom(rgb_image(pixels, icc_profile=b"not a profile" * 10)).frames
+    np.testing.assert_array_equal(damaged.image, pixels)  # shown unmanaged, as a viewer would
+    ds = pydicom.dcmread(io.BytesIO(rgb_image(pixels)))
+    path = pydicom.Dataset()
+    path.ICCProfile = linear_rgb_profile()
+    ds.OpticalPathSequence = [path]
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    (slide_like,) = decode_dicom(buf.getvalue()).frames
+    (managed,) = decode_dicom(rgb_image(pixels, icc_profile=linear_rgb_profile())).frames
+    np.testing.assert_array_equal(slide_like.image, managed.image)
