@@ -118,7 +118,7 @@ def test_frame_geometry_comes_from_the_functional_groups(phantom) -> None:
 def test_an_enhanced_object_that_is_no_regular_stack_says_why(phantom) -> None:
     files = ct_series(phantom, seed=4)
     twice = enhanced_from_series(files + ct_series(phantom, seed=5), seed=1)  # two stacks, one object
-    with pytest.raises(SeriesError, match="duplicate slice positions"):
+    with pytest.raises(SeriesError, match="enhanced object of 24 frames: duplicate slice positions.*several stacks"):
         assemble_enhanced(twice)
     with pytest.raises(SeriesError, match="missing slice"):
         assemble_enhanced(enhanced_from_series(files[:5] + files[6:]))

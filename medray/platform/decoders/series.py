@@ -878,7 +878,15 @@ def assemble_enhanced(
         if not photometric.startswith("MONOCHROME"):
             raise SeriesError(f"an enhanced CT/MR volume must be MONOCHROME, got {photometric}")
         headers = enhanced_frame_headers(ds, salt=salt, options=options)
-    plan = plan_series(headers, options)
+    try:
+        plan = plan_series(headers, options)
+    except SeriesError as err:
+        hint = (
+            "; several stacks, echoes or time points in one object are not one volume"
+            if str(err).startswith("duplicate slice positions")
+            else ""
+        )
+        raise SeriesError(f"enhanced object of {len(headers)} frames: {err}{hint}") from None
     with guarded("could not decode the enhanced object's frames"):
         stored = np.asarray(ds.pixel_array).reshape(count, plan.shape[1], plan.shape[2])
         values = np.empty(plan.shape, dtype=np.float32)
