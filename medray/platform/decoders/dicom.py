@@ -399,7 +399,7 @@ def _voi_window(values: np.ndarray, view: Dataset, options: DicomOptions, modali
     """The file's or the configured VOI per `options`, values in 0..1; None when neither applies."""
 
     def configured() -> np.ndarray | None:
-        window = options.windows.get(modality)
+        window = options.windows.get(modality) or options.windows.get("*")
         return _window(values, window[0], window[1], "LINEAR") if window else None
 
     def from_file() -> np.ndarray | None:
