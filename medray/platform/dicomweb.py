@@ -17,6 +17,7 @@ named by ``MEDRAY_DICOMWEB_SECRET_FILE`` holding ``user:password`` or a token.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -112,6 +113,9 @@ def _client(base: str) -> Any:
     """A DICOMweb client for ``base`` (one per process and service), authenticated from the environment."""
     import requests
     from dicomweb_client import DICOMwebClient
+
+    # its INFO lines name study and series UIDs: identifiers stay out of logs
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
     session = requests.Session()
     token, basic = _credentials()
