@@ -33,6 +33,7 @@ __all__ = [
     "parse_location",
     "list_instances",
     "fetch_instance",
+    "fetch_instances",
     "instance_uri",
     "FEEDS",
     "CURSOR_FILE",
@@ -248,6 +249,29 @@ def fetch_instance(uri: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ReadError(f"instance is {len(data)} bytes, over limits.max_bytes={max_bytes}")
     return data
+
+
+def fetch_instances(uris: list[str], max_bytes: int, in_flight: int = 4) -> list[bytes | BaseException]:
+    """:func:`fetch_instance` for each URI, ``in_flight`` requests at a time; each result in ``uris`` order.
+
+    A server that is briefly unreachable is waited for
+    (:func:`~medray.platform.storage.retry_transient`); any other failure is
+    returned in place of the bytes, for the caller to quarantine.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medray.platform.storage import retry_transient
+
+    def one(uri: str) -> bytes | BaseException:
+        try:
+            return retry_transient(fetch_instance, uri, max_bytes, what="WADO-RS")
+        except Exception as err:  # noqa: BLE001 - the caller's record error, with its PHI-free reason
+            return err
+
+    if len(uris) <= 1:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
+        return list(pool.map(one, uris))
 
 
 # ---------------------------------------------------------------------------------------------- watch
