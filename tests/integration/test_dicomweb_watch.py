@@ -164,6 +164,13 @@ def test_the_feeds_find_what_is_new(pacs, monkeypatch):
     study = found.rows[0]["uri"].split("/studies/")[1].split("/")[0]
     narrow = open_feed(f"{uri}/studies/{study}").poll(head)
     assert {r["uri"] for r in narrow.rows} == {r["uri"] for r in found.rows if f"/studies/{study}/" in r["uri"]}
+    # series mode: a series is taken whole once Orthanc calls it stable (StableAge=1 s here)
+    stable = open_feed(uri, stable_series=True)
+    deadline, got = time.monotonic() + 30, set()
+    while time.monotonic() < deadline and got != fresh | old:
+        got = {r["uri"].rsplit("/", 1)[1] for r in stable.poll(head).rows}
+        time.sleep(0.5)
+    assert got == fresh | old
     # QIDO by StudyDate: only studies dated from the cursor on
     qido = open_feed(uri, "qido")
     assert isinstance(qido, QidoSince)
