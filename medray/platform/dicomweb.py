@@ -334,7 +334,10 @@ class OrthancChanges:
 
     def head(self) -> int:
         """The log's last sequence number now (the cursor before a full listing)."""
-        return int(self._get("/changes?last")["Last"])
+        body = self._get("/changes?last")
+        if not isinstance(body, dict) or "Last" not in body:
+            raise ReadError("no Orthanc change log at this root")
+        return int(body["Last"])
 
     def _series_uids(self, series_id: str) -> tuple[str, str] | None:
         if series_id not in self._series:
@@ -458,14 +461,16 @@ def open_feed(
     try:
         feed.head()
         return feed
-    except Exception as err:  # noqa: BLE001 - no change log here: QIDO by date, or say what to set
+    except (ReadError, ValueError) as err:  # an answer, but no change log: QIDO by date, or say what to set
         if mode == "changes":
             raise ConfigError(
                 "dicomweb.feed",
-                f"the server has no Orthanc change log at its root ({type(err).__name__}): "
+                f"the server has no Orthanc change log at its root ({err}): "
                 "set dicomweb.changes_root=http://host:port or dicomweb.feed=qido",
             ) from None
         return QidoSince(loc, query)
+    except Exception as err:  # noqa: BLE001 - unreachable: do not silently switch feeds
+        raise ConfigError("input", f"cannot reach the DICOMweb server ({type(err).__name__})") from None
 
 
 #: Name of the watch cursor in an output.

@@ -56,3 +56,9 @@ def test_open_feed_refuses_unknown_modes_and_single_instances():
     with pytest.raises(ConfigError, match="'input'"):
         open_feed("dicomweb+http://h/dicom-web/studies/1.2/series/1.3/instances/1.4", "qido")
     assert isinstance(open_feed("dicomweb+http://h/dicom-web", "qido"), QidoSince)
+
+
+def test_an_unreachable_server_is_an_error_not_a_silent_switch_of_feed():
+    # nothing listens on port 1: auto must not fall back to QIDO (a stored cursor would be lost)
+    with pytest.raises(ConfigError, match="cannot reach"):
+        open_feed("dicomweb+http://127.0.0.1:1/dicom-web", "auto")
