@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import io
+import itertools
 import json
 import logging
 import math
@@ -77,6 +78,7 @@ MAX_SCATTER_POINTS = 2000
 #: Categories beyond this many share one colour ("other").
 _MAX_CATEGORIES = 10
 _COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb", "#222255", "#ee8866", "#44bb99"]
+_DATA_IDS = itertools.count()
 _OUTCOME_COLORS = {"embedded": "#228833", "quarantined": "#ee6677", "skipped": "#ccbb44", "already done": "#4477aa"}
 
 
@@ -125,6 +127,8 @@ class Report:
     title: str
     subtitle: str = ""
     sections: list[Section] = field(default_factory=list)
+    #: where :meth:`write` last saved the page
+    uri: str | None = None
 
     @property
     def figures(self) -> list[Figure]:
@@ -176,6 +180,7 @@ class Report:
         uri = join_uri(output_uri.rstrip("/"), *REPORT_FILE.split("/"))
         fs, path = open_fs(uri, storage_options)
         atomic_write_bytes(fs, path, self.to_html().encode("utf-8"))
+        self.uri = uri
         return uri
 
     def log_wandb(self, run: Any, prefix: str = "report") -> None:
@@ -247,6 +252,14 @@ def _new_figure(width: float = 6.4, height: float = 4.2, ncols: int = 1) -> tupl
     return fig, axes
 
 
+def _data(artists: Any) -> Any:
+    """Mark what a plot draws from its data (``<g id="data-N">`` in the SVG), so a test can find it."""
+    items = getattr(artists, "patches", None) or (artists if isinstance(artists, (list, tuple)) else [artists])
+    for artist in items:
+        artist.set_gid(f"data-{next(_DATA_IDS)}")
+    return artists
+
+
 def _to_svg(fig: Any) -> str:
     """Render ``fig`` as an inline ``<svg>`` element: text as paths (no font), no metadata, no prolog."""
     import matplotlib as mpl
@@ -295,13 +308,15 @@ def roc_figure(roc: Mapping[str, Mapping[str, Sequence[float]]], metrics: Mappin
     ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8, label="chance")
     for i, (label, curve) in enumerate(roc.items()):
         auroc = (metrics or {}).get(label, {}).get("auroc")
-        ax.plot(
-            list(curve.get("fpr", [])),
-            list(curve.get("tpr", [])),
-            color=_color(i),
-            linewidth=1.6,
-            drawstyle="steps-post",
-            label=f"{label}: AUROC {_ci(auroc)}",
+        _data(
+            ax.plot(
+                list(curve.get("fpr", [])),
+                list(curve.get("tpr", [])),
+                color=_color(i),
+                linewidth=1.6,
+                drawstyle="steps-post",
+                label=f"{label}: AUROC {_ci(auroc)}",
+            )
         )
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)", ylabel="sensitivity")
     ax.legend(loc="lower right", fontsize=8)
@@ -324,9 +339,9 @@ def reliability_figure(
         freq = np.asarray(rel.get("frequency", []), dtype=float)
         count = np.asarray(rel.get("count", [1] * len(conf)), dtype=float)
         ece = (metrics or {}).get(label, {}).get("ece")
-        ax.plot(conf, freq, color=_color(i), linewidth=1.2, label=f"{label}: ECE {_ci(ece)}")
+        _data(ax.plot(conf, freq, color=_color(i), linewidth=1.2, label=f"{label}: ECE {_ci(ece)}"))
         sizes = 12 + 60 * (count / count.max()) if count.size and count.max() > 0 else 20
-        ax.scatter(conf, freq, s=sizes, color=_color(i), zorder=3)
+        _data(ax.scatter(conf, freq, s=sizes, color=_color(i), zorder=3))
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="predicted probability", ylabel="observed frequency")
     ax.legend(loc="upper left", fontsize=8)
     return Figure(
@@ -353,14 +368,14 @@ def forest_figure(
     if overall and _finite(overall.get("value")):
         if _finite(overall.get("lo")) and _finite(overall.get("hi")):
             ax.axvspan(float(overall["lo"]), float(overall["hi"]), color="#4477aa", alpha=0.12, linewidth=0)
-        ax.axvline(float(overall["value"]), color="#4477aa", linewidth=1.2, label=f"overall {_ci(overall)}")
+        _data(ax.axvline(float(overall["value"]), color="#4477aa", linewidth=1.2, label=f"overall {_ci(overall)}"))
     for y, (_name, metric, _n) in zip(ys, rows):
         v = _value(metric)
         lo = float(metric["lo"]) if _finite(metric.get("lo")) else v
         hi = float(metric["hi"]) if _finite(metric.get("hi")) else v
         if math.isfinite(v):
-            ax.plot([lo, hi], [y, y], color="#222222", linewidth=1.2)
-            ax.plot([v], [y], marker="s", color="#222222", markersize=5)
+            _data(ax.plot([lo, hi], [y, y], color="#222222", linewidth=1.2))
+            _data(ax.plot([v], [y], marker="s", color="#222222", markersize=5))
     ax.set_yticks(ys, [f"{name} (n={n})" for name, _m, n in rows], fontsize=8)
     ax.set_xlabel(f"AUROC ({label})")
     lows = [float(m["lo"]) for _n, m, _k in rows if _finite(m.get("lo"))] + [_value(m) for _n, m, _k in rows]
@@ -386,11 +401,11 @@ def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
     for key, color in (("train_loss", "#4477aa"), ("val_loss", "#ee6677")):
         ys = [float(h[key]) if _finite(h.get(key)) else math.nan for h in history]
         if any(math.isfinite(y) for y in ys):
-            left.plot(epochs, ys, marker="o", markersize=3, color=color, label=key.replace("_", " "))
+            _data(left.plot(epochs, ys, marker="o", markersize=3, color=color, label=key.replace("_", " ")))
     left.set(xlabel="epoch", ylabel="loss")
     left.legend(fontsize=8)
     ys = [float(h["val_auroc_macro"]) if _finite(h.get("val_auroc_macro")) else math.nan for h in history]
-    right.plot(epochs, ys, marker="o", markersize=3, color="#228833", label="validation AUROC (macro)")
+    _data(right.plot(epochs, ys, marker="o", markersize=3, color="#228833", label="validation AUROC (macro)"))
     right.set(xlabel="epoch", ylabel="AUROC", ylim=(0, 1))
     right.legend(fontsize=8, loc="lower right")
     return Figure("history", "Training", _to_svg(fig), "Loss and validation macro AUROC per epoch.")
@@ -414,15 +429,17 @@ def efficiency_figure(series: Sequence[Mapping[str, Any]]) -> Figure:
         sizes.update(x.tolist())
         color, style = _color(s.get("color_index", i)), styles[s.get("style_index", 0) % len(styles)]
         if s.get("auroc_lo") is not None and s.get("auroc_hi") is not None:
-            ax.fill_between(
-                x,
-                np.asarray(s["auroc_lo"], dtype=float),
-                np.asarray(s["auroc_hi"], dtype=float),
-                color=color,
-                alpha=0.15,
-                linewidth=0,
+            _data(
+                ax.fill_between(
+                    x,
+                    np.asarray(s["auroc_lo"], dtype=float),
+                    np.asarray(s["auroc_hi"], dtype=float),
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
             )
-        ax.plot(x, mean, linestyle=style, marker="o", markersize=3.5, color=color, label=str(s.get("name", i)))
+        _data(ax.plot(x, mean, linestyle=style, marker="o", markersize=3.5, color=color, label=str(s.get("name", i))))
     ax.set_xscale("log", base=2)
     ticks = sorted(sizes)
     if ticks:
@@ -447,7 +464,7 @@ def outcomes_figure(bars: Sequence[tuple[str, str, int]]) -> Figure:
     fig, (ax,) = _new_figure(6.4, 1.0 + 0.34 * max(1, len(bars)))
     ys = np.arange(len(bars))[::-1]
     counts = [n for _o, _r, n in bars]
-    ax.barh(ys, counts, color=[_OUTCOME_COLORS.get(o, "#999999") for o, _r, _n in bars], height=0.7)
+    _data(ax.barh(ys, counts, color=[_OUTCOME_COLORS.get(o, "#999999") for o, _r, _n in bars], height=0.7))
     for y, n in zip(ys, counts):
         ax.text(n, y, f" {n}", va="center", fontsize=8)
     ax.set_yticks(ys, [f"{o}: {r}" if r else o for o, r, _n in bars], fontsize=8)
@@ -470,7 +487,18 @@ def throughput_figure(timeline: Sequence[Sequence[float]]) -> Figure:
     t, n = t[order], n[order]
     fig, (ax,) = _new_figure(6.4, 3.4)
     cum = np.cumsum(n)
-    ax.step(t, cum, where="post", color="#4477aa", linewidth=1.6, label="records done")
+    _data(
+        ax.step(
+            np.r_[0.0, t],
+            np.r_[0.0, cum],
+            where="post",
+            marker="o",
+            markersize=3,
+            color="#4477aa",
+            linewidth=1.6,
+            label="records done",
+        )
+    )
     ax.set(xlabel="seconds since the job started", ylabel="records done")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
@@ -480,7 +508,7 @@ def throughput_figure(timeline: Sequence[Sequence[float]]) -> Figure:
         if edges[-1] > edges[0]:
             counts, _ = np.histogram(t, bins=edges, weights=n)
             mids = (edges[:-1] + edges[1:]) / 2
-            rate.plot(mids, counts / np.diff(edges), color="#ee6677", linewidth=1.0, label="records/s")
+            _data(rate.plot(mids, counts / np.diff(edges), color="#ee6677", linewidth=1.0, label="records/s"))
             rate.set_ylabel("records/s")
             rate.set_ylim(bottom=0)
             rate.legend(loc="lower right", fontsize=8)
@@ -494,16 +522,22 @@ def throughput_figure(timeline: Sequence[Sequence[float]]) -> Figure:
 
 
 def project_2d(x: np.ndarray) -> np.ndarray:
-    """Project rows of ``x`` onto their first two principal components (scikit-learn PCA)."""
-    from sklearn.decomposition import PCA
+    """Project rows of ``x`` onto their first two principal components (PCA by SVD; signs fixed).
 
+    numpy's SVD rather than scikit-learn's PCA: the same result without a second of imports at the end
+    of every embed run.
+    """
     x = np.asarray(x, dtype=np.float64)
     x = x[:, np.isfinite(x).all(axis=0)] if x.size else x
+    out = np.zeros((x.shape[0], 2))
     if x.shape[0] < 2 or x.shape[1] < 1:
-        return np.zeros((x.shape[0], 2))
-    k = min(2, x.shape[0], x.shape[1])
-    out = PCA(n_components=k, random_state=0).fit_transform(x)
-    return out if k == 2 else np.hstack([out, np.zeros((out.shape[0], 2 - k))])
+        return out
+    centred = x - x.mean(axis=0)
+    u, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(2, len(sv))
+    signs = np.sign(vt[:k, np.argmax(np.abs(vt[:k]), axis=1)].diagonal())  # largest loading positive
+    out[:, :k] = u[:, :k] * sv[:k] * np.where(signs == 0, 1, signs)
+    return out
 
 
 def scatter_figure(points: np.ndarray, colour_by: Sequence[str], key: str, name: str = "projection") -> Figure:
@@ -526,8 +560,16 @@ def scatter_figure(points: np.ndarray, colour_by: Sequence[str], key: str, name:
     arr = np.asarray(cats)
     for i, c in enumerate(kept):
         sel = arr == c
-        ax.scatter(
-            points[sel, 0], points[sel, 1], s=9, alpha=0.75, color=_color(i), linewidths=0, label=f"{c} ({sel.sum()})"
+        _data(
+            ax.scatter(
+                points[sel, 0],
+                points[sel, 1],
+                s=9,
+                alpha=0.75,
+                color=_color(i),
+                linewidths=0,
+                label=f"{c} ({sel.sum()})",
+            )
         )
     ax.set(xlabel="PC 1", ylabel="PC 2")
     ax.legend(title=key, fontsize=8, title_fontsize=8, loc="best", markerscale=1.5)
