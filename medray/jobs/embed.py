@@ -632,7 +632,14 @@ class EmbedJob:
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
         report = _write_report(c.output, c.storage.options) if read else None
-        result.report = report.uri if report is not None else None
+        if report is not None:  # drawn from the durable summary; then the summary says where it is
+            result.report = report.uri
+            try:
+                summary = json.dumps(asdict(result), indent=2, default=str).encode()
+                atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+                atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+            except Exception as err:  # noqa: BLE001 - the summary without the report's address is still whole
+                log.warning("summary.json not updated with the report: %s: %s", type(err).__name__, err)
         if c.tracking.enabled and read:
             log_run(
                 job="embed",

@@ -558,13 +558,14 @@ def scatter_figure(points: np.ndarray, colour_by: Sequence[str], key: str, name:
         cats = [c if c in kept else "other" for c in cats]
         kept.append("other")
     arr = np.asarray(cats)
+    size = float(np.clip(4000 / max(1, len(cats)), 6, 30))  # few points drawn larger
     for i, c in enumerate(kept):
         sel = arr == c
         _data(
             ax.scatter(
                 points[sel, 0],
                 points[sel, 1],
-                s=9,
+                s=size,
                 alpha=0.75,
                 color=_color(i),
                 linewidths=0,

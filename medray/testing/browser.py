@@ -5,7 +5,8 @@
 the load event and returns a :class:`PageVisit`: every request the page made
 (from the ``Network`` domain, the browser's own record), a full-page PNG
 screenshot and each ``<figure>``'s box and the number of drawn SVG elements in
-it. Host names resolve to nothing (``--host-resolver-rules``), so a page that
+it (and how many of the groups a report marks as drawn from data have a
+non-empty box). Host names resolve to nothing (``--host-resolver-rules``), so a page that
 tries to fetch from the web fails to, and the attempt still shows in
 ``requests``.
 """
@@ -39,6 +40,8 @@ JSON.stringify(Array.from(document.querySelectorAll('figure')).map(f => {{
     svg: box ? {{x: box.left + window.scrollX, y: box.top + window.scrollY,
                  width: box.width, height: box.height}} : null,
     drawn: svg ? svg.querySelectorAll('{_DRAWN}').length : 0,
+    data: svg ? Array.from(svg.querySelectorAll('[id^="data-"]')).filter(g => {{
+      const b = g.getBBox(); return b.width + b.height > 0; }}).length : 0,
   }};
 }}))
 """
@@ -51,7 +54,9 @@ class PageVisit:
     Attributes:
         requests: URL of every request the page made (the page itself included).
         failed: URL of every request that failed.
-        figures: per ``<figure>``: name, box (page coordinates, CSS pixels), ``svg`` box, ``drawn`` elements.
+        figures: per ``<figure>``: name, box (page coordinates, CSS pixels), ``svg`` box, ``drawn``
+            SVG elements and ``data``: groups drawn from data (``id="data-N"``, see
+            :mod:`medray.platform.report`) with a non-empty bounding box.
         screenshot: the full page as PNG bytes.
         scale: device pixels per CSS pixel in ``screenshot``.
     """
