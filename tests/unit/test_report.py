@@ -206,6 +206,32 @@ def test_log_wandb_offline(tmp_path: Path):
     assert media and any("<svg" in p.read_text() for p in media)
 
 
+def test_log_run_logs_the_report(tmp_path: Path):
+    from medray.platform.tracking import log_run
+
+    run_dir = log_run(
+        job="embed",
+        config={},
+        summary={"records": 1},
+        mode="offline",
+        directory=str(tmp_path),
+        report=probe_report([sample_probe()]),
+    )
+    assert run_dir is not None
+    assert any("<svg" in p.read_text() for p in Path(run_dir).rglob("*.html"))
+
+
+def test_embed_timeline_is_small_and_relative():
+    from medray.jobs.embed import _timeline
+
+    parts = [[1000.0 + i * 0.1, 2] for i in range(1000)]
+    tl = _timeline(parts, started=990.0)
+    assert len(tl) <= 200 and sum(n for _t, n in tl) == 2000
+    assert tl[0][0] >= 10.0 and tl[-1][0] == pytest.approx(10.0 + 99.9)
+    assert _timeline([], None) == []
+    assert _timeline([[5.0, 3]], None) == [[0.0, 3]]
+
+
 def test_report_is_a_plain_dataclass():
     r = Report("t")
     assert r.figures == [] and r.tables == []
