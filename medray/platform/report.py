@@ -802,33 +802,30 @@ def embed_report(
     )
 
     run = Section("Last run")
+    runs = _recent_runs(fs, posixpath.join(root, "runs"), summary)
     run.items.append(
         Table(
-            "run",
-            "Run",
-            [
-                "run",
-                "records read",
-                "embedded",
-                "rows",
-                "quarantined",
-                "skipped",
-                "already done",
-                "wall s",
-                "records/s",
-            ],
+            "runs",
+            "Runs on this output (latest last)",
+            ["run", "read", "embedded", "rows", "quarantined", "skipped", "already done", "wall s", "records/s"],
             [
                 [
-                    str(summary.get("run_id", "-")),
-                    str(summary.get("records_read", 0)),
-                    str(summary.get("records_embedded", 0)),
-                    str(summary.get("rows_written", 0)),
-                    str(summary.get("quarantined", 0)),
-                    str(summary.get("skipped", 0)),
-                    str(summary.get("records_done_before", 0)),
-                    f"{float(summary.get('wall_s') or 0):.1f}",
-                    f"{float(summary.get('records_per_s') or 0):.1f}",
+                    str(r.get("run_id", "-")),
+                    *(
+                        str(r.get(k, 0))
+                        for k in (
+                            "records_read",
+                            "records_embedded",
+                            "rows_written",
+                            "quarantined",
+                            "skipped",
+                            "records_done_before",
+                        )
+                    ),
+                    f"{float(r.get('wall_s') or 0):.1f}",
+                    f"{float(r.get('records_per_s') or 0):.1f}",
                 ]
+                for r in runs
             ],
         )
     )
@@ -848,6 +845,25 @@ def embed_report(
         proj.note = "No embeddings to project yet (fewer than two rows)."
     report.sections.append(proj)
     return report
+
+
+def _recent_runs(fs: Any, runs_dir: str, summary: Mapping[str, Any], last: int = 10) -> list[Mapping[str, Any]]:
+    """The ``last`` runs of ``runs/<run_id>.json`` (ids start with their UTC time), else the summary alone."""
+    try:
+        fs.invalidate_cache(runs_dir)
+        names = sorted(p for p in fs.ls(runs_dir, detail=False) if str(p).endswith(".json"))[-last:]
+    except FileNotFoundError:
+        names = []
+    runs: list[Mapping[str, Any]] = []
+    for name in names:
+        try:
+            with fs.open(name, "rb") as f:
+                runs.append(json.load(f))
+        except (FileNotFoundError, ValueError):  # removed since, or not a run record
+            continue
+    if not any(r.get("run_id") == summary.get("run_id") for r in runs):
+        runs.append(summary)
+    return runs
 
 
 def _outcome_bars(summary: Mapping[str, Any]) -> list[tuple[str, str, int]]:

@@ -143,6 +143,9 @@ def _embed_output(root: Path, n: int = 60, dim: int = 16) -> None:
         "timeline": [[4.0 + i * 0.5, 6] for i in range(10)],
     }
     (root / "summary.json").write_text(json.dumps(summary))
+    (root / "runs").mkdir()
+    (root / "runs" / "r0.json").write_text(json.dumps({**summary, "run_id": "r0", "records_read": 5}))
+    (root / "runs" / "r1.json").write_text(json.dumps(summary))
 
 
 def test_embed_report_outcomes_throughput_projection(tmp_path: Path):
@@ -151,6 +154,8 @@ def test_embed_report_outcomes_throughput_projection(tmp_path: Path):
     assert [f.name for f in report.figures] == ["outcomes", "throughput", "projection-hf_image"]
     assert [_data_groups(f.svg) for f in report.figures] == [5, 2, 2]  # 5 bars; cumulative + rate; 2 sites
     assert "[UNTRAINED demo weights]" in report.title
+    runs = next(t for t in report.tables if t.name == "runs")
+    assert [r[:2] for r in runs.rows] == [["r0", "5"], ["r1", "63"]]
     scatter = report.figures[-1]
     assert "site" in scatter.title  # a carried site column wins over modality
     assert _drawn(scatter.svg) > 60  # one marker per point at least
