@@ -641,7 +641,8 @@ def evaluation_report(doc: Mapping[str, Any], title: str | None = None) -> Repor
     rel = {k: v for k, v in (doc.get("reliability") or {}).items() if v and len(v.get("confidence") or []) >= 1}
     if rel:
         perf.items.append(reliability_figure(rel, metrics))
-    report.sections.append(perf)
+    if metrics or perf.items[1:]:  # a finetune without a test split has its training curves only
+        report.sections.append(perf)
 
     subgroups = doc.get("subgroups") or {}
     if subgroups:

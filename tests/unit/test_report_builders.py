@@ -71,6 +71,32 @@ def test_evaluation_report_without_history_or_subgroups_draws_no_empty_plot():
     assert [s.title for s in report.sections] == ["Performance"]
 
 
+def test_finetune_without_a_test_split_draws_its_training_only():
+    report = evaluation_report({"labels": ["effusion"], "history": sample_evaluation()["history"]})
+    assert [s.title for s in report.sections] == ["Training"] and [f.name for f in report.figures] == ["history"]
+
+
+def test_reports_of_the_documents_evaluate_and_probe_write():
+    """The shapes agreed with medray.platform.evaluation and medray.platform.probing, made by them."""
+    from medray.platform.evaluation import evaluate
+    from medray.platform.probing import ProbeData, learning_curves
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 2).astype(str)
+    y = (rng.random((60, 2)) < 0.4).astype(float)[np.repeat(np.arange(60), 2)]
+    x = rng.normal(size=(120, 8)) + y[:, :1] + 0.5 * y[:, 1:]
+    site = np.array(["s1", "s2", "s3"])[rng.integers(0, 3, 120)]
+    site[:2] = "tiny"  # under min_subgroup: a count without an AUROC
+    doc = evaluate(y, 1 / (1 + np.exp(-x[:, :2])), ["a", "b"], groups=groups, subgroups={"site": site}, n_boot=50)
+    report = evaluation_report(json.loads(json.dumps(doc)))
+    assert [f.name for f in report.figures] == ["roc", "reliability", "forest-a", "forest-b"]
+    assert all(_data_groups(f.svg) >= 2 for f in report.figures)
+    curves = learning_curves(ProbeData(x, y, groups, ["a", "b"]), repeats=2, sizes=[8, 16])
+    probe = {"kind": "probe", "encoder": {"name": "enc", "weights_hash": "ab"}, "labels": ["a", "b"], **curves}
+    report = probe_report([json.loads(json.dumps(probe))])
+    assert [f.name for f in report.figures] == ["efficiency"] and _data_groups(report.figures[0].svg) == 4
+
+
 def test_probe_report_puts_every_encoder_and_head_on_one_plot():
     docs = [sample_probe("rad_dino", quality=0.85), sample_probe("dinov2", quality=0.7)]
     report = probe_report(docs)
