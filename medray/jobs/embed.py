@@ -631,7 +631,7 @@ class EmbedJob:
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
-        report = _write_report(c.output, c.storage.options) if read else None
+        report = _write_report(c.output, c.storage.options) if read or result.skipped else None
         if report is not None:  # drawn from the durable summary; then the summary says where it is
             result.report = report.uri
             try:
