@@ -54,6 +54,7 @@ from medray.platform.dicomweb import CURSOR_FILE, FEEDS, FeedPoll, cursor_state,
 from medray.platform.errors import ConfigError
 from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
+from medray.platform.report import Report, embed_report
 from medray.platform.runtime import Background, Stopwatch, cluster_gpus, init_ray, process_start
 from medray.platform.sources import InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
@@ -102,6 +103,8 @@ class EmbedResult:
     driver_seconds: dict = None  # type: ignore[assignment]  # the driver's phases (checkpoint, listing, ray_init, ...)
     first_row_s: float | None = None  # from the process start to the first written embedding
     driver_peak_rss_mb: float | None = None  # the driver process's peak resident memory
+    timeline: list = None  # type: ignore[assignment]  # [[s since the process started, records done], ...] (<= 200)
+    report: str | None = None  # <output>/report/index.html, when one was written
 
     def one_line(self) -> str:
         """The closing one-line summary: outcomes by reason."""
@@ -748,11 +751,21 @@ class EmbedJob:
             driver_seconds=dict(clock.phases) if clock is not None else {},
             first_row_s=round(first - started, 3) if first is not None and started is not None else None,
             driver_peak_rss_mb=_peak_rss_mb(),
+            timeline=_timeline(stats.get("parts") or [], started),
         )
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+        report = _write_report(c.output, c.storage.options) if read or result.skipped else None
+        if report is not None:  # drawn from the durable summary; then the summary says where it is
+            result.report = report.uri
+            try:
+                summary = json.dumps(asdict(result), indent=2, default=str).encode()
+                atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+                atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+            except Exception as err:  # noqa: BLE001 - the summary without the report's address is still whole
+                log.warning("summary.json not updated with the report: %s: %s", type(err).__name__, err)
         if c.tracking.enabled and read:
             log_run(
                 job="embed",
@@ -769,8 +782,33 @@ class EmbedJob:
                     files={"summary.json": summary},
                     metadata={**ident, "output": c.output, "run_id": run_id, "records_total_in_output": total},
                 ),
+                report=report,
             )
         return result
+
+
+def _write_report(output: str, options: Any) -> Report | None:
+    """Draw ``<output>/report/index.html`` from what the output holds; a failure is one log line, never the job's."""
+    try:
+        report = embed_report(output, options)
+        report.write(output, options)
+        return report
+    except Exception as err:  # noqa: BLE001 - the embeddings are written; a missing report must not fail the run
+        log.warning("report not written: %s: %s", type(err).__name__, err)
+        return None
+
+
+def _timeline(parts: list, started: float | None, points: int = 200) -> list:
+    """``[[seconds since the process started, records finished], ...]`` from the sink's parts, at most ``points``."""
+    if not parts:
+        return []
+    t0 = started if started is not None else parts[0][0]
+    rows = sorted((float(t) - t0, int(n)) for t, n in parts)
+    step = -(-len(rows) // points)  # merge neighbours so a long run stays small
+    return [
+        [round(rows[min(i + step, len(rows)) - 1][0], 3), sum(n for _, n in rows[i : i + step])]
+        for i in range(0, len(rows), step)
+    ]
 
 
 def _peak_rss_mb() -> float | None:
@@ -842,6 +880,8 @@ def main(cfg: DictConfig) -> int:
         return job.watch()  # rounds until stopped (SIGTERM/SIGINT, max_rounds, idle_exit_s)
     result = job.run()  # first line that touches Ray
     print(result.one_line(), flush=True)
+    if result.report:
+        print(f"medray embed: report {result.report}", flush=True)
     if result.error_fraction > job.cfg.max_error_fraction:
         print(
             f"error: {result.quarantined} of {result.records_read} records quarantined "
