@@ -223,12 +223,8 @@ def _write_predictions(
 
 
 def _write_report(doc: dict, output: str, options: dict) -> str | None:
-    import importlib
+    from medray.platform import report as reporting
 
-    try:
-        reporting: Any = importlib.import_module("medray.platform.report")
-    except ImportError:  # the report module is optional until it lands
-        return None
     try:
         return str(reporting.evaluation_report(doc).write(output, storage_options=options))
     except Exception as err:  # noqa: BLE001 - a report that cannot be drawn never fails the evaluation

@@ -222,12 +222,8 @@ def _write_predictions(data: Any, test: Any, probs: Any, output: str, options: d
 
 def _write_report(fs: Any, root: str, output: str, options: dict, evaluation: dict) -> str | None:
     """The report over every encoder's curves in ``curves/`` (a sweep compares them); None if it failed."""
-    import importlib
+    from medray.platform import report as reporting
 
-    try:
-        reporting: Any = importlib.import_module("medray.platform.report")
-    except ImportError:  # the report module is optional until it lands
-        return None
     try:
         docs = []
         for path in sorted(fs.glob(posixpath.join(root, "curves", "*.json"))):

@@ -55,6 +55,9 @@ def test_demo_then_probe_then_evaluate(tmp_path):
         curve = doc["curves"][head]
         assert len(curve["auroc_mean"]) == len(doc["sizes"]) and all(len(r) == 3 for r in curve["runs"])
     head_uri = doc["export"]["uri"]
+    page = (emb / "probe" / "report" / "index.html").read_text()
+    assert "<svg" in page and "http://" not in page and "https://" not in page  # self-contained
+    assert (emb / "report" / "index.html").exists()  # the demo's own embed report
 
     evaluation = _run(
         home,
@@ -70,6 +73,7 @@ def test_demo_then_probe_then_evaluate(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr[-4000:]
     assert "evaluate: 48 patients of 48 patients" in evaluation.stdout
     ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert "<svg" in (tmp_path / "eval" / "report" / "index.html").read_text()
     assert ev["aggregate"] == "patient" and set(ev["metrics"]) == {"lesion", "effusion"}
     assert set(ev["subgroups"]["site"]) == {"site-A", "site-B", "site-C"}
     for label in ("lesion", "effusion"):

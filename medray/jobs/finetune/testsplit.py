@@ -135,14 +135,11 @@ def score_test_split(job: Any, artifact: str) -> dict | None:
 
 def write_report(job: Any, history: list, test: dict | None) -> str | None:
     """``<output>/report/index.html``: loss and AUROC per epoch and, with a test split, its evaluation."""
-    import importlib
     import json
 
+    from medray.platform import report as reporting
+
     c = job.cfg
-    try:
-        reporting: Any = importlib.import_module("medray.platform.report")
-    except ImportError:  # the report module is optional until it lands
-        return None
     try:
         doc: dict[str, Any] = {"labels": list(job.example_spec.labels)}
         if test and test.get("evaluation"):
