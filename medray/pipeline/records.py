@@ -152,7 +152,10 @@ def _label_values(value: Any, column: str) -> float:
             return 1.0
         if v in ("0", "false", "no", "negative"):
             return 0.0
-        raise ConfigError(f"labels.{column}", f"label values must be 0/1 (or true/false), got {value!r}")
+        try:
+            value = float(v)  # "1.0", "0.0"
+        except ValueError:
+            raise ConfigError(f"labels.{column}", f"label values must be 0/1 (or true/false), got {value!r}") from None
     f = float(value)
     if f not in (0.0, 1.0) and not np.isnan(f):
         raise ConfigError(f"labels.{column}", f"label values must be 0/1, got {value!r}")
