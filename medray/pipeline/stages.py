@@ -31,6 +31,7 @@ from medray.pipeline.resume import DONE_IDS
 from medray.pipeline.series import is_series_slice, series_options
 from medray.platform.decoders import DICOM_EXTENSIONS, check_size
 from medray.platform.decoders.base import DicomOptions
+from medray.platform.decoders.dicom_wsi import DicomWsiSlide, open_dicom_wsi, sniff_dicom_wsi
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
 from medray.platform.dicomweb import fetch_instance, is_dicomweb
@@ -125,7 +126,9 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
         t0 = time.perf_counter()
         try:
             fs, path = open_fs(uri, opts.storage_options)
-            slide = sniff_slide(uri, fs, path, opts.storage_options)
+            slide = sniff_slide(uri, fs, path, opts.storage_options) or sniff_dicom_wsi(
+                uri, fs, path, opts.storage_options, decode_options(opts)[1]
+            )
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest: reported once, by the main part
             if part != "slides":
                 emit(i, uri, member, None, err, time.perf_counter() - t0)
@@ -231,7 +234,7 @@ def _emit_tiles(
         rid = tile_record_id(uri, member, tile.tile_id)
         if rid in done:
             continue
-        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata)
+        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata, reader=getattr(slide, "reader", "tiff"))
         emit(i, uri, member, None, None, dt, tile=json.dumps(info), rid=rid)
         emitted += 1
     if plan.tiles and not emitted:
@@ -314,6 +317,9 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                     "whole-slide image inside an archive (or with a non-TIFF name): "
                     "list the slide itself as an input object so its tiles are read lazily"
                     if fmt.name == "slide"
+                    else "DICOM whole-slide image level met as bytes (inside an archive, or posted): list the "
+                    "slide's level files (their folder or prefix) as input objects so its tiles are read lazily"
+                    if fmt.name == "dicom_wsi"
                     else f"{fmt.name} records are not embedded from bytes"
                 )
             if fmt.decode is not None and route == "image":
@@ -440,7 +446,10 @@ def _decode_tile(
         return
     try:
         tile = SlideTile(**{k: info[k] for k in SlideTile.__dataclass_fields__})
-        rgb = read_tile(open_slide(uri, opts.storage_options), tile)
+        if info.get("reader") == DicomWsiSlide.reader:
+            rgb = read_tile(open_dicom_wsi(uri, opts.storage_options, decode_options(opts)[1]), tile)
+        else:
+            rgb = read_tile(open_slide(uri, opts.storage_options), tile)
         t1 = time.perf_counter()
         try:
             pixels = np.ascontiguousarray(pre.preprocess([rgb]), dtype=np.float32)
