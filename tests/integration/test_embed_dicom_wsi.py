@@ -1,0 +1,82 @@
+"""A DICOM whole-slide image beside the same slide as a pyramidal TIFF, on S3, through ``medray embed``.
+
+Real Ray, real S3 (SeaweedFS), the console script in a subprocess. The DICOM
+WSI is four level files in one prefix: one slide record (its base level), the
+other levels skipped with their reason. Its tiles, provenance and embeddings
+equal the TIFF's (<= 1e-5). A truncated WSI beside them is quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_embed_cli import read_parts, run_medray  # same directory (pytest rootdir-relative import)
+
+from medray.encoders import build_tiny_checkpoint
+from medray.testing.dicom_wsi import PATIENT_ID, dicom_wsi_files, dicom_wsi_level
+from medray.testing.media import slide_pyramid, slide_tiff
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def corpus(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicom_wsi")
+    fs = s3.filesystem()
+    fs.pipe(f"{s3.bucket}/wsi/case-1.tif", slide_tiff(size=512, mpp=0.25, levels=3))
+    for name, data in dicom_wsi_files(size=512, mpp=0.25, levels=3).items():
+        fs.pipe(f"{s3.bucket}/wsi/case-1/{name}", data)
+    bad = dicom_wsi_level(
+        slide_pyramid(256, 1)[0], mpp=0.25, truncate_frames=2, series_uid="1.2.826.0.1.3680043.8.498.7"
+    )
+    fs.pipe(f"{s3.bucket}/wsi/broken/level0.dcm", bad)
+    ckpt = build_tiny_checkpoint("hf_image", str(root / "vit"), arch="vit", image_size=32)
+    home = root / "home"
+    home.mkdir()
+    return {"bucket": s3.bucket, "fs": fs, "home": home, "ckpt": ckpt}
+
+
+def test_dicom_wsi_tiles_equal_the_tiff_slides(corpus):
+    fs, bucket = corpus["fs"], corpus["bucket"]
+    out = f"s3://{bucket}/out/dicom_wsi"
+    proc = run_medray(
+        corpus,
+        "embed",
+        f"input=s3://{bucket}/wsi/",
+        f"output={out}",
+        "encoder=hf_image",
+        f"encoder.checkpoint={corpus['ckpt']}",
+        "ray.num_cpus=2",
+        "tracking.enabled=false",
+        "slide.tile_size=32",
+        "slide.target_mpp=0.5",
+        "compute.decode_batch_size=4",
+        "max_error_fraction=0.5",  # the broken slide is one of few records
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_parts(fs, out + "/embeddings").to_pylist()
+    tiff = {r["frame"]: r for r in rows if r["uri"].endswith("case-1.tif")}
+    dcm = {r["frame"]: r for r in rows if r["uri"].endswith("case-1/level0.dcm")}
+    assert len(tiff) == 11 and sorted(tiff) == sorted(dcm)  # the tiles plus the pooled row (-1)
+    keys = ("segment", "tile_x", "tile_y", "level", "mpp", "tissue_fraction", "n_frames", "modality")
+    for frame, t in tiff.items():
+        d = dcm[frame]
+        assert [d[k] for k in keys] == [t[k] for k in keys]
+        np.testing.assert_allclose(d["embedding"], t["embedding"], atol=1e-5)
+        if t["segment"] == "tile":
+            assert d["content_sha256"] == t["content_sha256"]  # the same tile pixels
+    diff = max(float(np.abs(np.subtract(dcm[f]["embedding"], tiff[f]["embedding"])).max()) for f in tiff)
+    print(f"DICOM WSI vs TIFF: {len(tiff) - 1} tiles, max |embedding difference| = {diff:.3g}")
+
+    skipped = read_parts(fs, out + "/skipped").to_pylist()
+    levels = sorted(r["uri"].rsplit("/", 1)[-1] for r in skipped if r["reason"] == "WsiLevel")
+    assert levels == ["level1.dcm", "level2.dcm"]
+    quarantined = read_parts(fs, out + "/quarantine").to_pylist()
+    assert [(r["uri"].rsplit("/", 2)[-2], r["error_class"]) for r in quarantined] == [("broken", "DecodeError")]
+    assert "shorter than its" in quarantined[0]["message"]
+    summary = json.loads(fs.cat(f"{bucket}/out/dicom_wsi/summary.json"))
+    assert summary["slides"]["slides"] == 2 and summary["quarantined"] == 1
+    everything = json.dumps([rows, skipped, quarantined], default=str)
+    assert PATIENT_ID not in everything and "Doe" not in everything
