@@ -192,3 +192,49 @@ def test_a_lone_smaller_level_becomes_the_base(tmp_path: Path) -> None:
     slide = _sniff(folder / "level1.dcm")
     assert slide is not None and slide.dimensions == (256, 256) and slide.level_count == 2
     assert os.path.basename(slide.files[1].uri) == "level2.dcm"
+
+
+def test_stages_tile_a_dicom_wsi_like_its_tiff_and_skip_its_other_levels(tmp_path: Path) -> None:
+    import json
+    import zipfile
+
+    import pyarrow as pa
+
+    from medray.encoders import build_tiny_checkpoint, get_spec
+    from medray.pipeline import StageOptions, decode_batch, read_batch
+    from medray.platform.sources import ARCHIVE_MEMBER_PENDING
+
+    folder = _write(tmp_path / "wsi", dicom_wsi_files(size=512, levels=3))
+    tif = tmp_path / "slide.tif"
+    tif.write_bytes(slide_tiff(size=512, levels=3))
+    archive = tmp_path / "inside.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("level0.dcm", (folder / "level0.dcm").read_bytes())
+    ckpt = build_tiny_checkpoint("hf_image", str(tmp_path / "vit"), arch="vit", image_size=32)
+    opts = StageOptions(encoder_spec=get_spec("hf_image", checkpoint=ckpt), slide={"target_mpp": 0.5, "tile_size": 32})
+    uris = [str(tif), *(str(folder / f"level{k}.dcm") for k in range(3))]
+    src = pa.table({"uri": uris, "member": [""] * len(uris)})
+
+    main = read_batch(src, opts, part="main").to_pylist()
+    assert [(Path(r["uri"]).name, r["status"], r["error_class"]) for r in main] == [
+        ("level1.dcm", "skipped", "WsiLevel"),
+        ("level2.dcm", "skipped", "WsiLevel"),
+    ]
+    tiles = read_batch(src, opts, part="slides")
+    decoded = decode_batch(tiles, opts).to_pylist()
+    by_slide: dict[str, list[dict]] = {}
+    for row in decoded:
+        assert row["status"] == "ok", row["message"]
+        by_slide.setdefault(Path(row["uri"]).name, []).append(row)
+    t, d = by_slide["slide.tif"], by_slide["level0.dcm"]
+    assert len(t) == len(d) == 10
+    for a, b in zip(t, d):
+        assert json.loads(a["segments"]) == json.loads(b["segments"])
+        assert a["pixel_values"] == b["pixel_values"] and a["content_sha256"] == b["content_sha256"]
+    assert json.loads(d[0]["metadata"])["vendor"] == "dicom"
+
+    zipped = decode_batch(read_batch(pa.table({"uri": [str(archive)], "member": [ARCHIVE_MEMBER_PENDING]}), opts), opts)
+    row = zipped.to_pylist()[0] if zipped.num_rows else None
+    assert (
+        row is not None and row["status"] == "error" and "DICOM whole-slide image level met as bytes" in row["message"]
+    )
