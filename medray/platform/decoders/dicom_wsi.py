@@ -75,7 +75,8 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 MAX_LEVEL_TILES = 1 << 22
 #: Sibling objects one folder may hold for their headers to be read (one slide's files are a few).
 MAX_FOLDER_OBJECTS = 20_000
-_HEADER_BLOCK = 1 << 16  # ranged reads of the header
+_META_BLOCK = 4096  # the first read of any object: preamble, file meta, SOP class
+_HEADER_BLOCK = 1 << 16  # ranged reads of a WSI instance's header
 _TILE_BLOCK = 1 << 20  # ranged reads of tiles
 _CACHE_BYTES = 16 << 20  # wsidicom's decoded and encoded frame caches, per open slide
 # Extensions that are never DICOM Part-10: such siblings are not read.
@@ -316,6 +317,11 @@ def _header_summary(uri: str, options_json: str, limits: DecodeLimits) -> WsiFil
     import dataclasses
 
     fs, path = open_fs(uri, json.loads(options_json))
+    # every object the read stage meets is asked: a small first read, and the rest of the header
+    # (one larger ranged read) only for a WSI instance
+    with fs.open(path, "rb", block_size=_META_BLOCK) as f:
+        if not is_dicom_wsi_bytes(f.read(_META_BLOCK)):
+            return None
     with fs.open(path, "rb", block_size=_HEADER_BLOCK) as f:
         ds = read_wsi_header(f)
         if ds is None:
