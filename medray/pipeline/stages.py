@@ -317,8 +317,9 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                     "whole-slide image inside an archive (or with a non-TIFF name): "
                     "list the slide itself as an input object so its tiles are read lazily"
                     if fmt.name == "slide"
-                    else "DICOM whole-slide image level met as bytes (inside an archive, or posted): list the "
-                    "slide's level files (their folder or prefix) as input objects so its tiles are read lazily"
+                    else "DICOM whole-slide image level met as bytes (inside an archive, or a whole WADO-RS "
+                    "instance): list the slide's level files (their folder or prefix) as input objects so its "
+                    "tiles are read lazily"
                     if fmt.name == "dicom_wsi"
                     else f"{fmt.name} records are not embedded from bytes"
                 )
