@@ -232,6 +232,10 @@ def test_stages_tile_a_dicom_wsi_like_its_tiff_and_skip_its_other_levels(tmp_pat
         assert json.loads(a["segments"]) == json.loads(b["segments"])
         assert a["pixel_values"] == b["pixel_values"] and a["content_sha256"] == b["content_sha256"]
     assert json.loads(d[0]["metadata"])["vendor"] == "dicom"
+    # without a slide branch (inputs of DICOM names only) one read task does both parts
+    both = read_batch(src.slice(1), opts).to_pylist()
+    assert sum(1 for r in both if r["tile"]) == 10
+    assert sorted(r["error_class"] for r in both if r["status"] == "skipped") == ["WsiLevel", "WsiLevel"]
 
     zipped = decode_batch(read_batch(pa.table({"uri": [str(archive)], "member": [ARCHIVE_MEMBER_PENDING]}), opts), opts)
     row = zipped.to_pylist()[0] if zipped.num_rows else None
