@@ -33,6 +33,7 @@ __all__ = [
     "list_instances",
     "fetch_instance",
     "instance_uri",
+    "dicomweb_client",
 ]
 
 SCHEME_PREFIX = "dicomweb+"
@@ -111,6 +112,16 @@ def _client(base: str) -> Any:
     elif basic:
         session.auth = basic
     return DICOMwebClient(url=base, session=session, timeout=(10, 120))
+
+
+def dicomweb_client(base: str) -> Any:
+    """The authenticated ``dicomweb_client.DICOMwebClient`` of a service root (one per process).
+
+    For readers that speak DICOMweb themselves (wsidicom reads whole-slide
+    tiles by WADO-RS frame retrieval); credentials come from the environment,
+    as for every DICOMweb request.
+    """
+    return _client(base)
 
 
 def _uid(entry: Mapping[str, Any], tag: str) -> str | None:

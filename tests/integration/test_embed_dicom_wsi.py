@@ -80,3 +80,45 @@ def test_dicom_wsi_tiles_equal_the_tiff_slides(corpus):
     assert summary["slides"]["slides"] == 2 and summary["quarantined"] == 1
     everything = json.dumps([rows, skipped, quarantined], default=str)
     assert PATIENT_ID not in everything and "Doe" not in everything
+
+
+def test_dicom_wsi_from_dicomweb_is_tiled_over_wado_rs_frames(tmp_path):
+    """The same slide in a PACS (Orthanc, auth on): its tiles' embeddings equal the TIFF tiles' (<= 1e-5)."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import tiffslide
+
+    from medray.encoders import create_encoder, get_spec
+    from medray.platform.decoders.slide import SlideOptions, plan_slide, read_tile
+    from medray.testing.orthanc import OrthancServer
+
+    for name, data in dicom_wsi_files(size=512, mpp=0.25, levels=3).items():
+        (tmp_path / name).write_bytes(data)
+    ckpt = build_tiny_checkpoint("hf_image", str(tmp_path / "vit"), arch="vit", image_size=32)
+    out = tmp_path / "out"
+    with OrthancServer() as server:
+        server.upload(sorted(tmp_path.glob("level*.dcm")))
+        env = dict(os.environ, MEDRAY_HOME=str(tmp_path / "home"), MEDRAY_PROGRESS="0", **server.env())
+        medray = os.path.join(os.path.dirname(sys.executable), "medray")
+        args = [f"input={server.dicomweb_uri}", f"output={out}", "encoder=hf_image", f"encoder.checkpoint={ckpt}"]
+        args += ["ray.num_cpus=2", "tracking.enabled=false", "slide.tile_size=32", "slide.target_mpp=0.5"]
+        proc = subprocess.run([medray, "embed", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "embeddings").to_pylist()
+    tiles = sorted((r for r in rows if r["segment"] == "tile"), key=lambda r: r["frame"])
+    slide = tiffslide.TiffSlide(io.BytesIO(slide_tiff(size=512, mpp=0.25, levels=3)))
+    plan = plan_slide(slide, SlideOptions(target_mpp=0.5, tile_size=32))
+    assert [(r["tile_x"], r["tile_y"], r["level"]) for r in tiles] == [(t.x, t.y, t.level) for t in plan.tiles]
+    assert all("/instances/" in r["uri"] for r in tiles) and len({r["uri"] for r in tiles}) == 1
+    encoder = create_encoder(get_spec("hf_image", checkpoint=ckpt), device="cpu", dtype="float32")
+    expected = encoder.embed(encoder.preprocess([read_tile(slide, t) for t in plan.tiles]))
+    diff = float(np.abs(np.asarray([r["embedding"] for r in tiles]) - np.asarray(expected)).max())
+    print(f"DICOM WSI over DICOMweb vs TIFF: {len(tiles)} tiles, max |embedding difference| = {diff:.3g}")
+    assert diff <= 1e-5
+    skipped = pq.read_table(out / "skipped").to_pylist()
+    assert sorted(r["reason"] for r in skipped) == ["WsiLevel", "WsiLevel"]

@@ -46,13 +46,14 @@ import json
 import logging
 import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from medray.platform.decoders.base import DecodeLimits
+from medray.platform.dicomweb import dicomweb_client, is_dicomweb, parse_location
 from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord
 from medray.platform.storage import open_fs, unstrip
 
@@ -66,6 +67,8 @@ __all__ = [
     "check_wsi_header",
     "sniff_dicom_wsi",
     "open_dicom_wsi",
+    "sniff_dicomweb_wsi",
+    "is_dicomweb_wsi",
 ]
 
 #: VL Whole Slide Microscopy Image Storage.
@@ -294,8 +297,21 @@ def open_dicom_wsi(
         DecodeError: ``uri`` is not the base level of a readable DICOM WSI.
         LimitExceeded: its headers are over the limits.
     """
+    if is_dicomweb(uri):
+        return _open_dicomweb_wsi(uri, limits)
     options_json = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
     return _open_dicom_wsi(uri, options_json, limits)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_dicomweb_wsi(uri: str, limits: DecodeLimits) -> DicomWsiSlide:
+    try:
+        slide = sniff_dicomweb_wsi(uri, limits)
+    except SkipRecord:
+        slide = None
+    if slide is None:
+        raise DecodeError("not the base level of a DICOM whole-slide image")
+    return slide
 
 
 @functools.lru_cache(maxsize=8)
@@ -388,9 +404,15 @@ class DicomWsiSlide:
     #: What the slide stages record as the slide's reader (``tiff`` for tiffslide slides).
     reader = "dicom_wsi"
 
-    def __init__(self, files: list[WsiFile], storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        files: list[WsiFile],
+        storage_options: Mapping[str, Any] | None = None,
+        opener: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.files = files
         self._options = dict(storage_options or {})
+        self._opener = opener
         self._wsi: Any = None
         self._levels: list[Any] = []
         self._transform: Any = None
@@ -412,14 +434,17 @@ class DicomWsiSlide:
         # wsidicom logs the file paths of files it rejects; paths may carry names (PHI)
         logging.getLogger("wsidicom").setLevel(logging.CRITICAL)
         streams = []
+        settings = Settings(decoded_frame_cache_size=_CACHE_BYTES, encoded_frame_cache_size=_CACHE_BYTES)
         try:
-            for f in self.files:
-                fs, path = open_fs(f.uri, self._options)
-                stream = fs.open(path, "rb", block_size=_TILE_BLOCK)
-                target = UPath(f.uri, **getattr(fs, "storage_options", {})) if "://" in f.uri else UPath(path)
-                streams.append(WsiDicomReadIO(stream, filepath=target))
-            settings = Settings(decoded_frame_cache_size=_CACHE_BYTES, encoded_frame_cache_size=_CACHE_BYTES)
-            wsi = WsiDicom(WsiDicomFileSource(streams), source_owned=True, settings=settings)
+            if self._opener is not None:  # DICOMweb: wsidicom reads frames by WADO-RS
+                wsi = self._opener(settings)
+            else:
+                for f in self.files:
+                    fs, path = open_fs(f.uri, self._options)
+                    stream = fs.open(path, "rb", block_size=_TILE_BLOCK)
+                    target = UPath(f.uri, **getattr(fs, "storage_options", {})) if "://" in f.uri else UPath(path)
+                    streams.append(WsiDicomReadIO(stream, filepath=target))
+                wsi = WsiDicom(WsiDicomFileSource(streams), source_owned=True, settings=settings)
             levels = sorted(wsi.levels, key=lambda lv: -lv.size.width * lv.size.height)
         except Exception as err:  # noqa: BLE001 - library messages may quote paths and header values
             for s in streams:
@@ -524,3 +549,155 @@ def _icc_transform(icc: bytes) -> Any:
         return ImageCms.buildTransform(src, dst, "RGB", "RGB")
     except Exception:  # noqa: BLE001 - a broken profile: the pixels are used as stored (as viewers do)
         return None
+
+
+# --------------------------------------------------------------------------- DICOMweb
+#: Transfer syntaxes asked of the server for tiles, in order: lossless first, so a server that
+#: transcodes (Orthanc) sends the stored pixels; one that does not answers 406 and the next is tried.
+_WEB_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+)
+
+
+@dataclass(frozen=True)
+class _WebInstance:
+    sop: str
+    sop_class: str
+    image_type: str
+    width: int
+    height: int
+
+
+@functools.lru_cache(maxsize=256)
+def _series_instances(base: str, study: str, series: str) -> tuple[_WebInstance, ...]:
+    """Every instance of a series with its SOP class, image type and matrix size (one QIDO-RS search)."""
+    client = dicomweb_client(base)
+    fields = ["00080016", "00080008", "00480006", "00480007"]
+    out = []
+    for entry in client.search_for_instances(study, series, fields=fields):
+
+        def first(tag: str, entry: Mapping[str, Any] = entry) -> Any:
+            values = (entry.get(tag) or {}).get("Value") or [None]
+            return values[0]
+
+        kinds = (entry.get("00080008") or {}).get("Value") or []
+        out.append(
+            _WebInstance(
+                sop=str(first("00080018")),
+                sop_class=str(first("00080016") or ""),
+                image_type=str(kinds[2]).upper() if len(kinds) > 2 else "VOLUME",
+                width=int(first("00480006") or 0),
+                height=int(first("00480007") or 0),
+            )
+        )
+    return tuple(out)
+
+
+def is_dicomweb_wsi(uri: str) -> bool:
+    """True when a DICOMweb instance URI is a whole-slide image instance (its series is searched once per process).
+
+    Such an instance is not fetched whole: :func:`sniff_dicomweb_wsi` tiles its slide.
+    """
+    loc = parse_location(uri)
+    if not (loc.study and loc.series and loc.sop):
+        return False
+    try:
+        series = _series_instances(loc.base, loc.study, loc.series)
+    except Exception:  # noqa: BLE001 - the instance's own fetch reports the server's answer
+        return False
+    return any(x.sop == loc.sop and x.sop_class == WSI_SOP_CLASS for x in series)
+
+
+def sniff_dicomweb_wsi(uri: str, limits: DecodeLimits = DecodeLimits()) -> DicomWsiSlide | None:
+    """The slide when a DICOMweb instance URI is the base level of a whole-slide image, else ``None``.
+
+    The instances of its series are one slide; the base level is the largest
+    ``VOLUME`` instance. Each instance's metadata (WADO-RS) is checked against
+    the limits, as the headers of files are. Tiles are then read by WADO-RS
+    frame retrieval (wsidicom), lossless when the server can send it.
+
+    Raises:
+        SkipRecord: another instance of a slide (a smaller level, label, overview, thumbnail).
+        RecordError: the slide's metadata is damaged or over the limits (quarantined).
+    """
+    loc = parse_location(uri)
+    if not (loc.study and loc.series and loc.sop):
+        return None
+    series = [x for x in _series_instances(loc.base, loc.study, loc.series) if x.sop_class == WSI_SOP_CLASS]
+    own = next((x for x in series if x.sop == loc.sop), None)
+    if own is None:
+        return None
+    volumes = [x for x in series if x.image_type == "VOLUME"] or series
+    base = min(volumes, key=lambda x: (-x.width * x.height, x.sop))
+    if base.sop != own.sop:
+        if own.image_type in ("VOLUME", "THUMBNAIL"):
+            raise SkipRecord(
+                "WsiLevel",
+                "a smaller pyramid level of a DICOM whole-slide image: embedded with the slide's base level",
+                stage="read",
+            )
+        raise SkipRecord(
+            f"Wsi{own.image_type.title()}",
+            f"the {own.image_type.lower()} image of a DICOM whole-slide image: not embedded (slide labels and "
+            "overviews carry burned-in identifiers); the slide is embedded from its base level",
+            stage="read",
+        )
+    from pydicom import Dataset
+    from pydicom.uid import UID
+
+    client = dicomweb_client(loc.base)
+    files = []
+    for x in sorted(series, key=lambda x: (x.sop != base.sop, -x.width * x.height, x.sop)):
+        try:
+            meta = client.retrieve_instance_metadata(loc.study, loc.series, x.sop)
+            ds = Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
+            ds.ensure_file_meta()
+            ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")  # frames come per request, not in a file
+        except Exception as err:  # noqa: BLE001 - server messages may quote UIDs
+            raise DecodeError(f"cannot read a DICOM whole-slide image's metadata ({type(err).__name__})") from None
+        summary = check_wsi_header(ds, limits)
+        files.append(
+            WsiFile(
+                uri=f"{uri.rsplit('/instances/', 1)[0]}/instances/{x.sop}",
+                series_uid=summary.series_uid,
+                image_type=summary.image_type,
+                width=summary.width,
+                height=summary.height,
+                icc_profile=summary.icc_profile or None,
+            )
+        )
+
+    def opener(settings: Any) -> Any:
+        from wsidicom import WsiDicom
+
+        return WsiDicom.open_web(
+            _WebClient(client), loc.study, loc.series, requested_transfer_syntax=_WEB_SYNTAXES, settings=settings
+        )
+
+    return DicomWsiSlide(files, opener=opener)
+
+
+def _web_client_class() -> type:
+    from wsidicom.web import WsiDicomWebClient
+
+    class WebClient(WsiDicomWebClient):
+        """wsidicom's client, with frames as ``bytes``.
+
+        dicomweb-client yields ``bytearray`` frames; pydicom takes a bytearray
+        assigned to Pixel Data for a list of values, and wsidicom's native
+        decoder then fails, so frames are turned into ``bytes``.
+        """
+
+        def get_frames(self, *args: Any, **kwargs: Any) -> Any:
+            return (bytes(f) for f in super().get_frames(*args, **kwargs))
+
+    return WebClient
+
+
+def _WebClient(client: Any) -> Any:  # noqa: N802 - builds the class lazily (wsidicom imported on use)
+    return _web_client_class()(client)
