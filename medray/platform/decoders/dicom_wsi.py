@@ -3,13 +3,15 @@
 Pure Python, no Ray. A DICOM WSI is one Part-10 instance per pyramid level
 (plus label, overview and thumbnail images), all in one series. medray reads
 it with wsidicom over fsspec files, so every tile is a ranged read, local or
-``s3://``:
+``s3://``, or over DICOMweb:
 
 * **One record per slide.** The level files of a series that sit in one
   folder (or prefix) are one slide. Its record is the *base level*: the
   largest ``VOLUME`` instance (ties: the smallest name). Every other file of
   the series is skipped with its reason (``WsiLevel``, ``WsiLabel``...), so
-  each input still ends in exactly one place.
+  each input still ends in exactly one place. From DICOMweb the series is
+  the slide (:func:`sniff_dicomweb_wsi`): one QIDO-RS search, the metadata
+  of its instances, then tiles by WADO-RS frame retrieval.
 * **Tiled like a TIFF slide.** :class:`DicomWsiSlide` answers the small
   slide interface that :func:`~medray.platform.decoders.slide.plan_slide` and
   :func:`~medray.platform.decoders.slide.read_tile` use (``level_dimensions``,
