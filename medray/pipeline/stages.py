@@ -31,6 +31,13 @@ from medray.pipeline.resume import DONE_IDS
 from medray.pipeline.series import is_series_slice, series_options
 from medray.platform.decoders import DICOM_EXTENSIONS, check_size
 from medray.platform.decoders.base import DicomOptions
+from medray.platform.decoders.dicom_wsi import (
+    DicomWsiSlide,
+    is_dicomweb_wsi,
+    open_dicom_wsi,
+    sniff_dicom_wsi,
+    sniff_dicomweb_wsi,
+)
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
 from medray.platform.dicomweb import fetch_instance, is_dicomweb
@@ -124,8 +131,16 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
             continue
         t0 = time.perf_counter()
         try:
-            fs, path = open_fs(uri, opts.storage_options)
-            slide = sniff_slide(uri, fs, path, opts.storage_options)
+            if is_dicomweb(uri):  # not fetched above: a whole-slide instance (or the slide branch's pass)
+                fs, path = None, ""
+                slide = sniff_dicomweb_wsi(uri, decode_options(opts)[1])
+                if slide is None:
+                    continue  # the main part's record
+            else:
+                fs, path = open_fs(uri, opts.storage_options)
+                slide = sniff_slide(uri, fs, path, opts.storage_options) or sniff_dicom_wsi(
+                    uri, fs, path, opts.storage_options, decode_options(opts)[1]
+                )
         except Exception as err:  # noqa: BLE001 - e.g. a bad URI in a manifest: reported once, by the main part
             if part != "slides":
                 emit(i, uri, member, None, err, time.perf_counter() - t0)
@@ -154,7 +169,11 @@ def _fetch_dicomweb(
     uris: list[str], members: list[str | None], opts: StageOptions
 ) -> dict[int, tuple[bytes | None, BaseException | None, float]]:
     """WADO-RS retrieves of a batch's DICOMweb instances, ``opts.dicomweb_in_flight`` requests at a time."""
-    todo = [i for i, u in enumerate(uris) if is_dicomweb(u) and record_id(u, members[i] or "") not in opts.done]
+    todo = [
+        i
+        for i, u in enumerate(uris)
+        if is_dicomweb(u) and record_id(u, members[i] or "") not in opts.done and not is_dicomweb_wsi(u)
+    ]  # whole-slide instances are not fetched whole: read_batch tiles them over WADO-RS frames
     if not todo:
         return {}
 
@@ -231,7 +250,7 @@ def _emit_tiles(
         rid = tile_record_id(uri, member, tile.tile_id)
         if rid in done:
             continue
-        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata)
+        info = dict(asdict(tile), n_tiles=len(plan.tiles), slide=plan.metadata, reader=getattr(slide, "reader", "tiff"))
         emit(i, uri, member, None, None, dt, tile=json.dumps(info), rid=rid)
         emitted += 1
     if plan.tiles and not emitted:
@@ -314,6 +333,10 @@ def decode_batch(table: pa.Table, opts: StageOptions) -> pa.Table:
                     "whole-slide image inside an archive (or with a non-TIFF name): "
                     "list the slide itself as an input object so its tiles are read lazily"
                     if fmt.name == "slide"
+                    else "DICOM whole-slide image level met as bytes (inside an archive, or posted): list the "
+                    "slide's level files (their folder, prefix or DICOMweb series) as input objects so its "
+                    "tiles are read lazily"
+                    if fmt.name == "dicom_wsi"
                     else f"{fmt.name} records are not embedded from bytes"
                 )
             if fmt.decode is not None and route == "image":
@@ -440,7 +463,10 @@ def _decode_tile(
         return
     try:
         tile = SlideTile(**{k: info[k] for k in SlideTile.__dataclass_fields__})
-        rgb = read_tile(open_slide(uri, opts.storage_options), tile)
+        if info.get("reader") == DicomWsiSlide.reader:
+            rgb = read_tile(open_dicom_wsi(uri, opts.storage_options, decode_options(opts)[1]), tile)
+        else:
+            rgb = read_tile(open_slide(uri, opts.storage_options), tile)
         t1 = time.perf_counter()
         try:
             pixels = np.ascontiguousarray(pre.preprocess([rgb]), dtype=np.float32)

@@ -45,6 +45,7 @@ __all__ = [
     "orthanc_root",
     "read_cursor",
     "cursor_state",
+    "dicomweb_client",
 ]
 
 SCHEME_PREFIX = "dicomweb+"
@@ -126,6 +127,16 @@ def _client(base: str) -> Any:
     elif basic:
         session.auth = basic
     return DICOMwebClient(url=base, session=session, timeout=(10, 120))
+
+
+def dicomweb_client(base: str) -> Any:
+    """The authenticated ``dicomweb_client.DICOMwebClient`` of a service root (one per process).
+
+    For readers that speak DICOMweb themselves (wsidicom reads whole-slide
+    tiles by WADO-RS frame retrieval); credentials come from the environment,
+    as for every DICOMweb request.
+    """
+    return _client(base)
 
 
 def _uid(entry: Mapping[str, Any], tag: str) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REPORT", "tone", "encode", "sr_dataset", "lying_wav", "slide_tiff"]
+__all__ = ["REPORT", "tone", "encode", "sr_dataset", "lying_wav", "slide_tiff", "slide_pyramid"]
 
 #: A report longer than a 64-token model limit; its words are in the tiny vocabulary.
 REPORT = (
@@ -107,6 +107,28 @@ def slide_tiff(
     """
     import tifffile
 
+    pyramid = slide_pyramid(size, levels, seed, blob)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for k, level in enumerate(pyramid):
+            res: dict[str, Any] = {}
+            if mpp is not None:
+                per_cm = 1e4 / (mpp * 2**k)
+                res = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            kw: dict[str, Any] = {"subifds": levels - 1} if k == 0 and levels > 1 else ({"subfiletype": 1} if k else {})
+            tile = 128 if level.shape[0] >= 128 else 16
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", **res, **kw)
+    return buf.getvalue()
+
+
+def slide_pyramid(
+    size: int = 1024, levels: int = 4, seed: int = 0, blob: tuple[float, float, float] = (0.3, 0.35, 0.22)
+) -> list[np.ndarray]:
+    """The RGB ``uint8`` levels of :func:`slide_tiff`'s slide (each half the last, 2x2 means).
+
+    The same pixels serve other slide containers (DICOM whole-slide images,
+    :mod:`medray.testing.dicom_wsi`), so embeddings of the two can be compared.
+    """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     cx, cy, r = blob
@@ -127,17 +149,7 @@ def slide_tiff(
         pyramid.append(
             ((prev[0::2, 0::2] + prev[1::2, 0::2] + prev[0::2, 1::2] + prev[1::2, 1::2]) / 4).round().astype(np.uint8)
         )
-    buf = io.BytesIO()
-    with tifffile.TiffWriter(buf) as tif:
-        for k, level in enumerate(pyramid):
-            res: dict[str, Any] = {}
-            if mpp is not None:
-                per_cm = 1e4 / (mpp * 2**k)
-                res = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-            kw: dict[str, Any] = {"subifds": levels - 1} if k == 0 and levels > 1 else ({"subfiletype": 1} if k else {})
-            tile = 128 if level.shape[0] >= 128 else 16
-            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", **res, **kw)
-    return buf.getvalue()
+    return pyramid
 
 
 def nifti_bytes(values: np.ndarray, affine: np.ndarray, *, compress: bool = False, version: int = 1) -> bytes:

@@ -101,6 +101,7 @@ from medray.jobs.finetune.features import (
 from medray.jobs.finetune.testsplit import score_test_split, write_report
 from medray.pipeline import StageOptions, plan_dataset, read_batch
 from medray.platform.decoders.audio import AudioOptions
+from medray.platform.decoders.dicom_wsi import sniff_dicom_wsi
 from medray.platform.decoders.slide import SlideOptions, sniff_slide
 from medray.platform.deid import ALLOWED_FIELDS
 from medray.platform.errors import ConfigError
@@ -200,7 +201,8 @@ def _lists_whole_records(manifest: str, storage_options: Any, sample: int = 8) -
     Whole-slide images (tiles) and NIfTI volumes (slices) are labelled as a whole,
     so ``data.features=auto`` trains on their pooled record embeddings. Judged by
     content, as the read stage does: a slide is sniffed lazily
-    (:func:`~medray.platform.decoders.slide.sniff_slide`), a NIfTI from its first
+    (:func:`~medray.platform.decoders.slide.sniff_slide`, a DICOM WSI by
+    :func:`~medray.platform.decoders.dicom_wsi.sniff_dicom_wsi`), a NIfTI from its first
     bytes by its format's own sniff. A manifest that cannot be read yet answers
     ``None`` (the data checks report it with its key).
     """
@@ -213,7 +215,7 @@ def _lists_whole_records(manifest: str, storage_options: Any, sample: int = 8) -
     for uri in uris:
         try:
             fs, path = open_fs(uri, storage_options)
-            if sniff_slide(uri, fs, path, storage_options) is not None:
+            if sniff_slide(uri, fs, path, storage_options) or sniff_dicom_wsi(uri, fs, path, storage_options):
                 return "whole-slide images"
             with fs.open(path, "rb") as f:
                 head = f.read(1 << 16)

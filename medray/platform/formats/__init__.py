@@ -1,13 +1,14 @@
 """File formats as plugins: one module each, found by name in a registry.
 
-Built in: ``sr`` and ``dicom`` (:mod:`.dicom`), ``slide`` (:mod:`.slide`),
+Built in: ``sr`` and ``dicom`` (:mod:`.dicom`), ``dicom_wsi`` (:mod:`.dicom_wsi`),
+``slide`` (:mod:`.slide`),
 ``image`` (:mod:`.image`), ``audio`` (:mod:`.audio`), ``nifti``
 (:mod:`.nifti`) and ``text`` (:mod:`.text`). A new format is a module that
 builds a :class:`Format` and calls :func:`register_format`, plus its import
 below; see ``docs/formats.md``.
 """
 
-from medray.platform.formats import audio, dicom, image, nifti, slide, text  # noqa: F401 - registers the formats
+from medray.platform.formats import audio, dicom, dicom_wsi, image, nifti, slide, text  # noqa: F401 - registers the formats
 from medray.platform.formats.registry import (
     MODALITIES,
     Format,
