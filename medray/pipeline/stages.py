@@ -225,6 +225,13 @@ def _emit_tiles(
     except RecordError as err:
         emit(i, uri, member, None, err, time.perf_counter() - t0)
         return
+    if not plan.tiles:  # a blank slide: its own row says so (no tile, so no pooled row, would name it)
+        reason = SkipRecord(
+            "NoTissue",
+            f"none of the slide's {plan.tiles_total} grid tiles holds slide.min_tissue_fraction of tissue",
+        )
+        emit(i, uri, member, None, reason, time.perf_counter() - t0)
+        return
     dt = (time.perf_counter() - t0) / max(1, len(plan.tiles))
     emitted = 0
     for tile in plan.tiles:

@@ -150,3 +150,123 @@ def test_an_archive_with_too_many_members_is_refused_whole(tmp_path, monkeypatch
             tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(LimitExceeded):
         _outcomes(tbuf.getvalue(), "many.tar", tmp_path)
+
+
+# ---- whole slides (sizes are claimed by headers: each file is at most a few MiB)
+
+
+def _sniffed(data: bytes, name: str):
+    import fsspec
+
+    from medray.platform.decoders.slide import sniff_slide
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"/hostile/{name}", data)
+    return sniff_slide(f"memory:///hostile/{name}", fs, f"/hostile/{name}")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_slide_level_of_10e12_pixels_is_refused_before_any_pixel_is_read():
+    from medray.platform.decoders.slide import SlideOptions, plan_slide
+    from medray.testing.hostile import slide_huge_level
+
+    slide = _sniffed(slide_huge_level(20), "huge.svs")
+    assert slide.level_dimensions[0] == (1 << 20, 1 << 20) and slide.level_count == 5
+    before = _peak_rss_mb()
+    with pytest.raises(LimitExceeded, match="slide.max_pixels") as info:
+        plan_slide(slide, SlideOptions(tile_size=64))
+    assert quarantine_fields(info.value)["error_class"] == "LimitExceeded"
+    with pytest.raises(LimitExceeded, match="tile grid has 67108864 tiles"):  # not 10^8 cells of fractions
+        plan_slide(slide, SlideOptions(tile_size=64, max_pixels=1 << 41))
+    assert _peak_rss_mb() - before < 64  # never the level, its giant tiles, nor the grid
+
+
+def test_giant_tiff_tiles_are_refused_before_one_is_decoded(monkeypatch):
+    from medray.platform.decoders.slide import SlideOptions, plan_slide
+    from medray.testing.media import slide_tiff
+
+    monkeypatch.setattr("medray.platform.decoders.slide.MAX_CHUNK_PIXELS", 128 * 127)
+    with pytest.raises(LimitExceeded, match="128x128-pixel tiles"):
+        plan_slide(_sniffed(slide_tiff(size=512, levels=3), "tiles.svs"), SlideOptions(tile_size=64))
+
+
+def test_an_ifd_chain_that_loops_is_refused_without_walking_it_forever():
+    import io
+
+    from medray.platform.decoders.slide import check_ifd_chain
+    from medray.platform.formats import detect
+    from medray.testing.hostile import slide_ifd_loop
+    from medray.testing.media import slide_tiff
+
+    data = slide_ifd_loop(extra=120, back_to=110)  # tifffile alone looks for loops only at the 100th IFD
+    with pytest.raises(DecodeError, match="loops back"):
+        _sniffed(data, "loop.svs")
+    with pytest.raises(DecodeError, match="loops back"):  # in memory too (an archive member)
+        detect(data, "loop.svs")
+    with pytest.raises(LimitExceeded):
+        check_ifd_chain(io.BytesIO(data), max_ifds=50)
+    assert check_ifd_chain(io.BytesIO(slide_tiff(size=256, levels=2))) == 1  # SubIFD levels: one main IFD
+
+
+@pytest.mark.parametrize("kind", ["past_end", "zero_bytes"])
+def test_a_slide_whose_read_level_is_damaged_is_quarantined(kind):
+    from medray.platform.decoders.slide import SlideOptions, plan_slide
+    from medray.testing.hostile import slide_tiles_past_end, slide_zero_byte_tiles
+
+    data = slide_tiles_past_end(1) if kind == "past_end" else slide_zero_byte_tiles(1)
+    with pytest.raises(DecodeError, match="slide.max_damaged_fraction") as info:
+        plan_slide(_sniffed(data, f"{kind}.svs"), SlideOptions(tile_size=64))
+    assert "empty (0 bytes) or lie past the end of the file" in str(info.value)
+
+
+def test_a_few_damaged_tiles_are_dropped_and_counted_the_rest_planned():
+    from medray.platform.decoders.slide import SlideOptions, plan_slide, read_tile
+    from medray.testing.hostile import slide_tiles_past_end, slide_zero_byte_tiles
+    from medray.testing.media import slide_tiff
+
+    opts = SlideOptions(tile_size=64, max_damaged_fraction=0.5)
+    good = plan_slide(_sniffed(slide_tiff(size=1024, levels=4), "good.svs"), opts)
+    for data in (slide_zero_byte_tiles(1, [5]), slide_tiles_past_end(1, [5])):
+        slide = _sniffed(data, "few.svs")
+        plan = plan_slide(slide, opts)
+        assert 0 < plan.metadata["damaged_tiles"] == len(good.tiles) - len(plan.tiles)
+        assert plan.background == good.background
+        for tile in plan.tiles:  # every tile kept reads cleanly and is not black
+            assert read_tile(slide, tile).mean() > 50
+
+
+def test_a_slide_whose_tissue_level_lies_past_the_end_is_quarantined():
+    from medray.platform.decoders.slide import SlideOptions, plan_slide
+    from medray.testing.hostile import slide_tiles_past_end
+
+    with pytest.raises(DecodeError, match="lowest-resolution level has tiles past the end"):
+        plan_slide(_sniffed(slide_tiles_past_end(3), "trunc.svs"), SlideOptions(tile_size=64))
+
+
+def test_the_read_stage_gives_every_hostile_slide_one_row_with_its_reason(tmp_path):
+    import pyarrow as pa
+
+    from medray.pipeline import StageOptions, read_batch
+    from medray.testing.hostile import HOSTILE_SLIDES
+    from medray.testing.media import slide_tiff
+
+    files = {name: make() for name, make in HOSTILE_SLIDES.items()}
+    files["blank.svs"] = slide_tiff(size=512, levels=3, blob=(0.5, 0.5, 0.0))
+    uris = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        uris.append(str(tmp_path / name))
+    src = pa.table({"uri": uris, "member": [""] * len(uris)})
+    opts = StageOptions(slide={"target_mpp": 0.5, "tile_size": 64})
+    rows = read_batch(src, opts).to_pylist()
+    got = {r["uri"].rsplit("/", 1)[-1]: (r["status"], r["error_class"], r["message"]) for r in rows}
+    assert len(rows) == len(files) == len(got)  # one row each, no tile of any of them
+    assert got["huge_level.svs"][:2] == ("error", "LimitExceeded")
+    assert got["ifd_loop.svs"][:2] == ("error", "DecodeError") and "loops back" in got["ifd_loop.svs"][2]
+    assert got["tiles_past_end.svs"][:2] == got["zero_byte_tiles.svs"][:2] == ("error", "DecodeError")
+    assert got["blank.svs"][:2] == ("skipped", "NoTissue")

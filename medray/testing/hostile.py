@@ -1,0 +1,153 @@
+"""Hostile inputs for tests: damaged or oversized files of every modality, cheap to make.
+
+Each generator returns bytes (or writes a file) that a medray job must turn
+into a quarantine or skip row with its reason, never a crash, a hang or an
+unbounded allocation. Sizes are claimed by headers, not stored: a slide
+level of 10^6 x 10^6 pixels is a few hundred kilobytes, a "500 MB" text line
+is a sparse file.
+
+Nothing here reads the network; every output depends only on the arguments.
+
+Example:
+    >>> import io, tiffslide
+    >>> len(slide_huge_level()) < 1 << 20
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from medray.testing.media import slide_tiff
+
+__all__ = [
+    "slide_huge_level",
+    "slide_ifd_loop",
+    "slide_tiles_past_end",
+    "slide_zero_byte_tiles",
+    "sparse_text_line",
+    "many_tokens_text",
+    "HOSTILE_SLIDES",
+]
+
+
+def _ifds(data: bytes) -> list[tuple[int, dict[int, tuple[int, int, int, int]]]]:
+    """The IFDs of a little-endian classic TIFF as written by ``slide_tiff``: level 0, then its SubIFDs.
+
+    Each IFD is its offset and a map of tag code to ``(entry offset, type, count, value or value offset)``.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        page = tf.pages.first
+        offsets = [page.offset, *(page.subifds or ())]
+    out = []
+    for off in offsets:
+        tags = {}
+        for k in range(struct.unpack_from("<H", data, off)[0]):
+            at = off + 2 + 12 * k
+            code, kind, count, value = struct.unpack_from("<HHII", data, at)
+            tags[code] = (at, kind, count, value)
+        out.append((off, tags))
+    return out
+
+
+def _patch_tile_table(data: bytearray, level: int, tag: int, tiles: list[int] | None, value: int) -> None:
+    at, _, count, where = _ifds(bytes(data))[level][1][tag]
+    for k in range(count) if tiles is None else tiles:
+        if count == 1:
+            struct.pack_into("<I", data, at + 8, value)
+        else:
+            struct.pack_into("<I", data, where + 4 * k, value)
+
+
+def slide_huge_level(side_log2: int = 20) -> bytes:
+    """A slide whose level 0 claims ``2**side_log2`` pixels a side (2^20 > 10^6), a real-looking pyramid below it.
+
+    Five levels, each a quarter of the one above (the pyramid tifffile
+    recognises), the smallest 2^(side_log2 - 8) a side; the stored tiles are
+    those of a 2048-pixel slide, so reading any of it fails, and laying a
+    tile grid over level 0 would allocate ~10^8 cells.
+    """
+    data = bytearray(slide_tiff(size=2048, levels=5))  # levels of 2048 ... 128 px, 16 ... 1 tiles a side
+    for k, (_, tags) in enumerate(_ifds(bytes(data))):
+        side, tile = 1 << (side_log2 - 2 * k), 1 << (side_log2 - 4 - k)
+        for code, value in ((256, side), (257, side), (322, tile), (323, tile)):  # width, length, tile w, h
+            struct.pack_into("<HHII", data, tags[code][0], code, 4, 1, value)
+        if 270 in tags:  # tifffile's "shaped" description would no longer match: hide it (a private tag)
+            struct.pack_into("<H", data, tags[270][0], 65000)
+    return bytes(data)
+
+
+def slide_ifd_loop(extra: int = 120, back_to: int = 110) -> bytes:
+    """A slide whose main IFD chain holds ``extra`` more IFDs, the last pointing back to IFD ``back_to``.
+
+    tifffile looks for loops only once, at the 100th IFD, so a loop closed
+    later would be walked forever.
+    """
+    data = bytearray(slide_tiff(size=512, levels=3))
+    ifds = _ifds(bytes(data))
+    first = ifds[0][0]
+    low_at = ifds[-1][0]  # copy the smallest level's IFD (its values point into the file)
+    low = bytes(data[low_at : low_at + 2 + 12 * struct.unpack_from("<H", data, low_at)[0]])
+    prev_next = first + 2 + 12 * struct.unpack_from("<H", data, first)[0]  # level 0's next-IFD offset
+    positions = []
+    for _ in range(extra):
+        pos = len(data) + (len(data) & 1)
+        data.extend(b"\x00" * (pos - len(data)))
+        data.extend(low + b"\x00\x00\x00\x00")
+        struct.pack_into("<I", data, prev_next, pos)
+        positions.append(pos)
+        prev_next = pos + len(low)
+    struct.pack_into("<I", data, prev_next, positions[back_to])
+    return bytes(data)
+
+
+def slide_tiles_past_end(level: int = 1, tiles: list[int] | None = None) -> bytes:
+    """A slide whose ``level`` has tile offsets past the end of the file (all its tiles when ``tiles`` is None).
+
+    At the default ``slide.target_mpp`` (0.5) the tiles of this 0.25-mpp slide
+    are read from level 1; level 3 is the one used for tissue detection.
+    """
+    data = bytearray(slide_tiff(size=1024, levels=4))
+    _patch_tile_table(data, level, 324, tiles, len(data) + (1 << 20))
+    return bytes(data)
+
+
+def slide_zero_byte_tiles(level: int = 1, tiles: list[int] | None = None) -> bytes:
+    """A slide whose ``level`` has zero-byte tiles (all its tiles when ``tiles`` is None): they decode as black."""
+    data = bytearray(slide_tiff(size=1024, levels=4))
+    _patch_tile_table(data, level, 325, tiles, 0)
+    return bytes(data)
+
+
+#: name -> bytes of each hostile slide, for mixed-folder tests.
+HOSTILE_SLIDES: dict[str, Any] = {
+    "huge_level.svs": slide_huge_level,
+    "ifd_loop.svs": slide_ifd_loop,
+    "tiles_past_end.svs": slide_tiles_past_end,
+    "zero_byte_tiles.svs": slide_zero_byte_tiles,
+}
+
+
+def sparse_text_line(path: str | os.PathLike[str], size: int = 500 << 20) -> Path:
+    """Write a one-line text file of ``size`` bytes that takes almost no disk: a word, a hole, a word.
+
+    The hole reads as NUL bytes; a reader that sizes the object before reading
+    it refuses it unread, one that reads it must stream.
+    """
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(b"Findings: ")
+        f.seek(size - 1)
+        f.write(b"x")
+    return path
+
+
+def many_tokens_text(tokens: int = 1_000_000) -> bytes:
+    """A report of ``tokens`` short words (one token each in any tokenizer's vocabulary: 'a')."""
+    return b"a " * tokens
