@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from medray.testing.media import slide_tiff
+from medray.testing.samples import ct_phantom, ct_series
 
 __all__ = [
     "slide_huge_level",
     "slide_ifd_loop",
     "slide_tiles_past_end",
     "slide_zero_byte_tiles",
+    "hostile_series",
+    "HOSTILE_SERIES",
     "sparse_text_line",
     "many_tokens_text",
     "HOSTILE_SLIDES",
@@ -132,6 +135,43 @@ HOSTILE_SLIDES: dict[str, Any] = {
     "tiles_past_end.svs": slide_tiles_past_end,
     "zero_byte_tiles.svs": slide_zero_byte_tiles,
 }
+
+
+def _same_position(k: int, ds: Any) -> None:
+    if k == 5:  # slice 5 lies where slice 4 does
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z - 2.5]  # ct_series' default slice spacing
+
+
+def _mixed_orientation(k: int, ds: Any) -> None:
+    if k % 2:
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.9, 0.43589]
+
+
+def _no_position(k: int, ds: Any) -> None:
+    if k == 3:
+        del ds.ImagePositionPatient
+
+
+#: kind -> ``fn(k, ds)`` tweaking each slice of a generated CT series (``None``: a one-slice series).
+HOSTILE_SERIES: dict[str, Any] = {
+    "same_position": _same_position,
+    "mixed_orientation": _mixed_orientation,
+    "no_position": _no_position,
+    "one_slice": None,
+}
+
+
+def hostile_series(kind: str, *, slices: int = 8, size: int = 16, seed: int = 0) -> list[bytes]:
+    """Part-10 bytes of a small CT series with one defect (a key of :data:`HOSTILE_SERIES`).
+
+    ``one_slice`` is a series of a single instance; the others have
+    ``slices`` instances, each its own SeriesInstanceUID per ``kind``.
+    """
+    if kind not in HOSTILE_SERIES:
+        raise ValueError(f"unknown hostile series {kind!r}; expected one of {', '.join(HOSTILE_SERIES)}")
+    phantom = ct_phantom(1 if kind == "one_slice" else slices, size, seed=seed)
+    return ct_series(phantom, seed=seed, series=f"hostile-{kind}", tweak=HOSTILE_SERIES[kind])
 
 
 def sparse_text_line(path: str | os.PathLike[str], size: int = 500 << 20) -> Path:

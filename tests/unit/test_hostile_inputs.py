@@ -270,3 +270,67 @@ def test_the_read_stage_gives_every_hostile_slide_one_row_with_its_reason(tmp_pa
     assert got["ifd_loop.svs"][:2] == ("error", "DecodeError") and "loops back" in got["ifd_loop.svs"][2]
     assert got["tiles_past_end.svs"][:2] == got["zero_byte_tiles.svs"][:2] == ("error", "DecodeError")
     assert got["blank.svs"][:2] == ("skipped", "NoTissue")
+
+
+# ---- CT/MR series (real Part-10 files, through the series stages: header pass, then one group task)
+
+
+@pytest.fixture(scope="module")
+def image_ckpt(tmp_path_factory) -> str:
+    from medray.encoders import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("hf_image", str(tmp_path_factory.mktemp("img")), arch="vit", image_size=32)
+
+
+def _series_rows(files: list[bytes], tmp_path, ckpt: str, mode: str = "slicewise", **series) -> list[dict]:
+    import pyarrow as pa
+
+    from medray.encoders import get_spec
+    from medray.pipeline import StageOptions
+    from medray.pipeline.series import assemble_group, series_header_batch
+
+    opts = StageOptions(salt="s", encoder_spec=get_spec("hf_image", checkpoint=ckpt), series={"mode": mode, **series})
+    uris = []
+    for k, data in enumerate(files):
+        (tmp_path / f"{k:03d}.dcm").write_bytes(data)
+        uris.append(str(tmp_path / f"{k:03d}.dcm"))
+    headers = series_header_batch(pa.table({"uri": uris, "member": [""] * len(uris)}), opts)
+    return assemble_group(headers, opts).to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("same_position", "duplicate slice positions: 1 slices share a position"),
+        ("mixed_orientation", "mixed orientations: 2 distinct ImageOrientationPatient values"),
+        ("no_position", "1 of 8 slices lack ImagePositionPatient"),
+    ],
+)
+def test_a_hostile_series_is_one_quarantine_row_with_its_reason(kind, reason, image_ckpt, tmp_path):
+    from medray.testing.hostile import hostile_series
+
+    rows = _series_rows(hostile_series(kind), tmp_path, image_ckpt)
+    assert len(rows) == 1 and (rows[0]["status"], rows[0]["error_class"]) == ("error", "SeriesError")
+    assert reason in rows[0]["message"] and rows[0]["pixel_values"] is None
+
+
+def test_a_series_over_max_voxels_is_refused_before_its_pixels_are_read(image_ckpt, tmp_path):
+    from medray.testing.hostile import hostile_series
+
+    files = hostile_series("same_position")[:4]  # four good slices
+    rows = _series_rows(files, tmp_path, image_ckpt, max_voxels=4 * 16 * 16 - 1)
+    assert len(rows) == 1 and (rows[0]["status"], rows[0]["error_class"]) == ("error", "LimitExceeded")
+    assert "series.max_voxels" in rows[0]["message"]
+
+
+def test_a_one_slice_series_is_embedded_as_a_series_of_one_or_refused_by_min_slices(image_ckpt, tmp_path):
+    from medray.testing.hostile import hostile_series
+
+    files = hostile_series("one_slice")
+    (tmp_path / "a").mkdir()
+    rows = _series_rows(files, tmp_path / "a", image_ckpt)
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["pixel_shape"][0] == 1
+    (tmp_path / "b").mkdir()
+    rows = _series_rows(files, tmp_path / "b", image_ckpt, min_slices=2)
+    assert len(rows) == 1 and (rows[0]["status"], rows[0]["error_class"]) == ("error", "SeriesError")
+    assert "fewer than series.min_slices = 2" in rows[0]["message"]
