@@ -175,16 +175,17 @@ def hostile_series(kind: str, *, slices: int = 8, size: int = 16, seed: int = 0)
 
 
 def sparse_text_line(path: str | os.PathLike[str], size: int = 500 << 20) -> Path:
-    """Write a one-line text file of ``size`` bytes that takes almost no disk: a word, a hole, a word.
+    """Write a one-line "text" file of ``size`` bytes that takes almost no disk: 64 KiB of words, then a hole.
 
-    The hole reads as NUL bytes; a reader that sizes the object before reading
-    it refuses it unread, one that reads it must stream.
+    Its head is text; the hole reads as NUL bytes. A reader that sizes the
+    object and sniffs its head refuses it unread; one that reads it must stream.
     """
     path = Path(path)
+    words = b"Findings: " + b"no acute abnormality " * (65536 // 21)
     with open(path, "wb") as f:
-        f.write(b"Findings: ")
+        f.write(words)
         f.seek(size - 1)
-        f.write(b"x")
+        f.write(b".")
     return path
 
 

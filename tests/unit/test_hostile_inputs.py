@@ -334,3 +334,55 @@ def test_a_one_slice_series_is_embedded_as_a_series_of_one_or_refused_by_min_sli
     rows = _series_rows(files, tmp_path / "b", image_ckpt, min_slices=2)
     assert len(rows) == 1 and (rows[0]["status"], rows[0]["error_class"]) == ("error", "SeriesError")
     assert "fewer than series.min_slices = 2" in rows[0]["message"]
+
+
+# ---- text: one line of 500 MB, a document of 10^6 tokens
+
+
+def test_a_500_mb_text_line_is_refused_after_reading_its_first_bytes(tmp_path):
+    import pyarrow as pa
+
+    from medray.pipeline import StageOptions, read_batch
+    from medray.testing.hostile import sparse_text_line
+
+    path = sparse_text_line(tmp_path / "line.txt", size=500 << 20)  # 500 MB claimed, ~64 KiB on disk
+    before = _peak_rss_mb()
+    rows = read_batch(pa.table({"uri": [str(path)], "member": [""]}), StageOptions()).to_pylist()
+    assert _peak_rss_mb() - before < 100  # never the 500 MB
+    assert len(rows) == 1 and (rows[0]["status"], rows[0]["error_class"], rows[0]["stage"]) == (
+        "error",
+        "LimitExceeded",
+        "read",
+    )
+    assert "text.max_chars = 10000000" in rows[0]["message"] and "refused unread" in rows[0]["message"]
+
+
+def test_text_bytes_far_over_max_chars_are_refused_before_decoding():
+    from medray.platform.decoders.text import check_text_size
+
+    with pytest.raises(LimitExceeded, match="4001 bytes holds more than text.max_chars = 1000"):
+        decode_text(b"a" * 4001, max_chars=1000)
+    check_text_size(4001, b"\x89PNG\r\n\x1a\n", 1000)  # not text: the image path judges it
+    with pytest.raises(LimitExceeded, match="refused unread"):
+        check_text_size(4001, b"Findings: a very long line", 1000)
+
+
+def test_a_document_of_a_million_tokens_is_quarantined_by_max_chunks(tmp_path):
+    from medray.encoders import build_tiny_checkpoint, get_spec
+    from medray.encoders.registry import create_preprocessor
+    from medray.platform.formats import PrepareContext, TextOptions, prepare_record
+    from medray.testing.hostile import many_tokens_text
+
+    ckpt = build_tiny_checkpoint("hf_text", str(tmp_path / "txt"), arch="bert")
+    pre = create_preprocessor(get_spec("hf_text", checkpoint=ckpt))
+    ctx = PrepareContext(name="long.txt", route="text", preprocessors={"text": pre}, options={})
+    with pytest.raises(LimitExceeded, match=r"more than \d+ chunks of 64 tokens .* text.max_chunks = 1000"):
+        prepare_record(many_tokens_text(10**6), ctx)  # a prefix of 512 000 characters is tokenized, not 2 MB
+    small = {"text": TextOptions(max_chunks=10)}
+    with pytest.raises(LimitExceeded, match=r"document has 1000 tokens in 17 chunks of 64, over text.max_chunks = 10"):
+        prepare_record(many_tokens_text(1000), PrepareContext(route="text", preprocessors={"text": pre}, options=small))
+    ctx = PrepareContext(
+        name="long.txt", route="text", preprocessors={"text": pre}, options={"text": TextOptions(max_chunks=10**5)}
+    )
+    _, prepared = prepare_record(many_tokens_text(10**4), ctx)
+    assert prepared.inputs.shape[0] == len(prepared.segments) > 1
