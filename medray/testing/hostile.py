@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "slide_zero_byte_tiles",
     "hostile_series",
     "HOSTILE_SERIES",
+    "zip_many_members",
+    "zip_lying_member",
     "sparse_text_line",
     "many_tokens_text",
     "HOSTILE_SLIDES",
@@ -192,3 +195,31 @@ def sparse_text_line(path: str | os.PathLike[str], size: int = 500 << 20) -> Pat
 def many_tokens_text(tokens: int = 1_000_000) -> bytes:
     """A report of ``tokens`` short words (one token each in any tokenizer's vocabulary: 'a')."""
     return b"a " * tokens
+
+
+def zip_many_members(n: int = 100_000) -> bytes:
+    """A zip of ``n`` one-byte stored members (about 100 bytes each: 10^5 members are ~10 MB)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for k in range(n):
+            zf.writestr(f"m{k}.txt", b"x")
+    return buf.getvalue()
+
+
+def zip_lying_member(inflated: int = 64 << 20, claimed: int = 10) -> bytes:
+    """A zip whose one member inflates to ``inflated`` bytes of zeros but whose headers claim ``claimed``.
+
+    A reader that sizes members from their headers, or reads them whole,
+    inflates a bomb; the ZIP_DEFLATED data is ~1/1000 of ``inflated``.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("bomb.dcm", "w", force_zip64=False) as f:
+            chunk = b"\x00" * (1 << 20)
+            for _ in range(inflated // len(chunk)):
+                f.write(chunk)
+    data = bytearray(buf.getvalue())
+    for sig, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size in local / central header
+        pos = data.find(sig)
+        struct.pack_into("<I", data, pos + at, claimed)
+    return bytes(data)

@@ -386,3 +386,20 @@ def test_a_document_of_a_million_tokens_is_quarantined_by_max_chunks(tmp_path):
     )
     _, prepared = prepare_record(many_tokens_text(10**4), ctx)
     assert prepared.inputs.shape[0] == len(prepared.segments) > 1
+
+
+def test_an_archive_of_10e5_members_is_refused_whole(tmp_path):
+    from medray.testing.hostile import zip_many_members
+
+    with pytest.raises(LimitExceeded, match="archive lists 100000 members, over 50000"):
+        _outcomes(zip_many_members(100_000), "many.zip", tmp_path)
+
+
+def test_a_zip_member_lying_about_its_size_is_never_inflated_whole(tmp_path):
+    from medray.testing.hostile import zip_lying_member
+
+    before = _peak_rss_mb()
+    out = _outcomes(zip_lying_member(inflated=64 << 20, claimed=10), "bomb.zip", tmp_path, max_bytes=1 << 20)
+    assert _peak_rss_mb() - before < 48  # not the 64 MiB it inflates to
+    assert isinstance(out["bomb.dcm"], RecordError)  # the CRC of 10 bytes fails: a corrupt member
+    assert quarantine_fields(out["bomb.dcm"])["stage"] == "read"
