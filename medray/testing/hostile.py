@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from medray.testing.media import slide_tiff
+from medray.testing.media import encode, lying_wav, slide_tiff, tone
 from medray.testing.samples import ct_phantom, ct_series
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "slide_zero_byte_tiles",
     "hostile_series",
     "HOSTILE_SERIES",
+    "wav_claiming",
+    "HOSTILE_AUDIO",
     "zip_many_members",
     "zip_lying_member",
     "sparse_text_line",
@@ -223,3 +225,39 @@ def zip_lying_member(inflated: int = 64 << 20, claimed: int = 10) -> bytes:
         pos = data.find(sig)
         struct.pack_into("<I", data, pos + at, claimed)
     return bytes(data)
+
+
+def wav_claiming(channels: int, rate: int, frames: int, bits: int = 16) -> bytes:
+    """A PCM WAV header claiming ``frames`` frames of ``channels`` x ``rate`` Hz, followed by 64 bytes.
+
+    The data chunk's size is clamped to the 32-bit field (a 10^12-frame claim reads as 4 GiB).
+    """
+    block = channels * bits // 8
+    data_size = min(frames * block, 0xFFFFFFFF)
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bits)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + 64)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", data_size)
+        + b"\x00" * 64
+    )
+
+
+def _truncated_flac() -> bytes:
+    flac = encode(tone(16000, 2.0), 16000, "FLAC")
+    return flac[: len(flac) // 3]
+
+
+#: name -> bytes-maker of each hostile audio file (with the error class medray gives it).
+HOSTILE_AUDIO: dict[str, Any] = {
+    "frames_1e12.wav": lambda: wav_claiming(1, 16000, 10**12),  # LimitExceeded: audio.max_duration_s
+    "zero_channels.wav": lambda: wav_claiming(0, 16000, 100),  # DecodeError
+    "8ch_768khz.wav": lambda: wav_claiming(8, 768_000, 100),  # LimitExceeded: audio.max_sample_rate
+    "truncated.flac": _truncated_flac,  # DecodeError
+    "lying_data_chunk.wav": lambda: lying_wav(2.0),  # DecodeError: the data chunk claims more than the file
+}

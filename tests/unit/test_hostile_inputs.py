@@ -14,32 +14,16 @@ from medray.platform.decoders.text import decode_text
 from medray.platform.errors import DecodeError, LimitExceeded, ReadError, RecordError, SkipRecord
 from medray.platform.records import quarantine_fields
 from medray.platform.sources import iter_archive_members
+from medray.testing.hostile import wav_claiming
 from medray.testing.media import encode, lying_wav, tone
-
-
-def _wav_header(channels: int, rate: int, frames: int, bits: int = 16) -> bytes:
-    block = channels * bits // 8
-    data_size = min(frames * block, 0xFFFFFFFF)
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bits)
-    return (
-        b"RIFF"
-        + struct.pack("<I", 36 + 64)
-        + b"WAVE"
-        + b"fmt "
-        + struct.pack("<I", 16)
-        + fmt
-        + b"data"
-        + struct.pack("<I", data_size)
-        + b"\x00" * 64
-    )
 
 
 @pytest.mark.parametrize(
     ("data", "error"),
     [
-        (_wav_header(1, 16000, 10**12), LimitExceeded),  # claims ~1.7 years (data size clamped to 4 GiB: 37 h)
-        (_wav_header(0, 16000, 100), DecodeError),  # zero channels
-        (_wav_header(8, 768_000, 100), LimitExceeded),  # 8 channels at 768 kHz: over audio.max_sample_rate
+        (wav_claiming(1, 16000, 10**12), LimitExceeded),  # claims ~1.7 years (data size clamped to 4 GiB: 37 h)
+        (wav_claiming(0, 16000, 100), DecodeError),  # zero channels
+        (wav_claiming(8, 768_000, 100), LimitExceeded),  # 8 channels at 768 kHz: over audio.max_sample_rate
         (lying_wav(2.0), DecodeError),  # the data chunk claims more than the file holds
     ],
 )
