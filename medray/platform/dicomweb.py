@@ -32,6 +32,7 @@ __all__ = [
     "parse_location",
     "list_instances",
     "fetch_instance",
+    "fetch_url",
     "instance_uri",
 ]
 
@@ -204,36 +205,82 @@ def _first_part(body: bytes, content_type: str) -> bytes:
     return body[head_end + 4 : end]
 
 
-def fetch_instance(uri: str, max_bytes: int) -> bytes:
+def _read_limited(response: Any, max_bytes: int, what: str) -> bytes:
+    """The whole body of a streamed ``requests`` answer, refused past ``max_bytes`` (plus multipart framing)."""
+    declared = int(response.headers.get("Content-Length") or 0)
+    if declared > max_bytes + 4096:
+        raise ReadError(f"{what} is {declared} bytes, over limits.max_bytes={max_bytes}")
+    chunks, size = [], 0
+    for chunk in response.iter_content(1 << 20):
+        size += len(chunk)
+        if size > max_bytes + 4096:
+            raise ReadError(f"{what} is over limits.max_bytes={max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _session_for(base: str, credential: str | None) -> Any:
+    """The process's authenticated session for ``base``, or a one-request session with the caller's token."""
+    if not credential or credential == "application_default":
+        return _client(base)._session
+    import requests
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {credential}"
+    return session
+
+
+def fetch_instance(uri: str, max_bytes: int, credential: str | None = None) -> bytes:
     """One instance's Part 10 bytes as the server stores them (WADO-RS, any transfer syntax).
 
     The whole answer is read (no streaming), so each connection is free for the next request.
+
+    Args:
+        uri: ``dicomweb+http(s)://.../studies/<uid>/series/<uid>/instances/<uid>`` (the
+            ``dicomweb+`` prefix may be left out).
+        max_bytes: largest instance accepted.
+        credential: a caller's bearer token for this one request (HTTP API);
+            ``None`` or ``"application_default"``: the process's credentials
+            (``MEDRAY_DICOMWEB_*``). It is sent, never stored or logged.
 
     Raises:
         ReadError: not found, refused, or over ``max_bytes`` (PHI-free messages: the
             status, never the URL with its UIDs). Connection errors are raised as they are,
             for :func:`~medray.platform.storage.retry_transient` to wait for the server.
     """
-    loc = parse_location(uri)
+    loc = parse_location(uri if is_dicomweb(uri) else SCHEME_PREFIX + uri)
     if not (loc.study and loc.series and loc.sop):
         raise ReadError("a DICOMweb record URI names study, series and instance")
-    session = _client(loc.base)._session
+    session = _session_for(loc.base, credential)
     url = f"{loc.base}/studies/{loc.study}/series/{loc.series}/instances/{loc.sop}"
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     with session.get(url, headers={"Accept": accept}, timeout=(10, 300), stream=True) as r:
         if r.status_code != 200:
-            hint = " (credentials: MEDRAY_DICOMWEB_*)" if r.status_code in (401, 403) else ""
+            refused = r.status_code in (401, 403)
+            hint = " (credentials: MEDRAY_DICOMWEB_* or the request's access_credential)" if refused else ""
             raise ReadError(f"WADO-RS retrieve answered {r.status_code}{hint}")
-        declared = int(r.headers.get("Content-Length") or 0)
-        if declared > max_bytes + 4096:
-            raise ReadError(f"instance is {declared} bytes, over limits.max_bytes={max_bytes}")
-        chunks, size = [], 0
-        for chunk in r.iter_content(1 << 20):
-            size += len(chunk)
-            if size > max_bytes + 4096:
-                raise ReadError(f"instance is over limits.max_bytes={max_bytes}")
-            chunks.append(chunk)
-        data = _first_part(b"".join(chunks), r.headers.get("Content-Type", ""))
+        data = _first_part(_read_limited(r, max_bytes, "instance"), r.headers.get("Content-Type", ""))
     if len(data) > max_bytes:
         raise ReadError(f"instance is {len(data)} bytes, over limits.max_bytes={max_bytes}")
+    return data
+
+
+def fetch_url(url: str, max_bytes: int, credential: str | None = None) -> bytes:
+    """The body of an ``http(s)://`` URL (an image on a web server), at most ``max_bytes``.
+
+    No redirects are followed (a redirect could leave the allowed prefixes the
+    caller checked). ``credential`` is sent as a bearer token for this request only.
+
+    Raises:
+        ReadError: not 200, a redirect, or over ``max_bytes`` (the status only, never the URL).
+    """
+    import requests
+
+    headers = {"Authorization": f"Bearer {credential}"} if credential and credential != "application_default" else {}
+    with requests.get(url, headers=headers, timeout=(10, 120), stream=True, allow_redirects=False) as r:
+        if r.status_code != 200:
+            raise ReadError(f"the image URL answered {r.status_code}")
+        data = _read_limited(r, max_bytes, "image")
+    if len(data) > max_bytes:
+        raise ReadError(f"image is {len(data)} bytes, over limits.max_bytes={max_bytes}")
     return data

@@ -29,6 +29,7 @@ __all__ = [
     "HttpConf",
     "LimitsConf",
     "InputsConf",
+    "HaidefConf",
     "AuthConf",
     "ServeOptions",
     "ServeJobConf",
@@ -49,6 +50,8 @@ HEAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The builder ``serve deploy`` / a RayService imports.
 IMPORT_PATH = "medray.serve.app:build_app"
 _URI_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+#: Web sources a request may name (DICOMweb instances, images on a web server), under an allowed prefix too.
+_WEB_SCHEMES = ("https://", "http://", "dicomweb+https://", "dicomweb+http://")
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential")
 
 
@@ -171,10 +174,33 @@ class LimitsConf:
 
 @dataclass
 class InputsConf:
-    """Where ``{"uri": ...}`` inputs may come from: URI prefixes such as ``s3://bucket/`` or
-    ``s3://bucket/cxr/``. Empty: URI inputs are refused (403). Local paths never are allowed."""
+    """Where ``{"uri": ...}``, ``{"dicomweb_uri": ...}`` and HAI-DEF ``image_url`` inputs may come
+    from: prefixes such as ``s3://bucket/cxr/`` or ``https://pacs.example.org/dicom-web/``. Empty:
+    such inputs are refused (403). Local paths never are allowed."""
 
     allowed_uri_prefixes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class HaidefConf:
+    """Google HAI-DEF's serving format (``{"instances": [...]}`` -> ``{"predictions": [...]}``).
+
+    The environment variables ``AIP_PREDICT_ROUTE`` and ``AIP_HEALTH_ROUTE``
+    (set by Vertex AI) win over the routes here, so the same image runs there.
+
+    Attributes:
+        enabled: answer the HAI-DEF routes at all.
+        predict_route: ``POST`` route of predictions.
+        health_route: ``GET`` route answering 200 while the server runs.
+        max_instances: most instances (patches counted one each) per request (413).
+        patch_size: side of a patch whose ``width``/``height`` the request leaves out.
+    """
+
+    enabled: bool = True
+    predict_route: str = "/predict"
+    health_route: str = "/health"
+    max_instances: int = 64
+    patch_size: int = 224
 
 
 @dataclass
@@ -202,6 +228,7 @@ class ServeOptions:
     heads: HeadsDeploymentConf = field(default_factory=HeadsDeploymentConf)
     limits: LimitsConf = field(default_factory=LimitsConf)
     inputs: InputsConf = field(default_factory=InputsConf)
+    haidef: HaidefConf = field(default_factory=HaidefConf)
     auth: AuthConf = field(default_factory=AuthConf)
     autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
     throughput_optimized: bool = False
@@ -321,12 +348,22 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
     for key in ("max_body_bytes", "max_frames", "request_timeout_s", "max_header_bytes", "max_json_depth"):
         _positive(f"serve.limits.{key}", getattr(lim, key))
     for prefix in serve.inputs.allowed_uri_prefixes:
-        if not isinstance(prefix, str) or not prefix.startswith(_URI_SCHEMES) or len(prefix.split("://", 1)[1]) < 1:
+        schemes = _URI_SCHEMES + _WEB_SCHEMES
+        if not isinstance(prefix, str) or not prefix.startswith(schemes) or len(prefix.split("://", 1)[1]) < 1:
             raise ConfigError(
                 "serve.inputs.allowed_uri_prefixes",
-                f"entries must be object-storage prefixes such as s3://bucket/ or "
-                f"s3://bucket/cxr/, got {prefix!r} (local paths are never served)",
+                f"entries must be object-storage or web prefixes such as s3://bucket/cxr/ or "
+                f"https://pacs.example.org/dicom-web/, got {prefix!r} (local paths are never served)",
             )
+    hd = serve.haidef
+    for key in ("predict_route", "health_route"):
+        route = getattr(hd, key)
+        if not (isinstance(route, str) and route.startswith("/") and len(route) > 1 and not route.startswith("/v1/")):
+            raise ConfigError(f"serve.haidef.{key}", f"must be a path such as /predict outside /v1/, got {route!r}")
+    if hd.predict_route == hd.health_route:
+        raise ConfigError("serve.haidef.health_route", "must differ from serve.haidef.predict_route")
+    for key in ("max_instances", "patch_size"):
+        _positive(f"serve.haidef.{key}", getattr(hd, key))
     if serve.auth.enabled and not (serve.auth.token_file or serve.auth.token_env):
         raise ConfigError("serve.auth.token_env", "auth is enabled but neither token_env nor token_file is set")
     for key in (
@@ -361,12 +398,19 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
 
 
 def uri_allowed(uri: str, prefixes: List[str]) -> bool:
-    """True when ``uri`` is an object-storage URI under one of ``prefixes``.
+    """True when ``uri`` is an object-storage or web URI under one of ``prefixes``.
 
-    ``..`` segments are refused outright, so a prefix cannot be escaped.
+    ``..`` segments, queries and fragments are refused outright, so a prefix
+    cannot be escaped; ``dicomweb+`` in front of an ``http(s)://`` URI or
+    prefix is ignored (both spellings name the same service).
     """
-    if not isinstance(uri, str) or not uri.startswith(_URI_SCHEMES):
+    if not isinstance(uri, str) or not uri.startswith(_URI_SCHEMES + _WEB_SCHEMES):
         return False
+    if uri.startswith(_WEB_SCHEMES):
+        if any(c in uri for c in "?#@\\") or any(ord(c) < 33 for c in uri) or "%2e" in uri.lower():
+            return False
+        uri = uri.removeprefix("dicomweb+")
+        prefixes = [p.removeprefix("dicomweb+") for p in prefixes]
     rest = uri.split("://", 1)[1]
     if any(part in ("..", ".") for part in rest.split("/")):
         return False

@@ -16,6 +16,7 @@ class and its PHI-free message, and the ingress maps it to an HTTP status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -32,7 +33,8 @@ from medray.encoders import create_encoder, family_modality, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
 from medray.platform.decoders import check_size
-from medray.platform.errors import EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
+from medray.platform.dicomweb import fetch_instance, fetch_url
+from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 from medray.platform.storage import open_fs, read_bytes
 from medray.serve.config import uri_allowed
@@ -114,8 +116,28 @@ class DecodedInput:
     pool: str = "none"
 
 
+def _fetch_web(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes, str]:
+    """A DICOMweb instance (``dicomweb_uri``) or an image on a web server (``url``), with the
+    caller's credential (``credential``) for this request only."""
+    key, what = ("dicomweb_uri", "DICOMweb URI") if payload.get("dicomweb_uri") is not None else ("url", "image URL")
+    uri = str(payload[key])
+    if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
+        raise ReadError(f"{what} is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)")
+    credential = payload.get("credential")
+    try:
+        if key == "dicomweb_uri":
+            return fetch_instance(uri, settings.max_bytes, credential), "input.dcm"
+        return fetch_url(uri, settings.max_bytes, credential), _extension(uri)
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - connection errors: the class only (the URL holds UIDs)
+        raise ReadError(f"cannot fetch the {what} ({type(err).__name__})") from None
+
+
 def _fetch(payload: Mapping[str, Any], settings: DecodeSettings) -> tuple[bytes, str]:
     """The request's bytes and a format hint (an extension only: file names may hold PHI)."""
+    if payload.get("dicomweb_uri") is not None or payload.get("url") is not None:
+        return _fetch_web(payload, settings)
     if payload.get("uri") is not None:
         uri = str(payload["uri"])
         if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
@@ -143,7 +165,11 @@ def decode_input(
     """Route, decode and preprocess one request exactly as ``medray embed`` does.
 
     Args:
-        payload: ``{"data": bytes, "name": str}`` or ``{"uri": "s3://..."}``.
+        payload: ``{"data": bytes, "name": str}``, ``{"uri": "s3://..."}``,
+            ``{"dicomweb_uri": ..., "credential": token | None}`` or ``{"url": "https://..."}``;
+            optionally ``"window": (center, width)`` (used before the file's, for every
+            modality) and ``"patches": [(x, y, width, height), ...]`` (image inputs:
+            one item per patch of the first frame, instead of one per frame).
         settings: decode options and limits.
         preprocessor: the encoder (or its :class:`~medray.encoders.Preprocessor`).
         salt: patient-key salt (the key is never returned by the server).
@@ -160,12 +186,16 @@ def decode_input(
     # The batch job's own StageOptions -> format options mapping, so that windows, frame
     # selection and limits are read exactly as `medray embed` reads them.
     data, name = _fetch(payload, settings)
+    windows = {k: list(v) for k, v in settings.windows.items()}
+    prefer_file_voi = settings.prefer_file_voi
+    if payload.get("window") is not None:  # the caller's window wins over the file's and the configured ones
+        windows, prefer_file_voi = {"*": [float(v) for v in payload["window"]]}, False
     stage = StageOptions(
         max_bytes=settings.max_bytes,
         max_pixels=settings.max_pixels,
         frames=settings.frames,
-        windows={k: list(v) for k, v in settings.windows.items()},
-        prefer_file_voi=settings.prefer_file_voi,
+        windows=windows,
+        prefer_file_voi=prefer_file_voi,
         allow_burned_in=settings.allow_burned_in,
         audio=dict(settings.audio),
         text=dict(settings.text),
@@ -181,16 +211,21 @@ def decode_input(
         raise UnsupportedFormat(
             "DICOM object without pixel data or report text (e.g. RTSTRUCT, presentation state); nothing to embed"
         )
-    if route != modality:
-        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
     ctx = PrepareContext(
         name=name,
         route=route,
-        preprocessors={route: preprocessor},
+        preprocessors={modality: preprocessor},
         options=format_options(stage, dicom),
         limits=limits,
         salt=salt,
     )
+    # a format may embed its records with another encoder (an enhanced CT's frames on an image endpoint)
+    route = fmt.resolve_route(route, ctx) if route != modality else route
+    if route != modality:
+        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
+    ctx = dataclasses.replace(ctx, route=route)
+    if payload.get("patches"):
+        return _patches_input(data, ctx, fmt, payload["patches"], preprocessor, settings)
     _, prepared = prepare_record(data, ctx, fmt)
     n = len(prepared.inputs)
     what, hint = _ITEMS.get(route, ("items", "send a smaller input"))
@@ -205,6 +240,32 @@ def decode_input(
         segments=prepared.segments,
         pool=prepared.pool,
     )
+
+
+def _patches_input(
+    data: bytes, ctx: PrepareContext, fmt: Any, patches: Any, preprocessor: Any, settings: DecodeSettings
+) -> DecodedInput:
+    """One item per rectangle ``(x, y, width, height)`` of the first frame, as a viewer shows it."""
+    if fmt.decode is None:
+        raise UnsupportedFormat(f"patch coordinates apply to images; this input is {fmt.name}")
+    _check_items(len(patches), settings, "patches", "send fewer patches")
+    decoded = fmt.decode(data, ctx)
+    if not decoded.frames:
+        raise RecordError("no frames selected", stage="decode")
+    frame = decoded.frames[0].image
+    height, width = frame.shape[:2]
+    crops = []
+    for x, y, w, h in patches:
+        if x < 0 or y < 0 or w < 1 or h < 1 or x + w > width or y + h > height:
+            raise DecodeError(f"patch ({x}, {y}, {w}, {h}) lies outside the {width}x{height} image")
+        crops.append(np.ascontiguousarray(frame[y : y + h, x : x + w]))
+    try:
+        pixels = preprocessor.preprocess(crops)
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - processors raise anything; the class name is the message
+        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), decoded.modality)
 
 
 #: What a route's items are called in a limit error, and how to need fewer.

@@ -6,9 +6,13 @@ Routes (OpenAPI at ``/docs``)::
                                image/png, image/jpeg, audio/wav, audio/flac, audio/ogg,
                                text/plain, application/octet-stream) or JSON
                                {"bytes_b64": ...} | {"uri": "s3://..."} | {"text": ...}
+                               | {"dicomweb_uri": "https://.../instances/<uid>", "access_credential"?: token}
     POST /v1/predict/{head}    the same inputs; the head's label probabilities
     GET  /v1/models            the encoder and the heads served
     GET  /healthz, /readyz     liveness; readiness (the encoder answers)
+    POST /predict              Google HAI-DEF's format: {"instances": [...]} -> {"predictions": [...]}
+                               (route from serve.haidef or AIP_PREDICT_ROUTE; see medray.serve.haidef)
+    GET  /health               HAI-DEF / Vertex AI health (serve.haidef.health_route or AIP_HEALTH_ROUTE)
 
 Every error is JSON ``{"code", "message", "request_id"}``: 400/422 malformed
 request or undecodable input, 401 missing or wrong bearer token, 403 URI
@@ -25,10 +29,12 @@ structural, and anything unexpected is reported by type only.
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,6 +48,7 @@ import medray
 from medray.platform.errors import RecordError
 from medray.platform.formats import detect_modality, media_types
 from medray.serve.config import uri_allowed
+from medray.serve.haidef import InstanceError, ParsedInstance, instance_error, parse_instances, prediction
 
 __all__ = [
     "ApiError",
@@ -131,6 +138,11 @@ class IngressSettings:
     max_header_bytes: int = 16384
     max_json_depth: int = 64
     allowed_uri_prefixes: list = field(default_factory=list)
+    haidef_enabled: bool = True
+    predict_route: str = "/predict"  # AIP_PREDICT_ROUTE in the replica's environment wins
+    health_route: str = "/health"  # AIP_HEALTH_ROUTE wins
+    max_instances: int = 64
+    patch_size: int = 224
     auth_enabled: bool = False
     token_env: str | None = "MEDRAY_SERVE_TOKEN"
     token_file: str | None = None
@@ -272,19 +284,34 @@ def json_depth(body: bytes, limit: int) -> int:
     return int(np.cumsum(step[np.argsort(where, kind="stable")]).max(initial=0))
 
 
-async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
+async def _load_json(body: bytes, settings: IngressSettings) -> Any:
+    """The parsed JSON body, its depth checked before parsing.
+
+    Raises:
+        ApiError: 422 ``too_deep`` or ``invalid_request``.
+    """
     if json_depth(body, settings.max_json_depth) > settings.max_json_depth:
         raise ApiError(
             422, "too_deep", f"JSON nested deeper than serve.limits.max_json_depth={settings.max_json_depth}"
         )
     try:
-        doc = await asyncio.to_thread(json.loads, body) if len(body) > (1 << 20) else json.loads(body)
+        return await asyncio.to_thread(json.loads, body) if len(body) > (1 << 20) else json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(422, "invalid_request", "body is not valid JSON") from None
     except RecursionError:  # deeper than Python's parser goes, if the limit is set that high
         raise ApiError(422, "too_deep", "JSON body is nested too deeply") from None
-    if not isinstance(doc, dict) or len({"bytes_b64", "uri", "text"} & set(doc)) != 1:
-        raise ApiError(422, "invalid_request", 'JSON body must hold exactly one of "bytes_b64", "uri" or "text"')
+
+
+async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
+    doc = await _load_json(body, settings)
+    if not isinstance(doc, dict) or len({"bytes_b64", "uri", "text", "dicomweb_uri"} & set(doc)) != 1:
+        raise ApiError(
+            422,
+            "invalid_request",
+            'JSON body must hold exactly one of "bytes_b64", "uri", "dicomweb_uri" or "text"',
+        )
+    if "dicomweb_uri" in doc:
+        return _dicomweb_payload(doc, settings)
     if "text" in doc:
         if not isinstance(doc["text"], str) or not doc["text"].strip():
             raise ApiError(422, "invalid_request", '"text" must be a non-empty string')
@@ -292,13 +319,11 @@ async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
     if "uri" in doc:
         uri = doc["uri"]
         if not isinstance(uri, str) or not uri_allowed(uri, settings.allowed_uri_prefixes):
-            raise ApiError(
-                403,
-                "uri_not_allowed",
-                "this URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)"
-                if settings.allowed_uri_prefixes
-                else "URI inputs are disabled (serve.inputs.allowed_uri_prefixes is empty)",
-            )
+            raise _refuse_uri(settings)
+        if uri.startswith("dicomweb+"):
+            return {"dicomweb_uri": uri, "credential": None}
+        if uri.startswith(("http://", "https://")):
+            return {"url": uri}
         return {"uri": uri}
     text = doc["bytes_b64"]
     if not isinstance(text, str) or not text:
@@ -312,6 +337,33 @@ async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_request", '"bytes_b64" is not valid base64') from None
     return {"data": data, "name": str(doc.get("name") or "")}
+
+
+_DICOMWEB_INSTANCE = re.compile(r"^(dicomweb\+)?https?://.+/studies/[0-9.]+/series/[0-9.]+/instances/[0-9.]+$")
+
+
+def _refuse_uri(settings: IngressSettings) -> ApiError:
+    return ApiError(
+        403,
+        "uri_not_allowed",
+        "this URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)"
+        if settings.allowed_uri_prefixes
+        else "URI inputs are disabled (serve.inputs.allowed_uri_prefixes is empty)",
+    )
+
+
+def _dicomweb_payload(doc: dict, settings: IngressSettings) -> dict:
+    """``{"dicomweb_uri": ".../studies/<uid>/series/<uid>/instances/<uid>", "access_credential"?: token}``."""
+    uri, credential = doc["dicomweb_uri"], doc.get("access_credential")
+    if not isinstance(uri, str) or not _DICOMWEB_INSTANCE.match(uri):
+        raise ApiError(
+            422, "invalid_request", '"dicomweb_uri" is http(s)://<store>/studies/<uid>/series/<uid>/instances/<uid>'
+        )
+    if credential is not None and not (isinstance(credential, str) and re.match(r"^[A-Za-z0-9_\-.]+$", credential)):
+        raise ApiError(422, "invalid_request", '"access_credential" must be a bearer token')
+    if not uri_allowed(uri, settings.allowed_uri_prefixes):
+        raise _refuse_uri(settings)
+    return {"dicomweb_uri": uri, "credential": credential}
 
 
 def error_for_result(result: dict) -> ApiError | None:
@@ -463,6 +515,11 @@ class Ingress:
     """
 
     def __init__(self, encoder: Any, heads: Any, settings: IngressSettings) -> None:
+        settings = dataclasses.replace(  # Vertex AI names the routes in the container's environment
+            settings,
+            predict_route=os.environ.get("AIP_PREDICT_ROUTE") or settings.predict_route,
+            health_route=os.environ.get("AIP_HEALTH_ROUTE") or settings.health_route,
+        )
         self._encoders = dict(encoder) if isinstance(encoder, dict) else {settings.primary: encoder}
         self._encoder = self._encoders[settings.primary]
         self._heads = heads
@@ -510,8 +567,9 @@ class Ingress:
         """The encoder handle for this input's modality."""
         if len(self._encoders) == 1:
             return self._encoder  # it checks the modality itself, after decoding off this loop
-        if "uri" in payload:
-            ext = str(payload["uri"]).rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
+        if "data" not in payload:  # a URI: its extension tells (a DICOMweb instance is an image)
+            where = str(payload.get("uri") or payload.get("url") or "")
+            ext = where.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
             route = {"wav": "audio", "flac": "audio", "ogg": "audio", "txt": "text"}.get(ext, "image")
         else:
             try:
@@ -599,3 +657,54 @@ class Ingress:
                 "heads": self._heads is not None,
             }
         )
+
+    async def _haidef_instance(self, parsed: ParsedInstance | InstanceError) -> dict:
+        """One HAI-DEF instance: its prediction, or its own error (never the request's)."""
+        if isinstance(parsed, InstanceError):
+            return instance_error(parsed.code, str(parsed))
+        try:
+            if parsed.source in ("dicomweb_uri", "image_url", "gcs_uri", "s3_uri"):
+                where = parsed.payload.get("dicomweb_uri") or parsed.payload.get("url") or parsed.payload.get("uri")
+                if not uri_allowed(str(where), self._settings.allowed_uri_prefixes):
+                    raise _refuse_uri(self._settings)
+            if parsed.input_type == "text" and "text" not in self._encoders and len(self._encoders) > 1:
+                raise ApiError(415, "unsupported_media", "this server has no text encoder (encoders.text=...)")
+            encoder = self._encoders["text"] if parsed.input_type == "text" and "text" in self._encoders else None
+            encoder = encoder or await self._route(parsed.payload)
+            return prediction(await self._call(encoder.embed.remote(parsed.payload)), parsed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one instance's failure is its own answer
+            err = error_for_exception(exc)
+            if err.status >= 500:
+                log.warning("predict instance -> %d %s (%s)", err.status, err.code, type(exc).__name__)
+            return instance_error(err.code, err.message)
+
+    async def _haidef_predict(self, request: Request) -> JSONResponse:
+        async def work() -> dict:
+            body = await read_body(request, self._settings.max_body_bytes)
+            doc = await _load_json(body, self._settings)
+            try:
+                parsed = parse_instances(
+                    doc, patch_size=self._settings.patch_size, max_instances=self._settings.max_instances
+                )
+            except InstanceError as err:
+                raise ApiError(413 if err.code == "too_large" else 400, err.code, str(err)) from None
+            answers = await asyncio.gather(*(self._haidef_instance(p) for p in parsed))
+            return {"predictions": list(answers)}
+
+        return await self._answer(request, "haidef_predict", work)
+
+    @api.get("/{path:path}", include_in_schema=False)
+    async def other_get(self, path: str, request: Request) -> JSONResponse:
+        """HAI-DEF's health route (``AIP_HEALTH_ROUTE``); anything else is a JSON 404."""
+        if self._settings.haidef_enabled and "/" + path == self._settings.health_route:
+            return JSONResponse({"status": "ok"})
+        return error_response(ApiError(404, "not_found", "no such route; see /docs"), _request_id(request))
+
+    @api.post("/{path:path}", include_in_schema=False)
+    async def other_post(self, path: str, request: Request) -> JSONResponse:
+        """HAI-DEF's predict route (``AIP_PREDICT_ROUTE``, default ``/predict``); anything else is a JSON 404."""
+        if self._settings.haidef_enabled and "/" + path == self._settings.predict_route:
+            return await self._haidef_predict(request)
+        return error_response(ApiError(404, "not_found", "no such route; see /docs"), _request_id(request))

@@ -41,6 +41,8 @@ import yaml
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.encoders.heads import LinearHead, ModelCard, save_artifact
+from medray.serve.haidef import PREDICTION_SCHEMA, check_against
+from medray.testing.orthanc import OrthancServer
 from medray.testing.samples import generate_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,6 +148,15 @@ def stack(s3, tmp_path_factory):
         )
     )
 
+    # a PACS: Orthanc with DICOMweb and authentication, holding the sample DICOMs; the server's own
+    # credentials come from MEDRAY_DICOMWEB_* (a request may bring its own bearer token instead)
+    pacs = OrthancServer().start()
+    dicoms = sorted(p for p in (inputs / "dicom").rglob("*.dcm"))
+    pacs.upload(dicoms)
+    env.update(pacs.env())
+    # Vertex AI names the HAI-DEF routes in the environment: they win over serve.haidef.*
+    env.update({"AIP_PREDICT_ROUTE": "/vertex/predict", "AIP_HEALTH_ROUTE": "/vertex/health"})
+
     # 2. `medray serve` (auth on, the heads, one refused at load; fast autoscaling), started first
     port = _free_port()
     log_path = root / "serve.log"
@@ -158,7 +169,7 @@ def stack(s3, tmp_path_factory):
         "check_artifacts=false",
         "heads=[" + ",".join(uris) + "]",
         "serve.auth.enabled=true",
-        f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/]",
+        f"serve.inputs.allowed_uri_prefixes=[s3://{s3.bucket}/serve/inputs/,{pacs.url}/dicom-web/]",
         "serve.heads.max_loaded=3",
         "serve.heads.autoscaling.max_replicas=1",
         "serve.encoder.max_batch_size=8",
@@ -284,9 +295,12 @@ def stack(s3, tmp_path_factory):
             "env": env,
             "more": more,
             "audio_head": audio_head,
+            "pacs": pacs,
+            "dicoms": dicoms,
         }
     finally:
         t0 = time.time()
+        pacs.stop()
         _stop(proc)
         log.close()
         print(f"medray serve stopped: {time.time() - t0:.1f}s (exit {proc.returncode})")
@@ -405,6 +419,72 @@ def test_embeddings_equal_what_medray_embed_writes(stack):
     )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(_embeddings(r.json())[0], ref[("photos/derm_0000.png", 0)], atol=1e-5, rtol=0)
+
+
+def _instance_uri(stack, path: Path) -> str:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return (
+        f"{stack['pacs'].url}/dicom-web/studies/{ds.StudyInstanceUID}"
+        f"/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def test_hai_def_requests_answer_in_their_schema_instance_by_instance(stack):
+    """Google HAI-DEF's format on the route Vertex AI names: each instance answered on its own, embeddings
+    equal to `medray embed`'s; DICOMweb instances fetched from the PACS with the server's credentials, or
+    refused with a caller's wrong token for that instance only."""
+    url, auth, ref, inputs = stack["url"], stack["auth"], stack["reference"], stack["inputs"]
+    assert requests.get(url + "/vertex/health", timeout=TIMEOUT).status_code == 200
+    assert (
+        requests.post(url + "/predict", json={"instances": [{"text": "x"}]}, headers=auth, timeout=TIMEOUT).status_code
+        == 404
+    )
+    photo, dx = "photos/derm_0000.png", next(p for p in stack["dicoms"] if p.name.endswith("_dx.dcm"))
+    dx_rel = dx.relative_to(inputs).as_posix()
+    dicomweb = _instance_uri(stack, dx)
+    instances = [
+        {"image": {"input_bytes": base64.b64encode((inputs / photo).read_bytes()).decode()}},
+        {"image": {"dicomweb_uri": dicomweb}},
+        {"image": {"dicomweb_uri": dicomweb, "access_credential": "not-the-pacs-token"}},
+        {"image": {"s3_uri": f"s3://{stack['s3'].bucket}/serve/inputs/derm_0000.png"}},
+        {"image": {"gcs_uri": "gs://elsewhere/x.png"}},
+        {
+            "image": {
+                "input_bytes": base64.b64encode((inputs / photo).read_bytes()).decode(),
+                "patch_coordinates_list": [{"x_origin": 0, "y_origin": 0, "width": 16, "height": 16}],
+            }
+        },
+        {"text": "no effusion"},
+        {"image": {"dicomweb_uri": dicomweb, "radiology_dicom_window_level": {"center": 100, "width": 50}}},
+        {"video": {}},
+    ]
+    assert requests.post(url + "/vertex/predict", json={"instances": instances}, timeout=TIMEOUT).status_code == 401
+    r = requests.post(url + "/vertex/predict", json={"instances": instances}, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(instances)
+    for p in preds:
+        assert check_against(PREDICTION_SCHEMA, p) == [], p
+    np.testing.assert_allclose(preds[0]["embedding"], ref[(photo, 0)], atol=1e-5, rtol=0)
+    dx_mean = np.mean([e for (rel, _), e in ref.items() if rel == dx_rel], axis=0)  # one answer per instance
+    np.testing.assert_allclose(preds[1]["embedding"], dx_mean, atol=1e-5, rtol=0)
+    assert "401" in preds[2]["error"]["description"]  # the caller's token went to the PACS, and only for it
+    np.testing.assert_allclose(preds[3]["embedding"], ref[(photo, 0)], atol=1e-5, rtol=0)
+    assert preds[4]["error"]["description"].startswith("uri_not_allowed")
+    assert len(preds[5]["patch_embeddings"]) == 1 and preds[5]["input_type"] == "image"
+    assert preds[6]["error"]["description"].startswith("unsupported_media")  # no text encoder on this app
+    assert not np.allclose(preds[7]["embedding"], preds[1]["embedding"], atol=1e-4)  # the window applied
+    assert preds[8]["error"]["description"].startswith("invalid_request")
+    # /v1/embeddings takes the same DICOMweb instance
+    r = requests.post(url + "/v1/embeddings", json={"dicomweb_uri": dicomweb}, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_embeddings(r.json())[0], ref[(dx_rel, 0)], atol=1e-5, rtol=0)
+    outside = dicomweb.replace(stack["pacs"].url, "http://127.0.0.1:9")
+    r = requests.post(url + "/v1/embeddings", json={"dicomweb_uri": outside}, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 403 and r.json()["code"] == "uri_not_allowed"
+    assert "not-the-pacs-token" not in Path(stack["log"]).read_text(errors="replace")
 
 
 def test_concurrent_requests_are_batched(stack):

@@ -47,7 +47,7 @@ class DicomOptions:
         frames: ``"all"``, ``"first"``, ``"middle"`` (index ``n // 2``) or a
             tuple of 0-based frame indices.
         windows: Modality -> ``(center, width)`` of a linear window in
-            modality units (HU for CT). Used when the file has no VOI LUT or
+            modality units (HU for CT); ``"*"``: any modality without its own. Used when the file has no VOI LUT or
             window, or first when ``prefer_file_voi`` is False.
         prefer_file_voi: use the file's VOI LUT/window before ``windows``.
         voi_index: which of the file's windows/VOI LUTs to use; files with
