@@ -200,12 +200,27 @@ def many_tokens_text(tokens: int = 1_000_000) -> bytes:
 
 
 def zip_many_members(n: int = 100_000) -> bytes:
-    """A zip of ``n`` one-byte stored members (about 100 bytes each: 10^5 members are ~10 MB)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for k in range(n):
-            zf.writestr(f"m{k}.txt", b"x")
-    return buf.getvalue()
+    """A zip of ``n`` one-byte stored members ``m<k>.txt`` (~110 bytes each: 10^5 members are ~11 MB).
+
+    Headers are packed directly (zipfile takes seconds for 10^5 members); the
+    result is a valid archive that :mod:`zipfile` reads.
+    """
+    import zlib
+
+    crc = zlib.crc32(b"x")
+    local, central = io.BytesIO(), io.BytesIO()
+    for k in range(n):
+        name = f"m{k}.txt".encode()
+        offset = local.tell()
+        local.write(struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, 1, 1, len(name), 0))
+        local.write(name + b"x")
+        fields = (20, 20, 0, 0, 0, 0x21, crc, 1, 1, len(name), 0, 0, 0, 0, 0, offset)
+        central.write(struct.pack("<4s6H3I5H2I", b"PK\x01\x02", *fields))
+        central.write(name)
+    start, size = local.tell(), central.tell()
+    count = min(n, 0xFFFF)  # the classic end record's 16-bit counts; zipfile counts the directory itself
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, count, count, size, start, 0)
+    return local.getvalue() + central.getvalue() + end
 
 
 def zip_lying_member(inflated: int = 64 << 20, claimed: int = 10) -> bytes:
