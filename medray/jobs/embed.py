@@ -116,9 +116,10 @@ class EmbedResult:
         slides = ""
         if self.slides and self.slides.get("slides"):
             s = self.slides
+            damaged = f"{s['damaged_tiles']} damaged tiles dropped, " if s.get("damaged_tiles") else ""
             slides = (
                 f"{s['slides']} slides ({s['tiles']} tissue tiles, {s['background_tiles']} background "
-                f"tiles skipped, {s['pooled']} pooled rows added), "
+                f"tiles skipped, {damaged}{s['pooled']} pooled rows added), "
             )
         return (
             f"medray embed: {self.records_embedded} records embedded ({self.rows_written} rows), "

@@ -84,7 +84,8 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
 
     Returns:
         ``{"slides": slides seen, "pooled": rows written now, "tiles": tile rows,
-        "background_tiles": background tiles skipped over those slides}``.
+        "background_tiles": background tiles skipped over those slides, "damaged_tiles": tissue tiles
+        dropped because their TIFF tiles are empty or past the end of the file}``.
     """
     import json
 
@@ -150,8 +151,14 @@ def pool_slides(output: str, options: Mapping[str, Any] | None, subdir: str = "e
         rows.append(row)
     if rows:
         write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), output, subdir, options)
-    background = sum(int(json.loads(r["metadata"] or "{}").get("background_tiles") or 0) for r in first.values())
-    return {"slides": len(first), "pooled": len(rows), "tiles": sum(counts.values()), "background_tiles": background}
+    metas = [json.loads(r["metadata"] or "{}") for r in first.values()]
+    return {
+        "slides": len(first),
+        "pooled": len(rows),
+        "tiles": sum(counts.values()),
+        "background_tiles": sum(int(m.get("background_tiles") or 0) for m in metas),
+        "damaged_tiles": sum(int(m.get("damaged_tiles") or 0) for m in metas),
+    }
 
 
 def embeddings_table(ok: pa.Table) -> pa.Table:

@@ -40,9 +40,10 @@ from medray.platform.decoders.dicom_wsi import (
 )
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SlideOptions, SlideTile, open_slide, plan_slide, read_tile, sniff_slide
+from medray.platform.decoders.text import MAX_BYTES_PER_CHAR, check_text_size
 from medray.platform.dicomweb import fetch_instance, is_dicomweb
 from medray.platform.errors import RecordError, SkipRecord, UnsupportedFormat
-from medray.platform.formats import PrepareContext, build_options, detect, extensions, prepare_record
+from medray.platform.formats import PrepareContext, TextOptions, build_options, detect, extensions, prepare_record
 from medray.platform.formats.slide import slide_route
 from medray.platform.records import quarantine_fields, record_id, tile_record_id
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING, iter_archive_members
@@ -155,7 +156,7 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
                 # the series branch reads it with its series: only its header is fetched here
                 emit(i, uri, member, None, None, time.perf_counter() - t0, status=_SERIES_NOOP)
                 continue
-            data = read_bytes(fs, path, opts.max_bytes)
+            data = read_bytes(fs, path, opts.max_bytes, large=_large_text(opts))
             emit(i, uri, member, data, None, time.perf_counter() - t0)
         except RecordError as err:
             emit(i, uri, member, None, err, time.perf_counter() - t0)
@@ -163,6 +164,12 @@ def read_batch(table: pa.Table, opts: StageOptions, part: str = "all") -> pa.Tab
             emit(i, uri, member, None, err, time.perf_counter() - t0)
     drop = (DONE_IDS, col) if col is not None and texts is not None else (DONE_IDS,)
     return assemble(table, index, cols, drop=drop)
+
+
+def _large_text(opts: StageOptions) -> tuple[int, Any]:
+    """``read_bytes``'s check of large objects: a text far over ``text.max_chars`` is refused unread."""
+    max_chars = int((opts.text or {}).get("max_chars") or TextOptions().max_chars)
+    return MAX_BYTES_PER_CHAR * max_chars, functools.partial(check_text_size, max_chars=max_chars)
 
 
 def _fetch_dicomweb(
@@ -243,6 +250,13 @@ def _emit_tiles(
         plan = plan_slide(slide, SlideOptions(**(opts.slide or {})))
     except RecordError as err:
         emit(i, uri, member, None, err, time.perf_counter() - t0)
+        return
+    if not plan.tiles:  # a blank slide: its own row says so (no tile, so no pooled row, would name it)
+        reason = SkipRecord(
+            "NoTissue",
+            f"none of the slide's {plan.tiles_total} grid tiles holds slide.min_tissue_fraction of tissue",
+        )
+        emit(i, uri, member, None, reason, time.perf_counter() - t0)
         return
     dt = (time.perf_counter() - t0) / max(1, len(plan.tiles))
     emitted = 0

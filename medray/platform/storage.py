@@ -167,8 +167,29 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{proto}://{path}"
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
-    """Read a whole object, refusing (before reading) objects over ``max_bytes``."""
+def read_bytes(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    max_bytes: int,
+    *,
+    large: tuple[int, Callable[[int, bytes], None]] | None = None,
+) -> bytes:
+    """Read a whole object, refusing (before reading) objects over ``max_bytes``.
+
+    Args:
+        fs: the filesystem.
+        path: the object's path in it.
+        max_bytes: larger objects are refused unread.
+        large: ``(size, check)``: an object over ``size`` bytes has its first
+            4 KiB read first and passed to ``check(object size, head)``, which
+            raises a :class:`RecordError` to refuse it before the whole is read
+            (e.g. a text far over its character limit).
+
+    Raises:
+        ReadError: the object is missing or cannot be read.
+        LimitExceeded: the object is over ``max_bytes``.
+        RecordError: what ``large``'s check raises.
+    """
     try:
         size = retry_transient(fs.size, path, what="stat")
     except FileNotFoundError:
@@ -177,6 +198,17 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> byte
         raise ReadError(f"cannot stat object ({type(err).__name__})") from None
     if size is not None and size > max_bytes:
         raise LimitExceeded(f"object is {size} bytes, over limits.max_bytes={max_bytes}", stage="read")
+    if large is not None and size is not None and size > large[0]:
+
+        def _head() -> bytes:
+            with fs.open(path, "rb", block_size=1 << 16) as f:
+                return bytes(f.read(4096))
+
+        try:
+            head = retry_transient(_head, what="read")
+        except Exception as err:  # noqa: BLE001
+            raise ReadError(f"cannot read object ({type(err).__name__})") from None
+        large[1](size, head)
 
     def _read() -> bytes:
         with fs.open(path, "rb") as f:

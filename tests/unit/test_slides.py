@@ -223,7 +223,7 @@ def test_stages_expand_tiles_embed_resume_and_pool(slide_path, tmp_path):
     assert pool_slides(output, None)["pooled"] == 0  # a tile is missing
     write_parquet_atomic(ok.slice(n - 1), output, "embeddings", None)
     stats = pool_slides(output, None)
-    assert stats == {"slides": 1, "pooled": 1, "tiles": n, "background_tiles": plan.background}
+    assert stats == {"slides": 1, "pooled": 1, "tiles": n, "background_tiles": plan.background, "damaged_tiles": 0}
     assert pool_slides(output, None)["pooled"] == 0
     table = pq.read_table(str(tmp_path / "out" / "embeddings"))
     pooled = [r for r in table.to_pylist() if r["segment"] == "pooled"]
@@ -254,6 +254,8 @@ def test_embed_config_slide_keys_and_slide_encoder(tmp_path):
         "tissue_threshold": None,
         "min_tissue_fraction": 0.25,
         "max_tiles": 100_000,
+        "max_pixels": 100_000_000_000,
+        "max_damaged_fraction": 0.1,
     }
     assert set(job("encoder=hubert_base", "encoders.slide=uni").specs) == {"audio", "slide"}
     with pytest.raises(ConfigError, match="slide.target_mpp"):

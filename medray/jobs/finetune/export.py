@@ -235,7 +235,7 @@ def _record_embedding_info(job: Any) -> dict:
     modality = family_modality(job.spec.family)
     segments = {
         "audio": {k: v for k, v in asdict(c.audio).items() if k not in ("pool",)},
-        "text": {k: v for k, v in asdict(c.text).items() if k not in ("pool", "max_chars")},
+        "text": {k: v for k, v in asdict(c.text).items() if k not in ("pool", "max_chars", "max_chunks")},
         "image": {"slide": asdict(c.slide)},
     }.get(modality, {})
     return {

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "read_tile",
     "tissue_mask",
     "otsu_threshold",
+    "check_ifd_chain",
 ]
 
 #: Extensions that make a tiled TIFF a slide even without a pyramid.
@@ -54,6 +56,12 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".scn", ".bif", ".qptiff")
 MAX_TISSUE_PIXELS = 4096 * 4096
 #: Otsu never goes below this saturation (0-1): a blank slide has no tissue, not noise "tissue".
 MIN_OTSU_SATURATION = 0.08
+#: A TIFF whose main IFD chain is longer is refused (tifffile itself only looks for loops at the 100th IFD).
+MAX_TIFF_IFDS = 65_536
+#: The largest TIFF tile or strip of a level that is read, in pixels: decoding one allocates it whole.
+MAX_CHUNK_PIXELS = 1 << 26
+#: The largest tile grid laid over level 0 (its tissue fractions are computed as arrays of this size).
+MAX_GRID_TILES = 1 << 22
 _BLOCK_SIZE = 1 << 20  # ranged reads of 1 MiB: tiles and IFDs, never the whole object
 
 
@@ -67,6 +75,10 @@ class SlideOptions:
         tissue_threshold: saturation (0-1) above which a pixel is tissue; ``None``: Otsu.
         min_tissue_fraction: tiles with less tissue are background, skipped and counted.
         max_tiles: a slide with more tissue tiles is quarantined (hostile or mis-set mpp).
+        max_pixels: a slide whose level 0 holds more pixels is quarantined before any pixel is read.
+        max_damaged_fraction: tissue tiles whose TIFF tiles are empty (0 bytes) or lie past the end
+            of the file are dropped and counted (``damaged_tiles``); a slide with a larger share of
+            them is quarantined.
 
     Raises:
         ConfigError: a value out of range, naming ``slide.<key>``.
@@ -77,6 +89,8 @@ class SlideOptions:
     tissue_threshold: float | None = None
     min_tissue_fraction: float = 0.25
     max_tiles: int = 100_000
+    max_pixels: int = 100_000_000_000
+    max_damaged_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -94,6 +108,11 @@ class SlideOptions:
             raise bad("min_tissue_fraction", "a fraction in [0, 1]")
         if isinstance(self.max_tiles, bool) or not isinstance(self.max_tiles, int) or self.max_tiles < 1:
             raise bad("max_tiles", "an int >= 1")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise bad("max_pixels", "an int >= 1, e.g. 100000000000")
+        d = self.max_damaged_fraction
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise bad("max_damaged_fraction", "a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -131,11 +150,12 @@ class SlidePlan:
     read_size: int
     tiles_total: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    damaged: int = 0
 
     @property
     def background(self) -> int:
         """Grid tiles skipped as background."""
-        return self.tiles_total - len(self.tiles)
+        return self.tiles_total - len(self.tiles) - self.damaged
 
 
 def is_tiff(head: bytes) -> bool:
@@ -190,22 +210,72 @@ def sniff_slide(uri: str, fs: Any, path: str, storage_options: Mapping[str, Any]
     pyramid (:func:`is_slide`). Names that are never TIFF skip the read. An
     object that cannot be read, or a damaged TIFF, answers ``None``: the image
     path reads it and quarantines it with its own reason.
+
+    Raises:
+        DecodeError: a TIFF whose IFD chain loops or is longer than ``MAX_TIFF_IFDS``
+            (:func:`check_ifd_chain`): no decoder may walk it.
     """
     name = path.rsplit("/", 1)[-1]
     if name.lower().endswith(_NOT_TIFF):
         return None
     try:
         with fs.open(path, "rb", block_size=1 << 16) as f:
-            head = f.read(4)
+            if not is_tiff(f.read(4)):
+                return None
+            check_ifd_chain(f)  # before tifffile walks it: a loop past its 100th IFD would never end
+    except RecordError:
+        raise
     except Exception:  # noqa: BLE001 - the read stage reports it
-        return None
-    if not is_tiff(head):
         return None
     try:
         slide = open_slide(uri, storage_options)
     except RecordError:
         return None
     return slide if is_slide(slide, name) else None
+
+
+def check_ifd_chain(f: Any, max_ifds: int = MAX_TIFF_IFDS) -> int:
+    """Walk a TIFF's main IFD chain without parsing its tags; return how many IFDs it holds.
+
+    Reads two small fields per IFD (tag count, next offset), so a hostile
+    chain costs at most ``max_ifds`` tiny ranged reads. A next offset past the
+    end of the file ends the chain, as tifffile does.
+
+    Args:
+        f: a seekable binary file (an fsspec file or ``io.BytesIO``) holding a TIFF.
+        max_ifds: the most IFDs accepted.
+
+    Raises:
+        DecodeError: not a TIFF, or the chain loops back to an IFD already seen.
+        LimitExceeded: more than ``max_ifds`` IFDs.
+    """
+    f.seek(0)
+    head = f.read(16)
+    if not is_tiff(head):
+        raise DecodeError("not a TIFF (no TIFF signature)")
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    count_fmt, entry, next_fmt = (order + "Q", 20, order + "Q") if big else (order + "H", 12, order + "I")
+    offset = struct.unpack_from(next_fmt, head, 8 if big else 4)[0]
+    size = f.seek(0, 2)
+    seen: set[int] = set()
+    while offset and offset < size:
+        if offset in seen:
+            raise DecodeError(f"the TIFF's IFD chain loops back after {len(seen)} IFDs (a damaged or hostile file)")
+        seen.add(offset)
+        if len(seen) > max_ifds:
+            raise LimitExceeded(f"the TIFF has more than {max_ifds} IFDs in its chain")
+        f.seek(offset)
+        raw = f.read(struct.calcsize(count_fmt))
+        if len(raw) < struct.calcsize(count_fmt):
+            break
+        f.seek(offset + len(raw) + struct.unpack(count_fmt, raw)[0] * entry)
+        raw = f.read(struct.calcsize(next_fmt))
+        if len(raw) < struct.calcsize(next_fmt):
+            break
+        offset = struct.unpack(next_fmt, raw)[0]
+    f.seek(0)
+    return len(seen)
 
 
 def open_slide(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
@@ -285,6 +355,10 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
         low_w, low_h = (int(v) for v in slide.level_dimensions[low])
     except Exception as err:  # noqa: BLE001
         raise DecodeError(f"unreadable slide structure ({type(err).__name__})") from None
+    if width0 * height0 > options.max_pixels:
+        raise LimitExceeded(
+            f"the slide's level 0 is {width0}x{height0} pixels, over slide.max_pixels = {options.max_pixels}"
+        )
     if low_w * low_h > MAX_TISSUE_PIXELS:
         raise LimitExceeded(
             f"the slide's lowest-resolution level is {low_w}x{low_h} pixels, over "
@@ -305,16 +379,34 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
         step0 = max(1, int(round(span0)))
         read_size = max(1, int(round(span0 / downsamples[level])))
         out_mpp = target
+    nx, ny = width0 // step0, height0 // step0
+    if nx * ny > MAX_GRID_TILES:
+        raise LimitExceeded(
+            f"the slide's tile grid has {nx * ny} tiles, over {MAX_GRID_TILES}; "
+            "raise slide.tile_size or slide.target_mpp"
+        )
+    if _level_chunks(slide, low).past_end.any():  # empty tiles there are black: background
+        raise DecodeError(
+            "the slide's lowest-resolution level has tiles past the end of the file (a truncated or damaged slide)"
+        )
     try:
         thumb = np.asarray(slide.read_region((0, 0), low, (low_w, low_h), as_array=True))
     except Exception as err:  # noqa: BLE001
         raise DecodeError(f"cannot read the slide's lowest-resolution level ({type(err).__name__})") from None
     mask, threshold = tissue_mask(thumb, options.tissue_threshold)
-    nx, ny = width0 // step0, height0 // step0
     fractions = _tile_fractions(mask, width0, height0, step0, nx, ny)
     keep = np.argwhere(fractions >= options.min_tissue_fraction)  # (row, col), row-major
     if len(keep) > options.max_tiles:
         raise LimitExceeded(f"slide has {len(keep)} tissue tiles, over slide.max_tiles = {options.max_tiles}")
+    damaged = _damaged_tiles(slide, level, keep * step0, read_size, downsamples[level])
+    if damaged.any():
+        share = float(damaged.mean())
+        if share > options.max_damaged_fraction:
+            raise DecodeError(
+                f"{int(damaged.sum())} of {len(keep)} tissue tiles read TIFF tiles that are empty (0 bytes) or "
+                f"lie past the end of the file, over slide.max_damaged_fraction = {options.max_damaged_fraction}"
+            )
+        keep = keep[~damaged]
     tiles = [
         SlideTile(
             index=k,
@@ -343,12 +435,84 @@ def plan_slide(slide: Any, options: SlideOptions = SlideOptions()) -> SlidePlan:
         "min_tissue_fraction": options.min_tissue_fraction,
         "tiles_total": nx * ny,
         "tissue_tiles": len(tiles),
-        "background_tiles": nx * ny - len(tiles),
+        "background_tiles": nx * ny - len(tiles) - int(damaged.sum()),
+        "damaged_tiles": int(damaged.sum()),
         "vendor": str(slide.properties.get("tiffslide.vendor") or "generic"),
     }
     if note:
         meta["mpp_note"] = note
-    return SlidePlan(tiles=tiles, level=level, read_size=read_size, tiles_total=nx * ny, metadata=meta)
+    return SlidePlan(
+        tiles=tiles,
+        level=level,
+        read_size=read_size,
+        tiles_total=nx * ny,
+        metadata=meta,
+        damaged=int(damaged.sum()),
+    )
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """A level's TIFF tiles (or strips): their size and which of them cannot be read."""
+
+    width: int
+    height: int
+    past_end: np.ndarray  # (rows, cols) bool: data past the end of the file (fails to decode)
+    empty: np.ndarray  # (rows, cols) bool: 0 bytes (decodes as black, without an error)
+
+
+def _level_chunks(slide: Any, level: int) -> _Chunks:
+    """The TIFF tiles of ``level``, from its tile tables (offsets, byte counts), never its pixels.
+
+    Raises:
+        LimitExceeded: a tile or strip over ``MAX_CHUNK_PIXELS`` (decoding it would allocate it whole).
+        DecodeError: the tables do not match the level's tiling.
+    """
+    try:
+        index = int(slide.properties.get("tiffslide.series-index") or 0)
+        page = slide.ts_tifffile.series[index].levels[level].keyframe
+        width, height = int(page.imagewidth), int(page.imagelength)
+        if page.is_tiled:
+            cw, ch = int(page.tilewidth), int(page.tilelength)
+        else:
+            cw, ch = width, int(page.rowsperstrip or height)
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        size = int(slide.ts_tifffile.filehandle.size)
+    except Exception as err:  # noqa: BLE001 - library messages may quote descriptions
+        raise DecodeError(f"unreadable slide tile tables ({type(err).__name__})") from None
+    if cw * ch > MAX_CHUNK_PIXELS:
+        raise LimitExceeded(
+            f"the slide's level {level} is stored in {cw}x{ch}-pixel tiles, over {MAX_CHUNK_PIXELS} pixels each"
+        )
+    rows, cols = -(-height // max(1, ch)), -(-width // max(1, cw))
+    if rows * cols == 0 or len(offsets) % (rows * cols) or len(offsets) != len(counts):
+        raise DecodeError(f"the slide's level {level} has {len(offsets)} tile entries for {rows}x{cols} tiles")
+    past_end = np.asarray(((offsets + counts > size) | (offsets < 0)).reshape(-1, rows, cols).any(axis=0))
+    empty = np.asarray((counts == 0).reshape(-1, rows, cols).any(axis=0))
+    return _Chunks(width=cw, height=ch, past_end=past_end, empty=empty)
+
+
+def _damaged_tiles(slide: Any, level: int, origins: np.ndarray, read_size: int, downsample: float) -> np.ndarray:
+    """For each tile (level-0 ``(y, x)`` origins), whether it reads a TIFF tile that is empty or past the file's end.
+
+    An empty TIFF tile (0 bytes) decodes as black without an error; a tile past
+    the end fails to decode: either way the tile's embedding would be wrong.
+    """
+    if not len(origins):
+        return np.zeros(0, dtype=bool)
+    chunks = _level_chunks(slide, level)
+    bad = chunks.past_end | chunks.empty
+    rows, cols = bad.shape
+    table = np.zeros((rows + 1, cols + 1), dtype=np.int64)  # summed-area table of bad TIFF tiles
+    table[1:, 1:] = np.cumsum(np.cumsum(bad, axis=0), axis=1)
+    y0 = np.floor(origins[:, 0] / downsample).astype(np.int64)
+    x0 = np.floor(origins[:, 1] / downsample).astype(np.int64)
+    r0, c0 = np.clip(y0 // chunks.height, 0, rows - 1), np.clip(x0 // chunks.width, 0, cols - 1)
+    r1 = np.clip((y0 + read_size - 1) // chunks.height + 1, 1, rows)
+    c1 = np.clip((x0 + read_size - 1) // chunks.width + 1, 1, cols)
+    hits = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+    return np.asarray(hits > 0)
 
 
 def _tile_fractions(mask: np.ndarray, width0: int, height0: int, step0: int, nx: int, ny: int) -> np.ndarray:

@@ -21,9 +21,19 @@ from typing import Any
 
 from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
 
-__all__ = ["is_text", "decode_text", "text_facts", "sr_text", "is_structured_report"]
+__all__ = [
+    "MAX_BYTES_PER_CHAR",
+    "is_text",
+    "decode_text",
+    "check_text_size",
+    "text_facts",
+    "sr_text",
+    "is_structured_report",
+]
 
 _BOM = b"\xef\xbb\xbf"
+#: A UTF-8 character takes at most 4 bytes: over ``4 * max_chars`` bytes is over ``max_chars`` characters.
+MAX_BYTES_PER_CHAR = 4
 #: Share of characters that must be printable or whitespace for content to count as text.
 _PRINTABLE_SHARE = 0.95
 #: Whitespace that counts as printable text: deleted before the fast ``str.isprintable`` check.
@@ -54,14 +64,33 @@ def is_text(head: bytes) -> bool:
     return good / len(text) >= _PRINTABLE_SHARE
 
 
+def check_text_size(size: int, head: bytes, max_chars: int) -> None:
+    """Refuse a text object too large to hold at most ``max_chars`` characters, from its size and head.
+
+    Lets the read stage refuse, say, a 500 MB one-line report after reading
+    its first bytes only, instead of reading and decoding it whole.
+
+    Raises:
+        LimitExceeded: ``head`` is text and ``size`` is over ``4 * max_chars`` bytes.
+    """
+    if size > MAX_BYTES_PER_CHAR * max_chars and is_text(head):
+        raise LimitExceeded(
+            f"a text object of {size} bytes holds more than text.max_chars = {max_chars} characters (refused unread)",
+            stage="read",
+        )
+
+
 def decode_text(data: bytes, *, max_chars: int = 10_000_000) -> str:
     """Decode UTF-8 text (a BOM is dropped, line ends normalised to ``\\n``).
 
     Raises:
         UnsupportedFormat: not UTF-8 text.
-        LimitExceeded: more than ``max_chars`` characters.
+        LimitExceeded: more than ``max_chars`` characters (over ``4 * max_chars``
+            bytes is refused before decoding).
         DecodeError: no text left after stripping whitespace.
     """
+    if len(data) > MAX_BYTES_PER_CHAR * max_chars:
+        raise LimitExceeded(f"text of {len(data)} bytes holds more than text.max_chars = {max_chars} characters")
     if data.startswith(_BOM):
         data = data[3:]
     try:

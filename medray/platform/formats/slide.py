@@ -11,16 +11,21 @@ from __future__ import annotations
 import io
 
 from medray.platform.decoders import is_image_signature
-from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions, is_slide, is_tiff
+from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions, check_ifd_chain, is_slide, is_tiff
 from medray.platform.formats.registry import Format, PrepareContext, register_format
 
 __all__ = ["SLIDE", "slide_route"]
 
 
 def is_slide_bytes(data: bytes, name: str = "") -> bool:
-    """True when in-memory TIFF bytes are a whole-slide image (tiled pyramid)."""
+    """True when in-memory TIFF bytes are a whole-slide image (tiled pyramid).
+
+    Raises:
+        DecodeError: the TIFF's IFD chain loops or is too long (no decoder may walk it).
+    """
     if not is_tiff(bytes(data[:4])):
         return False
+    check_ifd_chain(io.BytesIO(data))  # raises on a loop: tifffile would walk it forever
     try:
         import tiffslide
 
