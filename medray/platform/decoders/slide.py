@@ -468,6 +468,10 @@ def _level_chunks(slide: Any, level: int) -> _Chunks:
         LimitExceeded: a tile or strip over ``MAX_CHUNK_PIXELS`` (decoding it would allocate it whole).
         DecodeError: the tables do not match the level's tiling.
     """
+    if not hasattr(slide, "ts_tifffile"):  # not a TIFF (a DICOM WSI): its reader checks its own frames
+        width, height = (int(v) for v in slide.level_dimensions[level])
+        clean = np.zeros((1, 1), dtype=bool)
+        return _Chunks(width=max(1, width), height=max(1, height), past_end=clean, empty=clean)
     try:
         index = int(slide.properties.get("tiffslide.series-index") or 0)
         page = slide.ts_tifffile.series[index].levels[level].keyframe
