@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start"]
+__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start", "progress_mode"]
 
 T = TypeVar("T")
 
@@ -47,12 +47,27 @@ def init_ray(
         kwargs["include_dashboard"] = include_dashboard
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("MEDRAY_PROGRESS", "1") != "0"
+    # one bar on the terminal: medray's own (records, outcomes, time left) unless MEDRAY_PROGRESS=ray
+    ctx.enable_progress_bars = progress_mode() == "ray"
     ctx.print_on_execution_start = False
     # Record-level failures never raise (they become quarantine rows); this only covers a
     # task that keeps crashing its worker process (e.g. a native decoder fault).
     ctx.max_errored_blocks = max_errored_blocks
     return ray
+
+
+def progress_mode() -> str:
+    """What a job shows while it runs, from ``MEDRAY_PROGRESS``.
+
+    Returns:
+        ``"medray"`` (the default: medray's own progress, one bar on a terminal,
+        a line every few seconds in logs), ``"ray"`` (Ray Data's operator bars
+        instead) or ``"off"`` (``MEDRAY_PROGRESS=0``: neither).
+    """
+    value = os.environ.get("MEDRAY_PROGRESS", "1").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "ray" if value == "ray" else "medray"
 
 
 def cluster_gpus() -> float:
