@@ -169,3 +169,37 @@ def test_closing_table_counts_this_runs_outcomes_by_reason(tmp_path):
     assert lines[3].split() == ["quarantined", "DecodeError", "(decode)", "1"]
     assert lines[4].split() == ["skipped", "NonImageObject", "(image)", "1"]
     assert lines[-1].strip() == "2 done before"
+
+
+def test_finetune_closing_table_counts_labelled_rows_and_unusable_records(tmp_path):
+    import dataclasses
+
+    from medray.jobs.finetune.data import QuarantineTarget, write_quarantine
+    from medray.jobs.finetune.recipe import FinetuneResult, inputs_table
+
+    out = str(tmp_path / "ft")
+    bad = _bad_rows().drop_columns(["route"])
+    write_quarantine(bad, QuarantineTarget(out, {}, "0"))
+    fields = {f.name: None for f in dataclasses.fields(FinetuneResult) if f.default is dataclasses.MISSING}
+    res = FinetuneResult(  # type: ignore[arg-type]
+        **{
+            **fields,
+            "output": out,
+            "splits": {
+                "train": {"rows": 12, "usable": 10},
+                "val": {"rows": 4, "usable": 4},
+                "test": {"rows": 2, "usable": 2},
+            },
+        }
+    )
+    lines = inputs_table(res).splitlines()
+    assert lines[0] == "inputs of this fine-tune: 18 manifest rows, 16 labelled"
+    body = [ln.split() for ln in lines[2:6]]
+    assert body == [
+        ["labelled", "test", "2"],
+        ["labelled", "train", "10"],
+        ["labelled", "val", "4"],
+        ["quarantined", "DecodeError", "(decode)", "1"],
+    ]
+    skipped = {" ".join(ln.split()) for ln in lines if ln.strip().startswith("skipped")}
+    assert skipped == {"skipped NonImageObject (decode) 1", "skipped Unlabelled (manifest) 2"}
