@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,9 @@ def init_ray(
         return ray
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
+    if not _isatty(sys.stderr):
+        # a log (a file, a submitted job's log): Ray prints its workers' lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "runtime_env": runtime_env}
     if address == "local":
         kwargs["num_cpus"] = num_cpus
@@ -54,6 +58,13 @@ def init_ray(
     # task that keeps crashing its worker process (e.g. a native decoder fault).
     ctx.max_errored_blocks = max_errored_blocks
     return ray
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def progress_mode() -> str:
