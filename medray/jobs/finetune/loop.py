@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -340,7 +341,9 @@ def train_loop(config: dict) -> None:
             run.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=int(engine.global_steps))
         if rank == 0 and config.get("progress", True):
             per_epoch = (time.perf_counter() - t_epochs) / (epoch - start_epoch + 1)
-            print(_epoch_line(config, record, per_epoch * (config["epochs"] - epoch - 1)), flush=True)
+            # sys.stdout, not print(): Ray Train patches print() to also log the line (it would show twice)
+            sys.stdout.write(_epoch_line(config, record, per_epoch * (config["epochs"] - epoch - 1)) + "\n")
+            sys.stdout.flush()
 
         tag = f"epoch{epoch:04d}"
         directory = tempfile.mkdtemp(prefix="medray-ckpt-")
