@@ -53,6 +53,11 @@ def init_ray(
     ctx = ray.data.DataContext.get_current()
     # one bar on the terminal: medray's own (records, outcomes, time left) unless MEDRAY_PROGRESS=ray
     ctx.enable_progress_bars = progress_mode() == "ray"
+    if not ctx.enable_progress_bars:
+        from ray.util.debug import log_once
+
+        # Ray Data would say once how to turn its bars back on; with medray, MEDRAY_PROGRESS=ray does
+        log_once("ray_data_progress_manager_disabled")
     ctx.print_on_execution_start = False
     # Record-level failures never raise (they become quarantine rows); this only covers a
     # task that keeps crashing its worker process (e.g. a native decoder fault).
