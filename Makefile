@@ -24,10 +24,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check medray tests benchmarks
 	$(BIN)/mypy
 
-# The tests' real PACS: Orthanc with its DICOMweb plugin, from Debian's packages (skipped where present).
+# The tests' real PACS: Orthanc with its DICOMweb plugin, and the browser that opens the reports:
+# Chromium, from Debian's packages (each skipped where present).
 system-deps:
 	@command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
 	  { (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; }
+	@command -v chromium >/dev/null || \
+	  { (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest tests -q --timeout=900

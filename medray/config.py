@@ -115,6 +115,13 @@ class DicomWebConf:
 
     query: Dict[str, Any] = field(default_factory=dict)  # e.g. {ModalitiesInStudy: CR, StudyDate: 20240101-20241231}
     max_in_flight: int = 4
+    # watch=true: how new instances are found, how often, and when to stop
+    feed: str = "auto"  # auto | changes (Orthanc's /changes log) | qido (StudyDate since a stored date)
+    changes_root: Optional[str] = None  # Orthanc's REST root; null: the DICOMweb root's parent
+    interval_s: float = 10.0  # seconds between polls
+    max_rounds: Optional[int] = None  # stop after this many polls (null: until SIGTERM/SIGINT)
+    idle_exit_s: Optional[float] = None  # stop once nothing new arrived for this long (null: never)
+    round_max_instances: int = 10_000  # instances per round at most (the rest in the next, at once)
 
 
 @dataclass
@@ -181,6 +188,7 @@ class EmbedConf:
     patient_salt: Optional[str] = None
     run_name: Optional[str] = None
     show: Optional[str] = None  # outcomes: print what became of every record of `output`, then stop
+    watch: bool = False  # a dicomweb+ input: keep following new instances (see DicomWebConf)
     dicomweb: DicomWebConf = field(default_factory=lambda: DicomWebConf())
 
 

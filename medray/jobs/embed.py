@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,10 +51,11 @@ from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.decoders.series import SeriesOptions
 from medray.platform.decoders.slide import SLIDE_EXTENSIONS, SlideOptions
-from medray.platform.dicomweb import list_instances
+from medray.platform.dicomweb import CURSOR_FILE, FEEDS, FeedPoll, cursor_state, list_instances, open_feed, read_cursor
 from medray.platform.errors import ConfigError
 from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
+from medray.platform.report import Report, embed_report
 from medray.platform.runtime import Background, Stopwatch, cluster_gpus, init_ray, process_start
 from medray.platform.sources import ARCHIVE_MEMBER_PENDING, InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
@@ -102,6 +105,8 @@ class EmbedResult:
     first_row_s: float | None = None  # from the process start to the first written embedding
     driver_peak_rss_mb: float | None = None  # the driver process's peak resident memory
     outcome_counts: list = None  # type: ignore[assignment]  # [outcome, reason, detail, records] of this run
+    timeline: list = None  # type: ignore[assignment]  # [[s since the process started, records done], ...] (<= 200)
+    report: str | None = None  # <output>/report/index.html, when one was written
 
     def outcomes_table(self) -> str:
         """The closing table: this run's records by outcome and reason."""
@@ -232,11 +237,31 @@ class EmbedJob:
         if os.path.abspath(c.output.rstrip("/")) == os.path.abspath(c.input.rstrip("/")):
             raise ConfigError("output", "must differ from input")
         self.input: InputSpec = classify_input(c.input, c.storage.options)
+        if c.watch:
+            self._validate_watch()
         if c.text_column is not None:
             if self.input.kind != "manifest":
                 raise ConfigError("text_column", "needs a manifest input (.csv/.jsonl/.parquet) holding that column")
             if "text" not in self.specs:
                 raise ConfigError("text_column", "no text encoder: set encoders.text=biomedbert (or encoder=...)")
+
+    def _validate_watch(self) -> None:
+        """``watch=true``: a DICOMweb input and sane poll settings."""
+        w = self.cfg.dicomweb
+        if self.input.kind != "dicomweb":
+            raise ConfigError(
+                "watch", "follows a DICOMweb server: input=dicomweb+http(s)://host/dicom-web[/studies/...]"
+            )
+        if w.feed not in FEEDS:
+            raise ConfigError("dicomweb.feed", f"must be one of {', '.join(FEEDS)}, got {w.feed!r}")
+        if w.interval_s <= 0:
+            raise ConfigError("dicomweb.interval_s", f"must be > 0 seconds, got {w.interval_s}")
+        if w.max_rounds is not None and w.max_rounds < 1:
+            raise ConfigError("dicomweb.max_rounds", f"must be >= 1 (or null: until stopped), got {w.max_rounds}")
+        if w.idle_exit_s is not None and w.idle_exit_s <= 0:
+            raise ConfigError("dicomweb.idle_exit_s", f"must be > 0 (or null: never), got {w.idle_exit_s}")
+        if w.round_max_instances < 1:
+            raise ConfigError("dicomweb.round_max_instances", f"must be >= 1, got {w.round_max_instances}")
 
     def _validate_series(self) -> None:
         """``series:``: the mode needs its encoder (2D for slicewise, 3D for volume) and vice versa."""
@@ -381,9 +406,15 @@ class EmbedJob:
         # the series and slide branches group and spread records before the encoder: they keep the staged plan
         return gpus == 0 and self.series_opts["mode"] == "off" and not self.slide_inputs
 
-    def _listing(self, done: DoneIndex) -> list[dict] | None:
-        """The objects to do, listed on the driver (paths only) minus the finished ones; ``None`` for manifests."""
+    def _listing(self, done: DoneIndex, instances: list[dict] | None = None) -> list[dict] | None:
+        """The objects to do, listed on the driver (paths only) minus the finished ones; ``None`` for manifests.
+
+        ``instances``: rows found by a watch round (:meth:`watch`), used instead of a listing.
+        """
         c = self.cfg
+        if instances is not None:
+            self.slide_inputs = False
+            return anti_join(instances, done)
         if self.input.kind == "manifest":
             self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
             return None
@@ -403,8 +434,14 @@ class EmbedJob:
             return read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
         return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 200)))
 
-    def run(self) -> EmbedResult:
-        """Run the pipeline and write embeddings, quarantine and the summary."""
+    def run(self, instances: list[dict] | None = None) -> EmbedResult:
+        """Run the pipeline and write embeddings, quarantine and the summary.
+
+        Args:
+            instances: the records to consider instead of listing the input
+                (a watch round's new instances, ``{"uri", "member"}`` rows);
+                those already in the output are skipped as in any rerun.
+        """
         c = self.cfg
         t_start = time.perf_counter()
         clock = Stopwatch()
@@ -433,7 +470,7 @@ class EmbedJob:
         clock.lap("checkpoint")
         done = done_index(c.output, c.storage.options, self._skip_applies)
         clock.lap("done_index")
-        rows = self._listing(done)
+        rows = self._listing(done, instances)
         clock.lap("listing")
         if rows is not None and not rows:
             # nothing left to do: no Ray, no encoder pool, no W&B run
@@ -612,6 +649,98 @@ class EmbedJob:
             progress.set_counts(counts_of(stats))
             return stats
 
+    def watch(self, stop: threading.Event | None = None) -> int:
+        """``watch=true``: embed what the DICOMweb input holds, then follow new instances until stopped.
+
+        The first round lists the input (QIDO-RS) unless the output holds a
+        cursor (``_watch.json``) of the same server and feed; then each round
+        polls the feed (:func:`~medray.platform.dicomweb.open_feed`) and runs
+        the job on what is new. A round with nothing new starts no Ray work.
+        The cursor is written after a round's rows are committed, so a job
+        stopped at any point resumes where it was: instances embedded twice
+        are skipped by record id (resume), none is missed. SIGTERM and
+        SIGINT end the loop after the current round; ``dicomweb.max_rounds``
+        and ``dicomweb.idle_exit_s`` end it too.
+
+        Returns:
+            The exit code: 0, or 3 when a round quarantined more than ``max_error_fraction``.
+        """
+        c, w = self.cfg, self.cfg.dicomweb
+        stop = stop or threading.Event()
+        fs, root = open_fs(c.output, c.storage.options)
+        path = posixpath.join(root, CURSOR_FILE)
+        feed = open_feed(
+            c.input,
+            w.feed,
+            dict(w.query),
+            changes_root=w.changes_root,
+            stable_series=self.series_opts["mode"] != "off",
+        )
+        cursor = read_cursor(fs, path, feed)
+        rounds, code, last_new, why = 0, 0, time.monotonic(), "stopped by a signal"
+        self._trap(stop)
+        log.info(
+            "watching %s (%s feed, every %.0fs)",
+            feed.loc.base.split("://", 1)[-1].split("/")[0],
+            feed.kind,
+            w.interval_s,
+        )
+        while not stop.is_set():
+            try:
+                if cursor is None:  # first round: everything the input holds (the cursor is taken first)
+                    head = feed.head()
+                    poll = FeedPoll(list(list_instances(c.input, dict(w.query))), head)
+                else:
+                    poll = feed.poll(cursor, w.round_max_instances)
+            except Exception as err:
+                if cursor is None:
+                    raise  # the first listing fails fast (unreachable server, refused credentials)
+                log.warning("watch: polling failed (%s); trying again in %.0fs", type(err).__name__, w.interval_s)
+                stop.wait(w.interval_s)
+                continue
+            rounds += 1
+            if poll.rows:
+                result = self.run(instances=poll.rows)
+                self._trap(stop)  # Ray may have installed its own handlers
+                if result.records_read or result.skipped:
+                    last_new = time.monotonic()
+                    print(f"round {rounds}: {result.one_line()}", flush=True)
+                    if result.error_fraction > c.max_error_fraction:
+                        print(
+                            f"error: round {rounds} quarantined {result.error_fraction:.1%} of its records",
+                            file=sys.stderr,
+                        )
+                        code = 3
+            if poll.cursor != cursor or rounds == 1:
+                atomic_write_bytes(fs, path, cursor_state(feed, poll.cursor, rounds))
+                cursor = poll.cursor
+            if w.max_rounds is not None and rounds >= w.max_rounds:
+                why = f"max_rounds={w.max_rounds}"
+                break
+            if w.idle_exit_s is not None and time.monotonic() - last_new >= w.idle_exit_s:
+                why = f"nothing new for idle_exit_s={w.idle_exit_s:g}"
+                break
+            if not poll.more:
+                stop.wait(w.interval_s)
+        print(
+            f"medray embed: watch ended after {rounds} round(s) ({why}); cursor {c.output.rstrip('/')}/{CURSOR_FILE}",
+            flush=True,
+        )
+        return code
+
+    @staticmethod
+    def _trap(stop: threading.Event) -> None:
+        """SIGTERM/SIGINT set ``stop`` (the current round finishes) instead of killing the job mid-write."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            log.warning("watch: %s received; stopping after the current round", signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
     def _summarise(
         self,
         run_id: str,
@@ -673,11 +802,21 @@ class EmbedJob:
             first_row_s=round(first - started, 3) if first is not None and started is not None else None,
             driver_peak_rss_mb=_peak_rss_mb(),
             outcome_counts=_count_triples(stats.get("outcome_counts") or []),
+            timeline=_timeline(stats.get("parts") or [], started),
         )
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
         fs, root = open_fs(c.output, c.storage.options)
         atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
         atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+        report = _write_report(c.output, c.storage.options) if read or result.skipped else None
+        if report is not None:  # drawn from the durable summary; then the summary says where it is
+            result.report = report.uri
+            try:
+                summary = json.dumps(asdict(result), indent=2, default=str).encode()
+                atomic_write_bytes(fs, posixpath.join(root, "runs", f"{run_id}.json"), summary)
+                atomic_write_bytes(fs, posixpath.join(root, "summary.json"), summary)
+            except Exception as err:  # noqa: BLE001 - the summary without the report's address is still whole
+                log.warning("summary.json not updated with the report: %s: %s", type(err).__name__, err)
         if c.tracking.enabled and read:
             log_run(
                 job="embed",
@@ -694,8 +833,33 @@ class EmbedJob:
                     files={"summary.json": summary},
                     metadata={**ident, "output": c.output, "run_id": run_id, "records_total_in_output": total},
                 ),
+                report=report,
             )
         return result
+
+
+def _write_report(output: str, options: Any) -> Report | None:
+    """Draw ``<output>/report/index.html`` from what the output holds; a failure is one log line, never the job's."""
+    try:
+        report = embed_report(output, options)
+        report.write(output, options)
+        return report
+    except Exception as err:  # noqa: BLE001 - the embeddings are written; a missing report must not fail the run
+        log.warning("report not written: %s: %s", type(err).__name__, err)
+        return None
+
+
+def _timeline(parts: list, started: float | None, points: int = 200) -> list:
+    """``[[seconds since the process started, records finished], ...]`` from the sink's parts, at most ``points``."""
+    if not parts:
+        return []
+    t0 = started if started is not None else parts[0][0]
+    rows = sorted((float(t) - t0, int(n)) for t, n in parts)
+    step = -(-len(rows) // points)  # merge neighbours so a long run stays small
+    return [
+        [round(rows[min(i + step, len(rows)) - 1][0], 3), sum(n for _, n in rows[i : i + step])]
+        for i in range(0, len(rows), step)
+    ]
 
 
 def _peak_rss_mb() -> float | None:
@@ -771,8 +935,12 @@ def main(cfg: DictConfig) -> int:
     if show is not None:
         return _show(cfg, str(show))
     job = EmbedJob(cfg)  # ConfigError names the key and the fix
+    if job.cfg.watch:
+        return job.watch()  # rounds until stopped (SIGTERM/SIGINT, max_rounds, idle_exit_s)
     result = job.run()  # first line that touches Ray
     print(result.one_line(), flush=True)
+    if result.report:
+        print(f"medray embed: report {result.report}", flush=True)
     print(result.outcomes_table(), file=sys.stderr, flush=True)
     if result.error_fraction > job.cfg.max_error_fraction:
         print(

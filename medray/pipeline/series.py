@@ -36,6 +36,7 @@ from medray.pipeline.options import preprocessors
 from medray.pipeline.resume import DONE_IDS
 from medray.platform.decoders import DecodeLimits
 from medray.platform.decoders.series import SeriesOptions, SliceHeader, assemble_series, plan_series, read_slice_header
+from medray.platform.dicomweb import fetch_instances, is_dicomweb
 from medray.platform.errors import ReadError, RecordError
 from medray.platform.formats.registry import PrepareContext
 from medray.platform.formats.volume import prepare_volume
@@ -146,9 +147,17 @@ def series_header_batch(table: pa.Table, opts: Any) -> pa.Table:
     # manifest columns travel with each slice's header; the series row keeps those its slices agree on
     extra = [c for c in table.column_names if c not in ("uri", "member", opts.text_column, DONE_IDS)]
     rows = table.select(extra).to_pylist() if extra else [{}] * len(uris)
-    for uri, member, text, carried in zip(uris, members, texts, rows):
+    # DICOMweb instances: WADO-RS has no ranged read, so each is fetched whole (in flight together)
+    web = [i for i, u in enumerate(uris) if sopts is not None and texts[i] is None and is_dicomweb(u)]
+    fetched = dict(zip(web, fetch_instances([uris[i] for i in web], opts.max_bytes, opts.dicomweb_in_flight)))
+    for i, (uri, member, text, carried) in enumerate(zip(uris, members, texts, rows)):
         member = member or ""
         if sopts is None or text is not None:
+            continue
+        if i in fetched:
+            data = fetched[i]
+            if not isinstance(data, BaseException):  # unreadable: the per-instance path quarantines it
+                emit(uri, member, read_slice_header(data, salt=opts.salt, options=sopts), carried)
             continue
         try:
             if member == ARCHIVE_MEMBER_PENDING:
@@ -169,7 +178,17 @@ def _read_instances(headers: list[Any], opts: Any) -> list[bytes]:
 
     out: list[bytes | None] = [None] * len(headers)
     wanted: dict[str, dict[str, list[int]]] = {}
+    web = [k for k, h in enumerate(headers) if is_dicomweb(h.uri)]
+    fetched_k = set(web)
+    for k, data in zip(web, fetch_instances([headers[k].uri for k in web], opts.max_bytes, opts.dicomweb_in_flight)):
+        if isinstance(data, RecordError):
+            raise data
+        if isinstance(data, BaseException):
+            raise ReadError(f"a slice of the series could not be fetched again ({type(data).__name__})")
+        out[k] = data
     for k, h in enumerate(headers):
+        if k in fetched_k:
+            continue
         if h.member and is_archive(h.uri):
             wanted.setdefault(h.uri, {}).setdefault(h.member, []).append(k)
         else:

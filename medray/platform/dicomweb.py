@@ -17,6 +17,7 @@ named by ``MEDRAY_DICOMWEB_SECRET_FILE`` holding ``user:password`` or a token.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +34,17 @@ __all__ = [
     "list_instances",
     "fetch_instance",
     "fetch_url",
+    "fetch_instances",
     "instance_uri",
+    "FEEDS",
+    "CURSOR_FILE",
+    "FeedPoll",
+    "OrthancChanges",
+    "QidoSince",
+    "open_feed",
+    "orthanc_root",
+    "read_cursor",
+    "cursor_state",
 ]
 
 SCHEME_PREFIX = "dicomweb+"
@@ -105,6 +116,9 @@ def _client(base: str) -> Any:
     import requests
     from dicomweb_client import DICOMwebClient
 
+    # its INFO lines name study and series UIDs: identifiers stay out of logs
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+
     session = requests.Session()
     token, basic = _credentials()
     if token:
@@ -161,9 +175,7 @@ def list_instances(uri: str, query: Mapping[str, Any] | None = None, page: int =
     """
     loc = parse_location(uri)
     client = _client(loc.base)
-    filters = {
-        str(k): (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in (query or {}).items()
-    }
+    filters = _filters(query)
     try:
         if loc.sop:
             assert loc.study and loc.series
@@ -284,3 +296,262 @@ def fetch_url(url: str, max_bytes: int, credential: str | None = None) -> bytes:
     if len(data) > max_bytes:
         raise ReadError(f"image is {len(data)} bytes, over limits.max_bytes={max_bytes}")
     return data
+
+
+def fetch_instances(uris: list[str], max_bytes: int, in_flight: int = 4) -> list[bytes | BaseException]:
+    """:func:`fetch_instance` for each URI, ``in_flight`` requests at a time; each result in ``uris`` order.
+
+    A server that is briefly unreachable is waited for
+    (:func:`~medray.platform.storage.retry_transient`); any other failure is
+    returned in place of the bytes, for the caller to quarantine.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medray.platform.storage import retry_transient
+
+    def one(uri: str) -> bytes | BaseException:
+        try:
+            return retry_transient(fetch_instance, uri, max_bytes, what="WADO-RS")
+        except Exception as err:  # noqa: BLE001 - the caller's record error, with its PHI-free reason
+            return err
+
+    if len(uris) <= 1:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
+        return list(pool.map(one, uris))
+
+
+# ---------------------------------------------------------------------------------------------- watch
+#: Feeds :func:`open_feed` knows: Orthanc's ``/changes`` log, or QIDO-RS by StudyDate.
+FEEDS = ("auto", "changes", "qido")
+
+
+@dataclass
+class FeedPoll:
+    """What one poll of a feed found: instance rows (``{"uri", "member"}``) and the cursor to store after them.
+
+    ``more``: the feed holds more than one round's worth (poll again at once).
+    """
+
+    rows: list[dict]
+    cursor: Any
+    more: bool = False
+
+
+class OrthancChanges:
+    """New instances from Orthanc's change log (``GET {root}/changes?since=N&limit=M``).
+
+    The cursor is the log's sequence number. ``NewInstance`` changes become
+    instance rows (Orthanc ids mapped to UIDs through ``/instances``,
+    ``/series`` and ``/studies``, series and studies cached); in series mode
+    (``stable_series=True``) a series is taken once Orthanc calls it stable
+    (``StableSeries``, after its ``StableAge``), whole, so that a volume is
+    never embedded while its slices still arrive.
+
+    Args:
+        loc: the watched location (its study/series narrow what is kept).
+        root: Orthanc's REST root (``http://host:8042``).
+        query: QIDO-RS study filters a study must match to be kept.
+        page: changes per request.
+    """
+
+    kind = "changes"
+
+    def __init__(
+        self,
+        loc: DicomWebLocation,
+        root: str,
+        query: Mapping[str, Any] | None = None,
+        *,
+        page: int = 1000,
+        stable_series: bool = False,
+    ) -> None:
+        self.loc, self.root, self.page, self.stable_series = loc, root.rstrip("/"), page, stable_series
+        self.query = _filters(query)
+        self._series: dict[str, tuple[str, str]] = {}  # Orthanc series id -> (study UID, series UID)
+        self._study_ok: dict[str, bool] = {}
+
+    def _get(self, path: str) -> Any:
+        r = _client(self.loc.base)._session.get(f"{self.root}{path}", timeout=(10, 120))
+        if r.status_code == 404:
+            return None  # deleted since: nothing to embed
+        if r.status_code != 200:
+            raise ReadError(f"Orthanc answered {r.status_code} for {path.split('?')[0].split('/')[1]}")
+        return r.json()
+
+    def head(self) -> int:
+        """The log's last sequence number now (the cursor before a full listing)."""
+        body = self._get("/changes?last")
+        if not isinstance(body, dict) or "Last" not in body:
+            raise ReadError("no Orthanc change log at this root")
+        return int(body["Last"])
+
+    def _series_uids(self, series_id: str) -> tuple[str, str] | None:
+        if series_id not in self._series:
+            series = self._get(f"/series/{series_id}")
+            study = self._get(f"/studies/{series['ParentStudy']}") if series else None
+            if not series or not study:
+                return None
+            pair = (study["MainDicomTags"]["StudyInstanceUID"], series["MainDicomTags"]["SeriesInstanceUID"])
+            self._series[series_id] = pair
+        return self._series[series_id]
+
+    def _wanted(self, study: str, series: str) -> bool:
+        if (self.loc.study and study != self.loc.study) or (self.loc.series and series != self.loc.series):
+            return False
+        if not self.query:
+            return True
+        if study not in self._study_ok:
+            client = _client(self.loc.base)
+            found = client.search_for_studies(search_filters={**self.query, "StudyInstanceUID": study}, limit=1)
+            self._study_ok[study] = any(_uid(e, "0020000D") == study for e in found)
+        return self._study_ok[study]
+
+    def poll(self, cursor: int, max_rows: int = 10_000) -> FeedPoll:
+        """Instances added since ``cursor``, at most about ``max_rows`` (the rest: ``more``)."""
+        rows: list[dict] = []
+        want = "StableSeries" if self.stable_series else "NewInstance"
+        while True:
+            body = self._get(f"/changes?since={int(cursor)}&limit={self.page}") or {}
+            for change in body.get("Changes") or []:
+                if change.get("ChangeType") != want:
+                    continue
+                if self.stable_series:
+                    pair = self._series_uids(change["ID"])
+                    if pair and self._wanted(*pair):
+                        where = f"{SCHEME_PREFIX}{self.loc.base}/studies/{pair[0]}/series/{pair[1]}"
+                        rows += list(list_instances(where))
+                    continue
+                inst = self._get(f"/instances/{change['ID']}")
+                pair = self._series_uids(inst["ParentSeries"]) if inst else None
+                if inst and pair and self._wanted(*pair):
+                    sop = inst["MainDicomTags"]["SOPInstanceUID"]
+                    rows.append({"uri": instance_uri(self.loc.base, pair[0], pair[1], sop), "member": ""})
+            cursor = max(int(cursor), int(body.get("Last", cursor)))
+            done = bool(body.get("Done", True)) or not body.get("Changes")
+            if done or len(rows) >= max_rows:
+                return FeedPoll(rows, cursor, more=not done)
+
+
+class QidoSince:
+    """New instances by QIDO-RS: studies whose StudyDate is on or after the cursor date (``YYYYMMDD``).
+
+    For servers without a change log. Each poll lists the instances of
+    studies dated from the cursor on (the caller drops those already done)
+    and moves the cursor to the day before the poll began, a margin for
+    time zones. An instance added later to a study dated before the cursor is
+    not seen: restart without the stored cursor (delete ``_watch.json``) to
+    list everything again.
+    """
+
+    kind = "qido"
+
+    def __init__(self, loc: DicomWebLocation, query: Mapping[str, Any] | None = None) -> None:
+        self.loc, self.query = loc, dict(query or {})
+
+    def head(self) -> str:
+        """Yesterday (UTC), as ``YYYYMMDD``: the cursor before a full listing."""
+        import datetime as dt
+
+        return (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).strftime("%Y%m%d")
+
+    def poll(self, cursor: str, max_rows: int = 10_000) -> FeedPoll:
+        """Instances of studies dated ``cursor`` or later (all of them: a QIDO listing has no resume point)."""
+        nxt = self.head()
+        uri = SCHEME_PREFIX + self.loc.base
+        if self.loc.study:
+            uri += f"/studies/{self.loc.study}" + (f"/series/{self.loc.series}" if self.loc.series else "")
+        rows = list(list_instances(uri, {**self.query, "StudyDate": f"{cursor}-"}))
+        return FeedPoll(rows, nxt)
+
+
+def _filters(query: Mapping[str, Any] | None) -> dict[str, str]:
+    return {
+        str(k): (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in (query or {}).items()
+    }
+
+
+def orthanc_root(base: str) -> str:
+    """Orthanc's REST root for a DICOMweb root: ``http://h:8042/dicom-web`` -> ``http://h:8042``."""
+    return base.rsplit("/", 1)[0] if base.count("/") > 2 else base
+
+
+def open_feed(
+    uri: str,
+    mode: str = "auto",
+    query: Mapping[str, Any] | None = None,
+    *,
+    changes_root: str | None = None,
+    stable_series: bool = False,
+) -> OrthancChanges | QidoSince:
+    """The change feed of a watched DICOMweb input.
+
+    Args:
+        uri: the ``dicomweb+`` input.
+        mode: ``changes`` (Orthanc's ``/changes``), ``qido`` (StudyDate), or
+            ``auto``: ``changes`` where ``{changes_root}/changes`` answers as Orthanc does.
+        query: QIDO-RS study filters (``dicomweb.query``).
+        changes_root: Orthanc's REST root; default: the DICOMweb root's parent.
+        stable_series: follow whole series once stable (series mode), not single instances.
+
+    Raises:
+        ConfigError: an unknown mode, or ``changes`` where the server has no change log.
+    """
+    if mode not in FEEDS:
+        raise ConfigError("dicomweb.feed", f"must be one of {', '.join(FEEDS)}, got {mode!r}")
+    loc = parse_location(uri)
+    if loc.sop:
+        raise ConfigError("input", "watch=true follows a server, a study or a series, not one instance")
+    if mode == "qido":
+        return QidoSince(loc, query)
+    feed = OrthancChanges(loc, changes_root or orthanc_root(loc.base), query, stable_series=stable_series)
+    try:
+        feed.head()
+        return feed
+    except (ReadError, ValueError) as err:  # an answer, but no change log: QIDO by date, or say what to set
+        if mode == "changes":
+            raise ConfigError(
+                "dicomweb.feed",
+                f"the server has no Orthanc change log at its root ({err}): "
+                "set dicomweb.changes_root=http://host:port or dicomweb.feed=qido",
+            ) from None
+        return QidoSince(loc, query)
+    except Exception as err:  # noqa: BLE001 - unreachable: do not silently switch feeds
+        raise ConfigError("input", f"cannot reach the DICOMweb server ({type(err).__name__})") from None
+
+
+#: Name of the watch cursor in an output.
+CURSOR_FILE = "_watch.json"
+
+
+def read_cursor(fs: Any, path: str, feed: OrthancChanges | QidoSince) -> Any | None:
+    """The stored cursor of ``feed`` at ``path`` (``<output>/_watch.json``), or None.
+
+    A cursor of another feed kind or another server is ignored (the watch
+    starts again with a full listing; records already done are skipped).
+    """
+    import json
+
+    try:
+        with fs.open(path, "rb") as f:
+            state = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    if state.get("feed") != feed.kind or state.get("base") != feed.loc.base:
+        return None
+    return state.get("cursor")
+
+
+def cursor_state(feed: OrthancChanges | QidoSince, cursor: Any, rounds: int) -> bytes:
+    """The bytes of ``_watch.json``: feed kind, service root (no credentials: they live in the environment), cursor."""
+    import json
+    import time
+
+    state = {
+        "feed": feed.kind,
+        "base": feed.loc.base,
+        "cursor": cursor,
+        "rounds": rounds,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return json.dumps(state, indent=2).encode()

@@ -137,6 +137,7 @@ def log_run(
     metrics: Mapping[str, float] | None = None,
     artifact: RunArtifact | None = None,
     run_id: str | None = None,
+    report: Any | None = None,
 ) -> str | None:
     """Log one finished run (config, summary, metrics, optionally an artifact) to W&B.
 
@@ -145,6 +146,8 @@ def log_run(
             (see :class:`RunArtifact`), so this works offline.
         run_id: resume (or create) the W&B run with this id, e.g. the one
             training logged its epochs to.
+        report: a :class:`medray.platform.report.Report` (anything with
+            ``log_wandb(run)``): its figures and tables are logged too.
 
     Returns:
         The local run directory, or None when tracking is disabled or fails
@@ -177,6 +180,11 @@ def log_run(
         for k, v in summary.items():
             if isinstance(v, (int, float, str, bool)):
                 run.summary[k] = v
+        if report is not None:
+            try:
+                report.log_wandb(run)
+            except Exception as err:  # noqa: BLE001 - the run itself is still worth keeping
+                log.warning("W&B report figures skipped: %s: %s", type(err).__name__, err)
         if artifact is not None:
             try:
                 _stage_artifact(run, artifact)

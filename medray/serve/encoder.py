@@ -16,6 +16,7 @@ class and its PHI-free message, and the ingress maps it to an HTTP status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -210,16 +211,19 @@ def decode_input(
         raise UnsupportedFormat(
             "DICOM object without pixel data or report text (e.g. RTSTRUCT, presentation state); nothing to embed"
         )
-    if route != modality:
-        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
     ctx = PrepareContext(
         name=name,
         route=route,
-        preprocessors={route: preprocessor},
+        preprocessors={modality: preprocessor},
         options=format_options(stage, dicom),
         limits=limits,
         salt=salt,
     )
+    # a format may embed its records with another encoder (an enhanced CT's frames on an image endpoint)
+    route = fmt.resolve_route(route, ctx) if route != modality else route
+    if route != modality:
+        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
+    ctx = dataclasses.replace(ctx, route=route)
     if payload.get("patches"):
         return _patches_input(data, ctx, fmt, payload["patches"], preprocessor, settings)
     _, prepared = prepare_record(data, ctx, fmt)

@@ -47,8 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import medray
 from medray.platform.errors import RecordError
 from medray.platform.formats import detect_modality, media_types
-from medray.serve import haidef
 from medray.serve.config import uri_allowed
+from medray.serve.haidef import InstanceError, ParsedInstance, instance_error, parse_instances, prediction
 
 __all__ = [
     "ApiError",
@@ -658,10 +658,10 @@ class Ingress:
             }
         )
 
-    async def _haidef_instance(self, parsed: haidef.ParsedInstance | haidef.InstanceError) -> dict:
+    async def _haidef_instance(self, parsed: ParsedInstance | InstanceError) -> dict:
         """One HAI-DEF instance: its prediction, or its own error (never the request's)."""
-        if isinstance(parsed, haidef.InstanceError):
-            return haidef.instance_error(parsed.code, str(parsed))
+        if isinstance(parsed, InstanceError):
+            return instance_error(parsed.code, str(parsed))
         try:
             if parsed.source in ("dicomweb_uri", "image_url", "gcs_uri", "s3_uri"):
                 where = parsed.payload.get("dicomweb_uri") or parsed.payload.get("url") or parsed.payload.get("uri")
@@ -671,24 +671,24 @@ class Ingress:
                 raise ApiError(415, "unsupported_media", "this server has no text encoder (encoders.text=...)")
             encoder = self._encoders["text"] if parsed.input_type == "text" and "text" in self._encoders else None
             encoder = encoder or await self._route(parsed.payload)
-            return haidef.prediction(await self._call(encoder.embed.remote(parsed.payload)), parsed)
+            return prediction(await self._call(encoder.embed.remote(parsed.payload)), parsed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one instance's failure is its own answer
             err = error_for_exception(exc)
             if err.status >= 500:
                 log.warning("predict instance -> %d %s (%s)", err.status, err.code, type(exc).__name__)
-            return haidef.instance_error(err.code, err.message)
+            return instance_error(err.code, err.message)
 
     async def _haidef_predict(self, request: Request) -> JSONResponse:
         async def work() -> dict:
             body = await read_body(request, self._settings.max_body_bytes)
             doc = await _load_json(body, self._settings)
             try:
-                parsed = haidef.parse_instances(
+                parsed = parse_instances(
                     doc, patch_size=self._settings.patch_size, max_instances=self._settings.max_instances
                 )
-            except haidef.InstanceError as err:
+            except InstanceError as err:
                 raise ApiError(413 if err.code == "too_large" else 400, err.code, str(err)) from None
             answers = await asyncio.gather(*(self._haidef_instance(p) for p in parsed))
             return {"predictions": list(answers)}

@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 from medray.encoders import build_tiny_checkpoint
 from medray.testing.orthanc import OrthancServer
-from medray.testing.samples import generate_samples
+from medray.testing.samples import ct_phantom, ct_series, generate_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,6 +37,11 @@ def pacs(tmp_path_factory):
     generate_samples(str(root / "samples"))
     files = sorted((root / "samples" / "dicom").rglob("*.dcm"))[:24]
     files += [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")]
+    series = root / "series"  # one CT series (8 slices), for series.mode parity
+    series.mkdir()
+    for k, data in enumerate(ct_series(ct_phantom(8, 32, seed=5), seed=5, series="web", patient_id="PHIID-WEB-1")):
+        (series / f"{k:02d}.dcm").write_bytes(data)
+        files.append(series / f"{k:02d}.dcm")
     local = root / "local"  # the same files on disk, named by SOP Instance UID
     local.mkdir()
     sops = {}
@@ -47,7 +52,7 @@ def pacs(tmp_path_factory):
     ckpt = build_tiny_checkpoint("hf_image", str(root / "ckpt"), arch="vit", image_size=32)
     with OrthancServer() as server:
         server.upload(files)
-        yield {"server": server, "root": root, "local": local, "sops": sops, "ckpt": ckpt}
+        yield {"server": server, "root": root, "local": local, "sops": sops, "ckpt": ckpt, "series": series}
 
 
 def _run(pacs, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -138,3 +143,24 @@ def test_wrong_credentials_name_what_to_set_and_leak_nothing(pacs, tmp_path):
     proc = _run(pacs, f"input={pacs['server'].dicomweb_uri}", f"output={tmp_path / 'x'}", env=env)
     assert proc.returncode == 2 and "config key 'input'" in proc.stderr and "MEDRAY_DICOMWEB_USER" in proc.stderr
     assert "Traceback" not in proc.stderr and "not-the-password" not in proc.stderr + proc.stdout
+
+
+def test_a_ct_series_from_dicomweb_groups_as_the_same_files_from_disk(pacs, tmp_path):
+    first = pydicom.dcmread(next(pacs["series"].iterdir()), stop_before_pixels=True)
+    where = f"/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+    runs = {}
+    for name, source in (("web", pacs["server"].dicomweb_uri + where), ("disk", str(pacs["series"]))):
+        proc = _run(pacs, f"input={source}", f"output={tmp_path / name}", "series.mode=slicewise")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = {(r["series_key"], r["frame"]): r for r in _emb(tmp_path / name).to_pylist()}
+    web, disk = runs["web"], runs["disk"]
+    assert set(web) == set(disk) and sorted(f for _, f in web) == [-1, *range(8)]  # 8 slices + the pooled row
+    worst = max(float(np.abs(np.asarray(web[k]["embedding"]) - np.asarray(disk[k]["embedding"])).max()) for k in web)
+    assert worst <= 1e-5, worst
+    for k in web:
+        assert (web[k]["segment"], web[k]["metadata"], web[k]["record_id"]) == (
+            disk[k]["segment"],
+            disk[k]["metadata"],
+            disk[k]["record_id"],
+        )
+    assert web[next(iter(web))]["uri"].startswith("dicomweb+http://")

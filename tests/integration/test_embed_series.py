@@ -103,18 +103,20 @@ def test_slicewise_series_rows_quarantine_and_rerun(series_corpus):
     photo = by_series.pop(None)
     assert [(r["segment"], r["modality"]) for r in photo] == [("frame", "photo")]
     assert set(by_series) == {c["keys"]["ct"], c["keys"]["mr"]}
-    for name, depth, modality in (("ct", 16, "CT"), ("mr", 12, "MR")):
+    # the sagittal MR (12 slices of 32x32) reaches the encoder on the patient axes: 32 axial slices of 32x12
+    expected = {"ct": ([16, 32, 32], [2.5, 0.8, 0.8]), "mr": ([32, 32, 12], [0.8, 0.8, 2.5])}
+    for name, depth, modality in (("ct", 16, "CT"), ("mr", 32, "MR")):
         rows = sorted(by_series[c["keys"][name]], key=lambda r: r["frame"])
         assert [r["frame"] for r in rows] == [-1, *range(depth)]
         assert [r["segment"] for r in rows] == ["pooled"] + ["slice"] * depth
         assert [(r["slice_start"], r["slice_end"]) for r in rows[1:]] == [(z, z) for z in range(depth)]
         assert (rows[0]["slice_start"], rows[0]["slice_end"]) == (0, depth - 1)
         assert {r["modality"] for r in rows} == {modality} and {r["n_frames"] for r in rows} == {depth}
-        assert all(r["spacing_mm"] == [2.5, 0.8, 0.8] for r in rows)
+        assert all(r["spacing_mm"] == expected[name][1] for r in rows)
         assert len({r["record_id"] for r in rows}) == 1 and all(r["patient_key"] for r in rows)
         np.testing.assert_allclose(rows[0]["embedding"], np.mean([r["embedding"] for r in rows[1:]], axis=0), atol=1e-4)
         meta = json.loads(rows[0]["metadata"])
-        assert meta["series"]["shape"] == [depth, 32, 32] and meta["series_mode"] == "slicewise"
+        assert meta["series"]["shape"] == expected[name][0] and meta["series_mode"] == "slicewise"
 
     quarantine = read_parts(c["fs"], out + "/quarantine").to_pylist()
     reasons = sorted((q["error_class"], q["message"]) for q in quarantine)

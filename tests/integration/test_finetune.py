@@ -314,7 +314,15 @@ def test_zero2_full_survives_a_killed_worker_and_resumes_a_stopped_run(corpus):
     out = f"s3://{corpus['bucket']}/ft/runs/zero2-kill"
     ckpt_dir = f"{corpus['bucket']}/ft/runs/zero2-kill/checkpoints/train"
     args = [
-        *common(corpus, **{"deepspeed.stage": "2", "data.group_by": "patient", "tracking.enabled": "false"}),
+        *common(
+            corpus,
+            **{
+                "deepspeed.stage": "2",
+                "data.group_by": "patient",
+                "data.test_fraction": "0.2",
+                "tracking.enabled": "false",
+            },
+        ),
         f"output={out}",
     ]
     t0 = time.perf_counter()
@@ -377,6 +385,15 @@ def test_zero2_full_survives_a_killed_worker_and_resumes_a_stopped_run(corpus):
     assert [h["epoch"] for h in summary["history"]] == list(range(EPOCHS))
     assert [h["global_step"] for h in summary["history"]] == [(e + 1) * steps_per_epoch for e in range(EPOCHS)]
     assert summary["global_step"] == EPOCHS * steps_per_epoch
+    # the held-out patients, scored once with the exported artifact (re-embedded through `medray embed`)
+    test = summary["test"]
+    assert test["patients"] >= 8 and test["records"] == test["rows"], test
+    auroc = test["auroc_macro"]
+    assert auroc["lo"] <= auroc["value"] <= auroc["hi"] and auroc["value"] >= 0.8, test
+    assert "test AUROC macro" in proc.stdout
+    evaluation = s3_json(corpus, out + "/test/evaluation.json")
+    assert evaluation["counts"]["patients"] == test["patients"] and set(evaluation["metrics"]) == {"lesion", "effusion"}
+    assert summary["splits"]["test"]["rows"] == test["rows"]  # exactly the rows the split held out
 
 
 # --------------------------------------------------------------------------

@@ -776,6 +776,11 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
         ("text", {"json": {"text": report}}, report.encode(), {}),
         ("text", {"data": report.encode(), "headers": {"Content-Type": "text/plain"}}, report.encode(), {}),
     ]
+    # HAI-DEF's text instance goes to the text encoder: its pooled embedding (the mean of its chunks)
+    haidef = requests.post(open_app + "/vertex/predict", json={"instances": [{"text": report}]}, timeout=TIMEOUT)
+    assert haidef.status_code == 200, haidef.text
+    (answer,) = haidef.json()["predictions"]
+    assert answer["input_type"] == "text" and check_against(PREDICTION_SCHEMA, answer) == []
     refs = {}
     for modality, kwargs, data, opts in cases:
         resp = requests.post(open_app + "/v1/embeddings", timeout=TIMEOUT, **kwargs)
@@ -795,6 +800,8 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
         got = np.asarray([e["embedding"] for e in items], "f4")
         np.testing.assert_allclose(got, want, atol=1e-5)
         np.testing.assert_allclose(pooled[0]["embedding"], want.mean(axis=0), atol=1e-5)
+        if modality == "text":
+            np.testing.assert_allclose(answer["embedding"], want.mean(axis=0), atol=1e-5)
         if modality == "audio":  # 3.5 s in 1 s windows, the last one padded
             assert [(e["start_s"], e["end_s"]) for e in items] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 3.5)]
         else:

@@ -73,3 +73,25 @@ def test_misspelt_key_fails_at_composition(compose_embed):
 def test_missing_input_names_the_key(compose_embed, tmp_path):
     with pytest.raises(ConfigError, match="'input'"):
         EmbedJob(compose_embed(f"input={tmp_path / 'nothing-here'}"))
+
+
+def test_watch_needs_a_dicomweb_input(compose_embed):
+    with pytest.raises(ConfigError, match="'watch'"):
+        EmbedJob(compose_embed("watch=true"))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("dicomweb.feed=rss", "dicomweb.feed"),
+        ("dicomweb.interval_s=0", "dicomweb.interval_s"),
+        ("dicomweb.max_rounds=0", "dicomweb.max_rounds"),
+        ("dicomweb.idle_exit_s=-1", "dicomweb.idle_exit_s"),
+        ("dicomweb.round_max_instances=0", "dicomweb.round_max_instances"),
+    ],
+)
+def test_bad_watch_settings_name_their_key(compose_embed, override, key):
+    web = "input=dicomweb+http://127.0.0.1:1/dicom-web"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        EmbedJob(compose_embed(web, "watch=true", override))
+    EmbedJob(compose_embed(web, "watch=true"))  # the defaults validate (nothing is contacted yet)

@@ -65,8 +65,10 @@ def test_order_follows_the_slice_normal_not_z(phantom):
     files = ct_series(phantom, seed=5, orientation=(0, 1, 0, 0, 0, -1), origin=(40.0, -10.0, 30.0))
     shuffled = files[::-1][3:] + files[::-1][:3]
     vol = assemble_series(shuffled)
-    assert np.array_equal(vol.values, phantom)
-    assert vol.normal == pytest.approx((-1.0, 0.0, 0.0))
+    # turned to the patient axes: slice k (along -x) becomes column W-1-k, row r (along -z) slice D-1-r
+    assert np.array_equal(vol.values, np.transpose(phantom[::-1, ::-1, :], (1, 2, 0)))
+    assert vol.normal == pytest.approx((0.0, 0.0, 1.0)) and vol.metadata["source_orientation"] == "PIR"
+    assert [shuffled.index(files[k]) for k in range(len(files))] == vol.order
 
 
 def test_header_pass_is_phi_free_and_salted(files):

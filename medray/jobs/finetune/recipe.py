@@ -98,6 +98,7 @@ from medray.jobs.finetune.features import (
     set_split,
     stage_options_kwargs,
 )
+from medray.jobs.finetune.testsplit import score_test_split, write_report
 from medray.pipeline import StageOptions, plan_dataset, read_batch
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.decoders.slide import SlideOptions, sniff_slide
@@ -161,6 +162,8 @@ class FinetuneResult:
     features: str = "inputs"  # inputs | embeddings (data.features, resolved)
     quarantined: int = 0  # labelled records that could not be used (<output>/quarantine)
     quarantine_by_class: dict = field(default_factory=dict)  # error class or skip reason -> records
+    test: dict | None = None  # the held-out test split scored with the artifact (data.test_fraction > 0)
+    report: str | None = None  # <output>/report/index.html
 
     def one_line(self) -> str:
         """The closing one-line summary."""
@@ -174,10 +177,18 @@ class FinetuneResult:
         return (
             f"medray finetune: {self.strategy} {self.encoder} ({self.task}: {', '.join(self.labels)}), "
             f"ZeRO-{self.zero_stage} x{self.num_workers}, {self.epochs} epochs / {self.global_step} steps "
-            f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}; {self.quarantined} records quarantined; "
+            f"in {self.wall_s:.1f}s ({restarts} restarts); val {main}{self._test_part()}; "
+            f"{self.quarantined} records quarantined; "
             f"artifact {self.artifact} "
             f"(sha256 {self.artifact_sha256[:12]}...: pin it with encoder.sha256 in embed/serve)"
         )
+
+    def _test_part(self) -> str:
+        auroc = (self.test or {}).get("auroc_macro") or {}
+        if not isinstance(auroc.get("value"), float):
+            return ""
+        ci = f" [{auroc['lo']:.3f}, {auroc['hi']:.3f}]" if auroc.get("lo") is not None else ""
+        return f"; test AUROC macro {auroc['value']:.3f}{ci} ({self.test['patients']} patients)"  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------
@@ -982,7 +993,13 @@ class FinetuneJob:
             datasets=datasets,
         )
         phases["export"] = time.perf_counter() - t_phase
+        t_phase = time.perf_counter()
+        test = score_test_split(self, export["artifact"])  # once, with the artifact as embed/serve load it
+        if test is not None:
+            phases["test"] = time.perf_counter() - t_phase
         res = self._result(run_id, export, counts, phases, cached, config, wall=time.perf_counter() - t_start)
+        res.test = test
+        res.report = write_report(self, list(export["metrics"].get("history") or []), test)
         self._write_summary(res)
         _track_model(c, res, loop_config["run_id"], run_name)
         return res

@@ -3,8 +3,11 @@
 The pipeline follows the DICOM grayscale chain: stored values -> Modality LUT
 (rescale slope/intercept, e.g. to HU) -> VOI (the file's VOI LUT or window,
 else a configured window for the modality, else the frame's min-max) ->
-0..255 -> inverted for MONOCHROME1 -> three channels. Colour data goes
-through the palette or YCbCr->RGB conversion and is scaled to 8 bits.
+0..255 -> inverted for MONOCHROME1 or a Presentation LUT Shape of INVERSE ->
+three channels. Colour data goes through the palette or YCbCr->RGB
+conversion, is scaled to 8 bits and, when the object carries an ICC profile
+(ICC Profile module, or its first optical path), converted from it to sRGB as
+a colour-managed viewer shows it.
 
 Pixel data is decoded by pydicom's backends (pylibjpeg and its plugins,
 pyjpegls), one selected frame at a time, and only after the header has passed
@@ -33,10 +36,12 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import (
     apply_color_lut,
+    apply_icc_profile,
     apply_modality_lut,
     apply_voi,
     as_pixel_options,
     convert_color_space,
+    create_icc_transform,
     get_decoder,
 )
 from pydicom.uid import (
@@ -57,7 +62,7 @@ from medray.platform.decoders.base import (
 from medray.platform.deid import extract_metadata, patient_key, safe_uid
 from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord, UnsupportedFormat
 
-__all__ = ["BURNED_IN_PRONE", "check_burned_in", "decode_dicom", "dicom_display_frames"]
+__all__ = ["BURNED_IN_PRONE", "check_burned_in", "decode_dicom", "dicom_display_frames", "frame_view", "icc_transform"]
 
 _NATIVE = {
     ImplicitVRLittleEndian,
@@ -100,6 +105,7 @@ _VOI_KEYWORDS = (
     "WindowWidth",
     "VOILUTFunction",
     "VOILUTSequence",
+    "PresentationLUTShape",
 )
 _FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 _INFLATE_CHUNK = 1 << 24
@@ -305,7 +311,7 @@ def _select_frames(spec: str | tuple[int, ...], count: int) -> list[int]:
     return indices
 
 
-def _frame_view(ds: Dataset, index: int) -> Dataset:
+def frame_view(ds: Dataset, index: int) -> Dataset:
     """`ds`, or a small view of it with frame `index`'s functional groups applied.
 
     Enhanced multi-frame objects keep rescale and window per frame (or shared)
@@ -440,9 +446,20 @@ def _monochrome_rgb(
         return np.stack([gray, gray, gray], axis=-1)
     values = apply_modality_lut(arr, view)
     gray = _to_uint8(_voi_normalised(values.astype(np.float64), view, options, modality), 1.0)
-    if photometric == "MONOCHROME1":
+    if _inverted(view, photometric):
         gray = 255 - gray  # after windowing, as the standard orders it
     return np.repeat(gray[..., np.newaxis], 3, axis=2)
+
+
+def _inverted(view: Dataset, photometric: str) -> bool:
+    """Whether the displayed grey levels are inverted: MONOCHROME1 (low values bright), or a
+    Presentation LUT Shape of INVERSE (PS3.3 C.11.6), as a viewer shows them.
+
+    A MONOCHROME1 object that also says INVERSE (as DX objects must) is inverted
+    once: both name the same thing.
+    """
+    shape = str(view.get("PresentationLUTShape") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
 def _display_lut(
@@ -464,7 +481,7 @@ def _display_lut(
     if norm is None:
         return None
     lut = _to_uint8(norm, 1.0)
-    if photometric == "MONOCHROME1":
+    if _inverted(view, photometric):
         lut = 255 - lut
     return lut, low
 
@@ -491,6 +508,26 @@ def _color_rgb(arr: np.ndarray, ds: Dataset, photometric: str, bits: int) -> np.
         current = "YBR_FULL_422" if photometric == "YBR_FULL_422" else "YBR_FULL"
         arr = convert_color_space(arr, current, "RGB")
     return _to_uint8(arr, float(2**bits - 1))
+
+
+def icc_transform(ds: Dataset) -> object | None:
+    """The colour transform from the object's ICC profile to sRGB, or ``None`` when it has none.
+
+    The profile is the ICC Profile module's (0028,2000), or that of the first
+    optical path (whole-slide and other VL objects). A damaged profile gives
+    ``None``: the pixels are shown unmanaged, as a viewer would.
+    """
+    profile = ds.get("ICCProfile")
+    if not profile:
+        paths = ds.get("OpticalPathSequence")
+        profile = paths[0].get("ICCProfile") if paths else None
+    if not profile:
+        return None
+    try:
+        with quiet():
+            return create_icc_transform(icc_profile=bytes(profile), color_space="sRGB")
+    except Exception:  # noqa: BLE001 - littlecms rejects a damaged profile with various errors
+        return None
 
 
 def dicom_display_frames(
@@ -580,6 +617,7 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
         raise DecodeError(f"no installed plugin decodes {_ts_label(uid)}; install one of: {needs}")
 
     modality = str(ds.get("Modality") or "").strip().upper()
+    transform = None if photometric in _MONOCHROME else icc_transform(ds)
     frames: list[DecodedFrame] = []
     position = 0
     try:
@@ -588,11 +626,13 @@ def _display_frames(ds: Dataset, options: DicomOptions, limits: DecodeLimits) ->
             index = indices[position]
             decoded_as = str(meta.get("photometric_interpretation", photometric))
             if photometric in _MONOCHROME:
-                view = _frame_view(ds, index)
+                view = frame_view(ds, index)
                 image = _monochrome_rgb(arr, view, options, modality, photometric)
             else:
                 bits = int(meta.get("bits_stored") or ds.get("BitsStored") or 8)
                 image = _color_rgb(arr, ds, decoded_as.upper(), bits)
+                if transform is not None:  # to sRGB, as a colour-managed viewer shows it
+                    image = apply_icc_profile(np.array(image, dtype=np.uint8), transform=transform)  # type: ignore[arg-type]
             frames.append(DecodedFrame(image=np.ascontiguousarray(image), frame=index))
             position += 1
     except (RecordError, KeyboardInterrupt, SystemExit, GeneratorExit):

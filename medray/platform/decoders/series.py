@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from medray.platform.decoders import DecodeLimits
-from medray.platform.decoders.dicom import check_header, guarded, quiet, read_dataset
+from medray.platform.decoders.dicom import check_header, frame_view, guarded, quiet, read_dataset
 from medray.platform.deid import extract_metadata, patient_key
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded
 
@@ -63,11 +63,32 @@ __all__ = [
     "resample_volume",
     "window_channels",
     "assemble_series",
+    "LPS_AXES",
+    "PatientGrid",
+    "stack_affine",
+    "to_patient_axes",
+    "patient_axes_geometry",
+    "ENHANCED_SOP_CLASSES",
+    "is_enhanced_volume",
+    "enhanced_frame_headers",
+    "assemble_enhanced",
 ]
 
 SERIES_MODES = ("off", "slicewise", "volume")
 #: CT Foundation-style windows, (center, width) in HU; their order is the channel order.
 DEFAULT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
+#: Axis codes of DICOM's patient axes in voxel order (i: columns, j: rows, k: slices): every
+#: volume reaches an encoder on these axes (columns to the patient's left, rows to posterior,
+#: slices inferior to superior), whatever its acquisition plane or file format.
+LPS_AXES = ("L", "P", "S")
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+#: Enhanced (and legacy-converted enhanced) CT and MR: one object, a stack of frames.
+ENHANCED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
 _IOP_TOL = 1e-3  # direction cosines that differ by more are another orientation
 _PIXEL_SPACING_TOL = 1e-3  # relative
 
@@ -294,7 +315,8 @@ class SeriesPlan:
         normal: the slice normal (row direction × column direction).
         spacing: native ``(z, y, x)`` spacing in mm.
         shape: native ``(D, H, W)``.
-        target_shape / target_spacing: after resampling.
+        target_shape / target_spacing: on the patient axes (:func:`to_patient_axes`), after resampling.
+        affine: RAS affine of the sorted stack (:func:`stack_affine`).
     """
 
     order: list[int]
@@ -304,6 +326,7 @@ class SeriesPlan:
     shape: tuple[int, int, int]
     target_shape: tuple[int, int, int]
     target_spacing: tuple[float, float, float]
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
 
 
 def _distinct(values: Sequence[tuple[float, ...]], tol: float, relative: bool = False) -> int:
@@ -338,6 +361,123 @@ def target_geometry(
     # the spacing actually reached (extent / size), which differs from the target by rounding
     zs, ys, xs = (n_ * s / t for n_, s, t in zip(shape, spacing, (d, h, w)))
     return (d, h, w), (zs, ys, xs)
+
+
+# ------------------------------------------------------------------ patient axes
+
+
+@dataclass
+class PatientGrid:
+    """Voxels turned to DICOM's patient axes (:data:`LPS_AXES`), as a 3D encoder receives them.
+
+    Attributes:
+        values: ``(D, H, W)``: slices inferior to superior, rows anterior to
+            posterior, columns right to left (an axial series' own order).
+        spacing: ``(z, y, x)`` mm of ``values``.
+        normal: LPS unit direction of the ``D`` axis.
+        origin: LPS position (mm) of voxel ``(0, 0, 0)``.
+        source_orientation: the input's voxel axes as nibabel's axis codes
+            (``LPS`` for an axial DICOM stack, ``PIL`` for a sagittal one...).
+    """
+
+    values: np.ndarray
+    spacing: tuple[float, float, float]
+    normal: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    source_orientation: str
+
+
+def stack_affine(
+    orientation: Sequence[float] | np.ndarray, origin: Sequence[float] | np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
+    """The RAS affine (nibabel's convention, as a NIfTI holds it) of a DICOM stack.
+
+    Voxel ``(i, j, k)`` is column ``i``, row ``j`` of sorted slice ``k``.
+
+    Args:
+        orientation: ImageOrientationPatient (row direction, column direction).
+        origin: ImagePositionPatient of the first slice along the normal.
+        spacing: ``(z, y, x)`` mm: slice step and PixelSpacing (rows, columns).
+    """
+    iop = np.asarray(orientation, dtype=np.float64)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    normal /= float(np.linalg.norm(normal)) or 1.0
+    dz, dy, dx = (float(v) for v in spacing)
+    affine = np.eye(4)
+    affine[:3, 0] = row * dx * _LPS_TO_RAS
+    affine[:3, 1] = col * dy * _LPS_TO_RAS
+    affine[:3, 2] = normal * dz * _LPS_TO_RAS
+    affine[:3, 3] = np.asarray(origin, dtype=np.float64) * _LPS_TO_RAS
+    return affine
+
+
+def _lps_transform(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """nibabel's orientation transform from ``affine``'s voxel axes to :data:`LPS_AXES`, and the voxel sizes."""
+    from nibabel import orientations as ornt
+
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    if not np.all(zooms > 0):
+        raise SeriesError("the volume's affine has a zero voxel size")
+    start = ornt.io_orientation(affine)
+    return ornt.ornt_transform(start, ornt.axcodes2ornt(LPS_AXES)), zooms
+
+
+def patient_axes_geometry(
+    shape: Sequence[int], spacing: Sequence[float], affine: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """``(D, H, W)`` and ``(z, y, x)`` spacing that :func:`to_patient_axes` will give (no voxels needed).
+
+    Args:
+        shape: ``(D, H, W)`` of the stack as acquired.
+        spacing: its ``(z, y, x)`` spacing.
+        affine: :func:`stack_affine` of it.
+    """
+    xform, _ = _lps_transform(affine)
+    ijk_shape, ijk_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (n, s) in enumerate(zip(reversed(tuple(shape)), reversed(tuple(spacing)))):
+        ijk_shape[int(xform[axis, 0])], ijk_spacing[int(xform[axis, 0])] = int(n), float(s)
+    return (ijk_shape[2], ijk_shape[1], ijk_shape[0]), (ijk_spacing[2], ijk_spacing[1], ijk_spacing[0])
+
+
+def to_patient_axes(values: np.ndarray, affine: np.ndarray) -> PatientGrid:
+    """Turn voxels ``(i, j, k)`` with a RAS ``affine`` to DICOM's patient axes, ``(D, H, W)``.
+
+    The one reorientation of every volume (DICOM series, enhanced multi-frame
+    objects, NIfTI): the voxel axes nearest to left, posterior and superior are
+    flipped and permuted onto them (nibabel's ``io_orientation``; no
+    interpolation, so an oblique stack keeps its voxels). An axial stack is
+    unchanged; a sagittal or coronal one becomes the axial stack of the same
+    voxels, so one phantom gives one model input whatever the acquisition plane.
+
+    Args:
+        values: ``(i, j, k)`` = (columns, rows, slices) voxels.
+        affine: RAS affine of ``values`` (:func:`stack_affine` for DICOM, the
+            image's own for NIfTI).
+
+    Raises:
+        SeriesError: the affine has a zero voxel size.
+    """
+    from nibabel import orientations as ornt
+
+    affine = np.asarray(affine, dtype=np.float64)
+    xform, zooms = _lps_transform(affine)
+    turned = ornt.apply_orientation(values, xform)
+    spacing_ijk = np.empty(3)
+    for axis in range(3):
+        spacing_ijk[int(xform[axis, 0])] = zooms[axis]
+    # the reoriented voxel grid's affine (RAS); DICOM's patient axes negate x and y
+    new_affine = affine @ ornt.inv_ornt_aff(xform, values.shape)
+    ras_normal = new_affine[:3, 2] / (np.linalg.norm(new_affine[:3, 2]) or 1.0)
+    normal = (-float(ras_normal[0]), -float(ras_normal[1]), float(ras_normal[2]))
+    origin = (-float(new_affine[0, 3]), -float(new_affine[1, 3]), float(new_affine[2, 3]))
+    return PatientGrid(
+        values=np.ascontiguousarray(np.transpose(turned, (2, 1, 0)), dtype=np.float32),
+        spacing=(float(spacing_ijk[2]), float(spacing_ijk[1]), float(spacing_ijk[0])),
+        normal=normal,
+        origin=origin,
+        source_orientation="".join(ornt.aff2axcodes(affine)),
+    )
 
 
 def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = None) -> SeriesPlan:
@@ -430,7 +570,8 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
     assert rows is not None and cols is not None  # sizes come from headers with Rows/Columns
     shape = (len(headers), int(rows), int(cols))
     spacing = (step, dy, dx)
-    tshape, tspacing = target_geometry(shape, spacing, options)
+    affine = stack_affine(iop, pos[order[0]], spacing)
+    tshape, tspacing = target_geometry(*patient_axes_geometry(shape, spacing, affine), options)
     return SeriesPlan(
         order=order,
         positions=[float(v) for v in sorted_pos],
@@ -439,6 +580,7 @@ def plan_series(headers: Sequence[SliceHeader], options: SeriesOptions | None = 
         shape=shape,
         target_shape=tshape,
         target_spacing=tspacing,
+        affine=affine,
     )
 
 
@@ -513,15 +655,18 @@ def window_channels(values: np.ndarray, windows: Mapping[str, tuple[float, float
 
 @dataclass
 class Volume:
-    """An assembled series.
+    """An assembled series, on DICOM's patient axes (:data:`LPS_AXES`) whatever its acquisition plane.
 
     Attributes:
-        values: float32 ``(D, H, W)``: modality values (HU for CT), resampled.
+        values: float32 ``(D, H, W)``: modality values (HU for CT), slices
+            inferior to superior, rows to posterior, columns to the patient's
+            left (:func:`to_patient_axes`), resampled.
         spacing: ``(z, y, x)`` mm of ``values``.
-        source_spacing / source_shape: before resampling.
-        positions: mm along the normal of the source slices, ascending.
-        order: input index of each sorted source slice.
-        normal: slice normal (patient coordinates).
+        source_spacing / source_shape: on the patient axes, before resampling.
+        positions: mm along ``normal`` of each slice before resampling, ascending.
+        order: input index of each source slice (frame) sorted along the
+            acquisition's slice normal.
+        normal: direction of the ``D`` axis (patient coordinates, LPS).
         modality, series_key, patient_key, metadata: from the first slice
             (allow-listed metadata only).
     """
@@ -604,21 +749,147 @@ def assemble_series(
     if len({h.series_key for h in headers}) > 1:
         raise SeriesError("instances of more than one series")
     plan = plan_series(headers, options)
-    first = headers[plan.order[0]]
     values = np.empty(plan.shape, dtype=np.float32)
     for z, k in enumerate(plan.order):
         values[z] = decode_slice(instances[k], headers[k], limits)
-    values = resample_volume(values, plan.target_shape)
+    return _volume(values, plan, headers[plan.order[0]])
+
+
+def _volume(values: np.ndarray, plan: SeriesPlan, first: SliceHeader) -> Volume:
+    """The sorted stack ``(D, H, W)`` as acquired -> a :class:`Volume` on the patient axes, resampled."""
+    grid = to_patient_axes(np.transpose(values, (2, 1, 0)), plan.affine)
+    shape = (int(grid.values.shape[0]), int(grid.values.shape[1]), int(grid.values.shape[2]))
+    resampled = resample_volume(grid.values, plan.target_shape)
+    offset = float(np.dot(grid.origin, grid.normal))
     return Volume(
-        values=values,
+        values=resampled,
         spacing=plan.target_spacing,
-        source_spacing=plan.spacing,
-        source_shape=plan.shape,
-        positions=plan.positions,
+        source_spacing=grid.spacing,
+        source_shape=shape,
+        positions=[offset + z * grid.spacing[0] for z in range(shape[0])],
         order=plan.order,
-        normal=plan.normal,
+        normal=grid.normal,
         modality=first.modality,
         series_key=first.series_key,
         patient_key=first.patient_key,
-        metadata=dict(first.metadata),
+        metadata={**first.metadata, "source_orientation": grid.source_orientation},
     )
+
+
+# ------------------------------------------------------------------ enhanced multi-frame CT/MR
+
+
+def is_enhanced_volume(ds: Any) -> bool:
+    """True for an Enhanced (or Legacy Converted Enhanced) CT/MR object: one object, a stack of frames."""
+    sop = str(ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
+    return sop.strip("\x00 ") in ENHANCED_SOP_CLASSES
+
+
+def _functional(ds: Any, index: int, sequence: str, keyword: str) -> Any:
+    """Element ``keyword`` of macro ``sequence`` for frame ``index``: per-frame groups first, then shared."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for groups in (per[index] if per and index < len(per) else None, shared[0] if shared else None):
+        items = groups.get(sequence) if groups is not None else None
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return None
+
+
+def enhanced_frame_headers(ds: Any, *, salt: str = "", options: SeriesOptions | None = None) -> list[SliceHeader]:
+    """One :class:`SliceHeader` per frame of an enhanced CT/MR object, from its functional groups.
+
+    Position (Plane Position), orientation (Plane Orientation) and pixel
+    spacing / slice thickness (Pixel Measures) are read per frame, falling back
+    to the shared groups, so :func:`plan_series` checks and orders the frames
+    exactly as it does a classic series' slices (``index`` is the frame).
+
+    Raises:
+        LimitExceeded: more frames than ``options.max_slices`` (before any
+            per-frame item is read).
+    """
+    options = options or SeriesOptions()
+    frames = _int(ds.get("NumberOfFrames") or 1) or 1
+    if frames > options.max_slices:
+        raise LimitExceeded(
+            f"enhanced object has {frames} frames, over series.max_slices = {options.max_slices}; "
+            "raise series.max_slices to accept it"
+        )
+    modality = str(ds.get("Modality") or "").strip().upper()
+    key = series_key(str(ds.get("SeriesInstanceUID") or ds.get("SOPInstanceUID") or ""), salt)
+    pkey, metadata = patient_key(ds, salt), extract_metadata(ds)
+    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    out = []
+    for i in range(frames):
+        thickness = _functional(ds, i, "PixelMeasuresSequence", "SliceThickness")
+        out.append(
+            SliceHeader(
+                series_key=key,
+                modality=modality,
+                frames=1,
+                rows=rows,
+                columns=columns,
+                position=_floats(_functional(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                orientation=_floats(_functional(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                pixel_spacing=_floats(_functional(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2),  # type: ignore[arg-type]
+                slice_thickness=_floats([thickness], 1)[0] if thickness not in (None, "") else None,  # type: ignore[index]
+                instance_number=i + 1,
+                patient_key=pkey,
+                metadata=metadata,
+                index=i,
+            )
+        )
+    return out
+
+
+def assemble_enhanced(
+    data: bytes | Any, options: SeriesOptions | None = None, *, salt: str = "", limits: Any = None
+) -> Volume:
+    """An Enhanced CT/MR multi-frame object as one :class:`Volume`, as its classic series would be.
+
+    The frames are checked and ordered along the slice normal from the
+    functional groups (:func:`enhanced_frame_headers`, :func:`plan_series`),
+    each converted with its own rescale (Pixel Value Transformation, per frame
+    or shared: HU for CT), then turned to the patient axes and resampled like a
+    classic series (:func:`assemble_series`): the same voxels give the same
+    volume in either form.
+
+    Args:
+        data: the object's bytes (Part-10) or a pydicom ``Dataset`` with pixel data.
+        options: :class:`SeriesOptions` (spacing, limits).
+        salt: hashes the series and patient keys.
+        limits: :class:`~medray.platform.decoders.DecodeLimits`, checked before the frames are decoded.
+
+    Raises:
+        SeriesError, LimitExceeded: not an enhanced CT/MR object, not one regular
+            stack (e.g. several stacks or echoes in one object), or over a limit.
+        DecodeError: the frames cannot be decoded.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    options = options or SeriesOptions()
+    limits = limits or DecodeLimits()
+    with guarded("malformed enhanced multi-frame header"):
+        ds = data if isinstance(data, Dataset) else read_dataset(data, limits)
+        if not is_enhanced_volume(ds):
+            raise SeriesError("not an Enhanced CT/MR multi-frame object")
+        count, photometric = check_header(ds, limits)
+        if not photometric.startswith("MONOCHROME"):
+            raise SeriesError(f"an enhanced CT/MR volume must be MONOCHROME, got {photometric}")
+        headers = enhanced_frame_headers(ds, salt=salt, options=options)
+    try:
+        plan = plan_series(headers, options)
+    except SeriesError as err:
+        hint = (
+            "; several stacks, echoes or time points in one object are not one volume"
+            if str(err).startswith("duplicate slice positions")
+            else ""
+        )
+        raise SeriesError(f"enhanced object of {len(headers)} frames: {err}{hint}") from None
+    with guarded("could not decode the enhanced object's frames"):
+        stored = np.asarray(ds.pixel_array).reshape(count, plan.shape[1], plan.shape[2])
+        values = np.empty(plan.shape, dtype=np.float32)
+        for z, k in enumerate(plan.order):
+            values[z] = apply_modality_lut(stored[k], frame_view(ds, k))
+    return _volume(values, plan, headers[plan.order[0]])

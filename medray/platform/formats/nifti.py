@@ -38,6 +38,7 @@ from medray.platform.decoders.series import (
     resample_volume,
     series_key,
     target_geometry,
+    to_patient_axes,
 )
 from medray.platform.errors import ConfigError, DecodeError, LimitExceeded, UnsupportedFormat
 from medray.platform.formats.dicom import SERIES_COLUMNS
@@ -49,8 +50,6 @@ __all__ = ["NIFTI", "NiftiOptions", "read_nifti", "nifti_volume", "prepare_nifti
 _GZIP = b"\x1f\x8b"
 _N1_MAGIC = (b"n+1\x00",)  # single-file NIfTI-1 (a .hdr/.img pair, "ni1", is not one object)
 _N2_MAGIC = b"n+2\x00\r\n\x1a\n"
-#: Axis codes of DICOM's patient axes in voxel order (i: columns, j: rows, k: slices).
-_DICOM_AXES = ("L", "P", "S")
 
 
 @dataclass(frozen=True)
@@ -174,8 +173,6 @@ def nifti_volume(
     Raises:
         SeriesError, LimitExceeded: not a usable volume, or over a limit.
     """
-    from nibabel import orientations as ornt
-
     shape = tuple(int(v) for v in image.shape)
     if len(shape) > 3:
         extra = int(np.prod(shape[3:]))
@@ -199,28 +196,14 @@ def nifti_volume(
     if not np.all(np.isfinite(values)):
         raise DecodeError("NIfTI voxels hold NaN or infinite values")
     affine = np.asarray(image.affine, dtype=np.float64)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if not np.all(zooms > 0):
-        raise SeriesError("NIfTI affine has a zero voxel size")
-    start = ornt.io_orientation(affine)
-    xform = ornt.ornt_transform(start, ornt.axcodes2ornt(_DICOM_AXES))
-    values = ornt.apply_orientation(values, xform)
-    spacing_ijk = np.empty(3)
-    for axis in range(3):
-        spacing_ijk[int(xform[axis, 0])] = zooms[axis]
-    # (i, j, k) = (columns, rows, slices) -> (D, H, W) as a DICOM series is stacked
-    values = np.ascontiguousarray(np.transpose(values, (2, 1, 0)), dtype=np.float32)
-    src_shape = (int(values.shape[0]), int(values.shape[1]), int(values.shape[2]))
-    spacing = (float(spacing_ijk[2]), float(spacing_ijk[1]), float(spacing_ijk[0]))
+    grid = to_patient_axes(values, affine)  # the one reorientation DICOM series share
+    src_shape = (int(grid.values.shape[0]), int(grid.values.shape[1]), int(grid.values.shape[2]))
+    spacing = grid.spacing
     tshape, tspacing = target_geometry(src_shape, spacing, options)
-    resampled = resample_volume(values, tshape)
-    codes = "".join(ornt.aff2axcodes(affine))
-    # the reoriented voxel grid's affine (RAS); DICOM's patient axes negate x and y
-    new_affine = affine @ ornt.inv_ornt_aff(xform, values.shape[::-1])
-    ras_normal = new_affine[:3, 2] / (np.linalg.norm(new_affine[:3, 2]) or 1.0)
-    normal = (-float(ras_normal[0]), -float(ras_normal[1]), float(ras_normal[2]))
-    origin = np.array([-new_affine[0, 3], -new_affine[1, 3], new_affine[2, 3]])
-    positions = [float(np.dot(origin, normal)) + z * spacing[0] for z in range(src_shape[0])]
+    resampled = resample_volume(grid.values, tshape)
+    codes = grid.source_orientation
+    normal = grid.normal
+    positions = [float(np.dot(grid.origin, normal)) + z * spacing[0] for z in range(src_shape[0])]
     header = image.header
     metadata = {
         "modality": nifti.modality,
