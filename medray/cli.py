@@ -165,6 +165,15 @@ def run_hydra(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: dispatch to a job."""
+    try:
+        _dispatch(argv)
+    except BrokenPipeError:  # `medray encoders | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _dispatch(argv: Sequence[str] | None) -> None:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     jobs = discover_jobs()
