@@ -1,10 +1,11 @@
 """``medray <job> [hydra overrides]``: the one console entry point.
 
 Jobs are found by name in :mod:`medray.jobs` (each module declares ``JOB``).
-A job with a Hydra config is a Hydra app: ``medray <job> --help`` and
-``--cfg job`` show the composed config and any key can be overridden as
-``key=value``; a misspelt key or a wrong value stops before any work starts
-and names the key.
+A job with a Hydra config is a Hydra app: ``--cfg job`` shows the composed
+config and any key can be overridden as ``key=value``; a misspelt key or a
+wrong value stops before any work starts and names the key. ``medray <job>
+--help`` lists that job's config groups and settings only (read from its
+primary config, before Hydra starts); ``--hydra-help`` is Hydra's own help.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+import medray
 from medray.config import CONF_DIR, register_schemas
 from medray.jobs import discover_jobs
 from medray.platform.errors import ConfigError
 
-__all__ = ["main", "run_hydra"]
+__all__ = ["job_help", "main", "run_hydra", "version_line"]
 
 _USAGE = """usage: medray <job> [key=value ...] [--help] [--cfg job]
+       medray --version
 
 medray: a distributed platform for healthcare foundation models on Ray.
 
@@ -42,6 +49,76 @@ def _usage(jobs: dict) -> str:
     return _USAGE.format(jobs="\n".join(f"  {n.ljust(width)}  {info.description}" for n, (info, _) in jobs.items()))
 
 
+def version_line() -> str:
+    """``medray X.Y.Z (ray A, torch B, python C)``: what ``medray --version`` prints (nothing is imported)."""
+    parts = []
+    for dist in ("ray", "torch"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    parts.append("python " + ".".join(str(v) for v in sys.version_info[:3]))
+    return f"medray {medray.__version__} ({', '.join(parts)})"
+
+
+_DEFAULT_LINE = re.compile(r"^\s*-\s*(?:optional\s+)?([A-Za-z_][\w/]*)\s*:\s*([^#\s]+)\s*(?:#\s*(.*))?$")
+_KEY_LINE = re.compile(r"^([A-Za-z_]\w*)\s*:\s*([^#]*?)\s*(?:#\s*(.*))?$")
+
+
+def job_help(job: str, config_name: str, description: str) -> str:
+    """The ``--help`` of a Hydra job: its usage, its config groups with their options, its settings.
+
+    Read from the job's primary config (``conf/<config_name>.yaml``): the
+    groups are the ones its ``defaults:`` list names, so ``medray embed
+    --help`` never lists a group only ``finetune`` uses.
+
+    Args:
+        job: the sub-command.
+        config_name: the job's primary config in ``conf/``.
+        description: the job's one line (:class:`~medray.jobs.JobInfo`).
+    """
+    conf = Path(CONF_DIR)
+    lines_in = (conf / f"{config_name}.yaml").read_text().splitlines()
+    header = [ln.lstrip("# ").rstrip() for ln in lines_in if ln.startswith("#")]
+    header = header[: next((i for i, ln in enumerate(lines_in) if not ln.startswith("#")), len(header))]
+    groups: list[tuple[str, str, str]] = []
+    keys: list[tuple[str, str, str]] = []
+    in_defaults = False
+    for ln in lines_in:
+        if ln.startswith("defaults:"):
+            in_defaults = True
+            continue
+        if in_defaults:
+            m = _DEFAULT_LINE.match(ln)
+            if m and (conf / m.group(1)).is_dir():
+                groups.append((m.group(1), m.group(2), (m.group(3) or "").strip()))
+            if ln and not ln.startswith((" ", "-", "#")):
+                in_defaults = False
+        if not in_defaults:
+            m = _KEY_LINE.match(ln)
+            if m and m.group(1) != "hydra":
+                value = m.group(2) or "(section)"
+                keys.append((m.group(1), value, (m.group(3) or "").strip()))
+    out = [f"usage: medray {job} [key=value ...] [--cfg job] [--hydra-help]", "", description, ""]
+    out += [f"  {ln}" for ln in header]
+    out += ["", "config groups (group=option; the default first):"]
+    width = max((len(g) for g, _, _ in groups), default=0)
+    for group, default, comment in groups:
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        shown = [default] + [o for o in options if o != default] if default in options else options
+        listed = ", ".join(shown) + (f" (default: {default})" if default == "null" else "")
+        indent = " " * (width + 4)
+        out += textwrap.wrap(listed, 100, initial_indent=f"  {group.ljust(width)}  ", subsequent_indent=indent)
+        note = re.sub(r"^conf/[\w/]+/[^:]*:\s*", "", comment)
+        if note and not set(re.findall(r"\w+", note)) <= set(options) | {"e", "g"}:
+            out.append(f"{indent}{note}")
+    out += ["", "settings (key=value; `--cfg job` shows the whole composed config):"]
+    kwidth = max((len(k) for k, _, _ in keys), default=0)
+    for key, value, comment in keys:
+        out.append(f"  {key.ljust(kwidth)}  {value}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(out)
+
+
 def run_hydra(
     job: str,
     config_name: str,
@@ -57,6 +134,14 @@ def run_hydra(
     import hydra
     from omegaconf import DictConfig
 
+    if any(a in ("--help", "-h") for a in argv):
+        from medray.jobs import discover_jobs as _jobs
+
+        jobs = _jobs()
+        description = jobs[job][0].description if job in jobs else ""
+        print(job_help(job, config_name, description))
+        return
+    argv = ["--help" if a == "--hydra-help" else a for a in argv]
     register_schemas()
     if register is not None:
         register()
@@ -80,11 +165,23 @@ def run_hydra(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: dispatch to a job."""
+    try:
+        _dispatch(argv)
+    except BrokenPipeError:  # `medray encoders | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _dispatch(argv: Sequence[str] | None) -> None:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     jobs = discover_jobs()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage(jobs))
+        return
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
         return
     name, rest = argv[0], argv[1:]
     if name not in jobs:

@@ -57,6 +57,9 @@ class EncoderConf:
     options: Dict[str, Any] = field(default_factory=dict)
     storage_options: Dict[str, Any] = field(default_factory=dict)
     cache_dir: Optional[str] = None
+    license: Optional[str] = None  # informational: the checkpoint's licence (model card)
+    gated: Optional[bool] = None  # informational: the hub asks users to accept terms first
+    embedding_dim: Optional[int] = None  # informational: the size of one embedding
 
 
 @dataclass

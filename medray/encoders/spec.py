@@ -77,6 +77,13 @@ class EncoderSpec:
         storage_options: fsspec options for remote checkpoint URIs.
         cache_dir: Node-local cache for remote checkpoints; ``None`` means
             :func:`default_cache_dir`.
+        license: The checkpoint's licence as its model card states it
+            (``"Apache-2.0"``, ``"MSRLA"``); ``None``: unknown, read the card.
+            Informational (``medray encoders``): it never changes an embedding.
+        gated: Whether the checkpoint's hub page asks users to accept terms
+            before downloading (then set ``HF_TOKEN``); ``None``: unknown.
+        embedding_dim: The size of one embedding of this checkpoint, when
+            known; informational (the loaded model decides).
 
     Raises:
         ConfigError: A field has a wrong type or value; the key is named.
@@ -92,6 +99,9 @@ class EncoderSpec:
     options: dict = field(default_factory=dict)
     storage_options: dict = field(default_factory=dict)
     cache_dir: str | None = None
+    license: str | None = None
+    gated: bool | None = None
+    embedding_dim: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "family", "checkpoint", "modality"):
@@ -119,6 +129,16 @@ class EncoderSpec:
                 raise ConfigError(f"encoder.{key}", f"expected a mapping, got {type(value).__name__}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ConfigError("encoder.cache_dir", f"expected a path or null, got {self.cache_dir!r}")
+        if self.license is not None and not isinstance(self.license, str):
+            raise ConfigError("encoder.license", f"expected a licence name or null, got {self.license!r}")
+        if self.gated is not None and not isinstance(self.gated, bool):
+            raise ConfigError("encoder.gated", f"expected true, false or null, got {self.gated!r}")
+        if self.embedding_dim is not None and (
+            isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 1
+        ):
+            raise ConfigError(
+                "encoder.embedding_dim", f"expected a positive integer or null, got {self.embedding_dim!r}"
+            )
 
     @property
     def checkpoint_missing(self) -> bool:
@@ -171,6 +191,10 @@ def spec_to_dict(spec: EncoderSpec) -> dict[str, Any]:
 _PREPROCESSING_LIBRARIES = ("transformers", "timm", "torchvision", "open_clip_torch", "medray")
 
 
+#: Spec fields that never change what a checkpoint's preprocessing does (credentials, cache, card facts).
+_NOT_IN_IDENTITY = ("storage_options", "cache_dir", "license", "gated", "embedding_dim")
+
+
 def identity_key(specs: Mapping[str, EncoderSpec], weights_hashes: Mapping[str, str]) -> str:
     """A digest of everything a run's preprocessing hashes depend on, computed without building them.
 
@@ -189,7 +213,7 @@ def identity_key(specs: Mapping[str, EncoderSpec], weights_hashes: Mapping[str, 
             versions[name] = None
     body = {
         "specs": {
-            m: {k: v for k, v in spec.to_dict().items() if k not in ("storage_options", "cache_dir")}
+            m: {k: v for k, v in spec.to_dict().items() if k not in _NOT_IN_IDENTITY}
             for m, spec in sorted(specs.items())
         },
         "weights": dict(sorted(weights_hashes.items())),

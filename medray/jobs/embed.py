@@ -44,7 +44,8 @@ from medray.encoders import (
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.pipeline import StageOptions, plan_dataset, plan_fused
-from medray.pipeline.outcomes import format_outcomes, output_outcomes
+from medray.pipeline.outcomes import format_outcomes, output_outcomes, run_outcomes
+from medray.pipeline.progress import Progress, counts_of, start_counter
 from medray.pipeline.resume import DoneIndex, anti_join, done_index
 from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
@@ -56,7 +57,7 @@ from medray.platform.formats import MODALITIES, TextOptions, build_options
 from medray.platform.manifest import iter_manifest_batches, read_manifest
 from medray.platform.report import Report, embed_report
 from medray.platform.runtime import Background, Stopwatch, cluster_gpus, init_ray, process_start
-from medray.platform.sources import InputSpec, classify_input, list_objects
+from medray.platform.sources import ARCHIVE_MEMBER_PENDING, InputSpec, classify_input, list_objects
 from medray.platform.storage import atomic_write_bytes, open_fs, redact_options
 from medray.platform.tracking import RunArtifact, artifact_name, default_group, log_run
 
@@ -103,8 +104,22 @@ class EmbedResult:
     driver_seconds: dict = None  # type: ignore[assignment]  # the driver's phases (checkpoint, listing, ray_init, ...)
     first_row_s: float | None = None  # from the process start to the first written embedding
     driver_peak_rss_mb: float | None = None  # the driver process's peak resident memory
+    outcome_counts: list = None  # type: ignore[assignment]  # [outcome, reason, detail, records] of this run
     timeline: list = None  # type: ignore[assignment]  # [[s since the process started, records done], ...] (<= 200)
     report: str | None = None  # <output>/report/index.html, when one was written
+
+    def outcomes_table(self) -> str:
+        """The closing table: this run's records by outcome and reason."""
+        outcomes = run_outcomes({"outcome_counts": self.outcome_counts or []})
+        notes = []
+        if self.records_done_before:
+            notes.append(
+                f"{self.records_done_before} records were done by earlier runs: "
+                f"`medray embed output={self.output} show=outcomes` counts the whole output"
+            )
+        return format_outcomes(
+            outcomes, self.output, title=f"outcomes of this run: {outcomes.total} records", notes=notes
+        )
 
     def one_line(self) -> str:
         """The closing one-line summary: outcomes by reason."""
@@ -538,6 +553,48 @@ class EmbedJob:
             "provenances": {self.primary: provenance, **provenances} if provenances else None,
         }
         t_pipe = time.perf_counter()
+        progress = Progress("embed", total=self._total(rows)).start()
+        try:
+            stats = self._execute(ray, gpus, records, opts, actor_kwargs, provenance, subdirs, progress)
+        finally:
+            progress.close()
+        # Slide-level rows: after every tile is written, from the written tiles (idempotent).
+        slide_route = "slide" if "slide" in self.specs else "image"
+        slides = {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
+        if slide_route in self.specs and stats.get("slide_rows"):
+            slides = pool_slides(
+                c.output,
+                c.storage.options,
+                "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}",
+            )
+        pipeline_s = time.perf_counter() - t_pipe
+        clock.lap("pipeline")
+        done_before = len(done)
+        return self._summarise(
+            run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides, clock=clock
+        )
+
+    def _total(self, rows: list[dict] | None) -> int | None:
+        """Records this run has to do, when the listing says (not for manifests, archives, series or slides)."""
+        if rows is None or self.series_opts["mode"] != "off" or self.slide_inputs:
+            return None
+        if any(r.get("member") == ARCHIVE_MEMBER_PENDING for r in rows):
+            return None  # an archive's members are counted as they are read
+        return len(rows)
+
+    def _execute(
+        self,
+        ray: Any,
+        gpus: float,
+        records: Any,
+        opts: StageOptions,
+        actor_kwargs: dict[str, Any],
+        provenance: dict[str, Any],
+        subdirs: dict[str, str],
+        progress: Progress,
+    ) -> dict[str, Any]:
+        """Run the fused or the staged plan; return the summed write counters, reporting to ``progress``."""
+        c = self.cfg
         if self._fuse(gpus):
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             ds = plan_fused(
@@ -554,11 +611,13 @@ class EmbedJob:
                 batch_size=max(c.compute.read_batch_size, c.compute.batch_size),
                 task_retries=c.compute.task_retries,
             )
-            stats = aggregate_stats(
-                json.loads(s)
-                for batch in ds.iter_batches(batch_format="pyarrow")
-                for s in batch.column("stats").to_pylist()
-            )
+            parts = []
+            # batch_size=None: each actor call's counters as it arrives (one row each), for the progress line
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for s in batch.column("stats").to_pylist():
+                    parts.append(json.loads(s))
+                    progress.add(parts[-1])
+            return aggregate_stats(parts)
         else:
             ds = plan_dataset(
                 records,
@@ -571,7 +630,7 @@ class EmbedJob:
                 encode_batch_size=c.compute.batch_size,
                 actors=(c.compute.min_actors, c.compute.max_actors),
                 num_gpus=gpus,
-                device=device,
+                device=actor_kwargs["device"],
                 dtype=c.compute.dtype,
                 task_retries=c.compute.task_retries,
                 decode_num_cpus=c.compute.decode_num_cpus,
@@ -581,24 +640,15 @@ class EmbedJob:
                 series_source=records if self.series_opts["mode"] != "off" else None,
                 slide_branch=self.slide_inputs,
             )
-            sink = make_sink(c.output, c.storage.options, medray.__version__, subdirs=subdirs)
+            counter = start_counter(ray) if progress.enabled else None
+            if counter is not None:
+                progress.poll = lambda: ray.get(counter.counts.remote(), timeout=10)
+            sink = make_sink(c.output, c.storage.options, medray.__version__, subdirs=subdirs, progress=counter)
             ds.write_datasink(sink)
+            progress.poll = None
             stats = dict(sink.result)
-        # Slide-level rows: after every tile is written, from the written tiles (idempotent).
-        slide_route = "slide" if "slide" in self.specs else "image"
-        slides = {"slides": 0, "pooled": 0, "tiles": 0, "background_tiles": 0}
-        if slide_route in self.specs and stats.get("slide_rows"):
-            slides = pool_slides(
-                c.output,
-                c.storage.options,
-                "embeddings" if slide_route not in provenances else f"embeddings/{slide_route}",
-            )
-        pipeline_s = time.perf_counter() - t_pipe
-        clock.lap("pipeline")
-        done_before = len(done)
-        return self._summarise(
-            run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides, clock=clock
-        )
+            progress.set_counts(counts_of(stats))
+            return stats
 
     def watch(self, stop: threading.Event | None = None) -> int:
         """``watch=true``: embed what the DICOMweb input holds, then follow new instances until stopped.
@@ -752,6 +802,7 @@ class EmbedJob:
             driver_seconds=dict(clock.phases) if clock is not None else {},
             first_row_s=round(first - started, 3) if first is not None and started is not None else None,
             driver_peak_rss_mb=_peak_rss_mb(),
+            outcome_counts=_count_triples(stats.get("outcome_counts") or []),
             timeline=_timeline(stats.get("parts") or [], started),
         )
         summary = json.dumps(asdict(result), indent=2, default=str).encode()
@@ -828,6 +879,14 @@ def _count_pairs(pairs: list) -> dict:
     return out
 
 
+def _count_triples(rows: list) -> list:
+    """Sum ``[outcome, reason, detail, n]`` rows over the run's writes."""
+    out: dict[tuple, int] = {}
+    for outcome, reason, detail, n in rows:
+        out[(outcome, reason, detail)] = out.get((outcome, reason, detail), 0) + int(n)
+    return [[*k, n] for k, n in sorted(out.items())]
+
+
 def _steady_rate(parts: list) -> float | None:
     """Records/s between the first and the last committed part (start-up excluded)."""
     if len(parts) < 3:
@@ -883,6 +942,7 @@ def main(cfg: DictConfig) -> int:
     print(result.one_line(), flush=True)
     if result.report:
         print(f"medray embed: report {result.report}", flush=True)
+    print(result.outcomes_table(), file=sys.stderr, flush=True)
     if result.error_fraction > job.cfg.max_error_fraction:
         print(
             f"error: {result.quarantined} of {result.records_read} records quarantined "

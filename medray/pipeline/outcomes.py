@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import posixpath
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from medray.platform.storage import open_fs
 
-__all__ = ["Outcomes", "output_outcomes", "format_outcomes"]
+__all__ = ["Outcomes", "output_outcomes", "format_outcomes", "run_outcomes"]
 
 
 @dataclass
@@ -95,11 +95,44 @@ def output_outcomes(output: str, options: Mapping[str, Any] | None = None) -> Ou
     return out
 
 
-def format_outcomes(outcomes: Outcomes, output: str) -> str:
-    """The outcome table as a person reads it, with where each kind of row lives."""
-    lines = [f"outcomes of {output}: {outcomes.total} records", f"  {'outcome':<12} {'reason':<32} {'records':>9}"]
+def run_outcomes(stats: Mapping[str, Any]) -> Outcomes:
+    """The outcomes of one run, from its write counters.
+
+    ``outcome_counts`` of :func:`~medray.pipeline.sink.write_tables`: what the closing
+    table of ``medray embed`` shows, with no second pass over the output.
+    """
+    out = Outcomes()
+    for outcome, reason, detail, n in stats.get("outcome_counts") or []:
+        if outcome == "embedded":
+            out.embedded[str(reason)] += int(n)
+        elif outcome == "quarantined":
+            out.quarantined[(str(detail), str(reason))] += int(n)
+        elif outcome == "skipped":
+            out.skipped[(str(reason), str(detail))] += int(n)
+    return out
+
+
+def format_outcomes(
+    outcomes: Outcomes,
+    output: str,
+    *,
+    title: str | None = None,
+    first: str = "embedded",
+    notes: Sequence[str] = (),
+) -> str:
+    """The outcome table as a person reads it, with where each kind of row lives.
+
+    Args:
+        outcomes: the counts.
+        output: the output they were read from (where the quarantine and skipped rows are).
+        title: the first line (default: ``outcomes of <output>: <total> records``).
+        first: the name of the first outcome (``embedded``; ``finetune`` counts ``labelled`` rows per split).
+        notes: lines added after the table.
+    """
+    head = title if title is not None else f"outcomes of {output}: {outcomes.total} records"
+    lines = [head, f"  {'outcome':<12} {'reason':<32} {'records':>9}"]
     for modality, n in sorted(outcomes.embedded.items()):
-        lines.append(f"  {'embedded':<12} {modality:<32} {n:>9}")
+        lines.append(f"  {first:<12} {modality:<32} {n:>9}")
     for (stage, cls), n in sorted(outcomes.quarantined.items()):
         lines.append(f"  {'quarantined':<12} {f'{cls} ({stage})':<32} {n:>9}")
     for (reason, modality), n in sorted(outcomes.skipped.items()):
@@ -108,4 +141,5 @@ def format_outcomes(outcomes: Outcomes, output: str) -> str:
         f"  rows: {posixpath.join(output, 'quarantine')} and {posixpath.join(output, 'skipped')} "
         "(record_id, uri, member, reason, message)"
     )
+    lines += [f"  {note}" for note in notes]
     return "\n".join(lines)

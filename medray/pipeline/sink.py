@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medray.pipeline.columns import INTERNAL_COLUMNS
+from medray.pipeline.progress import counts_of
 from medray.pipeline.resume import done_index
 from medray.platform.records import CORE_COLUMNS, QUARANTINE_SCHEMA, SKIPPED_SCHEMA, embedding_schema, record_id
 from medray.platform.storage import open_fs, retry_transient
@@ -200,13 +201,14 @@ def write_tables(
     """
     subdirs = dict(subdirs or {})
     tables = [t for t in tables if t.num_rows]
-    stats = {
+    stats: dict[str, Any] = {
         "rows": 0,
         "records": 0,
         "quarantined": 0,
         "skipped": 0,
         "skipped_by_modality": [],
         "slide_rows": 0,
+        "outcome_counts": [],  # [outcome, reason, detail, records]: the closing table (outcomes.run_outcomes)
         **{k: 0.0 for k in _TIMING},
     }
     if not tables:
@@ -230,6 +232,7 @@ def write_tables(
         stats["skipped"] = skipped.num_rows
         stats["skipped_by_modality"] = _pairs(str(r) for r in routes)
         stats["skipped_by_reason"] = _pairs(reasons)
+        stats["outcome_counts"] += _triples("skipped", reasons, [str(r or "unknown") for r in routes])
         rows = {
             "record_id": skipped.column("record_id"),
             "uri": skipped.column("uri"),
@@ -249,14 +252,20 @@ def write_tables(
             part = embeddings_table(part)
             write_parquet_atomic(part, output, sub, options)
         stats["rows"] = ok.num_rows
-        stats["records"] = len(set(ok.column("record_id").to_pylist()))
+        ids = ok.column("record_id").to_pylist()
+        stats["records"] = len(set(ids))
+        mods = ok.column("modality").to_pylist() if "modality" in ok.column_names else routes
+        first = dict(zip(ids, (str(m or "unknown") for m in mods)))  # one modality per record
+        stats["outcome_counts"] += _triples("embedded", list(first.values()), [""] * len(first))
     if bad.num_rows:
         if "medray_version" not in bad.column_names:
             bad = bad.append_column("medray_version", pa.array([version] * bad.num_rows))
         bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
         write_parquet_atomic(bad, output, "quarantine", options)
         stats["quarantined"] = bad.num_rows
-        stats["quarantined_by_class"] = _pairs(str(c or "Error") for c in bad.column("error_class").to_pylist())
+        classes = [str(c or "Error") for c in bad.column("error_class").to_pylist()]
+        stats["quarantined_by_class"] = _pairs(classes)
+        stats["outcome_counts"] += _triples("quarantined", classes, [str(s) for s in bad.column("stage").to_pylist()])
     # (time the encoder finished a batch, records in it): steady-state throughput.
     if "t_done" in table.column_names:
         done = table.group_by("t_done").aggregate([("record_id", "count_distinct")])
@@ -273,6 +282,11 @@ def _pairs(values: Iterable[str]) -> list[list[Any]]:
     return [[k, n] for k, n in sorted(Counter(values).items())]
 
 
+def _triples(outcome: str, reasons: list[str], details: list[str]) -> list[list[Any]]:
+    """``[[outcome, reason, detail, count], ...]``: records per reason (and stage or modality)."""
+    return [[outcome, r, d, n] for (r, d), n in sorted(Counter(zip(reasons, details)).items())]
+
+
 def aggregate_stats(results: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
     """Sum the counts of :func:`write_tables` calls (lists are concatenated; ``parts`` sorted)."""
     agg: dict[str, Any] = {"parts": []}
@@ -284,7 +298,11 @@ def aggregate_stats(results: Iterable[Mapping[str, Any] | None]) -> dict[str, An
 
 
 def make_sink(
-    output: str, options: Mapping[str, Any] | None, version: str, subdirs: Mapping[str, str] | None = None
+    output: str,
+    options: Mapping[str, Any] | None,
+    version: str,
+    subdirs: Mapping[str, str] | None = None,
+    progress: Any = None,
 ) -> Any:
     """Create the Ray Data datasink writing embeddings and quarantine under ``output``.
 
@@ -293,6 +311,8 @@ def make_sink(
     Args:
         subdirs: modality (row ``route``) -> directory for its embeddings;
             modalities not listed go to ``embeddings``.
+        progress: a counter actor (:func:`medray.pipeline.progress.start_counter`)
+            that each written block reports its counts to; None: no reports.
     """
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
@@ -303,6 +323,7 @@ def make_sink(
             self.options = dict(options or {})
             self.version = version
             self.subdirs = dict(subdirs or {})
+            self.progress = progress
             self.result: dict[str, Any] = {}
 
         def get_name(self) -> str:
@@ -310,7 +331,10 @@ def make_sink(
 
         def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            return write_tables(tables, self.output, self.options, self.version, self.subdirs)
+            stats = write_tables(tables, self.output, self.options, self.version, self.subdirs)
+            if self.progress is not None:
+                self.progress.add.remote(counts_of(stats))  # fire and forget: a few integers per block
+            return stats
 
         def on_write_complete(self, write_result: Any) -> None:
             self.result = aggregate_stats(write_result.write_returns)

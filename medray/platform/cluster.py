@@ -13,10 +13,11 @@ client reads and sends it. medray never reads, logs or prints the token.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,43 @@ class ClusterClient:
     def logs(self, job_id: str) -> str:
         """The driver's log so far."""
         return self._client.get_job_logs(job_id)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """The submitted jobs the cluster knows (newest first): id, status, medray job, times, entrypoint.
+
+        Drivers started by hand (``ray.init`` on the head) are left out: they have no submission id.
+        """
+        jobs = []
+        for d in self._client.list_jobs():
+            if not d.submission_id:
+                continue
+            jobs.append(
+                {
+                    "job_id": d.submission_id,
+                    "status": str(getattr(d.status, "value", d.status)),
+                    "job": (d.metadata or {}).get("medray_job"),
+                    "start_time": d.start_time,
+                    "end_time": d.end_time,
+                    "entrypoint": d.entrypoint,
+                    "message": d.message,
+                }
+            )
+        return sorted(jobs, key=lambda j: j["start_time"] or 0, reverse=True)
+
+    def follow_logs(self, job_id: str, write: Callable[[str], Any]) -> str:
+        """Stream the driver's log to ``write`` as it grows, until the job ends; return its final status.
+
+        Starts from the beginning of the log (what ``logs`` shows), then follows it,
+        like ``ray job logs --follow``.
+        """
+
+        async def _tail() -> None:
+            async for chunk in self._client.tail_job_logs(job_id):
+                write(chunk)
+
+        self.status(job_id)  # an unknown id fails here, before streaming
+        asyncio.run(_tail())
+        return self.status(job_id)
 
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop; True if a stop was requested."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start"]
+__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start", "progress_mode"]
 
 T = TypeVar("T")
 
@@ -41,18 +42,48 @@ def init_ray(
         return ray
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
+    if not _isatty(sys.stderr):
+        # a log (a file, a submitted job's log): Ray prints its workers' lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "runtime_env": runtime_env}
     if address == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = include_dashboard
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("MEDRAY_PROGRESS", "1") != "0"
+    # one bar on the terminal: medray's own (records, outcomes, time left) unless MEDRAY_PROGRESS=ray
+    ctx.enable_progress_bars = progress_mode() == "ray"
+    if not ctx.enable_progress_bars:
+        from ray.util.debug import log_once
+
+        # Ray Data would say once how to turn its bars back on; with medray, MEDRAY_PROGRESS=ray does
+        log_once("ray_data_progress_manager_disabled")
     ctx.print_on_execution_start = False
     # Record-level failures never raise (they become quarantine rows); this only covers a
     # task that keeps crashing its worker process (e.g. a native decoder fault).
     ctx.max_errored_blocks = max_errored_blocks
     return ray
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_mode() -> str:
+    """What a job shows while it runs, from ``MEDRAY_PROGRESS``.
+
+    Returns:
+        ``"medray"`` (the default: medray's own progress, one bar on a terminal,
+        a line every few seconds in logs), ``"ray"`` (Ray Data's operator bars
+        instead) or ``"off"`` (``MEDRAY_PROGRESS=0``: neither).
+    """
+    value = os.environ.get("MEDRAY_PROGRESS", "1").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "ray" if value == "ray" else "medray"
 
 
 def cluster_gpus() -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def corpus(s3, tmp_path_factory):
     return {"info": info, "samples": samples, "ckpt": ckpts, "home": home, "bucket": s3.bucket, "fs": fs}
 
 
-def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_medray(corpus, *args: str, timeout: int = 600, progress: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(
         {
@@ -72,6 +73,8 @@ def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedPr
         }
     )
     env.pop("WANDB_API_KEY", None)
+    if progress:  # medray's own progress, as a log shows it (stderr is a pipe here, not a terminal)
+        env.update({"MEDRAY_PROGRESS": "1", "MEDRAY_PROGRESS_INTERVAL": "1"})
     return subprocess.run([MEDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -100,6 +103,7 @@ def prefix_run(corpus):
         f"output={out}",
         "max_error_fraction=0.5",
         *common(corpus),
+        progress=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "proc": proc}
@@ -141,6 +145,29 @@ def test_prefix_s3_to_s3_rows_schema_provenance(corpus, prefix_run):
     assert "medray embed:" in prefix_run["proc"].stdout
 
 
+def _progress_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("medray embed: ") and " records" in ln]
+
+
+def test_progress_lines_in_a_log_and_the_closing_outcome_table(corpus, prefix_run):
+    """Not a terminal: plain progress lines (no carriage returns, no ANSI codes) with the counts,
+    then the table of this run's outcomes by reason (the fused plan: counts from the actors)."""
+    err, summary = prefix_run["proc"].stderr, json.loads(corpus["fs"].cat(prefix_run["out"][5:] + "/summary.json"))
+    assert "\r" not in err and "\x1b[" not in err
+    lines = _progress_lines(err)
+    counts = re.compile(r"\d+ embedded, \d+ quarantined, \d+ skipped; [\d.,-]+ records/s")
+    assert lines and all(counts.search(ln) for ln in lines)
+    embedded, quarantined, skipped = summary["records_embedded"], summary["quarantined"], summary["skipped"]
+    assert f"{embedded} embedded, {quarantined} quarantined, {skipped} skipped" in lines[-1] and "done in" in lines[-1]
+    table = err[err.index("outcomes of this run:") :].splitlines()
+    assert table[0] == f"outcomes of this run: {embedded + quarantined + skipped} records"
+    rows = [ln.split() for ln in table[2:] if ln.startswith("  ") and not ln.strip().startswith("rows:")]
+    assert sum(int(r[-1]) for r in rows if r[0] == "embedded") == embedded
+    q = {r[1]: int(r[-1]) for r in rows if r[0] == "quarantined"}
+    assert {"LimitExceeded", "ReadError"} <= set(q) and sum(q.values()) == quarantined
+    assert err.rindex("medray embed: ") < err.index("outcomes of this run:")  # the table closes the run
+
+
 def test_staged_plan_writes_the_same_rows_as_the_fused_plan(corpus, prefix_run):
     """On CPU the default plan fuses read, decode, embed and write per actor; the staged plan
     (decode tasks feeding an encoder pool, as on GPU nodes) must write the same records."""
@@ -153,9 +180,15 @@ def test_staged_plan_writes_the_same_rows_as_the_fused_plan(corpus, prefix_run):
         "max_error_fraction=0.5",
         "compute.fuse=false",
         *common(corpus),
+        progress=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     fs = corpus["fs"]
+    # the staged plan's sink reports each block's counts to a counter actor the driver polls
+    summary = json.loads(fs.cat(out[5:] + "/summary.json"))
+    last = _progress_lines(proc.stderr)[-1]
+    assert f"{summary['records_embedded']} embedded, {summary['quarantined']} quarantined" in last
+    assert "outcomes of this run:" in proc.stderr
 
     def rows(uri: str) -> dict:
         t = read_parts(fs, uri + "/embeddings")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def corpus(s3, tmp_path_factory, deepspeed_warm):
     }
 
 
-def _env(corpus) -> dict:
+def _env(corpus, progress: bool = False) -> dict:
     env = dict(os.environ)
     env.update(
         {
@@ -88,7 +89,7 @@ def _env(corpus) -> dict:
             "MEDRAY_CACHE_DIR": str(corpus["home"] / "cache"),
             "MEDRAY_PATIENT_SALT": "test-salt",
             "WANDB_MODE": "offline",
-            "MEDRAY_PROGRESS": "0",
+            "MEDRAY_PROGRESS": "1" if progress else "0",
             "WANDB_DIR": str(corpus["home"]),
             "RAY_DEDUP_LOGS": "0",
         }
@@ -97,8 +98,8 @@ def _env(corpus) -> dict:
     return env
 
 
-def run_medray(corpus, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([MEDRAY, *args], env=_env(corpus), capture_output=True, text=True, timeout=timeout)
+def run_medray(corpus, *args: str, timeout: int = 600, progress: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([MEDRAY, *args], env=_env(corpus, progress), capture_output=True, text=True, timeout=timeout)
 
 
 def common(corpus, **over: str) -> list[str]:
@@ -156,12 +157,21 @@ def test_zero3_lora_learns_and_the_merged_artifact_embeds_to_the_same_prediction
         "finetune",
         *common(corpus, **{"deepspeed.stage": "3", "train": "lora", "train.lr": "1e-2"}),
         f"output={out}",
+        progress=True,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     print(f"zero3 lora run: {time.perf_counter() - t0:.1f}s")
     assert "medray finetune:" in proc.stdout and "ZeRO-3" in proc.stdout
     summary = s3_json(corpus, out + "/summary.json")
     check_trained(summary, 3)
+    # one line per epoch from rank 0, then the table of the inputs by outcome
+    logged = proc.stdout + proc.stderr
+    line = r"medray finetune: epoch (\d+)/(\d+) step \d+ loss [\d.]+ val AUROC [\d.]+ ECE [\d.]+ lr "
+    epochs = re.findall(line, logged)
+    assert [int(e) for e, _ in epochs] == list(range(1, EPOCHS + 1)) and {int(n) for _, n in epochs} == {EPOCHS}
+    rows = sum(s["rows"] for s in summary["splits"].values())
+    assert f"inputs of this fine-tune: {rows} manifest rows" in proc.stderr
+    assert re.search(r"^  labelled +train +\d+$", proc.stderr, re.M)
 
     # LoRA: only the adapters and the head trained
     names = summary["trainable_parameters"]

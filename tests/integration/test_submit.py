@@ -125,6 +125,14 @@ def test_submit_embed_to_cluster_and_wait(head, s3, tmp_path):
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "SUCCEEDED"
     logs = _medray(head, "jobs", "logs", job_id, "--address", head["address"])
     assert "medray embed: 8 records embedded" in logs.stdout
+    # the cluster's submitted jobs, as a table; following a finished job's log prints it and ends
+    listed = _medray(head, "jobs", "list", "--address", head["address"])
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    row = next(ln.split() for ln in listed.stdout.splitlines() if ln.startswith(job_id))
+    assert row[1:3] == ["SUCCEEDED", "embed"] and "medray embed" in listed.stdout
+    follow = _medray(head, "jobs", "logs", job_id, "--follow", "--address", head["address"], timeout=120)
+    assert follow.returncode == 0, follow.stderr[-2000:]
+    assert "medray embed: 8 records embedded" in follow.stdout and "outcomes of this run: 8 records" in follow.stdout
 
 
 def test_failing_job_reports_failed_with_its_error(head):

@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -37,6 +38,7 @@ from medray.jobs.finetune.model import (
     to_outputs,
     write_json,
 )
+from medray.pipeline.progress import format_epoch_line
 from medray.platform.metrics import flatten_metrics, subgroup_metrics, task_metrics
 from medray.platform.tracking import wandb_mode
 
@@ -188,6 +190,23 @@ def _metrics(config: dict, val: dict) -> dict:
     return {"val": overall, "subgroups": groups}
 
 
+def _epoch_line(config: dict, record: dict, left_s: float) -> str:
+    """Rank 0's line for one epoch: step, loss, val AUROC and ECE (or MSE), learning rate, time left."""
+    val = (record.get("metrics") or {}).get("val") or {}
+    regression = config["task"] == "regression"
+    return format_epoch_line(
+        epoch=int(record["epoch"]) + 1,
+        epochs=int(config["epochs"]),
+        step=int(record["global_step"]),
+        loss=float(record["train_loss"]),
+        lr=float(record["lr"]),
+        auroc=None if regression else val.get("auroc_macro"),
+        ece=None if regression else val.get("ece"),
+        mse=val.get("mse") if regression else None,
+        left_s=left_s,
+    )
+
+
 def train_loop(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` (see the module docstring)."""
     import deepspeed
@@ -278,6 +297,7 @@ def train_loop(config: dict) -> None:
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val")
     augment = config["augment"]
+    t_epochs = time.perf_counter()
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(config["seed"] * 100003 + epoch * 1009 + rank)
@@ -319,6 +339,11 @@ def train_loop(config: dict) -> None:
                     flat.update(flatten_metrics(m, f"val/{column}={value}"))
         if run is not None:
             run.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=int(engine.global_steps))
+        if rank == 0 and config.get("progress", True):
+            per_epoch = (time.perf_counter() - t_epochs) / (epoch - start_epoch + 1)
+            # sys.stdout, not print(): Ray Train patches print() to also log the line (it would show twice)
+            sys.stdout.write(_epoch_line(config, record, per_epoch * (config["epochs"] - epoch - 1)) + "\n")
+            sys.stdout.flush()
 
         tag = f"epoch{epoch:04d}"
         directory = tempfile.mkdtemp(prefix="medray-ckpt-")

@@ -108,7 +108,7 @@ from medray.platform.errors import ConfigError
 from medray.platform.formats import TextOptions, get_format
 from medray.platform.manifest import iter_manifest_batches, manifest_sha256, read_manifest
 from medray.platform.metrics import json_safe
-from medray.platform.runtime import init_ray
+from medray.platform.runtime import init_ray, progress_mode
 from medray.platform.splits import SplitFractions
 from medray.platform.storage import atomic_write_bytes, is_remote, open_fs, redact_options
 from medray.platform.tracking import RunArtifact, artifact_name, log_run
@@ -1081,6 +1081,7 @@ class FinetuneJob:
             "run_name": run_name,
             "run_id": "ft-" + hashlib.sha256(c.output.encode()).hexdigest()[:12],
             "resolved": config,
+            "progress": progress_mode() != "off",  # rank 0's line per epoch
         }
 
     def _fit(self, loop_config: dict[str, Any], datasets: dict) -> Any:
@@ -1236,4 +1237,46 @@ def main(cfg: DictConfig) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     print(result.one_line(), flush=True)
+    print(inputs_table(result, job.cfg.storage.options), file=sys.stderr, flush=True)
     return 0
+
+
+def _is_error_class(name: str) -> bool:
+    """A quarantine row's class names an error (DecodeError, LimitExceeded, ...), not a skip reason (NoEncoder)."""
+    known = {"Error", "LimitExceeded", "UnsupportedFormat"}
+    return name in known or name.endswith(("Error", "Exception"))
+
+
+def inputs_table(res: FinetuneResult, storage_options: Any = None) -> str:
+    """The closing table of a fine-tune: its manifest rows by outcome and reason.
+
+    Labelled rows per split (from the split counts), rows without a usable
+    label, and the records that could not be used (``<output>/quarantine``;
+    finetune keeps a skipped record there with its reason as its class).
+    """
+    from collections import Counter
+
+    from medray.pipeline.outcomes import Outcomes, format_outcomes, output_outcomes
+
+    out = Outcomes(embedded=Counter())
+    rows = usable = 0
+    for split in ("train", "val", "test"):
+        counts = (res.splits or {}).get(split) or {}
+        rows += int(counts.get("rows", 0))
+        usable += int(counts.get("usable", 0))
+        if counts.get("usable"):
+            out.embedded[split] = int(counts["usable"])
+    if rows > usable:
+        out.skipped[("Unlabelled", "manifest")] = rows - usable
+    for (stage, cls), n in output_outcomes(res.output, storage_options).quarantined.items():
+        if _is_error_class(cls):
+            out.quarantined[(stage, cls)] += n
+        else:
+            out.skipped[(cls, stage)] += n
+    return format_outcomes(
+        out,
+        res.output,
+        title=f"inputs of this fine-tune: {rows} manifest rows, {usable} labelled",
+        first="labelled",
+        notes=["quarantined and skipped records (other than Unlabelled) are labelled rows that were not trained on"],
+    )
