@@ -156,6 +156,7 @@ class EmbedJob:
     """
 
     def __init__(self, cfg: Any) -> None:
+        self._watch_stop: threading.Event | None = None  # set while `watch=true` runs rounds
         if isinstance(cfg, DictConfig):
             missing = sorted(k for k in ("input", "output") if OmegaConf.is_missing(cfg, k))
             if missing:
@@ -489,6 +490,8 @@ class EmbedJob:
             include_dashboard=c.ray.include_dashboard,
             max_errored_blocks=c.compute.max_errored_blocks,
         )
+        if self._watch_stop is not None:  # Ray's core worker installs its own SIGTERM handler: a watch keeps its own
+            self._trap(self._watch_stop)
         clock.lap("ray_init")
         if pending is not None:
             ident = pending.result()
@@ -679,6 +682,7 @@ class EmbedJob:
         )
         cursor = read_cursor(fs, path, feed)
         rounds, code, last_new, why = 0, 0, time.monotonic(), "stopped by a signal"
+        self._watch_stop = stop
         self._trap(stop)
         log.info(
             "watching %s (%s feed, every %.0fs)",

@@ -71,7 +71,13 @@ def test_slide_tiles_pooled_row_and_idempotent_rerun(slides):
     n = len(plan.tiles)
     assert 4 <= n < plan.tiles_total
     summary = json.loads(fs.cat(f"{bucket}/out/slides/summary.json"))
-    assert summary["slides"] == {"slides": 1, "pooled": 1, "tiles": n, "background_tiles": plan.background}
+    assert summary["slides"] == {
+        "slides": 1,
+        "pooled": 1,
+        "tiles": n,
+        "background_tiles": plan.background,
+        "damaged_tiles": 0,
+    }
     assert summary["quarantined"] == 0 and summary["records_embedded"] == n + 1
     assert f"{plan.background} background tiles skipped" in proc.stdout
 
