@@ -66,11 +66,13 @@ def split_patients(groups: np.ndarray, *, test_fraction: float, seed: int) -> np
 class _Head:
     """One fitted head per label: ``predict_proba`` gives ``(n, L)``; a label it could not fit is ``nan``."""
 
-    def __init__(self, models: list[Any | None], scale: tuple[np.ndarray, np.ndarray]) -> None:
-        self.models, (self.mean, self.std) = models, scale
+    def __init__(self, models: list[Any | None], scale: tuple[np.ndarray, np.ndarray], joint: bool = False) -> None:
+        self.models, (self.mean, self.std), self.joint = models, scale, joint
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = (x - self.mean) / self.std
+        if self.joint and self.models[0] is not None:  # one multi-label network: a probability per label
+            return np.asarray(self.models[0].predict_proba(z), dtype=np.float64)
         cols = [np.full(len(x), np.nan) if m is None else m.predict_proba(z)[:, 1] for m in self.models]
         return np.stack(cols, axis=1)
 
@@ -88,7 +90,8 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> _Head
     """Fit one head per label column on standardised embeddings.
 
     Args:
-        kind: ``logreg`` (L2, C=1) or ``mlp`` (one hidden layer of 128, early stopping past 256 rows).
+        kind: ``logreg`` (L2, C=1) or ``mlp`` (one hidden layer of 128, early stopping past 256 rows;
+            one network for all labels when every record has every label, else one per label).
         x: ``(n, d)`` embeddings.
         y: ``(n, L)`` labels (``nan``: unlabelled).
         seed: the MLP's initialisation.
@@ -100,6 +103,25 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> _Head
     std = x.std(axis=0)
     std = np.where(std > 1e-8, std, 1.0)
     z = (x - mean) / std
+    import warnings
+
+    def mlp(n: int) -> Any:
+        return MLPClassifier(
+            hidden_layer_sizes=(128,),
+            alpha=1e-3,
+            max_iter=200,
+            early_stopping=n > 256,
+            n_iter_no_change=5,
+            random_state=seed,
+        )
+
+    complete = y.shape[1] > 1 and not np.isnan(y).any()
+    if kind == "mlp" and complete and all(len(np.unique(y[:, j])) == 2 for j in range(y.shape[1])):
+        joint = mlp(len(y))  # every label known for every record: one network with an output per label
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence warnings on tiny sets: the score tells
+            joint.fit(z, y.astype(int))
+        return _Head([joint], (mean, std), joint=True)
     models: list[Any | None] = []
     for j in range(y.shape[1]):
         m = ~np.isnan(y[:, j])
@@ -111,17 +133,9 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> _Head
         if kind == "logreg":
             model = LogisticRegression(C=1.0, max_iter=500)
         elif kind == "mlp":
-            model = MLPClassifier(
-                hidden_layer_sizes=(128,),
-                alpha=1e-3,
-                max_iter=200,
-                early_stopping=m.sum() > 256,
-                random_state=seed,
-            )
+            model = mlp(int(m.sum()))
         else:
             raise ConfigError("heads", f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence warnings on tiny sets: the score tells
             model.fit(z[m], yj)
