@@ -133,7 +133,7 @@ def run_evaluate(c: Any) -> dict[str, Any]:
     import numpy as np
 
     from medray.encoders.heads import load_artifact
-    from medray.pipeline.records import join_labels, read_record_embeddings
+    from medray.pipeline.records import join_labels, read_record_embeddings, write_predictions
     from medray.platform.errors import ConfigError
     from medray.platform.evaluation import aggregate, evaluate
     from medray.platform.storage import atomic_write_bytes, open_fs
@@ -198,28 +198,10 @@ def run_evaluate(c: Any) -> dict[str, Any]:
     fs, root = open_fs(output, options)
     fs.makedirs(root, exist_ok=True)
     atomic_write_bytes(fs, posixpath.join(root, "evaluation.json"), json.dumps(doc, indent=2).encode())
-    _write_predictions(ids, uris, groups, y, probs, list(card.labels), output, options)
+    write_predictions(ids, uris, groups, y, probs, list(card.labels), output, options)
     doc["report"] = _write_report(doc, output, options)
     doc["output"] = output
     return doc
-
-
-def _write_predictions(
-    ids: Any, uris: Any, groups: Any, y: Any, p: Any, labels: list, output: str, options: dict
-) -> None:
-    import pyarrow as pa
-
-    from medray.pipeline.sink import write_parquet_atomic
-
-    cols: dict[str, Any] = {
-        "id": pa.array([str(v) for v in ids], pa.string()),
-        "uri": pa.array([str(v) for v in uris], pa.string()),
-        "patient": pa.array([str(v) for v in groups], pa.string()),
-    }
-    for j, label in enumerate(labels):
-        cols[f"y_{label}"] = pa.array(y[:, j], pa.float64())
-        cols[f"p_{label}"] = pa.array(p[:, j], pa.float64())
-    write_parquet_atomic(pa.table(cols), output, "predictions", options)
 
 
 def _write_report(doc: dict, output: str, options: dict) -> str | None:

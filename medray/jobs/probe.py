@@ -103,7 +103,7 @@ def run_probe(c: Any) -> dict[str, Any]:
     import numpy as np
 
     from medray.encoders.heads import LinearHead, ModelCard, save_artifact
-    from medray.pipeline.records import join_labels, read_record_embeddings
+    from medray.pipeline.records import join_labels, read_record_embeddings, write_predictions
     from medray.platform.evaluation import evaluate
     from medray.platform.manifest import manifest_sha256
     from medray.platform.probing import ProbeData, fit_head, learning_curves, split_patients
@@ -173,7 +173,17 @@ def run_probe(c: Any) -> dict[str, Any]:
     )
     evaluation["model"] = {"head": "logreg", "trained_on_patients": curves["train_pool"], "encoder": doc["encoder"]}
     fs, root = open_fs(output, options)
-    _write_predictions(data, test, probs, output, options)
+    write_predictions(
+        data.record_id[test],
+        data.uri[test],
+        data.groups[test],
+        data.y[test],
+        probs,
+        data.labels,
+        output,
+        options,
+        id_column="record_id",
+    )
     if c.export:
         if any(m is None for m in head.models):
             doc["export"] = {"skipped": "a label has a single class in the training pool; no head exported"}
@@ -202,22 +212,6 @@ def run_probe(c: Any) -> dict[str, Any]:
     doc["report"] = _write_report(fs, root, output, options, evaluation)
     doc["output"] = output
     return doc
-
-
-def _write_predictions(data: Any, test: Any, probs: Any, output: str, options: dict) -> None:
-    import pyarrow as pa
-
-    from medray.pipeline.sink import write_parquet_atomic
-
-    cols: dict[str, Any] = {
-        "record_id": pa.array(list(data.record_id[test]), pa.string()),
-        "uri": pa.array([str(u) for u in data.uri[test]], pa.string()),
-        "patient": pa.array([str(g) for g in data.groups[test]], pa.string()),
-    }
-    for j, label in enumerate(data.labels):
-        cols[f"y_{label}"] = pa.array(data.y[test][:, j], pa.float64())
-        cols[f"p_{label}"] = pa.array(probs[:, j], pa.float64())
-    write_parquet_atomic(pa.table(cols), output, "predictions", options)
 
 
 def _write_report(fs: Any, root: str, output: str, options: dict, evaluation: dict) -> str | None:

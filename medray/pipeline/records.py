@@ -23,7 +23,7 @@ from medray.platform.manifest import iter_manifest_batches, manifest_columns
 from medray.platform.records import record_id
 from medray.platform.storage import open_fs
 
-__all__ = ["RecordEmbeddings", "LabelledRecords", "read_record_embeddings", "join_labels"]
+__all__ = ["RecordEmbeddings", "LabelledRecords", "read_record_embeddings", "join_labels", "write_predictions"]
 
 _READ_COLUMNS = ("record_id", "uri", "member", "frame", "segment", "embedding", "patient_key", "modality")
 
@@ -249,3 +249,29 @@ def join_labels(
         unmatched=unmatched,
         ungrouped=ungrouped,
     )
+
+
+def write_predictions(
+    ids: Any,
+    uris: Any,
+    patients: Any,
+    y: np.ndarray,
+    p: np.ndarray,
+    labels: Sequence[str],
+    output: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    id_column: str = "id",
+) -> None:
+    """One Parquet part under ``<output>/predictions``: id, uri, patient, ``y_<label>`` and ``p_<label>``."""
+    from medray.pipeline.sink import write_parquet_atomic
+
+    cols: dict[str, Any] = {
+        id_column: pa.array([str(v) for v in ids], pa.string()),
+        "uri": pa.array([str(v) for v in uris], pa.string()),
+        "patient": pa.array([str(v) for v in patients], pa.string()),
+    }
+    for j, label in enumerate(labels):
+        cols[f"y_{label}"] = pa.array(y[:, j], pa.float64())
+        cols[f"p_{label}"] = pa.array(p[:, j], pa.float64())
+    write_parquet_atomic(pa.table(cols), output, "predictions", storage_options)

@@ -667,10 +667,9 @@ class Ingress:
                 where = parsed.payload.get("dicomweb_uri") or parsed.payload.get("url") or parsed.payload.get("uri")
                 if not uri_allowed(str(where), self._settings.allowed_uri_prefixes):
                     raise _refuse_uri(self._settings)
-            if parsed.input_type == "text" and "text" not in self._encoders and len(self._encoders) > 1:
-                raise ApiError(415, "unsupported_media", "this server has no text encoder (encoders.text=...)")
-            encoder = self._encoders["text"] if parsed.input_type == "text" and "text" in self._encoders else None
-            encoder = encoder or await self._route(parsed.payload)
+            # a text instance goes to the text encoder; anything else is routed as /v1/embeddings routes it
+            text_encoder = self._encoders.get("text") if parsed.input_type == "text" else None
+            encoder = text_encoder or await self._route(parsed.payload)
             return prediction(await self._call(encoder.embed.remote(parsed.payload)), parsed)
         except asyncio.CancelledError:
             raise
