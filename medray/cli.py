@@ -219,10 +219,15 @@ def _exit_now(code: int) -> None:
     """
     if os.environ.get("MEDRAY_FAST_EXIT", "1") == "0":
         sys.exit(code)
+    if "wandb" in sys.modules:  # its service (a child) may still be writing the finished run's log
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception:  # noqa: BLE001 - the run is finished; a failed teardown loses nothing of the job's
+            pass
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    _kill_descendants()  # a local Ray's GCS, raylet, workers and agents; nothing else is started
+    _kill_descendants()  # a local Ray's GCS, raylet, workers and agents
     os._exit(code)
 
 

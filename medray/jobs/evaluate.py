@@ -86,6 +86,7 @@ JOB = JobInfo(
     config_name="evaluate",
     register=register,
     order=26,
+    exit_fast=True,
 )
 
 

@@ -78,6 +78,7 @@ JOB = JobInfo(
     config_name="probe",
     register=register,
     order=25,
+    exit_fast=True,
 )
 
 
