@@ -34,7 +34,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_encoder_preset_composes_and_validates(compose_embed, preset):
-    generic = ("hf_image", "timm_image", "hf_audio", "hf_text", "torchvision_video")
+    generic = ("hf_image", "timm_image", "hf_audio", "hf_text", "torchvision_video", "siglip", "open_clip")
     extra = ["encoder.checkpoint=/models/x"] if preset in generic else []
     cfg = compose_embed(f"encoder={preset}", *extra)
     job = EmbedJob(cfg)

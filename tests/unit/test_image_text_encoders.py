@@ -101,3 +101,33 @@ def test_preprocessor_alone_matches_the_encoder(family: str, siglip_dir: str, op
     chunks = pre.chunk_text(long)  # type: ignore[attr-defined]
     assert chunks.inputs.shape == (1, 2, enc.max_length)  # type: ignore[attr-defined]
     assert chunks.n_tokens == 40 and chunks.token_end == [enc.max_length - pre.special_tokens]  # type: ignore[attr-defined]
+
+
+def test_served_text_and_images_share_one_image_text_encoder(siglip_dir: str) -> None:
+    """``/v1/embeddings`` decodes a text body for the text tower and an image for the image tower."""
+    import io
+
+    from PIL import Image
+
+    from medray.serve.encoder import DecodeSettings, decode_input
+
+    enc = create_encoder(get_spec("siglip", checkpoint=siglip_dir))
+    allowed = family_modalities("siglip")
+    text = decode_input({"data": b"a chest x-ray showing effusion", "name": "q.txt"}, DecodeSettings(), enc,
+                        modality=allowed)  # fmt: skip
+    assert text.modality == "text"
+    np.testing.assert_allclose(enc.embed(text.pixels)[0], enc.embed_text([TEXTS[0]])[0], atol=1e-6, rtol=0)
+    buf = io.BytesIO()
+    Image.fromarray(_images()[0]).save(buf, format="PNG")
+    image = decode_input({"data": buf.getvalue(), "name": "x.png"}, DecodeSettings(), enc, modality=allowed)
+    np.testing.assert_allclose(enc.embed(image.pixels), enc.embed(enc.preprocess([_images()[0]])), atol=1e-6, rtol=0)
+
+
+def test_pipeline_routes_text_records_to_an_image_text_encoder(siglip_dir: str) -> None:
+    from medray.pipeline import StageOptions, encoder_routes
+
+    spec = get_spec("siglip", checkpoint=siglip_dir)
+    assert encoder_routes(StageOptions(encoder_spec=spec)) == {"image": spec, "text": spec}
+    bert = get_spec("hf_text", checkpoint="/nowhere")
+    # a text encoder named explicitly keeps the text route
+    assert encoder_routes(StageOptions(encoder_specs={"image": spec, "text": bert}))["text"] is bert
