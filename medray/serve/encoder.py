@@ -455,6 +455,27 @@ class EncoderDeployment:
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
         return out
 
+    async def embed_texts(self, texts: list[str]) -> dict:
+        """Text-tower embeddings of short texts (zero-shot prompts) of an image-text encoder.
+
+        Returns:
+            ``{"embeddings": float32 (N, dim), "encoder"}``, or ``{"error": {...}}``
+            when the encoder has no text tower in its images' space.
+        """
+        embed_text = getattr(self._encoder, "embed_text", None)
+        if embed_text is None:
+            return error_result(
+                UnsupportedFormat(f"encoder {self._ident['name']} is not an image-text encoder: it embeds no prompts")
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            emb = await loop.run_in_executor(self._model_pool, embed_text, list(texts))
+        except Exception as err:  # noqa: BLE001 - a bad prompt is an answer, not a crash
+            return error_result(
+                err if isinstance(err, RecordError) else EncodeError(f"model failed ({type(err).__name__})")
+            )
+        return {"embeddings": np.asarray(emb, dtype=np.float32), "encoder": dict(self._ident)}
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:
         """One forward pass over frames from many requests: ``[(embedding | error, batch size)]``."""
