@@ -66,6 +66,11 @@ def zero_shot_request(query: Mapping[str, Any], doc: Mapping[str, Any] | None = 
     doc = doc or {}
     labels = _strings(doc.get("labels"), "labels") or _strings(query.get("labels"), "labels")
     prompts = _strings(doc.get("prompts"), "prompts") or _strings(query.get("prompts"), "prompts") or ["{}"]
+    if not labels:
+        raise ZeroShotRequestError(
+            'name the classes: "labels": ["effusion", "no finding"] next to the input in JSON, '
+            "or ?labels=effusion,no%20finding in the query"
+        )
     if len(labels) > MAX_CLASSES or len(labels) * len(prompts) > MAX_PROMPTS:
         raise ZeroShotRequestError(f"at most {MAX_CLASSES} labels and {MAX_PROMPTS} labels x prompts per request")
     try:

@@ -178,7 +178,7 @@ def test_route_request_and_answer(siglip) -> None:
         ["a", "b"],
         ["an {}"],
     )
-    with pytest.raises(ZeroShotRequestError, match="classes"):
+    with pytest.raises(ZeroShotRequestError, match="name the classes"):
         zero_shot_request({})
     with pytest.raises(ZeroShotRequestError, match="no '{}'"):
         zero_shot_request({"labels": ["a"], "prompts": ["plain"]})
