@@ -95,3 +95,11 @@ def test_bad_watch_settings_name_their_key(compose_embed, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         EmbedJob(compose_embed(web, "watch=true", override))
     EmbedJob(compose_embed(web, "watch=true"))  # the defaults validate (nothing is contacted yet)
+
+
+def test_an_image_text_encoder_embeds_text_itself(compose_embed):
+    job = EmbedJob(compose_embed("encoder=medsiglip_448"))
+    assert job.routes == {"image", "text"}
+    with pytest.raises(ConfigError, match="already embeds text") as info:
+        EmbedJob(compose_embed("encoder=medsiglip_448", "+encoders.text=biomedbert"))
+    assert info.value.key == "encoders.text"
