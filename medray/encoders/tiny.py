@@ -49,7 +49,7 @@ TEXT_ARCHS = ("bert",)
 #: Image-text families :func:`build_tiny_checkpoint` can write (one architecture each).
 IMAGE_TEXT_FAMILIES = ("siglip", "open_clip")
 #: Demo checkpoints served under ``medray-demo://<name>``.
-DEMO_CHECKPOINTS = ("tiny_vit",)
+DEMO_CHECKPOINTS = ("tiny_vit", "tiny_siglip")
 
 _HIDDEN, _LAYERS, _HEADS, _PATCH = 32, 2, 2, 8
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -310,7 +310,8 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
         name: One of :data:`DEMO_CHECKPOINTS`.
 
     Returns:
-        Directory of an ``hf_image`` ViT checkpoint (32 px, untrained).
+        Directory of an untrained 32 px checkpoint: ``tiny_vit`` an ``hf_image``
+        ViT, ``tiny_siglip`` a ``siglip`` image-text model.
 
     Raises:
         ValueError: Unknown demo name.
@@ -325,7 +326,10 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
         if not target.is_dir():
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
             try:
-                build_tiny_checkpoint("hf_image", tmp, arch="vit", image_size=32, seed=0)
+                if name == "tiny_siglip":
+                    build_tiny_checkpoint("siglip", tmp, image_size=32, seed=0)
+                else:
+                    build_tiny_checkpoint("hf_image", tmp, arch="vit", image_size=32, seed=0)
                 os.rename(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

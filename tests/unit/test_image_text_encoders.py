@@ -131,3 +131,13 @@ def test_pipeline_routes_text_records_to_an_image_text_encoder(siglip_dir: str) 
     bert = get_spec("hf_text", checkpoint="/nowhere")
     # a text encoder named explicitly keeps the text route
     assert encoder_routes(StageOptions(encoder_specs={"image": spec, "text": bert}))["text"] is bert
+
+
+def test_demo_siglip_builds_offline(tmp_path) -> None:
+    from medray.encoders import ensure_demo_checkpoint
+
+    path = ensure_demo_checkpoint(str(tmp_path), name="tiny_siglip")
+    spec = get_spec("demo_tiny_siglip", cache_dir=str(tmp_path))
+    enc = create_encoder(spec)
+    assert enc.spec.untrained and enc.dim == 32 and path.endswith("tiny_siglip")
+    assert enc.embed_text(["effusion"]).shape == (1, 32)
