@@ -208,7 +208,11 @@ def _write_siglip(out: Path, size: int) -> None:
 
 
 def _write_open_clip(out: Path, size: int) -> None:
-    """An open_clip CLIP with a WordPiece tokenizer saved beside it (the BiomedCLIP layout, in miniature)."""
+    """An open_clip CLIP with a WordPiece tokenizer saved beside it (the BiomedCLIP layout, in miniature).
+
+    The text tower pools its first token ([CLS]) without a causal mask, as BiomedCLIP's BERT does: with
+    CLIP's causal mask the first token would see only itself and every text would embed alike.
+    """
     import json
 
     import open_clip
@@ -227,7 +231,7 @@ def _write_open_clip(out: Path, size: int) -> None:
             "vision_cfg": {"image_size": size, "layers": _LAYERS, "width": _HIDDEN, "head_width": _HIDDEN // _HEADS,
                            "patch_size": _PATCH, "mlp_ratio": 2.0},
             "text_cfg": {"context_length": _CONTEXT, "vocab_size": len(vocab), "width": _HIDDEN, "heads": _HEADS,
-                         "layers": _LAYERS, "mlp_ratio": 2.0, "pool_type": "first",
+                         "layers": _LAYERS, "mlp_ratio": 2.0, "pool_type": "first", "no_causal_mask": True,
                          "hf_tokenizer_name": "tiny-wordpiece"},
         },
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],

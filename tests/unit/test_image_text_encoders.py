@@ -141,3 +141,10 @@ def test_demo_siglip_builds_offline(tmp_path) -> None:
     enc = create_encoder(spec)
     assert enc.spec.untrained and enc.dim == 32 and path.endswith("tiny_siglip")
     assert enc.embed_text(["effusion"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("family", ["siglip", "open_clip"])
+def test_tiny_text_towers_tell_texts_apart(family: str, siglip_dir: str, open_clip_dir: str) -> None:
+    enc = create_encoder(get_spec(family, checkpoint=siglip_dir if family == "siglip" else open_clip_dir))
+    a, b = enc.embed_text(["effusion", "no finding"])
+    assert np.abs(a - b).max() > 1e-3  # zero-shot on a tiny checkpoint must not be a tie by construction
