@@ -156,12 +156,15 @@ def run_zeroshot(c: Any) -> dict[str, Any]:
     labels = [str(v) for v in c.labels]
     prompts = expand_prompts(labels, list(c.prompts))
     records = read_record_embeddings(c.embeddings, options)
-    images = np.asarray([m != "text" for m in records.modality], dtype=bool)
+    images = ~records.text  # reports and SR text an image-text encoder wrote beside the images are not scored
     if not images.any():
         raise ConfigError("embeddings", f"'{c.embeddings}' holds no image embeddings to classify")
     records = dataclasses.replace(
         records,
-        **{k: getattr(records, k)[images] for k in ("record_id", "uri", "member", "patient_key", "modality", "x")},
+        **{
+            k: getattr(records, k)[images]
+            for k in ("record_id", "uri", "member", "patient_key", "modality", "x", "text")
+        },
     )
     encoder = _encoder(c, records.encoder, options)
     if encoder.dim != records.x.shape[1]:

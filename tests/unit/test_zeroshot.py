@@ -121,7 +121,8 @@ def _embed_output(root: Path, enc, weights_hash: str) -> list[str]:
         "segment": ["frame"] * 4 + ["pooled"],
         "embedding": [list(map(float, v)) for v in np.vstack([images, text])],
         "patient_key": ["p0", "p1", "p2", "p3", "p4"],
-        "modality": ["photo"] * 4 + ["text"],
+        "modality": ["photo"] * 4 + ["SR"],  # DICOM SR text keeps the DICOM modality; its token span marks it
+        "token_end": [None] * 4 + [3],
     }
     (root / "embeddings").mkdir(parents=True)
     pq.write_table(pa.table(rows), root / "embeddings" / "part-0.parquet")
