@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from medray.platform.decoders.base import DecodeLimits
+from medray.platform.decoders.image import srgb_transform
 from medray.platform.dicomweb import dicomweb_client, is_dicomweb, parse_location
 from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord
 from medray.platform.storage import open_fs, unstrip
@@ -543,14 +544,7 @@ class DicomWsiSlide:
 
 def _icc_transform(icc: bytes) -> Any:
     """A Pillow transform from the slide's ICC profile to sRGB (``None`` when the profile is unusable)."""
-    from PIL import ImageCms
-
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        dst = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-        return ImageCms.buildTransform(src, dst, "RGB", "RGB")
-    except Exception:  # noqa: BLE001 - a broken profile: the pixels are used as stored (as viewers do)
-        return None
+    return srgb_transform(icc)
 
 
 # --------------------------------------------------------------------------- DICOMweb
