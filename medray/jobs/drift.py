@@ -36,7 +36,7 @@ import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -59,10 +59,10 @@ class DriftConf:
 
     reference: str = MISSING
     current: str = MISSING
-    output: str | None = None
-    manifest: str | None = None
-    group_by: list[str] = field(default_factory=lambda: ["modality"])
-    date_column: str | None = None
+    output: Optional[str] = None
+    manifest: Optional[str] = None
+    group_by: List[str] = field(default_factory=lambda: ["modality"])
+    date_column: Optional[str] = None
     window: str = "month"
     alpha: float = 0.05
     permutations: int = 500
