@@ -49,8 +49,9 @@ log = logging.getLogger("medray.drift")
 
 #: Columns of the embeddings themselves (the rest come from metadata or the manifest).
 _RECORD_COLUMNS = ("modality",)
-#: A group with fewer records than this on the reference side is compared to the whole reference.
+#: The name of "everything": no grouping column, no time window, or the whole reference.
 _ALL = "all"
+_SEP = "\x1f"  # the ASCII unit separator: joins a record's group values into one key
 
 
 @dataclass
@@ -244,15 +245,19 @@ def run_drift(c: Any) -> dict[str, Any]:
         groups.append(row)
 
     keys = list(c.group_by)
-    cur_key = [tuple(cur_groups[k][i] for k in keys) for i in range(n_cur)]
-    ref_key = [tuple(ref_groups[k][i] for k in keys) for i in range(n_ref)]
+    # one string per record names its group (values joined by a separator no value holds)
+    cur_key = np.asarray([_SEP.join(t) for t in zip(*(cur_groups[k] for k in keys))] if keys else [""] * n_cur, object)
+    ref_key = np.asarray([_SEP.join(t) for t in zip(*(ref_groups[k] for k in keys))] if keys else [""] * n_ref, object)
+    cur_win = np.asarray(cur_window, dtype=object)
     test({}, _ALL, np.arange(n_cur), np.arange(n_ref), c.seed)
-    cells = sorted({(cur_key[i], cur_window[i]) for i in range(n_cur)})
+    members: dict[str, np.ndarray] = {}  # group -> its current records (every window), for the report
     if keys or windows is not None:
-        for j, (gkey, window) in enumerate(cells):
-            cur_idx = np.asarray([i for i in range(n_cur) if cur_key[i] == gkey and cur_window[i] == window], int)
-            ref_idx = np.asarray([i for i in range(n_ref) if ref_key[i] == gkey], int)
-            test(dict(zip(keys, gkey)), window, cur_idx, ref_idx, c.seed + 1 + j)
+        for j, (gkey, window) in enumerate(sorted(set(zip(cur_key.tolist(), cur_window)))):
+            in_group = cur_key == gkey
+            members.setdefault(gkey, np.flatnonzero(in_group))
+            cur_idx = np.flatnonzero(in_group & (cur_win == window))
+            ref_idx = np.flatnonzero(ref_key == gkey)
+            test(dict(zip(keys, gkey.split(_SEP))) if keys else {}, window, cur_idx, ref_idx, c.seed + 1 + j)
 
     # 4. per-record OOD scores against the whole reference
     provenance = {**ref.encoder, "source": c.reference}
@@ -260,14 +265,13 @@ def run_drift(c: Any) -> dict[str, Any]:
     scores = ood.score(cur.x)
     alarms = scores > ood.threshold
     for row in groups:
-        idx = [
-            i
-            for i in range(n_cur)
-            if (not row["group"] or cur_key[i] == tuple(row["group"][k] for k in keys))
-            and (row["window"] == _ALL or cur_window[i] == row["window"])
-        ]
-        row["ood_mean"] = float(scores[idx].mean()) if idx else None
-        row["ood_alarm_rate"] = float(alarms[idx].mean()) if idx else None
+        mask = np.ones(n_cur, bool)
+        if row["group"]:
+            mask &= cur_key == _SEP.join(row["group"][k] for k in keys)
+        if row["window"] != _ALL:
+            mask &= cur_win == row["window"]
+        row["ood_mean"] = float(scores[mask].mean()) if mask.any() else None
+        row["ood_alarm_rate"] = float(alarms[mask].mean()) if mask.any() else None
 
     # 5. outputs
     fs, root = open_fs(output, options)
@@ -314,7 +318,7 @@ def run_drift(c: Any) -> dict[str, Any]:
     }
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     atomic_write_bytes(fs, posixpath.join(root, "drift.json"), json.dumps(doc, indent=2).encode())
-    by_group = {_group_name(g): scores[_members(g, cur_key, cur_window, keys)] for g in groups[1:] if g["group"]}
+    by_group = {gkey.replace(_SEP, " / "): scores[idx] for gkey, idx in members.items() if keys}
     doc["report"] = _write_report(output, options, doc, ood.reference_scores, scores, by_group)
     doc["output"] = output
     return doc
@@ -328,16 +332,6 @@ def _read(reader: Any, uri: str, options: dict, key: str) -> Any:
         return reader(uri, options)
     except ConfigError as err:
         raise ConfigError(key, str(err).split(": ", 1)[-1]) from None
-
-
-def _group_name(row: dict[str, Any]) -> str:
-    return " / ".join(str(v) for v in row["group"].values()) or _ALL
-
-
-def _members(row: dict[str, Any], cur_key: list[tuple], cur_window: list[str], keys: list[str]) -> list[int]:
-    """Current records of a group (every window of it)."""
-    gkey = tuple(row["group"][k] for k in keys)
-    return [i for i in range(len(cur_key)) if cur_key[i] == gkey]
 
 
 def _write_report(output: str, options: dict, doc: dict, ref_scores: Any, scores: Any, by_group: dict) -> str | None:

@@ -452,7 +452,7 @@ class EncoderDeployment:
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
         if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
             record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
-            out["ood"] = self._ood.observe(record)
+            out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
