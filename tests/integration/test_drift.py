@@ -64,7 +64,7 @@ def _new_vendor(src: Path, dst: Path) -> int:
     return n
 
 
-def test_drift_detects_a_new_vendor_and_stays_quiet_on_held_out_data(tmp_path: Path) -> None:
+def test_drift_detects_a_new_vendor_and_stays_quiet_on_held_out_data(s3, tmp_path: Path) -> None:
     t0 = time.time()
     home = tmp_path / "home"
     home.mkdir()
@@ -86,10 +86,13 @@ def test_drift_detects_a_new_vendor_and_stays_quiet_on_held_out_data(tmp_path: P
         f"current={tmp_path / 'emb' / 'cur'}",
         "group_by=[manufacturer]",
         "permutations=1000",
+        f"output=s3://{s3.bucket}/drift/vendor",  # the outputs go to object storage
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "drift:" in res.stdout and "report" in res.stdout
-    out = tmp_path / "emb" / "cur" / "drift"
+    out = tmp_path / "out"
+    s3.filesystem().get(f"{s3.bucket}/drift/vendor/", str(out), recursive=True)
+    assert {p.name for p in out.iterdir()} >= {"drift.json", "ood.parquet", "reference.npz", "report"}
     doc = json.loads((out / "drift.json").read_text())
     groups = {g["group"]["manufacturer"]: g for g in doc["groups"]}
     assert set(groups) == {"PHANTOM-VENDOR-A", "PHANTOM-VENDOR-B", "PHANTOM-VENDOR-C", NEW_VENDOR}
