@@ -42,6 +42,7 @@ import yaml
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.encoders.heads import LinearHead, ModelCard, save_artifact
 from medray.serve.haidef import PREDICTION_SCHEMA, check_against
+from medray.testing.dicom_wsi import dicom_wsi_files
 from medray.testing.orthanc import OrthancServer
 from medray.testing.samples import generate_samples
 
@@ -153,6 +154,10 @@ def stack(s3, tmp_path_factory):
     pacs = OrthancServer().start()
     dicoms = sorted(p for p in (inputs / "dicom").rglob("*.dcm"))
     pacs.upload(dicoms)
+    # and a whole slide (DICOM WSI, two levels): HAI-DEF patches are read from it frame by frame
+    for name, data in dicom_wsi_files(size=256, levels=2, tile=64).items():
+        (root / f"wsi_{name}").write_bytes(data)
+    pacs.upload(sorted(root.glob("wsi_level*.dcm")))
     env.update(pacs.env())
     # Vertex AI names the HAI-DEF routes in the environment: they win over serve.haidef.*
     env.update({"AIP_PREDICT_ROUTE": "/vertex/predict", "AIP_HEALTH_ROUTE": "/vertex/health"})
@@ -298,6 +303,8 @@ def stack(s3, tmp_path_factory):
             "audio_head": audio_head,
             "pacs": pacs,
             "dicoms": dicoms,
+            "wsi": root / "wsi_level1.dcm",
+            "ckpt": ckpt,
         }
     finally:
         t0 = time.time()
@@ -460,6 +467,15 @@ def test_hai_def_requests_answer_in_their_schema_instance_by_instance(stack):
         {"text": "no effusion"},
         {"image": {"dicomweb_uri": dicomweb, "radiology_dicom_window_level": {"center": 100, "width": 50}}},
         {"video": {}},
+        {  # Path Foundation's request: patches of one pyramid level of a slide in the PACS
+            "image": {
+                "dicomweb_uri": _instance_uri(stack, stack["wsi"]),
+                "patch_coordinates_list": [
+                    {"x_origin": 0, "y_origin": 0, "width": 32, "height": 32},
+                    {"x_origin": 40, "y_origin": 24, "width": 32, "height": 32},
+                ],
+            }
+        },
     ]
     assert requests.post(url + "/vertex/predict", json={"instances": instances}, timeout=TIMEOUT).status_code == 401
     r = requests.post(url + "/vertex/predict", json={"instances": instances}, headers=auth, timeout=TIMEOUT)
@@ -478,6 +494,17 @@ def test_hai_def_requests_answer_in_their_schema_instance_by_instance(stack):
     assert preds[6]["error"]["description"].startswith("unsupported_media")  # no text encoder on this app
     assert not np.allclose(preds[7]["embedding"], preds[1]["embedding"], atol=1e-4)  # the window applied
     assert preds[8]["error"]["description"].startswith("invalid_request")
+    from medray.encoders import create_encoder, get_spec
+    from medray.platform.decoders.dicom_wsi import open_dicom_wsi
+
+    level1 = open_dicom_wsi(str(stack["wsi"].with_name("wsi_level0.dcm")))
+    crops = [level1.read_region((2 * x, 2 * y), 1, (32, 32), as_array=True) for x, y in ((0, 0), (40, 24))]
+    encoder = create_encoder(get_spec("hf_image", checkpoint=stack["ckpt"]), device="cpu", dtype="float32")
+    want = encoder.embed(encoder.preprocess(crops))
+    assert "patch_embeddings" in preds[9], preds[9]
+    got = preds[9]["patch_embeddings"]
+    assert [p["patch_coordinate"]["x_origin"] for p in got] == [0, 40]
+    np.testing.assert_allclose([p["embedding"] for p in got], want, atol=1e-5, rtol=0)
     # /v1/embeddings takes the same DICOMweb instance
     r = requests.post(url + "/v1/embeddings", json={"dicomweb_uri": dicomweb}, headers=auth, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
