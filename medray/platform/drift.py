@@ -10,7 +10,8 @@ Two questions, two tools:
   ``(n, n)`` kernel stays small; the permutations are one matrix product.
 * *Is this one record unlike the reference?* :class:`OODReference` - the mean
   cosine distance of a record to its ``k`` nearest reference embeddings
-  (scikit-learn's :class:`~sklearn.neighbors.NearestNeighbors`), with an alarm
+  (exact: one matrix product on unit vectors; equal to scikit-learn's brute-force
+  cosine :class:`~sklearn.neighbors.NearestNeighbors`, which a test checks), with an alarm
   threshold calibrated on the reference itself: the ``quantile`` of the
   reference's leave-one-out scores (each reference record scored against the
   others), so about ``1 - quantile`` of in-distribution records alarm.
@@ -188,7 +189,6 @@ class OODReference:
     quantile: float
     reference_scores: np.ndarray
     provenance: dict[str, Any] = field(default_factory=dict)
-    _index: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def fit(
@@ -197,7 +197,8 @@ class OODReference:
         *,
         k: int = 5,
         quantile: float = 0.99,
-        max_reference: int | None = 50_000,
+        max_reference: int | None = 20_000,
+        max_calibration: int = 2_000,
         seed: int = 0,
         provenance: Mapping[str, Any] | None = None,
     ) -> OODReference:
@@ -208,6 +209,9 @@ class OODReference:
             k: neighbours per score (at most ``n - 1``; fewer reference rows lower it).
             quantile: alarm threshold = this quantile of the reference's own scores.
             max_reference: keep at most this many reference rows (seeded subsample); None keeps all.
+                Each score costs ``n x dim`` multiply-adds (20,000 x 768: milliseconds).
+            max_calibration: leave-one-out scores of at most this many reference rows (seeded) set
+                the threshold; each is scored against all the others.
             seed: subsampling seed.
             provenance: stored with the reference (encoder, weights hash, source).
 
@@ -221,24 +225,34 @@ class OODReference:
             raise ValueError(f"k must be >= 1, got {k}")
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        rng = np.random.default_rng(seed)
         if max_reference is not None:
-            ref = _subsample(ref, max_reference, np.random.default_rng(seed))
+            ref = _subsample(ref, max_reference, rng)
         vectors = _unit(ref).astype(np.float32)
         k = min(k, len(vectors) - 1)
         out = cls(vectors, k, math.nan, quantile, np.zeros(0, np.float32), dict(provenance or {}))
-        # each reference record against the others: its own row is its nearest neighbour (distance 0)
-        dist, _ = out._nn().kneighbors(vectors, n_neighbors=k + 1)
-        loo = np.sort(dist, axis=1)[:, 1:].mean(axis=1)
+        # each (sampled) reference record against the others: its own row is its nearest neighbour (distance 0)
+        loo = out._knn_distances(_subsample(vectors, max(1, max_calibration), rng), k + 1)[:, 1:].mean(axis=1)
         out.reference_scores = loo.astype(np.float32)
         out.threshold = float(np.quantile(loo, quantile))
         return out
 
-    def _nn(self) -> Any:
-        if self._index is None:
-            from sklearn.neighbors import NearestNeighbors
+    def _knn_distances(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Cosine distances of unit-length ``queries`` to their ``k`` nearest reference rows, ascending.
 
-            self._index = NearestNeighbors(metric="cosine", algorithm="brute").fit(self.vectors)
-        return self._index
+        On unit vectors the cosine distance is ``1 - q . v``: one matrix product per chunk of
+        queries and a partial sort. scikit-learn's brute-force cosine ``NearestNeighbors`` gives the
+        same distances but re-normalises the whole reference on every call: 149 ms against 31 ms
+        for one query against 20,000 x 768 on the shared 2-core machine.
+        """
+        out = np.empty((len(queries), k), dtype=np.float32)
+        step = max(1, (1 << 24) // max(1, len(self.vectors)))  # <= 64 MB of similarities per chunk
+        for start in range(0, len(queries), step):
+            sims = queries[start : start + step] @ self.vectors.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
+            best = np.take_along_axis(sims, top, axis=1)
+            out[start : start + step] = np.sort(1.0 - best, axis=1)
+        return np.clip(out, 0.0, 2.0)
 
     @property
     def dim(self) -> int:
@@ -260,8 +274,7 @@ class OODReference:
             raise ValueError(f"embeddings of shape {x.shape} do not match the reference's dim {self.dim}")
         if not len(x):
             return np.zeros(0, np.float32)
-        dist, _ = self._nn().kneighbors(_unit(x).astype(np.float32), n_neighbors=self.k)
-        return np.clip(dist.mean(axis=1), 0.0, 2.0).astype(np.float32)
+        return self._knn_distances(_unit(x).astype(np.float32), self.k).mean(axis=1).astype(np.float32)
 
     def save(self, uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
         """Write the reference as one ``.npz`` file (atomically) at ``uri``; returns ``uri``."""

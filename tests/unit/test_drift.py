@@ -84,6 +84,17 @@ def test_ood_score_is_cosine_and_scale_free() -> None:
         OODReference.fit(np.zeros((1, 4)))
 
 
+def test_ood_scores_equal_scikit_learns_nearest_neighbours() -> None:
+    from sklearn.neighbors import NearestNeighbors
+
+    ref = OODReference.fit(_cloud(300, 1), k=7, max_calibration=50)
+    assert len(ref.reference_scores) == 50
+    x = _cloud(40, 2, shift=0.5)
+    nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(ref.vectors)
+    dist, _ = nn.kneighbors(x / np.linalg.norm(x, axis=1, keepdims=True), n_neighbors=7)
+    np.testing.assert_allclose(ref.score(x), dist.mean(axis=1), atol=1e-5)
+
+
 def test_ood_reference_saves_and_loads(tmp_path) -> None:
     ref = OODReference.fit(_cloud(60, 1), k=4, provenance={"weights_hash": "abc", "encoder": "tiny"})
     uri = ref.save(str(tmp_path / "sub" / "ref.npz"))
