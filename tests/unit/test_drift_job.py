@@ -127,3 +127,15 @@ def test_drift_refuses_other_weights_and_unknown_columns(tmp_path: Path) -> None
         run_drift(_conf(reference=ref, current=ref, permutations=10))
     doc = run_drift(_conf(reference=ref, current=ref, group_by=[]))  # one "all" group
     assert doc["groups"] == [] and doc["overall"]["reference"] == "all"
+
+
+def test_fail_on_alarm_sets_the_exit_code(tmp_path: Path, capsys) -> None:
+    from medray.jobs.drift import main
+
+    ref = _embed_output(tmp_path / "ref", _cloud(60, 1), prefix="r")
+    moved = _embed_output(tmp_path / "moved", _cloud(60, 3, shift=2.0), prefix="m")
+    base = {"reference": ref, "current": moved, "permutations": 200, "group_by": []}
+    assert main(OmegaConf.merge(OmegaConf.structured(DriftConf), base)) == 0
+    assert main(OmegaConf.merge(OmegaConf.structured(DriftConf), {**base, "fail_on_alarm": True})) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("drift: 60 current vs 60 reference records, overall MMD p=") and "ALARM" in line
