@@ -176,8 +176,8 @@ def run_drift(c: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     options = dict(c.storage.options)
     output = c.output or posixpath.join(str(c.current).rstrip("/"), "drift")
-    ref = _read(read_record_embeddings, c.reference, options, "reference")
-    cur = _read(read_record_embeddings, c.current, options, "current")
+    ref = _by_record_id(_read(read_record_embeddings, c.reference, options, "reference"))
+    cur = _by_record_id(_read(read_record_embeddings, c.current, options, "current"))
     wh_ref, wh_cur = ref.encoder.get("weights_hash"), cur.encoder.get("weights_hash")
     if wh_ref != wh_cur:
         raise ConfigError(
@@ -322,6 +322,21 @@ def run_drift(c: Any) -> dict[str, Any]:
     doc["report"] = _write_report(output, options, doc, ood.reference_scores, scores, by_group)
     doc["output"] = output
     return doc
+
+
+def _by_record_id(records: Any) -> Any:
+    """The records in record-id order: parts are written in any order, the p-values must not depend on it."""
+    import dataclasses
+
+    import numpy as np
+
+    order = np.argsort(records.record_id.astype(str), kind="stable")
+    arrays = {
+        f.name: getattr(records, f.name)[order]
+        for f in dataclasses.fields(records)
+        if isinstance(getattr(records, f.name), np.ndarray) and len(getattr(records, f.name)) == len(order)
+    }
+    return dataclasses.replace(records, **arrays)
 
 
 def _read(reader: Any, uri: str, options: dict, key: str) -> Any:

@@ -129,6 +129,22 @@ def test_drift_refuses_other_weights_and_unknown_columns(tmp_path: Path) -> None
     assert doc["groups"] == [] and doc["overall"]["reference"] == "all"
 
 
+def test_p_values_do_not_depend_on_the_order_records_were_written(tmp_path: Path) -> None:
+    x = _cloud(80, 2)  # no shift: a p-value in the middle, where the permutations' draw shows
+    ref = _embed_output(tmp_path / "ref", _cloud(80, 1), prefix="r")
+    a = _embed_output(tmp_path / "a", x, prefix="c")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "_medray.json").write_text((Path(a) / "_medray.json").read_text())
+    (b / "embeddings").mkdir()
+    table = pq.read_table(Path(a) / "embeddings" / "part-0.parquet")
+    pq.write_table(table.take(np.random.default_rng(0).permutation(80)), b / "embeddings" / "part-0.parquet")
+    one = run_drift(_conf(reference=ref, current=a, group_by=[]))
+    two = run_drift(_conf(reference=ref, current=str(b), group_by=[]))
+    assert 0.05 < one["overall"]["p_value"] == two["overall"]["p_value"]
+    assert one["overall"]["statistic"] == pytest.approx(two["overall"]["statistic"])
+
+
 def test_fail_on_alarm_sets_the_exit_code(tmp_path: Path, capsys) -> None:
     from medray.jobs.drift import main
 
