@@ -39,6 +39,7 @@ from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, Read
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 from medray.platform.storage import open_fs, read_bytes
 from medray.serve.config import uri_allowed
+from medray.serve.ood import OODMonitor
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
@@ -362,6 +363,7 @@ class EncoderDeployment:
         torch_threads: intra-op threads; ``None``: the replica's CPUs.
         decode_threads: threads decoding requests.
         num_cpus: the replica's CPU reservation (sizes ``torch_threads``).
+        ood: ``serve.ood`` as a dict: score each answer against its reference (see :mod:`medray.serve.ood`).
 
     ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) is applied
     by :meth:`reconfigure`, so batching can change without a restart.
@@ -377,6 +379,7 @@ class EncoderDeployment:
         torch_threads: int | None = None,
         decode_threads: int = 2,
         num_cpus: float = 1.0,
+        ood: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -391,6 +394,7 @@ class EncoderDeployment:
         self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
         self._ident["device"] = device
         self._replica = replica_tag()
+        self._ood = OODMonitor.from_conf(ood, settings.storage_options, encoder=self._ident)
         self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
         # OpenMP's thread count is per thread and starts from OMP_NUM_THREADS, which Ray sets to the
         # replica's num_cpus: set it inside each pool thread, or the model runs on fewer cores than asked.
@@ -484,6 +488,9 @@ class EncoderDeployment:
             out["segments"] = decoded.segments
             if decoded.pool == "mean":  # the row `medray embed` writes with frame -1
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
+        if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
+            record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
+            out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

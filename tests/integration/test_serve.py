@@ -228,6 +228,7 @@ def stack(s3, tmp_path_factory):
             f"heads=[{audio_head_uri}]",
             "serve.heads.autoscaling.max_replicas=1",
             "serve.route_prefix=/open",
+            f"serve.ood.reference={root / 'emb'}",  # written by `medray embed` below, before the app deploys
             f"emit_config={cfg}",
             "serve.encoder.max_batch_size=1",
             "serve.encoder.max_ongoing_requests=1",
@@ -785,6 +786,48 @@ def test_emitted_config_app_has_auth_off_and_answers_overload_with_503(stack, op
     assert shed and any(r[0] == 200 for r in results)
     assert all(r[2] == "1" for r in shed)
     assert np.median([r[3] for r in shed]) < 2.0  # refused at once, not after queueing
+
+
+def _metrics_ports(stack) -> list[int]:
+    """The Prometheus export port of each node of the stack's Ray (a second driver asks the cluster)."""
+    gcs = stack["gcs"]
+    code = (
+        f"import json, ray; ray.init(address={gcs!r}, logging_level='ERROR'); "
+        "print(json.dumps([n['MetricsExportPort'] for n in ray.nodes() if n['Alive']]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_open_app_scores_each_image_out_of_distribution_and_exports_it(stack, open_app):
+    """serve.ood.reference=<the embed output>: each answer carries the OOD score against it, and Ray's
+    Prometheus export has the score histogram and the threshold."""
+    scores = []
+    for rel in ("dicom/p01/0004_dx.dcm", "photos/derm_0000.png"):
+        r = _upload(stack, rel, base=open_app, headers={})
+        assert r.status_code == 200, r.text
+        ood = r.json()["ood"]
+        assert set(ood) == {"score", "threshold", "alarm"}
+        assert 0.0 <= ood["score"] <= 2.0 and ood["threshold"] > 0 and ood["alarm"] == (ood["score"] > ood["threshold"])
+        scores.append(ood["score"])
+    # the main app has no reference: no score
+    assert "ood" not in _upload(stack, "photos/derm_0000.png").json()
+    ports = _metrics_ports(stack)
+    deadline, text = time.time() + 45, ""
+    while time.time() < deadline:  # the metrics agent exports every few seconds
+        text = ""
+        for port in ports:
+            try:
+                text += requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.RequestException:
+                pass
+        if "medray_ood_score_bucket" in text and "medray_ood_threshold" in text:
+            break
+        time.sleep(1.0)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_medray_ood_score_count")]
+    assert lines and sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 2, text[-3000:]
+    assert any(ln.startswith("ray_medray_ood_threshold") for ln in text.splitlines())
 
 
 def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
