@@ -35,6 +35,7 @@ from medray.config import EmbedConf, format_options, patient_salt
 from medray.encoders import (
     EncoderSpec,
     create_preprocessor,
+    family_modalities,
     family_modality,
     get_spec,
     identity_key,
@@ -218,7 +219,7 @@ class EmbedJob:
             key = f"encoders.{modality}"
             if modality not in MODALITIES:
                 raise ConfigError(key, f"unknown modality '{modality}'; known: {', '.join(MODALITIES)}")
-            if modality == self.primary:
+            if modality in family_modalities(self.spec.family):
                 raise ConfigError(
                     key,
                     f"encoder={self.spec.name} already embeds {modality} records; "
@@ -229,6 +230,8 @@ class EmbedJob:
                 raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
             self.specs[modality] = spec
 
+        # what records this run embeds: each encoder's modality, plus text for an image-text encoder
+        self.routes: set[str] = set(self.specs) | set(family_modalities(self.spec.family))
         self._validate_series()
         self.audio_opts = asdict(c.audio)
         self.text_opts = asdict(c.text)
@@ -246,7 +249,7 @@ class EmbedJob:
         if c.text_column is not None:
             if self.input.kind != "manifest":
                 raise ConfigError("text_column", "needs a manifest input (.csv/.jsonl/.parquet) holding that column")
-            if "text" not in self.specs:
+            if "text" not in self.routes:
                 raise ConfigError("text_column", "no text encoder: set encoders.text=biomedbert (or encoder=...)")
 
     def _validate_watch(self) -> None:
@@ -340,7 +343,7 @@ class EmbedJob:
     def _skip_applies(self, reason: str, modality: str | None) -> bool:
         """Whether a record an earlier run skipped would be skipped again (then it counts as done)."""
         if reason == "NoEncoder":
-            routes = set(self.specs) | ({"slide"} if "image" in self.specs else set())
+            routes = self.routes | ({"slide"} if "image" in self.specs else set())
             return modality not in routes
         if reason == "BurnedInAnnotation":
             return not self.cfg.decode.allow_burned_in

@@ -67,6 +67,7 @@ __all__ = [
     "project_2d",
     "evaluation_report",
     "probe_report",
+    "zeroshot_report",
     "embed_report",
     "read_documents",
     "drift_figure",
@@ -752,6 +753,41 @@ def probe_report(docs: Sequence[Mapping[str, Any]], title: str | None = None) ->
         Table("curves", "AUROC per training-set size", ["encoder / head", "patients", "AUROC"], table_rows)
     )
     report.sections.append(sec)
+    return report
+
+
+def zeroshot_report(doc: Mapping[str, Any]) -> Report:
+    """The report of a ``zeroshot.json`` (``medray zeroshot``): the prompts, the scoring and, with labels, the metrics.
+
+    Args:
+        doc: the parsed ``zeroshot.json``; its ``evaluation`` (an ``evaluation.json``
+            document, when a labelled manifest was given) adds the evaluation's sections.
+    """
+    enc = doc.get("encoder") or {}
+    labels = list(doc.get("labels") or [])
+    bias = enc.get("model_bias")
+    rule = (
+        f"sigmoid(cos x {enc.get('model_temperature', 0):.4g} + {bias:.4g}) per class"
+        if enc.get("score") == "sigmoid" and bias is not None
+        else f"softmax over classes of cos x {enc.get('model_temperature', 0):.4g}"
+    )
+    counts = doc.get("counts") or {}
+    sub = f"encoder {enc.get('name')} ({str(enc.get('weights_hash') or '')[:12]}); {counts.get('images', 0)} images"
+    report = Report(f"Zero-shot: {', '.join(labels)}", sub)
+    prompts = doc.get("prompts") or {}
+    mean = doc.get("mean_scores") or {}
+    rows = [[label, "; ".join(prompts.get(label, [])), f"{float(mean.get(label, 0.0)):.3f}"] for label in labels]
+    table = Table(
+        "zeroshot-prompts",
+        "Classes, their prompts and mean score",
+        ["class", "prompts (averaged, normalised)", "mean score"],
+        rows,
+        caption=f"Each image's score: {rule}. The text tower embeds every prompt; a class is the "
+        "normalised mean of its prompts' normalised embeddings.",
+    )
+    report.sections.append(Section("Zero-shot", [table]))
+    if doc.get("evaluation"):
+        report.extend(evaluation_report(doc["evaluation"]))
     return report
 
 

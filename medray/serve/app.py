@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 from medray.config import DecodeConf, EncoderConf, StorageConf
-from medray.encoders import family_modality
+from medray.encoders import family_modalities, family_modality
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.formats import TextOptions
 from medray.serve.config import (
@@ -160,6 +160,8 @@ def build_app(args: ServeArgs) -> Application:
                 ood=dataclasses.asdict(s.ood) if modality == primary and s.ood.reference else None,
             )
         )
+    for modality in family_modalities(args.encoder.family)[1:]:  # an image-text encoder answers text too
+        encoders.setdefault(modality, encoders[primary])
     head_app = None
     if heads:
         h = s.heads

@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -29,7 +29,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 from ray import serve
 
-from medray.encoders import create_encoder, family_modality, get_spec
+from medray.encoders import create_encoder, family_modalities, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
 from medray.platform.decoders import DecodeLimits, check_size
@@ -162,7 +162,12 @@ def _extension(name: str) -> str:
 
 
 def decode_input(
-    payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *, salt: str = "", modality: str = "image"
+    payload: Mapping[str, Any],
+    settings: DecodeSettings,
+    preprocessor: Any,
+    *,
+    salt: str = "",
+    modality: str | Sequence[str] = "image",
 ) -> DecodedInput:
     """Route, decode and preprocess one request exactly as ``medray embed`` does.
 
@@ -176,7 +181,8 @@ def decode_input(
         preprocessor: the encoder (or its :class:`~medray.encoders.Preprocessor`).
         salt: patient-key salt (the key is never returned by the server).
         modality: what the served encoder embeds (``image``, ``audio`` or
-            ``text``); content of another modality is refused (415).
+            ``text``; an image-text encoder: ``("image", "text")``); content of
+            another modality is refused (415).
 
     Returns:
         The preprocessed items (frames, windows or chunks).
@@ -218,18 +224,19 @@ def decode_input(
         raise UnsupportedFormat(
             "DICOM object without pixel data or report text (e.g. RTSTRUCT, presentation state); nothing to embed"
         )
+    allowed = (modality,) if isinstance(modality, str) else tuple(modality)
     ctx = PrepareContext(
         name=name,
         route=route,
-        preprocessors={modality: preprocessor},
+        preprocessors={m: preprocessor for m in allowed},
         options=format_options(stage, dicom),
         limits=limits,
         salt=salt,
     )
     # a format may embed its records with another encoder (an enhanced CT's frames on an image endpoint)
-    route = fmt.resolve_route(route, ctx) if route != modality else route
-    if route != modality:
-        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
+    route = fmt.resolve_route(route, ctx) if route not in allowed else route
+    if route not in allowed:
+        raise UnsupportedFormat(f"this endpoint's encoder embeds {' and '.join(allowed)} inputs; the input is {route}")
     ctx = dataclasses.replace(ctx, route=route)
     if payload.get("patches"):
         return _patches_input(data, ctx, fmt, payload["patches"], preprocessor, settings)
@@ -388,7 +395,7 @@ class EncoderDeployment:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         spec = get_spec(dict(encoder))
-        self._modality = family_modality(spec.family)
+        self._modality = family_modalities(spec.family)  # an image-text encoder: image and text
         self._encoder = create_encoder(spec, device=device, dtype=dtype)
         self._settings = settings
         self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
@@ -492,6 +499,27 @@ class EncoderDeployment:
             record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
             out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
         return out
+
+    async def embed_texts(self, texts: list[str]) -> dict:
+        """Text-tower embeddings of short texts (zero-shot prompts) of an image-text encoder.
+
+        Returns:
+            ``{"embeddings": float32 (N, dim), "encoder"}``, or ``{"error": {...}}``
+            when the encoder has no text tower in its images' space.
+        """
+        embed_text = getattr(self._encoder, "embed_text", None)
+        if embed_text is None:
+            return error_result(
+                UnsupportedFormat(f"encoder {self._ident['name']} is not an image-text encoder: it embeds no prompts")
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            emb = await loop.run_in_executor(self._model_pool, embed_text, list(texts))
+        except Exception as err:  # noqa: BLE001 - a bad prompt is an answer, not a crash
+            return error_result(
+                err if isinstance(err, RecordError) else EncodeError(f"model failed ({type(err).__name__})")
+            )
+        return {"embeddings": np.asarray(emb, dtype=np.float32), "encoder": dict(self._ident)}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:
