@@ -140,6 +140,20 @@ class VectorIndex:
         return int(self.manifest["dim"])
 
     @property
+    def expansion_search(self) -> int:
+        """HNSW ``ef`` of queries: more finds more of the true neighbours, slower."""
+        return int(self._index.expansion_search)
+
+    @expansion_search.setter
+    def expansion_search(self, ef: int) -> None:
+        self._index._compiled.expansion_search = int(ef)  # usearch's property has a setter its stubs omit
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the saved index file (graph and vectors)."""
+        return int(self._index.serialized_length)
+
+    @property
     def weights_hash(self) -> str | None:
         """The weights hash of the encoder whose embeddings this index holds."""
         return (self.manifest.get("encoder") or {}).get("weights_hash")

@@ -109,3 +109,11 @@ def test_bad_parameters_name_the_key():
         build_index(np.ones((2, 4)), {"record_id": ["a", "b"]}, encoder={}, dtype="f8")
     with pytest.raises(ConfigError, match="one value per vector"):
         build_index(np.ones((2, 4)), {"record_id": ["a"]}, encoder={})
+
+
+def test_query_ef_is_adjustable_and_size_reported(small):
+    _, idx = small
+    before = idx.expansion_search
+    idx.expansion_search = 200
+    assert idx.expansion_search == 200 and idx.nbytes > 600 * 32 * 2
+    idx.expansion_search = before
