@@ -107,7 +107,7 @@ def _column(records: Mapping[str, Sequence[Any]], name: str, n: int) -> pa.Array
         return pa.nulls(n, typ)
     out: list[Any] = []
     for v in values:
-        if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        if v is None or (isinstance(v, float) and math.isnan(v)):
             out.append(None)
         elif pa.types.is_integer(typ):
             out.append(int(v))
