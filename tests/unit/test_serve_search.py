@@ -47,3 +47,34 @@ def test_search_errors_keep_their_status_through_the_ingress():
     assert err is not None and (err.status, err.code, err.message) == (409, "index_mismatch", "rebuild it")
     plain = error_for_result({"error": {"class": "DecodeError", "message": "m"}})
     assert plain is not None and plain.status == 422
+
+
+def test_medray_serve_refuses_an_index_of_other_weights_before_ray(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from medray.config import CONF_DIR, register_schemas
+    from medray.encoders import build_tiny_checkpoint, hash_directory
+    from medray.jobs.serve import ServeJob, register
+    from medray.platform.errors import ConfigError
+    from medray.platform.vectorindex import build_index
+
+    register_schemas()
+    register()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("MEDRAY_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = build_tiny_checkpoint("hf_image", str(tmp_path / "ckpt"), arch="vit", image_size=16)
+    x = np.eye(4, 32, dtype=np.float32)
+    for name, weights in (("good", hash_directory(ckpt)), ("other", "0" * 64)):
+        build_index(x, {"record_id": list("abcd")}, encoder={"weights_hash": weights}).save(str(tmp_path / name))
+
+    def job(index: str) -> ServeJob:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            overrides = ["encoder=hf_image", f"encoder.checkpoint={ckpt}", f"serve.search.index={index}"]
+            return ServeJob(compose("serve", overrides=overrides))
+
+    assert job(str(tmp_path / "good")).cfg.serve.search.index == str(tmp_path / "good")
+    with pytest.raises(ConfigError, match="medray index") as err:
+        job(str(tmp_path / "other"))
+    assert err.value.key == "serve.search.index"
+    with pytest.raises(ConfigError, match="no search index"):
+        job(str(tmp_path / "missing"))
