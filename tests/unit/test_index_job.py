@@ -72,3 +72,17 @@ def test_index_job_refuses_bad_settings_and_missing_embeddings(tmp_path):
         run_index(IndexConf(embeddings=str(tmp_path), duplicates=DuplicatesConf(threshold=1.5)))
     with pytest.raises(ConfigError, match="not the output of `medray embed`"):
         run_index(IndexConf(embeddings=str(tmp_path)))
+
+
+def test_index_job_reads_and_writes_object_storage(tmp_path):
+    # memory:// is fsspec's in-process object store: the same code path as s3:// (no local paths)
+    import fsspec
+
+    x = _embed_output(tmp_path / "emb")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "emb"), "/bucket/emb", recursive=True)
+    doc = run_index(IndexConf(embeddings="memory://bucket/emb"))
+    assert doc["output"] == "memory://bucket/emb/index" and fs.exists("/bucket/emb/index/manifest.json")
+    idx = load_index("memory://bucket/emb/index", cache_dir=str(tmp_path / "cache"), weights_hash="w" * 64)
+    assert idx.search(x[11], k=1)[0]["uri"] == "/data/11.dcm"
+    assert fs.exists("/bucket/emb/index/near_duplicates.csv") and fs.exists("/bucket/emb/index/report/index.html")
