@@ -126,10 +126,18 @@ class VectorIndex:
         self._index = index
         self.records = records
         self.manifest = dict(manifest)
-        self._columns = {
-            name: np.asarray(records.column(name).to_pylist(), dtype=object) for name in records.schema.names
-        }
-        self._keys = {str(rid): i for i, rid in enumerate(self._columns["record_id"])}
+        # lookups that stay cheap at millions of records: sorted ids (no dict of Python strings) and
+        # dictionary codes per filter column (a filter is one vectorised comparison, not a Python loop)
+        ids = np.asarray(records.column("record_id").to_numpy(zero_copy_only=False), dtype="S")
+        self._id_order = np.argsort(ids, kind="stable")
+        self._ids_sorted = ids[self._id_order]
+        self._codes: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
+        for name in FILTER_COLUMNS:
+            if name not in records.schema.names:
+                continue
+            encoded = records.column(name).cast(pa.string()).combine_chunks().dictionary_encode()
+            codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+            self._codes[name] = (codes, {str(v): i for i, v in enumerate(encoded.dictionary.to_pylist())})
 
     def __len__(self) -> int:
         return int(self.records.num_rows)
@@ -177,13 +185,25 @@ class VectorIndex:
         if served.get("dim") not in (None, self.dim):
             raise IndexMismatch(f"the search index holds {self.dim}-d vectors, the encoder gives {served.get('dim')}")
 
+    def key_of(self, record_id: str) -> int:
+        """The key (row) of ``record_id``.
+
+        Raises:
+            KeyError: no such record in the index.
+        """
+        rid = str(record_id).encode()
+        pos = int(np.searchsorted(self._ids_sorted, rid))
+        if pos >= len(self._ids_sorted) or self._ids_sorted[pos] != rid:
+            raise KeyError(record_id)
+        return int(self._id_order[pos])
+
     def vector(self, record_id: str) -> np.ndarray:
         """The stored (unit-length) vector of ``record_id``.
 
         Raises:
             KeyError: no such record in the index.
         """
-        key = self._keys[str(record_id)]
+        key = self.key_of(record_id)
         return np.asarray(self._index.get(key, dtype=np.float32), dtype=np.float32)
 
     def _mask(self, filters: Mapping[str, Any] | None) -> np.ndarray | None:
@@ -194,9 +214,9 @@ class VectorIndex:
             if name not in FILTER_COLUMNS:
                 raise ConfigError(f"filters.{name}", f"filter on one of {', '.join(FILTER_COLUMNS)}")
             values = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
-            allowed = {str(v) for v in values}
-            column = self._columns[name]
-            mask &= np.asarray([v is not None and str(v) in allowed for v in column], dtype=bool)
+            codes, lookup = self._codes[name]
+            allowed = [lookup[str(v)] for v in values if str(v) in lookup]
+            mask &= np.isin(codes, np.asarray(allowed, np.int32))
         return mask
 
     def _exact(self, q: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +277,7 @@ class VectorIndex:
 
     def hit(self, key: int, distance: float) -> dict[str, Any]:
         """The provenance of row ``key`` with its distance."""
-        out: dict[str, Any] = {c: self._columns[c][key] for c in _HIT_COLUMNS}
+        out: dict[str, Any] = {c: self.records.column(c)[key].as_py() for c in _HIT_COLUMNS}
         out["distance"] = round(max(0.0, distance), 6)
         out["similarity"] = round(1.0 - distance, 6)
         return out
@@ -279,26 +299,29 @@ class VectorIndex:
             vectors = np.stack(self._index.get(chunk, dtype=np.float32)) if len(chunk) > 1 else self._one(chunk[0])
             m = self._index.search(normalise(vectors), count, threads=threads)
             found = np.asarray(m.keys, np.int64).reshape(len(chunk), -1)
-            dists = np.asarray(m.distances, np.float32).reshape(len(chunk), -1)
-            for i, (row, drow) in zip(chunk, zip(found, dists)):
-                for j, d in zip(row, drow):
-                    if j == i or j < 0 or j >= n or 1.0 - float(d) < threshold:
-                        continue
-                    pair = (int(min(i, j)), int(max(i, j)))
-                    pairs[pair] = max(pairs.get(pair, -1.0), 1.0 - float(d))
-        sha = self._columns["content_sha256"]
+            sims = 1.0 - np.asarray(m.distances, np.float32).reshape(len(chunk), -1)
+            near = (found != chunk[:, None]) & (found >= 0) & (found < n) & (sims >= threshold)
+            for r, c in zip(*np.nonzero(near)):  # few: only the pairs over the threshold
+                i, j = int(chunk[r]), int(found[r, c])
+                pair = (min(i, j), max(i, j))
+                pairs[pair] = max(pairs.get(pair, -1.0), float(sims[r, c]))
+        col = {c: self.records.column(c) for c in ("record_id", "uri", "member", "content_sha256")}
         out = []
         for (a, b), sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
+            row_a = {c: v[a].as_py() for c, v in col.items()}
+            row_b = {c: v[b].as_py() for c, v in col.items()}
             out.append(
                 {
-                    "a_record_id": self._columns["record_id"][a],
-                    "a_uri": self._columns["uri"][a],
-                    "a_member": self._columns["member"][a],
-                    "b_record_id": self._columns["record_id"][b],
-                    "b_uri": self._columns["uri"][b],
-                    "b_member": self._columns["member"][b],
+                    "a_record_id": row_a["record_id"],
+                    "a_uri": row_a["uri"],
+                    "a_member": row_a["member"],
+                    "b_record_id": row_b["record_id"],
+                    "b_uri": row_b["uri"],
+                    "b_member": row_b["member"],
                     "similarity": round(min(sim, 1.0), 6),
-                    "same_bytes": bool(sha[a] is not None and sha[a] == sha[b]),
+                    "same_bytes": bool(
+                        row_a["content_sha256"] is not None and row_a["content_sha256"] == row_b["content_sha256"]
+                    ),
                 }
             )
         return out
