@@ -25,7 +25,7 @@ from medray.platform.storage import open_fs
 
 __all__ = ["RecordEmbeddings", "LabelledRecords", "read_record_embeddings", "join_labels", "write_predictions"]
 
-_READ_COLUMNS = ("record_id", "uri", "member", "frame", "segment", "embedding", "patient_key", "modality")
+_READ_COLUMNS = ("record_id", "uri", "member", "frame", "segment", "embedding", "patient_key", "modality", "metadata")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RecordEmbeddings:
         columns: the ``columns=`` asked of :func:`read_record_embeddings` (the record's first row's value).
         encoder: what the output's ``_medray.json`` says of its encoder (name,
             checkpoint, weights_hash, preprocessing_hash), plus ``dim``.
+        metadata: per record, the allow-listed metadata JSON its rows carry (or None).
     """
 
     record_id: np.ndarray
@@ -50,6 +51,7 @@ class RecordEmbeddings:
     encoder: dict[str, Any] = field(default_factory=dict)
     frame: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: np.ndarray = field(default_factory=lambda: np.asarray([], dtype=object))
 
 
 def read_record_embeddings(
@@ -131,6 +133,7 @@ def read_record_embeddings(
         encoder=encoder,
         frame=frame,
         columns={c: take(c) for c in columns},
+        metadata=take("metadata"),
     )
 
 

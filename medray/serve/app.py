@@ -157,6 +157,8 @@ def build_app(args: ServeArgs) -> Application:
                 torch_threads=enc.torch_threads,
                 decode_threads=enc.decode_threads,
                 num_cpus=enc.num_cpus,
+                # the live OOD score: against a reference of the primary encoder's embeddings
+                ood=dataclasses.asdict(s.ood) if modality == primary and s.ood.reference else None,
             )
         )
     head_app = None

@@ -32,12 +32,14 @@ from ray import serve
 from medray.encoders import create_encoder, family_modality, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
-from medray.platform.decoders import check_size
+from medray.platform.decoders import DecodeLimits, check_size
+from medray.platform.decoders.dicom_wsi import read_dicomweb_wsi_patches
 from medray.platform.dicomweb import fetch_instance, fetch_url
 from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 from medray.platform.storage import open_fs, read_bytes
 from medray.serve.config import uri_allowed
+from medray.serve.ood import OODMonitor
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
@@ -183,6 +185,10 @@ def decode_input(
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
+    if payload.get("patches") and payload.get("dicomweb_uri") is not None and modality == "image":
+        slide = _slide_patches_input(payload, settings, preprocessor)
+        if slide is not None:  # a whole-slide instance: only the frames under the patches are fetched
+            return slide
     # The batch job's own StageOptions -> format options mapping, so that windows, frame
     # selection and limits are read exactly as `medray embed` reads them.
     data, name = _fetch(payload, settings)
@@ -205,7 +211,8 @@ def decode_input(
     fmt, route = detect(data, name)
     if route == "slide":
         raise UnsupportedFormat(
-            "whole-slide images are not served over HTTP (too large for one request); embed them with `medray embed`"
+            "a whole slide is too large for one request: send patch_coordinates_list with a DICOMweb URI of "
+            "one of its levels, or embed the slide with `medray embed`"
         )
     if route == "other":
         raise UnsupportedFormat(
@@ -240,6 +247,38 @@ def decode_input(
         segments=prepared.segments,
         pool=prepared.pool,
     )
+
+
+def _slide_patches_input(
+    payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any
+) -> DecodedInput | None:
+    """HAI-DEF patches of a DICOMweb whole-slide instance (``None``: the instance is no slide)."""
+    uri = str(payload["dicomweb_uri"])
+    if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
+        raise ReadError("DICOMweb URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)")
+    patches = [(int(p[0]), int(p[1]), int(p[2]), int(p[3])) for p in payload["patches"]]
+    _check_items(len(patches), settings, "patches", "send fewer patches")
+    limits = DecodeLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    try:
+        crops = read_dicomweb_wsi_patches(
+            uri,
+            patches,
+            credential=payload.get("credential"),
+            limits=limits,
+        )
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - connection errors: the class only (the URL holds UIDs)
+        raise ReadError(f"cannot read the slide's patches ({type(err).__name__})") from None
+    if crops is None:
+        return None
+    try:
+        pixels = preprocessor.preprocess(crops)
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - processors raise anything; the class name is the message
+        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), "SM")
 
 
 def _patches_input(
@@ -324,6 +363,7 @@ class EncoderDeployment:
         torch_threads: intra-op threads; ``None``: the replica's CPUs.
         decode_threads: threads decoding requests.
         num_cpus: the replica's CPU reservation (sizes ``torch_threads``).
+        ood: ``serve.ood`` as a dict: score each answer against its reference (see :mod:`medray.serve.ood`).
 
     ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) is applied
     by :meth:`reconfigure`, so batching can change without a restart.
@@ -339,6 +379,7 @@ class EncoderDeployment:
         torch_threads: int | None = None,
         decode_threads: int = 2,
         num_cpus: float = 1.0,
+        ood: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -353,6 +394,7 @@ class EncoderDeployment:
         self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
         self._ident["device"] = device
         self._replica = replica_tag()
+        self._ood = OODMonitor.from_conf(ood, settings.storage_options, encoder=self._ident)
         self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
         # OpenMP's thread count is per thread and starts from OMP_NUM_THREADS, which Ray sets to the
         # replica's num_cpus: set it inside each pool thread, or the model runs on fewer cores than asked.
@@ -446,6 +488,9 @@ class EncoderDeployment:
             out["segments"] = decoded.segments
             if decoded.pool == "mean":  # the row `medray embed` writes with frame -1
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
+        if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
+            record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
+            out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

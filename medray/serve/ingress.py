@@ -487,6 +487,7 @@ def _embedding_body(res: dict) -> dict:
         "embeddings": items,
         "batch_size": res.get("batch_size"),
         "replica": res.get("replica"),
+        **({"ood": res["ood"]} if res.get("ood") is not None else {}),
     }
 
 
