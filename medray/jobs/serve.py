@@ -190,6 +190,18 @@ class ServeJob:
                     f"{str(want)[:12]}..., but the served encoders have weights {served}; serve it "
                     "with the encoder it was trained on",
                 )
+        if self.cfg.serve.search.index:
+            from medray.platform.vectorindex import read_index_manifest
+
+            manifest = read_index_manifest(self.cfg.serve.search.index, self.cfg.storage.options)
+            have = (manifest.get("encoder") or {}).get("weights_hash")
+            if have != self.weights_hash:
+                raise ConfigError(
+                    "serve.search.index",
+                    f"the index holds embeddings of weights {str(have)[:12]}..., the encoder's weights are "
+                    f"{str(self.weights_hash)[:12]}...; build the index with `medray index` on embeddings of "
+                    "this encoder",
+                )
 
     def args(self) -> dict:
         """The application's arguments (:class:`medray.serve.app.ServeArgs`) as JSON-ready data."""

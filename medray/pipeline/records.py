@@ -37,6 +37,8 @@ class RecordEmbeddings:
     Attributes:
         record_id, uri, member, patient_key, modality: per record.
         x: ``(n, dim)`` float32 embeddings.
+        frame: the frame of the row standing for the record (-1: a pooled row or a mean of several).
+        columns: the ``columns=`` asked of :func:`read_record_embeddings` (the record's first row's value).
         encoder: what the output's ``_medray.json`` says of its encoder (name,
             checkpoint, weights_hash, preprocessing_hash), plus ``dim``.
         text: per record, whether it is a document (token chunks: reports, SR
@@ -52,11 +54,19 @@ class RecordEmbeddings:
     x: np.ndarray
     encoder: dict[str, Any] = field(default_factory=dict)
     text: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    frame: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: np.ndarray = field(default_factory=lambda: np.asarray([], dtype=object))
 
 
-def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | None = None) -> RecordEmbeddings:
+def read_record_embeddings(
+    output: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] = ()
+) -> RecordEmbeddings:
     """The records of ``output`` (a ``medray embed`` output), one embedding each.
+
+    Args:
+        columns: more columns to carry per record (``metadata``, ``series_key``, a carried
+            manifest column...); one the output lacks reads as None.
 
     Raises:
         ConfigError: (key ``embeddings``) not an embed output, or no embeddings in it.
@@ -75,9 +85,10 @@ def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | Non
         raise ConfigError("embeddings", f"'{output}' holds no embeddings yet; run `medray embed` first")
     dataset = pads.dataset(parts, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
     have = set(dataset.schema.names)
-    table = dataset.to_table(columns=[c for c in _READ_COLUMNS if c in have])
+    wanted = list(dict.fromkeys([*_READ_COLUMNS, *columns]))
+    table = dataset.to_table(columns=[c for c in wanted if c in have])
     n = table.num_rows
-    col = {c: (table.column(c).to_pylist() if c in have else [None] * n) for c in _READ_COLUMNS if c != "embedding"}
+    col = {c: (table.column(c).to_pylist() if c in have else [None] * n) for c in wanted if c != "embedding"}
     segments = col["segment"]
     keep = np.asarray([s not in ("window", "chunk", "tile") for s in segments], dtype=bool)
     emb = table.column("embedding").combine_chunks()
@@ -113,6 +124,10 @@ def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | Non
 
     encoder = {k: ident.get(k) for k in ("encoder", "checkpoint", "weights_hash", "preprocessing_hash")}
     encoder["dim"] = int(x.shape[1]) if x.size else 0
+    frames = col["frame"]
+    frame = np.asarray(
+        [-1 if has_pooled[k] or counts[k] != 1 else int(frames[i] or 0) for k, i in enumerate(first)], dtype=np.int64
+    )
     return RecordEmbeddings(
         record_id=np.asarray(list(order), dtype=object),
         uri=take("uri"),
@@ -122,6 +137,8 @@ def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | Non
         x=x,
         encoder=encoder,
         text=np.asarray([t is not None for t in take("token_end")], dtype=bool),
+        frame=frame,
+        columns={c: take(c) for c in columns},
         metadata=take("metadata"),
     )
 

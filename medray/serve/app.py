@@ -37,6 +37,7 @@ from medray.serve.config import (
 from medray.serve.encoder import DecodeSettings, EncoderDeployment
 from medray.serve.heads import HeadsDeployment
 from medray.serve.ingress import Ingress, IngressSettings
+from medray.serve.search import SearchDeployment
 
 __all__ = ["ServeArgs", "build_app"]
 
@@ -199,11 +200,27 @@ def build_app(args: ServeArgs) -> Application:
         token_env=s.auth.token_env,
         token_file=s.auth.token_file,
     )
+    search_app = None
+    if s.search.index:
+        search_app = (
+            _deployment(SearchDeployment)
+            .options(name="Search", **_deployment_options(s.search, s, max_ongoing=s.search.max_ongoing_requests or 32))
+            .bind(
+                s.search.index,
+                encoders,
+                ingress_settings,
+                primary=primary,
+                storage_options=args.storage.options,
+                cache_dir=args.encoder.cache_dir,
+                max_k=s.search.max_k,
+                expansion_search=s.search.expansion_search,
+            )
+        )
     return (
         _deployment(Ingress)
         .options(
             name="Ingress",
             **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
         )
-        .bind(encoders, head_app, ingress_settings)
+        .bind(encoders, head_app, ingress_settings, search_app)
     )

@@ -31,6 +31,7 @@ __all__ = [
     "LimitsConf",
     "InputsConf",
     "HaidefConf",
+    "SearchConf",
     "AuthConf",
     "ServeOptions",
     "ServeJobConf",
@@ -144,6 +145,24 @@ class IngressConf(DeploymentConf):
 
 
 @dataclass
+class SearchConf(DeploymentConf):
+    """``/v1/search``: the nearest stored records, from an index ``medray index`` built.
+
+    Attributes:
+        index: URI of the index directory (``<embeddings>/index``); null: the route answers 404.
+        max_k: most hits a request may ask for (400 beyond).
+        expansion_search: HNSW ``ef`` at query time (null: the index's own).
+    """
+
+    index: Optional[str] = None
+    max_k: int = 100
+    expansion_search: Optional[int] = None
+    num_cpus: float = 0.25
+    max_ongoing_requests: Optional[int] = 32
+    max_queued_requests: int = 128
+
+
+@dataclass
 class HttpConf:
     """The Serve HTTP proxy (fixed once Serve runs on a cluster)."""
 
@@ -231,6 +250,7 @@ class ServeOptions:
     inputs: InputsConf = field(default_factory=InputsConf)
     haidef: HaidefConf = field(default_factory=HaidefConf)
     auth: AuthConf = field(default_factory=AuthConf)
+    search: SearchConf = field(default_factory=SearchConf)
     autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
     ood: OODConf = field(default_factory=OODConf)
     throughput_optimized: bool = False
@@ -325,8 +345,10 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         _positive("serve.http.request_timeout_s", serve.http.request_timeout_s)
     apply_autoscaling_shorthand(serve)
     check_ood(serve.ood)
-    for name in ("ingress", "encoder", "heads"):
+    for name in ("ingress", "encoder", "heads", "search"):
         _check_deployment(f"serve.{name}", getattr(serve, name))
+    if not (isinstance(serve.search.max_k, int) and serve.search.max_k >= 1):
+        raise ConfigError("serve.search.max_k", f"must be an int >= 1, got {serve.search.max_k!r}")
     enc = serve.encoder
     for key in ("max_batch_size", "decode_threads"):
         value = getattr(enc, key)

@@ -10,6 +10,8 @@ Routes (OpenAPI at ``/docs``)::
     POST /v1/predict/{head}    the same inputs; the head's label probabilities
     POST /v1/zero_shot         the same inputs plus "labels" (and "prompts") in the JSON or the query:
                                class scores from an image-text encoder (see medray.serve.zeroshot)
+    POST /v1/search            the stored records nearest to an image, a text or a record id
+                               (serve.search.index; see medray.serve.search)
     GET  /v1/models            the encoder and the heads served
     GET  /healthz, /readyz     liveness; readiness (the encoder answers)
     POST /predict              Google HAI-DEF's format: {"instances": [...]} -> {"predictions": [...]}
@@ -121,6 +123,12 @@ _RECORD_ERRORS = {
     "HeadRefused": (409, "head_mismatch"),
     "HeadUnavailable": (503, "head_unavailable"),
 }
+
+
+_SEARCH_DISABLED = (
+    "search is not enabled on this server: build an index with `medray index embeddings=<output of medray embed>` "
+    "and serve it with serve.search.index=<that output>/index"
+)
 
 
 class ApiError(Exception):
@@ -380,6 +388,8 @@ def error_for_result(result: dict) -> ApiError | None:
     if not err:
         return None
     status, code = _RECORD_ERRORS.get(err.get("class", ""), (422, "undecodable"))
+    if "status" in err and "code" in err:  # a deployment that names its answer (search)
+        status, code = int(err["status"]), str(err["code"])
     headers = {"Retry-After": "1"} if status == 503 else None
     return ApiError(status, code, str(err.get("message") or code), headers)
 
@@ -518,12 +528,13 @@ class Ingress:
         encoder: handle of the encoder deployment, or ``{modality: handle}``.
         heads: handle of the heads deployment (``None`` when no heads are configured).
         settings: limits, auth and the head ids.
+        search: handle of the search deployment (``None`` when ``serve.search.index`` is null).
 
     Raises:
         RuntimeError: auth is enabled and no token can be read (fail closed).
     """
 
-    def __init__(self, encoder: Any, heads: Any, settings: IngressSettings) -> None:
+    def __init__(self, encoder: Any, heads: Any, settings: IngressSettings, search: Any = None) -> None:
         settings = dataclasses.replace(  # Vertex AI names the routes in the container's environment
             settings,
             predict_route=os.environ.get("AIP_PREDICT_ROUTE") or settings.predict_route,
@@ -532,6 +543,7 @@ class Ingress:
         self._encoders = dict(encoder) if isinstance(encoder, dict) else {settings.primary: encoder}
         self._encoder = self._encoders[settings.primary]
         self._heads = heads
+        self._search = search
         self._settings = settings
         self._head_ids = set(settings.heads)
         self._token = load_token(settings)
@@ -658,6 +670,21 @@ class Ingress:
             return _prediction_body(await self._call(handle.predict.remote(payload)))
 
         return await self._answer(request, "predict", work)
+
+    @api.post(
+        "/v1/search", openapi_extra=_BODY_DOC, summary="Nearest stored records to an image, a text or a record id"
+    )
+    async def search(self, request: Request) -> JSONResponse:
+        """Top k stored records with provenance and distance (``k``, filters: body or query parameters)."""
+
+        async def work() -> dict:
+            if self._search is None:
+                raise ApiError(404, "search_disabled", _SEARCH_DISABLED)
+            body = await read_body(request, self._settings.max_body_bytes)
+            ctype = request.headers.get("content-type", "")
+            return await self._call(self._search.search.remote(ctype, body, dict(request.query_params)))
+
+        return await self._answer(request, "search", work)
 
     @api.get("/v1/models", summary="The encoders and the heads served")
     async def models(self, request: Request) -> JSONResponse:

@@ -215,34 +215,6 @@ def stack(s3, tmp_path_factory):
             },
         ),
     )
-    emit = subprocess.run(
-        [
-            str(BIN / "medray"),
-            "serve",
-            *common,
-            f"serve.name={OPEN_APP}",
-            f"encoders.audio={{family:hf_audio,checkpoint:'{more['hf_audio']}'}}",
-            f"encoders.text={{family:hf_text,checkpoint:'{more['hf_text']}'}}",
-            "serve.encoder.num_cpus=0.5",
-            "audio.window_s=1.0",
-            f"heads=[{audio_head_uri}]",
-            "serve.heads.autoscaling.max_replicas=1",
-            "serve.route_prefix=/open",
-            f"serve.ood.reference={root / 'emb'}",  # written by `medray embed` below, before the app deploys
-            f"emit_config={cfg}",
-            "serve.encoder.max_batch_size=1",
-            "serve.encoder.max_ongoing_requests=1",
-            "serve.encoder.max_queued_requests=1",
-            "serve.encoder.batch_wait_timeout_s=0",
-            "serve.encoder.autoscaling.max_replicas=1",
-            "serve.ingress.autoscaling.max_replicas=1",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert emit.returncode == 0, emit.stderr[-3000:]
     t0 = time.time()
     log = open(log_path, "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -271,6 +243,46 @@ def stack(s3, tmp_path_factory):
             (Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4") for r in rows
         }
         print(f"medray embed: {time.time() - t0:.1f}s")
+        # the search index of the reference embeddings, served by the emitted app (/open/v1/search)
+        index = subprocess.run(
+            [str(BIN / "medray"), "index", f"embeddings={root / 'emb'}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert index.returncode == 0, index.stderr[-3000:]
+        print(f"medray index: {time.time() - t0:.1f}s")
+        emit = subprocess.run(
+            [
+                str(BIN / "medray"),
+                "serve",
+                *common,
+                f"serve.name={OPEN_APP}",
+                f"serve.search.index={root / 'emb' / 'index'}",  # built by `medray index` just above
+                "serve.search.num_cpus=0.1",
+                f"encoders.audio={{family:hf_audio,checkpoint:'{more['hf_audio']}'}}",
+                f"encoders.text={{family:hf_text,checkpoint:'{more['hf_text']}'}}",
+                "serve.encoder.num_cpus=0.5",
+                "audio.window_s=1.0",
+                f"heads=[{audio_head_uri}]",
+                "serve.heads.autoscaling.max_replicas=1",
+                "serve.route_prefix=/open",
+                f"serve.ood.reference={root / 'emb'}",  # written by `medray embed` just above
+                f"emit_config={cfg}",
+                "serve.encoder.max_batch_size=1",
+                "serve.encoder.max_ongoing_requests=1",
+                "serve.encoder.max_queued_requests=1",
+                "serve.encoder.batch_wait_timeout_s=0",
+                "serve.encoder.autoscaling.max_replicas=1",
+                "serve.ingress.autoscaling.max_replicas=1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert emit.returncode == 0, emit.stderr[-3000:]
         gcs = _wait_ready(proc, log_path, 240)
         print(f"medray serve ready: {time.time() - t0:.1f}s")
         # 3. the emitted config, deployed next to it as `serve deploy` would (auth off, tight admission);
@@ -910,6 +922,53 @@ def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):
         headers={"Content-Type": "audio/wav", **stack["auth"]},
     )
     assert only.status_code == 415 and "embeds image inputs; the input is audio" in only.json()["message"]
+
+
+def test_search_by_image_and_record_id_finds_the_record_itself(stack, open_app):
+    """/v1/search on the index `medray index` built from `medray embed`'s output: an uploaded image and a
+    stored record id each find that record (distance ~0) with its provenance; filters, text on an image
+    encoder (400), unknown ids (404) and a server without an index (404) answer what to do."""
+    from medray.platform.records import record_id
+
+    path = stack["inputs"] / "photos" / "derm_0000.png"
+    rid = record_id(str(path))
+
+    def check(body: dict) -> dict:
+        hits = body["hits"]
+        mine = next(h for h in hits if h["record_id"] == rid)
+        assert mine["distance"] < 1e-3 and mine["distance"] <= hits[0]["distance"] + 1e-4
+        assert mine["uri"] == str(path) and mine["frame"] == 0 and mine["member"] == ""
+        assert body["weights_hash"] == stack["weights_hash"] and body["index"]["count"] >= len(hits)
+        return mine
+
+    r = _upload(stack, "photos/derm_0000.png", path="/v1/search?k=5", base=open_app, headers={})
+    assert r.status_code == 200, r.text
+    assert r.json()["query"]["kind"] == "image" and len(r.json()["hits"]) == 5
+    mine = check(r.json())
+    r = requests.post(open_app + "/v1/search", json={"record_id": rid, "k": 3}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    check(r.json())
+    # filters: only records of the asked modality come back (this one only when it matches)
+    r = requests.post(
+        open_app + "/v1/search",
+        json={"record_id": rid, "k": 50, "filters": {"modality": "CT"}},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["hits"] and all(h["modality"] == "CT" for h in r.json()["hits"])
+    assert (rid in {h["record_id"] for h in r.json()["hits"]}) == (mine["modality"] == "CT")
+    # text on an image-only encoder: 400 saying why; unknown record: 404; bad k: 400
+    r = requests.post(open_app + "/v1/search", json={"text": "a rash"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["code"] == "text_not_supported", r.text
+    assert "image-text" in r.json()["message"]
+    r = requests.post(open_app + "/v1/search", json={"record_id": "0" * 32}, timeout=TIMEOUT)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_record"
+    r = requests.post(open_app + "/v1/search", json={"record_id": rid, "k": 0}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "k" in r.json()["message"]
+    # the main app serves no index: 404 saying how to enable it
+    r = requests.post(stack["url"] + "/v1/search", json={"record_id": rid}, headers=stack["auth"], timeout=TIMEOUT)
+    assert r.status_code == 404 and r.json()["code"] == "search_disabled"
+    assert "serve.search.index" in r.json()["message"] and "medray index" in r.json()["message"]
 
 
 def test_redeploy_under_load_finishes_in_flight_requests(stack, open_app, tmp_path):
