@@ -462,7 +462,7 @@ def main() -> None:
         inproc: dict = {m: [] for m in local}
         inproc_rounds: list[list[float]] = []
         model_rounds: list[dict] = []
-        probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress + encoder call)": []}
+        probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress; encoder identity cached 5 s)": []}
         autoscale: dict = {}
         try:
             for name, batch in modes.values():

@@ -564,6 +564,9 @@ def _prediction_body(res: dict) -> dict:
 
 
 _OK = {"status": "ok"}
+#: How long /v1/models reuses the encoders' identities (a redeploy restarts the ingress too; this
+#: bounds staleness otherwise) instead of one handle call per listing.
+_DESCRIBE_TTL_S = 5.0
 
 
 @serve.ingress(api)
@@ -595,6 +598,7 @@ class Ingress:
         self._settings = settings
         self._head_ids = set(settings.heads)
         self._token = load_token(settings)
+        self._described: tuple[float, dict] | None = None  # (when, {modality: describe()}) for /v1/models
         api.state.max_header_bytes = settings.max_header_bytes  # read by the header-limit middleware
         from ray.serve.metrics import Counter
 
@@ -697,12 +701,18 @@ class Ingress:
 
     @api.get("/v1/models", summary="The encoders and the heads served")
     async def models(self, request: Request) -> JSONResponse:
-        """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids."""
+        """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids.
+
+        The encoders' identities are asked at most every 5 s (``readyz`` asks every time).
+        """
 
         async def work(tl: Timeline) -> dict:
-            described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
-            tl.mark("handle")
-            by_modality = dict(zip(self._encoders, described))
+            now = time.monotonic()
+            if self._described is None or now - self._described[0] > _DESCRIBE_TTL_S:
+                described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
+                self._described = (now, dict(zip(self._encoders, described)))
+                tl.mark("handle")
+            by_modality = self._described[1]
             return {
                 "encoder": by_modality[self._settings.primary],
                 "encoders": by_modality,
