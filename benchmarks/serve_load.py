@@ -325,6 +325,23 @@ def _deploy(url: str, name: str, args: dict) -> None:
     _wait(f"{url}/{name}/readyz")
 
 
+def _direct_url(app: str, fallback: str) -> str:
+    """The ingress replica's own HTTP address (direct ingress, throughput-optimised mode), else ``fallback``."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        controller = _get_global_client()._controller
+        for group in ray.get(controller.get_target_groups.remote(app)):
+            if str(group.protocol).upper().endswith("HTTP") and group.targets:
+                target = group.targets[0]
+                if target.port != int(fallback.rsplit(":", 1)[-1]):  # not the proxy's own port
+                    return f"http://{target.ip}:{target.port}"
+    except Exception as err:  # noqa: BLE001 - an older or newer Ray: measure through the proxy
+        print(f"direct ingress address not found ({type(err).__name__}); using the proxy", flush=True)
+    return fallback
+
+
 def _running_replicas(app: str, deployment: str = "Encoder") -> int:
     from ray import serve
 
@@ -412,6 +429,11 @@ def main() -> None:
         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (serve.throughput_optimized=true): direct ingress, "
         "gRPC between replicas, user code on the replica's event loop",
     )
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="with --throughput-optimized: send to the ingress replicas' own ports (direct ingress), not the proxy",
+    )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
     if args.quick:
@@ -456,6 +478,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
         image_spec = {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True}
+        base = {name: url for name in ("on", "off", "av")}
         closed: dict = {(m, c): [] for m in modes for c in levels}
         opened: dict = {r: [] for r in rates}
         other: dict = {m: [] for m in extra}
@@ -471,32 +494,32 @@ def main() -> None:
                 first = {"family": f"hf_{extra[0]}", "name": f"tiny_{extra[0]}", "checkpoint": more[extra[0]]}
                 encoders = {m: {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]} for m in extra[1:]}
                 _deploy(url, "av", _args("av", first, port, 32, args.batch_wait_s, args.threads, encoders=encoders))
+            if args.direct and args.throughput_optimized:
+                base = {name: _direct_url(name, url) for name in base}
+                print(f"direct ingress: {base}", flush=True)
             for r in range(args.rounds):
                 for c in levels:
                     if c == 1:
                         inproc_rounds.append(local["image"].segment(png, args.seconds))
                         inproc["image"] += inproc_rounds[-1]
                         for probe, path in zip(probes, ("/off/healthz", "/off/v1/models")):
-                            probes[probe] += asyncio.run(_get_lat(url + path, 1.5))
+                            probes[probe] += asyncio.run(_get_lat(base["off"] + path, 1.5))
                     for mode, (name, _) in modes.items():
                         seg = asyncio.run(
                             _closed_loop(
-                                f"{url}/{name}/v1/embeddings", inputs["image"][1], c, args.seconds, args.warmup
+                                f"{base[name]}/{name}/v1/embeddings", inputs["image"][1], c, args.seconds, args.warmup
                             )
                         )
                         closed[(mode, c)].append(seg)
                         print(f"round {r} {mode} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
+                on_url, av_url = f"{base['on']}/on/v1/embeddings", f"{base['av']}/av/v1/embeddings"
                 for rate in rates:
-                    seg = asyncio.run(
-                        _open_loop(f"{url}/on/v1/embeddings", inputs["image"][1], rate, args.seconds, args.arrival, r)
-                    )
+                    seg = asyncio.run(_open_loop(on_url, inputs["image"][1], rate, args.seconds, args.arrival, r))
                     opened[rate].append(seg)
                     print(f"round {r} open loop {rate:g}/s: p50 {1000 * _pct(seg['lat'], 50):.0f} ms", flush=True)
                 for m in extra:
                     inproc[m] += local[m].segment(inputs[m][0], args.seconds)
-                    other[m].append(
-                        asyncio.run(_closed_loop(f"{url}/av/v1/embeddings", inputs[m][1], 1, args.seconds, args.warmup))
-                    )
+                    other[m].append(asyncio.run(_closed_loop(av_url, inputs[m][1], 1, args.seconds, args.warmup)))
                 model_rounds.append(local["image"].model_batching_speedup())
                 loads.append(os.getloadavg()[0])
             if args.autoscale:
@@ -583,6 +606,7 @@ def main() -> None:
             "encoder_num_cpus": args.threads,
             "ray_num_cpus": ray_cpus,
             "throughput_optimized": bool(args.throughput_optimized),
+            "direct_ingress": base["on"] != url,
             "quick": bool(args.quick),
         },
         "hardware": {

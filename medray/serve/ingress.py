@@ -507,7 +507,8 @@ class _HeaderLimit:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        limit = getattr(api.state, "max_header_bytes", None)
+        # the app serving this request (Starlette puts it in the scope): Serve runs a copy of `api`
+        limit = getattr(getattr(scope.get("app", api), "state", None), "max_header_bytes", None)
         if scope["type"] == "http" and limit is not None:
             if sum(len(k) + len(v) for k, v in scope.get("headers") or ()) > limit:
                 msg = f"request headers are over serve.limits.max_header_bytes={limit}"

@@ -359,9 +359,10 @@ def test_header_limit_middleware_answers_431_before_the_app_runs():
     from medray.serve.ingress import api
 
     sent: list = []
+    ran: list = []
 
     async def app(scope, receive, send):  # the wrapped app: must not run for oversized headers
-        raise AssertionError("the app ran")
+        ran.append(scope["path"])
 
     async def send(message):
         sent.append(message)
@@ -373,5 +374,13 @@ def test_header_limit_middleware_answers_431_before_the_app_runs():
     api.state.max_header_bytes = 100
     scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [(b"x-padding", b"a" * 200)]}
     asyncio.run(middleware(scope, receive, send))
-    assert sent[0]["status"] == 431
+    assert sent[0]["status"] == 431 and ran == []
     assert json.loads(sent[1]["body"])["code"] == "headers_too_large"
+
+    class Served:  # Serve runs a copy of `api`: the limit is read from the app in the scope
+        class state:
+            max_header_bytes = 1000
+
+    sent.clear()
+    asyncio.run(middleware({**scope, "app": Served()}, receive, send))  # 209 bytes: under this app's limit
+    assert sent == [] and ran == ["/healthz"]
