@@ -327,19 +327,13 @@ def _deploy(url: str, name: str, args: dict) -> None:
 
 def _direct_url(app: str, fallback: str) -> str:
     """The ingress replica's own HTTP address (direct ingress, throughput-optimised mode), else ``fallback``."""
-    import ray
-    from ray.serve.context import _get_global_client
+    from medray.serve.app import direct_ingress_urls
 
-    try:
-        controller = _get_global_client()._controller
-        for group in ray.get(controller.get_target_groups.remote(app)):
-            if str(group.protocol).upper().endswith("HTTP") and group.targets:
-                target = group.targets[0]
-                if target.port != int(fallback.rsplit(":", 1)[-1]):  # not the proxy's own port
-                    return f"http://{target.ip}:{target.port}"
-    except Exception as err:  # noqa: BLE001 - an older or newer Ray: measure through the proxy
-        print(f"direct ingress address not found ({type(err).__name__}); using the proxy", flush=True)
-    return fallback
+    host, port = fallback.rsplit(":", 1)
+    urls = direct_ingress_urls(app, host.split("//", 1)[-1], int(port))
+    if not urls:
+        print(f"no direct ingress address for {app}; measuring through the proxy", flush=True)
+    return urls[0] if urls else fallback
 
 
 def _running_replicas(app: str, deployment: str = "Encoder") -> int:
@@ -471,6 +465,7 @@ def main() -> None:
             local["text"] = InProcess("hf_text", more["text"], args.threads, "x.txt")
         for m, enc in local.items():
             enc.segment(inputs[m][0], 0.5)  # warm
+            enc.forward.clear()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -495,7 +490,7 @@ def main() -> None:
                 encoders = {m: {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]} for m in extra[1:]}
                 _deploy(url, "av", _args("av", first, port, 32, args.batch_wait_s, args.threads, encoders=encoders))
             if args.direct and args.throughput_optimized:
-                base = {name: _direct_url(name, url) for name in base}
+                base = {name: _direct_url(name, url) if name != "av" or extra else url for name in base}
                 print(f"direct ingress: {base}", flush=True)
             for r in range(args.rounds):
                 for c in levels:
