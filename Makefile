@@ -33,7 +33,7 @@ system-deps:
 	  { (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest tests -q --timeout=900
+	$(BIN)/python -m pytest tests -q --timeout=900 --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"

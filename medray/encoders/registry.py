@@ -45,6 +45,7 @@ __all__ = [
     "PreprocessorBuilder",
     "create_encoder",
     "create_preprocessor",
+    "family_modalities",
     "family_modality",
     "get_spec",
     "list_encoders",
@@ -71,6 +72,8 @@ _PRESETS: dict[str, EncoderSpec] = {}
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "encoder"
 _PRESET_FILES_READ = False
 _MODALITIES: dict[str, str] = {}
+#: Families that embed more than their own modality in the same space (image-text: text too).
+_ALSO: dict[str, tuple[str, ...]] = {}
 
 _DTYPES = {
     None: None,
@@ -305,7 +308,11 @@ def preprocessing_digest(config: Mapping[str, Any], pooling: str) -> str:
 
 
 def register_family(
-    name: str, *, preprocessor: PreprocessorBuilder | None = None, modality: str = "image"
+    name: str,
+    *,
+    preprocessor: PreprocessorBuilder | None = None,
+    modality: str = "image",
+    also: Sequence[str] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a family builder under ``name`` (decorator).
 
@@ -316,6 +323,10 @@ def register_family(
             :func:`create_preprocessor` loads the whole encoder on the CPU.
         modality: What the family embeds: ``image``, ``audio`` or ``text``
             (the pipeline routes records of that modality to it).
+        also: Further modalities the same encoder embeds into the same
+            space (image-text families: ``("text",)``); records of those
+            modalities go to it too, and its ``embed`` tells them apart by
+            their input.
 
     Returns:
         A decorator that stores the builder and returns it unchanged.
@@ -335,6 +346,8 @@ def register_family(
         _check()
         _FAMILIES[name] = builder
         _MODALITIES[name] = modality
+        if also:
+            _ALSO[name] = tuple(also)
         if preprocessor is not None:
             _PREPROCESSORS[name] = preprocessor
         return builder
@@ -390,6 +403,11 @@ def list_encoders(pattern: str = "*") -> list[str]:
 def family_modality(family: str) -> str:
     """The modality a registered family embeds (``image``, ``audio``, ``text``)."""
     return _MODALITIES.get(family, "image")
+
+
+def family_modalities(family: str) -> tuple[str, ...]:
+    """Every modality a registered family embeds: its own first, then ``also`` (image-text: image, text)."""
+    return (family_modality(family), *_ALSO.get(family, ()))
 
 
 def list_families() -> list[str]:

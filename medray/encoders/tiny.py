@@ -34,6 +34,7 @@ __all__ = [
     "DEMO_CHECKPOINTS",
     "AUDIO_ARCHS",
     "HF_ARCHS",
+    "IMAGE_TEXT_FAMILIES",
     "TEXT_ARCHS",
     "TIMM_ARCHS",
     "build_tiny_checkpoint",
@@ -45,8 +46,10 @@ HF_ARCHS = ("vit", "dinov2", "dinov2_reg")
 TIMM_ARCHS = ("vit", "vit_reg")
 AUDIO_ARCHS = ("wav2vec2", "hubert")
 TEXT_ARCHS = ("bert",)
+#: Image-text families :func:`build_tiny_checkpoint` can write (one architecture each).
+IMAGE_TEXT_FAMILIES = ("siglip", "open_clip")
 #: Demo checkpoints served under ``medray-demo://<name>``.
-DEMO_CHECKPOINTS = ("tiny_vit",)
+DEMO_CHECKPOINTS = ("tiny_vit", "tiny_siglip")
 
 _HIDDEN, _LAYERS, _HEADS, _PATCH = 32, 2, 2, 8
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -58,7 +61,11 @@ def build_tiny_checkpoint(family: str, out_dir: str, *, arch: str = "vit", image
     """Write a tiny random checkpoint (hidden 32, 2 layers, patch 8).
 
     Args:
-        family: ``"hf_image"``, ``"timm_image"``, ``"hf_audio"`` or ``"hf_text"``.
+        family: ``"hf_image"``, ``"timm_image"``, ``"hf_audio"``, ``"hf_text"``,
+            ``"siglip"`` (a ``SiglipModel`` with a word-level fast tokenizer,
+            16 tokens, SigLIP's initial scale 10 and bias -10) or
+            ``"open_clip"`` (an open_clip CLIP with a WordPiece tokenizer
+            in the directory, 16 tokens, CLS pooling like BiomedCLIP).
         out_dir: Directory to write (created if needed).
         arch: ``hf_image``: ``"vit"`` (ViTImageProcessor, resize only),
             ``"dinov2"``, ``"dinov2_reg"`` (4 register tokens;
@@ -79,6 +86,8 @@ def build_tiny_checkpoint(family: str, out_dir: str, *, arch: str = "vit", image
     """
     if family in ("hf_audio", "hf_text"):
         return _build_sequence(family, out_dir, arch, seed)
+    if family in IMAGE_TEXT_FAMILIES:
+        return _build_image_text(family, out_dir, image_size, seed)
     if image_size < 16 or image_size % _PATCH:
         raise ValueError(f"image_size must be a multiple of {_PATCH} and >= 16, got {image_size}")
     archs = {"hf_image": HF_ARCHS, "timm_image": TIMM_ARCHS}.get(family)
@@ -121,6 +130,116 @@ def _build_sequence(family: str, out_dir: str, arch: str, seed: int) -> str:
         processor.save_pretrained(out)
     (out / UNTRAINED_MARKER).write_text(_MARKER_TEXT)
     return str(out)
+
+
+def _build_image_text(family: str, out_dir: str, size: int, seed: int) -> str:
+    """Tiny SigLIP and open_clip checkpoints (see :func:`build_tiny_checkpoint`)."""
+    if size < 16 or size % _PATCH:
+        raise ValueError(f"image_size must be a multiple of {_PATCH} and >= 16, got {size}")
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "siglip":
+            _write_siglip(out, size)
+        else:
+            _write_open_clip(out, size)
+    (out / UNTRAINED_MARKER).write_text(_MARKER_TEXT)
+    return str(out)
+
+
+#: Words of the tiny image-text vocabularies: enough for prompts such as "a chest x-ray showing effusion".
+_CAPTION_WORDS = (
+    "a an the of and no with without showing shows photo image chest x-ray xray ray x radiograph scan ct "
+    "finding findings effusion pneumothorax pneumonia normal abnormal cardiomegaly nodule mass fracture "
+    "left right lung heart there is are disease healthy tissue tumor benign malignant class"
+).split()
+_CONTEXT = 16
+
+
+def _write_siglip(out: Path, size: int) -> None:
+    """A ``SiglipModel`` and ``SiglipProcessor`` with a word-level fast tokenizer (no sentencepiece file)."""
+    import math
+
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in _CAPTION_WORDS + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789-.,"):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    # SigLIP's tokenizer gives ids only: the model was trained on padded text without an attention mask
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=_CONTEXT,
+        model_input_names=["input_ids"],
+    )
+    tower = dict(hidden_size=_HIDDEN, intermediate_size=2 * _HIDDEN, num_hidden_layers=_LAYERS,
+                 num_attention_heads=_HEADS)  # fmt: skip
+    config = SiglipConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            max_position_embeddings=_CONTEXT,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            **tower,
+        ),
+        vision_config=dict(image_size=size, patch_size=_PATCH, **tower),
+    )
+    model = SiglipModel(config)
+    with torch.no_grad():  # SigLIP's own initial values (the paper's t' = log 10, b = -10)
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": size, "width": size}), tokenizer=tokenizer
+    )
+    _save_quietly(model, out)
+    processor.save_pretrained(out)
+
+
+def _write_open_clip(out: Path, size: int) -> None:
+    """An open_clip CLIP with a WordPiece tokenizer saved beside it (the BiomedCLIP layout, in miniature).
+
+    The text tower pools its first token ([CLS]) without a causal mask, as BiomedCLIP's BERT does: with
+    CLIP's causal mask the first token would see only itself and every text would embed alike.
+    """
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # runtime-only alias in transformers 5
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789-.,")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *_CAPTION_WORDS]
+    vocab = list(dict.fromkeys(vocab))
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
+                                  model_max_length=_CONTEXT)  # fmt: skip
+    tokenizer.save_pretrained(out)
+    config = {
+        "model_cfg": {
+            "embed_dim": _HIDDEN,
+            "vision_cfg": {"image_size": size, "layers": _LAYERS, "width": _HIDDEN, "head_width": _HIDDEN // _HEADS,
+                           "patch_size": _PATCH, "mlp_ratio": 2.0},
+            "text_cfg": {"context_length": _CONTEXT, "vocab_size": len(vocab), "width": _HIDDEN, "heads": _HEADS,
+                         "layers": _LAYERS, "mlp_ratio": 2.0, "pool_type": "first", "no_causal_mask": True,
+                         "hf_tokenizer_name": "tiny-wordpiece"},
+        },
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }  # fmt: skip
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    model = open_clip.create_model(f"local-dir:{out}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
 
 
 def _tiny_audio(arch: str) -> tuple:
@@ -195,7 +314,8 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
         name: One of :data:`DEMO_CHECKPOINTS`.
 
     Returns:
-        Directory of an ``hf_image`` ViT checkpoint (32 px, untrained).
+        Directory of an untrained 32 px checkpoint: ``tiny_vit`` an ``hf_image``
+        ViT, ``tiny_siglip`` a ``siglip`` image-text model.
 
     Raises:
         ValueError: Unknown demo name.
@@ -210,7 +330,10 @@ def ensure_demo_checkpoint(cache_dir: str | None = None, *, name: str = "tiny_vi
         if not target.is_dir():
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
             try:
-                build_tiny_checkpoint("hf_image", tmp, arch="vit", image_size=32, seed=0)
+                if name == "tiny_siglip":
+                    build_tiny_checkpoint("siglip", tmp, image_size=32, seed=0)
+                else:
+                    build_tiny_checkpoint("hf_image", tmp, arch="vit", image_size=32, seed=0)
                 os.rename(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -33,6 +35,7 @@ from medray.config import EmbedConf, format_options, patient_salt
 from medray.encoders import (
     EncoderSpec,
     create_preprocessor,
+    family_modalities,
     family_modality,
     get_spec,
     identity_key,
@@ -46,7 +49,7 @@ from medray.jobs import JobInfo
 from medray.pipeline import StageOptions, plan_dataset, plan_fused
 from medray.pipeline.outcomes import format_outcomes, output_outcomes, run_outcomes
 from medray.pipeline.progress import Progress, counts_of, start_counter
-from medray.pipeline.resume import DoneIndex, anti_join, done_index
+from medray.pipeline.resume import DoneIndex, anti_join_table, done_index, listing_table
 from medray.pipeline.sink import aggregate_stats, make_sink, pool_slides
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.decoders.series import SeriesOptions
@@ -216,7 +219,7 @@ class EmbedJob:
             key = f"encoders.{modality}"
             if modality not in MODALITIES:
                 raise ConfigError(key, f"unknown modality '{modality}'; known: {', '.join(MODALITIES)}")
-            if modality == self.primary:
+            if modality in family_modalities(self.spec.family):
                 raise ConfigError(
                     key,
                     f"encoder={self.spec.name} already embeds {modality} records; "
@@ -227,6 +230,8 @@ class EmbedJob:
                 raise ConfigError(key, f"family {spec.family} embeds {family_modality(spec.family)}, not {modality}")
             self.specs[modality] = spec
 
+        # what records this run embeds: each encoder's modality, plus text for an image-text encoder
+        self.routes: set[str] = set(self.specs) | set(family_modalities(self.spec.family))
         self._validate_series()
         self.audio_opts = asdict(c.audio)
         self.text_opts = asdict(c.text)
@@ -244,7 +249,7 @@ class EmbedJob:
         if c.text_column is not None:
             if self.input.kind != "manifest":
                 raise ConfigError("text_column", "needs a manifest input (.csv/.jsonl/.parquet) holding that column")
-            if "text" not in self.specs:
+            if "text" not in self.routes:
                 raise ConfigError("text_column", "no text encoder: set encoders.text=biomedbert (or encoder=...)")
 
     def _validate_watch(self) -> None:
@@ -338,7 +343,7 @@ class EmbedJob:
     def _skip_applies(self, reason: str, modality: str | None) -> bool:
         """Whether a record an earlier run skipped would be skipped again (then it counts as done)."""
         if reason == "NoEncoder":
-            routes = set(self.specs) | ({"slide"} if "image" in self.specs else set())
+            routes = self.routes | ({"slide"} if "image" in self.specs else set())
             return modality not in routes
         if reason == "BurnedInAnnotation":
             return not self.cfg.decode.allow_burned_in
@@ -408,33 +413,37 @@ class EmbedJob:
         # the series and slide branches group and spread records before the encoder: they keep the staged plan
         return gpus == 0 and self.series_opts["mode"] == "off" and not self.slide_inputs
 
-    def _listing(self, done: DoneIndex, instances: list[dict] | None = None) -> list[dict] | None:
+    def _listing(self, done: DoneIndex, instances: list[dict] | None = None) -> pa.Table | None:
         """The objects to do, listed on the driver (paths only) minus the finished ones; ``None`` for manifests.
 
-        ``instances``: rows found by a watch round (:meth:`watch`), used instead of a listing.
+        The listing is an Arrow table built in chunks (:func:`listing_table`): a million
+        objects never sit on the driver as Python dicts. ``instances``: rows found by a
+        watch round (:meth:`watch`), used instead of a listing.
         """
         c = self.cfg
         if instances is not None:
             self.slide_inputs = False
-            return anti_join(instances, done)
+            return anti_join_table(listing_table(instances), done)
         if self.input.kind == "manifest":
             self.slide_inputs = _manifest_may_hold_slides(c.input, c.storage.options)
             return None
         if self.input.kind == "dicomweb":  # QIDO-RS on the driver: UIDs only
-            rows = list(list_instances(c.input, dict(c.dicomweb.query)))
+            table = listing_table(list_instances(c.input, dict(c.dicomweb.query)))
         else:
-            rows = list(list_objects(c.input, c.storage.options))
-        if not rows:
+            table = listing_table(list_objects(c.input, c.storage.options))
+        if not table.num_rows:
             raise ConfigError("input", f"no objects found under '{c.input}'")
-        self.slide_inputs = may_hold_slides(r["uri"] for r in rows)
-        return anti_join(rows, done)
+        self.slide_inputs = _table_may_hold_slides(table)
+        return anti_join_table(table, done)
 
-    def _records(self, ray: Any, rows: list[dict] | None) -> Any:
+    def _records(self, ray: Any, rows: pa.Table | None) -> Any:
         """The source dataset: one row per object / archive / manifest row (Ray Data streams the rest)."""
         c = self.cfg
         if rows is None:
             return read_manifest(ray, c.input, c.storage.options, text_column=c.text_column)
-        return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 200)))
+        blocks = max(1, min(rows.num_rows // 8, 200))
+        step = -(-rows.num_rows // blocks)
+        return ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
 
     def run(self, instances: list[dict] | None = None) -> EmbedResult:
         """Run the pipeline and write embeddings, quarantine and the summary.
@@ -474,7 +483,7 @@ class EmbedJob:
         clock.lap("done_index")
         rows = self._listing(done, instances)
         clock.lap("listing")
-        if rows is not None and not rows:
+        if rows is not None and not rows.num_rows:
             # nothing left to do: no Ray, no encoder pool, no W&B run
             if pending is not None:
                 ident = pending.result()
@@ -577,13 +586,13 @@ class EmbedJob:
             run_id, t_start, stats, ident, untrained, done_before, pipeline_s=pipeline_s, slides=slides, clock=clock
         )
 
-    def _total(self, rows: list[dict] | None) -> int | None:
+    def _total(self, rows: pa.Table | None) -> int | None:
         """Records this run has to do, when the listing says (not for manifests, archives, series or slides)."""
         if rows is None or self.series_opts["mode"] != "off" or self.slide_inputs:
             return None
-        if any(r.get("member") == ARCHIVE_MEMBER_PENDING for r in rows):
+        if pc.any(pc.equal(rows.column("member"), ARCHIVE_MEMBER_PENDING)).as_py():
             return None  # an archive's members are counted as they are read
-        return len(rows)
+        return rows.num_rows
 
     def _execute(
         self,
@@ -909,6 +918,13 @@ def may_hold_slides(uris: Iterable[str]) -> bool:
     """
     exts = (*SLIDE_EXTENSIONS, ".tif", ".tiff")
     return any(str(u).lower().endswith(exts) for u in uris)
+
+
+def _table_may_hold_slides(table: pa.Table) -> bool:
+    """:func:`may_hold_slides` over a listing table's ``uri`` column (vectorised)."""
+    exts = tuple(e.lower() for e in (*SLIDE_EXTENSIONS, ".tif", ".tiff"))
+    lower = pc.utf8_lower(table.column("uri"))
+    return any(pc.any(pc.ends_with(lower, e)).as_py() for e in exts)
 
 
 def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> bool:

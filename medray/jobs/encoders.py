@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medray.encoders import EncoderSpec, get_spec, list_encoders, list_families
+from medray.encoders import EncoderSpec, family_modalities, get_spec, list_encoders, list_families
 from medray.jobs import JobInfo
 
 __all__ = ["JOB", "encoders_table", "main"]
@@ -22,7 +22,7 @@ def _row(spec: EncoderSpec) -> list[str]:
     return [
         spec.name,
         spec.family,
-        spec.modality,
+        "+".join(dict.fromkeys([spec.modality, *family_modalities(spec.family)[1:]])),  # image-text: image+text
         str(spec.embedding_dim) if spec.embedding_dim else "-",
         spec.license or "see model card",
         gated,

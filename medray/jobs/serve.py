@@ -26,7 +26,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from medray.config import EncoderConf, with_format_sections
-from medray.encoders import EncoderSpec, family_modality, get_spec, list_families, resolve_checkpoint, spec_to_dict
+from medray.encoders import (
+    EncoderSpec,
+    family_modalities,
+    family_modality,
+    get_spec,
+    list_families,
+    resolve_checkpoint,
+    spec_to_dict,
+)
 from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
@@ -120,7 +128,7 @@ class ServeJob:
             key = f"encoders.{modality}"
             if modality not in ("image", "audio", "text"):
                 raise ConfigError(key, f"medray serve routes image, audio and text inputs; got '{modality}'")
-            if modality == embeds:
+            if modality in family_modalities(c.encoder.family):
                 raise ConfigError(
                     key,
                     f"encoder={self.spec.name} already embeds {modality} inputs; drop {key} "

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from medray.encoders import create_encoder, family_modality, spec_from_dict
+from medray.encoders import create_encoder, family_modalities, spec_from_dict
 from medray.pipeline.columns import STATUS_COLUMNS, assemble
 from medray.platform.errors import EncodeError, RecordError
 from medray.platform.formats import pooled_segment, segment_columns
@@ -56,9 +56,17 @@ class EncoderActor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        if not specs:
-            specs = {family_modality(spec["family"]): spec}
-        self.encoders = {m: create_encoder(spec_from_dict(s), device=device, dtype=dtype) for m, s in specs.items()}
+        specs = dict(specs or {family_modalities(spec["family"])[0]: spec})
+        for s in list(specs.values()):  # an image-text encoder embeds text too, with the same weights
+            for modality in family_modalities(s["family"])[1:]:
+                specs.setdefault(modality, s)
+        loaded: dict[str, Any] = {}  # one model per distinct spec, however many routes it serves
+        self.encoders = {}
+        for m, s in specs.items():
+            key = json.dumps(s, sort_keys=True, default=str)
+            if key not in loaded:
+                loaded[key] = create_encoder(spec_from_dict(s), device=device, dtype=dtype)
+            self.encoders[m] = loaded[key]
         self.primary = next(iter(self.encoders))
         self.encoder = self.encoders[self.primary]
         self.batch_size = int(batch_size)
@@ -66,7 +74,7 @@ class EncoderActor:
         self.provenances = {m: dict(p) for m, p in (provenances or {}).items()}
         # One encoder: a fixed-size embedding column, exactly as before; several: variable lists
         # that the sink types per encoder.
-        self.fixed = len(self.encoders) == 1
+        self.fixed = len(loaded) == 1
 
     def _embed(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         """Embed each (route, input) in batches of items that share an encoder and a shape."""

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from medray.encoders import create_preprocessor, family_modality, spec_from_dict, spec_to_dict
+from medray.encoders import create_preprocessor, family_modalities, spec_from_dict, spec_to_dict
 from medray.platform.decoders import DecodeLimits, DicomOptions
 
 __all__ = ["StageOptions", "encoder_routes", "preprocessors", "decode_options"]
@@ -38,11 +38,19 @@ class StageOptions:
 
 
 def encoder_routes(opts: StageOptions) -> dict[str, Any]:
-    """Modality -> encoder spec: ``encoder_specs``, or ``encoder_spec`` under its family's modality."""
-    if opts.encoder_specs:
-        return dict(opts.encoder_specs)
-    spec = opts.encoder_spec
-    return {family_modality(spec.family): spec}
+    """Modality -> encoder spec: ``encoder_specs``, or ``encoder_spec`` under its family's modality.
+
+    An image-text encoder also takes the text route (its text tower, same space) unless another
+    encoder has it.
+    """
+    routes = dict(opts.encoder_specs) if opts.encoder_specs else {}
+    if not routes:
+        spec = opts.encoder_spec
+        routes = {family_modalities(spec.family)[0]: spec}
+    for spec in list(routes.values()):
+        for modality in family_modalities(spec.family)[1:]:
+            routes.setdefault(modality, spec)
+    return routes
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,7 +25,9 @@ from medray.platform.storage import open_fs
 
 __all__ = ["RecordEmbeddings", "LabelledRecords", "read_record_embeddings", "join_labels", "write_predictions"]
 
-_READ_COLUMNS = ("record_id", "uri", "member", "frame", "segment", "embedding", "patient_key", "modality")
+_READ_COLUMNS = (
+    "record_id", "uri", "member", "frame", "segment", "embedding", "patient_key", "modality", "metadata", "token_end",
+)  # fmt: skip
 
 
 @dataclass
@@ -37,6 +39,9 @@ class RecordEmbeddings:
         x: ``(n, dim)`` float32 embeddings.
         encoder: what the output's ``_medray.json`` says of its encoder (name,
             checkpoint, weights_hash, preprocessing_hash), plus ``dim``.
+        text: per record, whether it is a document (token chunks: reports, SR
+            text) rather than pixels; an image-text encoder writes both.
+        metadata: per record, the allow-listed metadata JSON its rows carry (or None).
     """
 
     record_id: np.ndarray
@@ -46,6 +51,8 @@ class RecordEmbeddings:
     modality: np.ndarray
     x: np.ndarray
     encoder: dict[str, Any] = field(default_factory=dict)
+    text: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    metadata: np.ndarray = field(default_factory=lambda: np.asarray([], dtype=object))
 
 
 def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | None = None) -> RecordEmbeddings:
@@ -114,6 +121,8 @@ def read_record_embeddings(output: str, storage_options: Mapping[str, Any] | Non
         modality=take("modality"),
         x=x,
         encoder=encoder,
+        text=np.asarray([t is not None for t in take("token_end")], dtype=bool),
+        metadata=take("metadata"),
     )
 
 

@@ -15,7 +15,9 @@ Builders turn what the jobs write into reports:
 * :func:`probe_report` - one or more ``probe.json`` (one per encoder): the
   data-efficiency curves of every encoder x head on one plot;
 * :func:`embed_report` - an existing ``medray embed`` output: outcomes by
-  reason, throughput over time and a 2-D projection of a sample of embeddings.
+  reason, throughput over time and a 2-D projection of a sample of embeddings;
+* :func:`drift_report` - ``drift.json`` of ``medray drift``: the two-sample
+  test per group over time windows and the OOD score distributions.
 
 Only counts, metric values, label names and subgroup values reach a report:
 never a record's URI, message or metadata. matplotlib is imported when a
@@ -65,8 +67,12 @@ __all__ = [
     "project_2d",
     "evaluation_report",
     "probe_report",
+    "zeroshot_report",
     "embed_report",
     "read_documents",
+    "drift_figure",
+    "ood_figure",
+    "drift_report",
 ]
 
 log = logging.getLogger("medray.report")
@@ -745,6 +751,186 @@ def probe_report(docs: Sequence[Mapping[str, Any]], title: str | None = None) ->
             )
     sec.items.append(
         Table("curves", "AUROC per training-set size", ["encoder / head", "patients", "AUROC"], table_rows)
+    )
+    report.sections.append(sec)
+    return report
+
+
+def zeroshot_report(doc: Mapping[str, Any]) -> Report:
+    """The report of a ``zeroshot.json`` (``medray zeroshot``): the prompts, the scoring and, with labels, the metrics.
+
+    Args:
+        doc: the parsed ``zeroshot.json``; its ``evaluation`` (an ``evaluation.json``
+            document, when a labelled manifest was given) adds the evaluation's sections.
+    """
+    enc = doc.get("encoder") or {}
+    labels = list(doc.get("labels") or [])
+    bias = enc.get("model_bias")
+    rule = (
+        f"sigmoid(cos x {enc.get('model_temperature', 0):.4g} + {bias:.4g}) per class"
+        if enc.get("score") == "sigmoid" and bias is not None
+        else f"softmax over classes of cos x {enc.get('model_temperature', 0):.4g}"
+    )
+    counts = doc.get("counts") or {}
+    sub = f"encoder {enc.get('name')} ({str(enc.get('weights_hash') or '')[:12]}); {counts.get('images', 0)} images"
+    report = Report(f"Zero-shot: {', '.join(labels)}", sub)
+    prompts = doc.get("prompts") or {}
+    mean = doc.get("mean_scores") or {}
+    rows = [[label, "; ".join(prompts.get(label, [])), f"{float(mean.get(label, 0.0)):.3f}"] for label in labels]
+    table = Table(
+        "zeroshot-prompts",
+        "Classes, their prompts and mean score",
+        ["class", "prompts (averaged, normalised)", "mean score"],
+        rows,
+        caption=f"Each image's score: {rule}. The text tower embeds every prompt; a class is the "
+        "normalised mean of its prompts' normalised embeddings.",
+    )
+    report.sections.append(Section("Zero-shot", [table]))
+    if doc.get("evaluation"):
+        report.extend(evaluation_report(doc["evaluation"]))
+    return report
+
+
+def drift_figure(groups: Sequence[Mapping[str, Any]], alpha: float) -> Figure:
+    """MMD p-value (as -log10) and statistic per time window, one line per group, with the alarm level.
+
+    Args:
+        groups: ``drift.json``'s ``groups`` rows (``group``, ``window``, ``p_value``, ``statistic``).
+        alpha: the alarm level drawn as a horizontal line.
+    """
+    fig, (left, right) = _new_figure(9.0, 3.6, ncols=2)
+    windows = sorted({str(g.get("window")) for g in groups})
+    names: list[str] = []
+    for g in groups:
+        name = " / ".join(str(v) for v in (g.get("group") or {}).values()) or "all"
+        if name not in names:
+            names.append(name)
+    for i, name in enumerate(names[:_MAX_CATEGORIES]):
+        rows = {
+            str(g.get("window")): g
+            for g in groups
+            if (" / ".join(str(v) for v in (g.get("group") or {}).values()) or "all") == name
+        }
+        xs = [j for j, w in enumerate(windows) if w in rows and _finite(rows[w].get("p_value"))]
+        ps = [-math.log10(max(float(rows[windows[j]]["p_value"]), 1e-12)) for j in xs]
+        stats = [float(rows[windows[j]]["statistic"]) for j in xs]
+        style = {"marker": "o", "markersize": 4, "color": _color(i), "label": name}
+        _data(left.plot(xs, ps, **style))
+        _data(right.plot(xs, stats, **style))
+    left.axhline(-math.log10(alpha), color="#ee6677", linestyle="--", linewidth=1, label=f"alarm (p < {alpha:g})")
+    for ax in (left, right):
+        ax.set_xticks(range(len(windows)), windows, fontsize=8, rotation=30 if len(windows) > 4 else 0)
+        ax.set_xlabel("time window")
+    left.set(ylabel="-log10 p (MMD permutation test)")
+    right.set(ylabel="MMD² (unbiased)")
+    left.legend(fontsize=8)
+    return Figure(
+        "drift",
+        "Drift over time",
+        _to_svg(fig),
+        "Per group and time window, the MMD two-sample test of the current embeddings against the reference: "
+        "points above the dashed line alarm; the statistic on the right says how far the set moved.",
+    )
+
+
+def ood_figure(reference_scores: np.ndarray, current: Mapping[str, np.ndarray], threshold: float) -> Figure:
+    """Histograms of OOD scores: the reference's leave-one-out scores and each current group's, with the threshold.
+
+    Args:
+        reference_scores: leave-one-out scores of the reference records.
+        current: group name -> OOD scores of the current records of that group.
+        threshold: the alarm threshold drawn as a vertical line.
+    """
+    fig, (ax,) = _new_figure(6.4, 3.8)
+    every = [np.asarray(reference_scores, float)] + [np.asarray(v, float) for v in current.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in every] + [np.asarray([threshold])])
+    lo, hi = float(finite.min()), float(finite.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 31)
+    kw = {"bins": bins, "density": True, "histtype": "step", "linewidth": 1.5}
+    _data(ax.hist(reference_scores, color="#222255", label="reference (leave-one-out)", **kw)[2])
+    for i, (name, scores) in enumerate(list(current.items())[:_MAX_CATEGORIES]):
+        _data(ax.hist(scores, color=_color(i + 1), label=f"current: {name} ({len(scores)})", **kw)[2])
+    ax.axvline(threshold, color="#ee6677", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="OOD score (mean cosine distance to k nearest reference records)", ylabel="density")
+    ax.legend(fontsize=8)
+    return Figure(
+        "ood",
+        "Out-of-distribution scores",
+        _to_svg(fig),
+        "How far each record lies from its nearest reference records. The threshold is calibrated on the "
+        "reference's own leave-one-out scores; records to its right alarm.",
+    )
+
+
+def drift_report(
+    doc: Mapping[str, Any],
+    reference_scores: np.ndarray,
+    current_scores: np.ndarray,
+    by_group: Mapping[str, np.ndarray] | None = None,
+    title: str | None = None,
+) -> Report:
+    """The report of ``medray drift``: drift per group over time windows, OOD score distributions, the table.
+
+    Args:
+        doc: the ``drift.json`` document.
+        reference_scores: the reference's leave-one-out OOD scores.
+        current_scores: every current record's OOD score.
+        by_group: group name -> current scores (drawn per group when there are several).
+        title: the page title; by default names the encoder.
+    """
+    enc = doc.get("encoder") or {}
+    ood = doc.get("ood") or {}
+    alpha = float(doc.get("alpha") or 0.05)
+    report = Report(
+        title or f"Drift: {enc.get('encoder') or 'encoder'} ({str(enc.get('weights_hash') or '')[:8]})",
+        f"{(doc.get('counts') or {}).get('current')} current vs {(doc.get('counts') or {}).get('reference')} "
+        f"reference records; MMD test, alarm at p < {alpha:g}",
+    )
+    sec = Section("Drift")
+    rows = [doc["overall"], *doc.get("groups", [])] if doc.get("overall") else list(doc.get("groups", []))
+    tested = [g for g in doc.get("groups", []) if _finite(g.get("p_value"))]
+    if len({str(g.get("window")) for g in tested}) > 1:  # one window: the table says it all
+        sec.items.append(drift_figure(tested, alpha))
+
+    def cell(v: Any, fmt: str) -> str:
+        return format(float(v), fmt) if _finite(v) else "-"
+
+    table = [
+        [
+            " / ".join(str(v) for v in (g.get("group") or {}).values()) or "all",
+            str(g.get("window", "all")),
+            str(g.get("n_current", "-")),
+            f"{g.get('n_reference', '-')} ({g.get('reference', '-')})",
+            cell(g.get("statistic"), ".3g"),
+            cell(g.get("p_value"), ".4f"),
+            "ALARM" if g.get("alarm") else (str(g.get("skipped")) if g.get("skipped") else "ok"),
+            cell(g.get("ood_alarm_rate"), ".1%"),
+        ]
+        for g in rows
+    ]
+    cols = ["group", "window", "current", "reference", "MMD²", "p", "drift", "OOD alarms"]
+    sec.items.append(Table("groups", "Two-sample test per group and window", cols, table))
+    report.sections.append(sec)
+    sec = Section("Out of distribution")
+    groups = dict(by_group or {})
+    shown = groups if 1 < len(groups) <= _MAX_CATEGORIES else {"all": np.asarray(current_scores)}
+    if len(reference_scores) and len(current_scores) and _finite(ood.get("threshold")):
+        sec.items.append(ood_figure(np.asarray(reference_scores), shown, float(ood["threshold"])))
+    sec.items.append(
+        Table(
+            "ood",
+            "OOD alarms",
+            ["k", "threshold", "calibrated at", "alarms", "alarm rate"],
+            [
+                [
+                    str(ood.get("k", "-")),
+                    cell(ood.get("threshold"), ".4f"),
+                    f"reference quantile {ood.get('quantile', '-')}",
+                    str(ood.get("alarms", "-")),
+                    cell(ood.get("alarm_rate"), ".1%"),
+                ]
+            ],
+        )
     )
     report.sections.append(sec)
     return report

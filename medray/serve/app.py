@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 from medray.config import DecodeConf, EncoderConf, StorageConf
-from medray.encoders import family_modality
+from medray.encoders import family_modalities, family_modality
 from medray.platform.decoders.audio import AudioOptions
 from medray.platform.formats import TextOptions
 from medray.serve.config import (
@@ -156,8 +156,12 @@ def build_app(args: ServeArgs) -> Application:
                 torch_threads=enc.torch_threads,
                 decode_threads=enc.decode_threads,
                 num_cpus=enc.num_cpus,
+                # the live OOD score: against a reference of the primary encoder's embeddings
+                ood=dataclasses.asdict(s.ood) if modality == primary and s.ood.reference else None,
             )
         )
+    for modality in family_modalities(args.encoder.family)[1:]:  # an image-text encoder answers text too
+        encoders.setdefault(modality, encoders[primary])
     head_app = None
     if heads:
         h = s.heads

@@ -20,6 +20,7 @@ from medray.platform.decoders.audio import AudioOptions
 from medray.platform.errors import ConfigError
 from medray.platform.formats import TextOptions
 from medray.platform.storage import open_fs
+from medray.serve.ood import OODConf, check_ood
 
 __all__ = [
     "AutoscalingConf",
@@ -231,6 +232,7 @@ class ServeOptions:
     haidef: HaidefConf = field(default_factory=HaidefConf)
     auth: AuthConf = field(default_factory=AuthConf)
     autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
+    ood: OODConf = field(default_factory=OODConf)
     throughput_optimized: bool = False
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 30.0
@@ -322,6 +324,7 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
     if serve.http.request_timeout_s is not None:
         _positive("serve.http.request_timeout_s", serve.http.request_timeout_s)
     apply_autoscaling_shorthand(serve)
+    check_ood(serve.ood)
     for name in ("ingress", "encoder", "heads"):
         _check_deployment(f"serve.{name}", getattr(serve, name))
     enc = serve.encoder

@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -29,15 +29,17 @@ from typing import Any, Protocol, cast
 import numpy as np
 from ray import serve
 
-from medray.encoders import create_encoder, family_modality, get_spec
+from medray.encoders import create_encoder, family_modalities, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
-from medray.platform.decoders import check_size
+from medray.platform.decoders import DecodeLimits, check_size
+from medray.platform.decoders.dicom_wsi import read_dicomweb_wsi_patches
 from medray.platform.dicomweb import fetch_instance, fetch_url
 from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, ReadError, RecordError, UnsupportedFormat
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 from medray.platform.storage import open_fs, read_bytes
 from medray.serve.config import uri_allowed
+from medray.serve.ood import OODMonitor
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
 
@@ -160,7 +162,12 @@ def _extension(name: str) -> str:
 
 
 def decode_input(
-    payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any, *, salt: str = "", modality: str = "image"
+    payload: Mapping[str, Any],
+    settings: DecodeSettings,
+    preprocessor: Any,
+    *,
+    salt: str = "",
+    modality: str | Sequence[str] = "image",
 ) -> DecodedInput:
     """Route, decode and preprocess one request exactly as ``medray embed`` does.
 
@@ -174,7 +181,8 @@ def decode_input(
         preprocessor: the encoder (or its :class:`~medray.encoders.Preprocessor`).
         salt: patient-key salt (the key is never returned by the server).
         modality: what the served encoder embeds (``image``, ``audio`` or
-            ``text``); content of another modality is refused (415).
+            ``text``; an image-text encoder: ``("image", "text")``); content of
+            another modality is refused (415).
 
     Returns:
         The preprocessed items (frames, windows or chunks).
@@ -183,6 +191,10 @@ def decode_input(
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
+    if payload.get("patches") and payload.get("dicomweb_uri") is not None and modality == "image":
+        slide = _slide_patches_input(payload, settings, preprocessor)
+        if slide is not None:  # a whole-slide instance: only the frames under the patches are fetched
+            return slide
     # The batch job's own StageOptions -> format options mapping, so that windows, frame
     # selection and limits are read exactly as `medray embed` reads them.
     data, name = _fetch(payload, settings)
@@ -205,24 +217,26 @@ def decode_input(
     fmt, route = detect(data, name)
     if route == "slide":
         raise UnsupportedFormat(
-            "whole-slide images are not served over HTTP (too large for one request); embed them with `medray embed`"
+            "a whole slide is too large for one request: send patch_coordinates_list with a DICOMweb URI of "
+            "one of its levels, or embed the slide with `medray embed`"
         )
     if route == "other":
         raise UnsupportedFormat(
             "DICOM object without pixel data or report text (e.g. RTSTRUCT, presentation state); nothing to embed"
         )
+    allowed = (modality,) if isinstance(modality, str) else tuple(modality)
     ctx = PrepareContext(
         name=name,
         route=route,
-        preprocessors={modality: preprocessor},
+        preprocessors={m: preprocessor for m in allowed},
         options=format_options(stage, dicom),
         limits=limits,
         salt=salt,
     )
     # a format may embed its records with another encoder (an enhanced CT's frames on an image endpoint)
-    route = fmt.resolve_route(route, ctx) if route != modality else route
-    if route != modality:
-        raise UnsupportedFormat(f"this endpoint's encoder embeds {modality} inputs; the input is {route}")
+    route = fmt.resolve_route(route, ctx) if route not in allowed else route
+    if route not in allowed:
+        raise UnsupportedFormat(f"this endpoint's encoder embeds {' and '.join(allowed)} inputs; the input is {route}")
     ctx = dataclasses.replace(ctx, route=route)
     if payload.get("patches"):
         return _patches_input(data, ctx, fmt, payload["patches"], preprocessor, settings)
@@ -240,6 +254,38 @@ def decode_input(
         segments=prepared.segments,
         pool=prepared.pool,
     )
+
+
+def _slide_patches_input(
+    payload: Mapping[str, Any], settings: DecodeSettings, preprocessor: Any
+) -> DecodedInput | None:
+    """HAI-DEF patches of a DICOMweb whole-slide instance (``None``: the instance is no slide)."""
+    uri = str(payload["dicomweb_uri"])
+    if not uri_allowed(uri, list(settings.allowed_uri_prefixes)):
+        raise ReadError("DICOMweb URI is not under an allowed prefix (serve.inputs.allowed_uri_prefixes)")
+    patches = [(int(p[0]), int(p[1]), int(p[2]), int(p[3])) for p in payload["patches"]]
+    _check_items(len(patches), settings, "patches", "send fewer patches")
+    limits = DecodeLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    try:
+        crops = read_dicomweb_wsi_patches(
+            uri,
+            patches,
+            credential=payload.get("credential"),
+            limits=limits,
+        )
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - connection errors: the class only (the URL holds UIDs)
+        raise ReadError(f"cannot read the slide's patches ({type(err).__name__})") from None
+    if crops is None:
+        return None
+    try:
+        pixels = preprocessor.preprocess(crops)
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - processors raise anything; the class name is the message
+        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
+    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), "SM")
 
 
 def _patches_input(
@@ -324,6 +370,7 @@ class EncoderDeployment:
         torch_threads: intra-op threads; ``None``: the replica's CPUs.
         decode_threads: threads decoding requests.
         num_cpus: the replica's CPU reservation (sizes ``torch_threads``).
+        ood: ``serve.ood`` as a dict: score each answer against its reference (see :mod:`medray.serve.ood`).
 
     ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) is applied
     by :meth:`reconfigure`, so batching can change without a restart.
@@ -339,6 +386,7 @@ class EncoderDeployment:
         torch_threads: int | None = None,
         decode_threads: int = 2,
         num_cpus: float = 1.0,
+        ood: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -347,12 +395,13 @@ class EncoderDeployment:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         spec = get_spec(dict(encoder))
-        self._modality = family_modality(spec.family)
+        self._modality = family_modalities(spec.family)  # an image-text encoder: image and text
         self._encoder = create_encoder(spec, device=device, dtype=dtype)
         self._settings = settings
         self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
         self._ident["device"] = device
         self._replica = replica_tag()
+        self._ood = OODMonitor.from_conf(ood, settings.storage_options, encoder=self._ident)
         self._salt = secrets.token_hex(16)  # patient keys are computed by the decoder but never leave
         # OpenMP's thread count is per thread and starts from OMP_NUM_THREADS, which Ray sets to the
         # replica's num_cpus: set it inside each pool thread, or the model runs on fewer cores than asked.
@@ -467,7 +516,31 @@ class EncoderDeployment:
             out["segments"] = decoded.segments
             if decoded.pool == "mean":  # the row `medray embed` writes with frame -1
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
+        if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
+            record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
+            out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
         return out
+
+    async def embed_texts(self, texts: list[str]) -> dict:
+        """Text-tower embeddings of short texts (zero-shot prompts) of an image-text encoder.
+
+        Returns:
+            ``{"embeddings": float32 (N, dim), "encoder"}``, or ``{"error": {...}}``
+            when the encoder has no text tower in its images' space.
+        """
+        embed_text = getattr(self._encoder, "embed_text", None)
+        if embed_text is None:
+            return error_result(
+                UnsupportedFormat(f"encoder {self._ident['name']} is not an image-text encoder: it embeds no prompts")
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            emb = await loop.run_in_executor(self._model_pool, embed_text, list(texts))
+        except Exception as err:  # noqa: BLE001 - a bad prompt is an answer, not a crash
+            return error_result(
+                err if isinstance(err, RecordError) else EncodeError(f"model failed ({type(err).__name__})")
+            )
+        return {"embeddings": np.asarray(emb, dtype=np.float32), "encoder": dict(self._ident)}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:

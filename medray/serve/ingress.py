@@ -8,6 +8,8 @@ Routes (OpenAPI at ``/docs``)::
                                {"bytes_b64": ...} | {"uri": "s3://..."} | {"text": ...}
                                | {"dicomweb_uri": "https://.../instances/<uid>", "access_credential"?: token}
     POST /v1/predict/{head}    the same inputs; the head's label probabilities
+    POST /v1/zero_shot         the same inputs plus "labels" (and "prompts") in the JSON or the query:
+                               class scores from an image-text encoder (see medray.serve.zeroshot)
     GET  /v1/models            the encoder and the heads served
     GET  /healthz, /readyz     liveness; readiness (the encoder answers)
     POST /predict              Google HAI-DEF's format: {"instances": [...]} -> {"predictions": [...]}
@@ -48,8 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import medray
 from medray.platform.errors import RecordError
 from medray.platform.formats import detect_modality, media_types
+from medray.platform.zeroshot import expand_prompts
 from medray.serve.config import uri_allowed
 from medray.serve.haidef import InstanceError, ParsedInstance, instance_error, parse_instances, prediction
+from medray.serve.zeroshot import ZeroShotRequestError, zero_shot_answer, zero_shot_request
 
 __all__ = [
     "ApiError",
@@ -305,7 +309,11 @@ async def _load_json(body: bytes, settings: IngressSettings) -> Any:
 
 
 async def _parse_json(body: bytes, settings: IngressSettings) -> dict:
-    doc = await _load_json(body, settings)
+    return await _payload_of(await _load_json(body, settings), settings)
+
+
+async def _payload_of(doc: Any, settings: IngressSettings) -> dict:
+    """The encoder payload of a parsed JSON body (``bytes_b64``, ``uri``, ``dicomweb_uri`` or ``text``)."""
     if not isinstance(doc, dict) or len({"bytes_b64", "uri", "text", "dicomweb_uri"} & set(doc)) != 1:
         raise ApiError(
             422,
@@ -544,6 +552,7 @@ def _embedding_body(res: dict) -> dict:
         "embeddings": items,
         "batch_size": res.get("batch_size"),
         "replica": res.get("replica"),
+        **({"ood": res["ood"]} if res.get("ood") is not None else {}),
     }
 
 
@@ -685,6 +694,40 @@ class Ingress:
             return _embedding_body(await self._call(encoder.embed.remote(payload), tl))
 
         return await self._answer(request, "embeddings", work)
+
+    @api.post(
+        "/v1/zero_shot",
+        openapi_extra=_BODY_DOC,
+        summary="Zero-shot class scores of an image: labels (and prompts) in the JSON body or the query",
+    )
+    async def zero_shot(self, request: Request) -> JSONResponse:
+        """Scores of each label for the input, from an image-text encoder (see :mod:`medray.serve.zeroshot`)."""
+
+        async def work() -> dict:
+            body = await read_body(request, self._settings.max_body_bytes)
+            ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            query = {k: request.query_params.getlist(k) for k in ("labels", "prompts")}
+            doc = None
+            if ctype == "application/json" or ctype.endswith("+json"):
+                doc = await _load_json(body, self._settings)
+                payload = await _payload_of(doc, self._settings)
+            else:
+                payload = await parse_input(request.headers.get("content-type", ""), body, self._settings)
+            try:
+                labels, templates = zero_shot_request(query, doc if isinstance(doc, dict) else None)
+            except ZeroShotRequestError as err:
+                raise ApiError(422, "invalid_request", str(err)) from None
+            encoder = self._encoders.get("image", self._encoder)
+            prompts = [p for row in expand_prompts(labels, templates) for p in row]
+            image, text = await asyncio.gather(
+                self._call(encoder.embed.remote(payload)), self._call(encoder.embed_texts.remote(prompts))
+            )
+            try:
+                return zero_shot_answer(image, text["embeddings"], labels, templates)
+            except ZeroShotRequestError as err:
+                raise ApiError(400, "not_image_text", str(err)) from None
+
+        return await self._answer(request, "zero_shot", work)
 
     @api.post("/v1/predict/{head}", openapi_extra=_BODY_DOC, summary="Label probabilities of a task head")
     async def predict(self, head: str, request: Request) -> JSONResponse:

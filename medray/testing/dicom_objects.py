@@ -104,6 +104,8 @@ def enhanced_from_series(
     shuffle: bool = True,
     windows: Mapping[int, tuple[float, float]] | None = None,
     shared_window: tuple[float, float] | None = None,
+    stack_ids: Sequence[str] | None = None,
+    echo_times: Sequence[float] | None = None,
 ) -> bytes:
     """One Enhanced CT/MR object holding the slices of a classic series (its voxels, geometry and rescales).
 
@@ -115,6 +117,10 @@ def enhanced_from_series(
         windows: per-frame windows ``{frame: (center, width)}`` (Frame VOI LUT
             in that frame's functional groups), by stored frame number.
         shared_window: a window for every frame, in the shared functional groups.
+        stack_ids: the Stack ID of each of ``files`` (default ``"1"`` for all):
+            several stacks in one object.
+        echo_times: the MR Effective Echo Time (ms) of each of ``files``: several
+            echoes in one object.
 
     Returns:
         The object's Part-10 bytes (Explicit VR Little Endian).
@@ -166,8 +172,12 @@ def enhanced_from_series(
                     RescaleType=s.get("RescaleType", "US"),
                 )
             ],
-            FrameContentSequence=[_item(InStackPositionNumber=int(k) + 1, StackID="1")],
+            FrameContentSequence=[
+                _item(InStackPositionNumber=int(k) + 1, StackID=stack_ids[k] if stack_ids is not None else "1")
+            ],
         )
+        if echo_times is not None:
+            group.MREchoSequence = [_item(EffectiveEchoTime=float(echo_times[k]))]
         if windows and n in windows:
             group.FrameVOILUTSequence = [_item(WindowCenter=windows[n][0], WindowWidth=windows[n][1])]
         per_frame.append(group)

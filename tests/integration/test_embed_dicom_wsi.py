@@ -9,6 +9,7 @@ equal the TIFF's (<= 1e-5). A truncated WSI beside them is quarantined.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,7 +86,6 @@ def test_dicom_wsi_tiles_equal_the_tiff_slides(corpus):
 def test_dicom_wsi_from_dicomweb_is_tiled_over_wado_rs_frames(tmp_path):
     """The same slide in a PACS (Orthanc, auth on): its tiles' embeddings equal the TIFF tiles' (<= 1e-5)."""
     import io
-    import os
     import subprocess
     import sys
 
@@ -106,6 +106,7 @@ def test_dicom_wsi_from_dicomweb_is_tiled_over_wado_rs_frames(tmp_path):
         args = [f"input={server.dicomweb_uri}", f"output={out}", "encoder=hf_image", f"encoder.checkpoint={ckpt}"]
         args += ["ray.num_cpus=2", "tracking.enabled=false", "slide.tile_size=32", "slide.target_mpp=0.5"]
         proc = subprocess.run([medray, "embed", *args], env=env, capture_output=True, text=True, timeout=600)
+        _check_haidef_patches_over_dicomweb(server, tmp_path, ckpt)
     assert proc.returncode == 0, proc.stderr[-4000:]
     import pyarrow.parquet as pq
 
@@ -122,3 +123,45 @@ def test_dicom_wsi_from_dicomweb_is_tiled_over_wado_rs_frames(tmp_path):
     assert diff <= 1e-5
     skipped = pq.read_table(out / "skipped").to_pylist()
     assert sorted(r["reason"] for r in skipped) == ["WsiLevel", "WsiLevel"]
+
+
+def _check_haidef_patches_over_dicomweb(server, folder, ckpt) -> None:
+    """HAI-DEF patch_coordinates_list on a slide's level over DICOMweb, as the service decodes it: the same
+    pixels as the level files read locally; a caller's wrong token is that request's 401, not the server's."""
+    import pydicom
+
+    from medray.encoders import create_preprocessor, get_spec
+    from medray.platform.decoders.dicom_wsi import open_dicom_wsi
+    from medray.platform.errors import DecodeError, ReadError
+    from medray.serve.encoder import DecodeSettings, decode_input
+
+    preprocessor = create_preprocessor(get_spec("hf_image", checkpoint=ckpt))
+    settings = DecodeSettings(max_frames=16, allowed_uri_prefixes=(server.dicomweb_uri + "/",))
+    local = open_dicom_wsi(str(folder / "level0.dcm"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        for level, patches in ((0, [(0, 0, 64, 64), (200, 136, 96, 80)]), (1, [(10, 20, 64, 48)])):
+            ds = pydicom.dcmread(folder / f"level{level}.dcm", stop_before_pixels=True)
+            uri = (
+                f"{server.dicomweb_uri}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{ds.SOPInstanceUID}"
+            )
+            got = decode_input({"dicomweb_uri": uri, "patches": patches}, settings, preprocessor)
+            down = local.level_downsamples[level]
+            want = [
+                local.read_region((round(x * down), round(y * down)), level, (w, h), as_array=True)
+                for x, y, w, h in patches
+            ]
+            np.testing.assert_array_equal(got.pixels, preprocessor.preprocess(want))
+            assert got.frames == list(range(len(patches))) and got.modality == "SM"
+        with pytest.raises(DecodeError, match="lies outside the 256x256 image"):
+            decode_input({"dicomweb_uri": uri, "patches": [(250, 0, 64, 64)]}, settings, preprocessor)
+        with pytest.raises(ReadError, match="HTTPError 401"):
+            decode_input({"dicomweb_uri": uri, "patches": patches, "credential": "wrong-token"}, settings, preprocessor)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

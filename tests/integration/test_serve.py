@@ -42,6 +42,7 @@ import yaml
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.encoders.heads import LinearHead, ModelCard, save_artifact
 from medray.serve.haidef import PREDICTION_SCHEMA, check_against
+from medray.testing.dicom_wsi import dicom_wsi_files
 from medray.testing.orthanc import OrthancServer
 from medray.testing.samples import generate_samples
 
@@ -153,6 +154,10 @@ def stack(s3, tmp_path_factory):
     pacs = OrthancServer().start()
     dicoms = sorted(p for p in (inputs / "dicom").rglob("*.dcm"))
     pacs.upload(dicoms)
+    # and a whole slide (DICOM WSI, two levels): HAI-DEF patches are read from it frame by frame
+    for name, data in dicom_wsi_files(size=256, levels=2, tile=64).items():
+        (root / f"wsi_{name}").write_bytes(data)
+    pacs.upload(sorted(root.glob("wsi_level*.dcm")))
     env.update(pacs.env())
     # Vertex AI names the HAI-DEF routes in the environment: they win over serve.haidef.*
     env.update({"AIP_PREDICT_ROUTE": "/vertex/predict", "AIP_HEALTH_ROUTE": "/vertex/health"})
@@ -223,6 +228,7 @@ def stack(s3, tmp_path_factory):
             f"heads=[{audio_head_uri}]",
             "serve.heads.autoscaling.max_replicas=1",
             "serve.route_prefix=/open",
+            f"serve.ood.reference={root / 'emb'}",  # written by `medray embed` below, before the app deploys
             f"emit_config={cfg}",
             "serve.encoder.max_batch_size=1",
             "serve.encoder.max_ongoing_requests=1",
@@ -297,6 +303,8 @@ def stack(s3, tmp_path_factory):
             "audio_head": audio_head,
             "pacs": pacs,
             "dicoms": dicoms,
+            "wsi": root / "wsi_level1.dcm",
+            "ckpt": ckpt,
         }
     finally:
         t0 = time.time()
@@ -459,6 +467,15 @@ def test_hai_def_requests_answer_in_their_schema_instance_by_instance(stack):
         {"text": "no effusion"},
         {"image": {"dicomweb_uri": dicomweb, "radiology_dicom_window_level": {"center": 100, "width": 50}}},
         {"video": {}},
+        {  # Path Foundation's request: patches of one pyramid level of a slide in the PACS
+            "image": {
+                "dicomweb_uri": _instance_uri(stack, stack["wsi"]),
+                "patch_coordinates_list": [
+                    {"x_origin": 0, "y_origin": 0, "width": 32, "height": 32},
+                    {"x_origin": 40, "y_origin": 24, "width": 32, "height": 32},
+                ],
+            }
+        },
     ]
     assert requests.post(url + "/vertex/predict", json={"instances": instances}, timeout=TIMEOUT).status_code == 401
     r = requests.post(url + "/vertex/predict", json={"instances": instances}, headers=auth, timeout=TIMEOUT)
@@ -477,6 +494,17 @@ def test_hai_def_requests_answer_in_their_schema_instance_by_instance(stack):
     assert preds[6]["error"]["description"].startswith("unsupported_media")  # no text encoder on this app
     assert not np.allclose(preds[7]["embedding"], preds[1]["embedding"], atol=1e-4)  # the window applied
     assert preds[8]["error"]["description"].startswith("invalid_request")
+    from medray.encoders import create_encoder, get_spec
+    from medray.platform.decoders.dicom_wsi import open_dicom_wsi
+
+    level1 = open_dicom_wsi(str(stack["wsi"].with_name("wsi_level0.dcm")))
+    crops = [level1.read_region((2 * x, 2 * y), 1, (32, 32), as_array=True) for x, y in ((0, 0), (40, 24))]
+    encoder = create_encoder(get_spec("hf_image", checkpoint=stack["ckpt"]), device="cpu", dtype="float32")
+    want = encoder.embed(encoder.preprocess(crops))
+    assert "patch_embeddings" in preds[9], preds[9]
+    got = preds[9]["patch_embeddings"]
+    assert [p["patch_coordinate"]["x_origin"] for p in got] == [0, 40]
+    np.testing.assert_allclose([p["embedding"] for p in got], want, atol=1e-5, rtol=0)
     # /v1/embeddings takes the same DICOMweb instance
     r = requests.post(url + "/v1/embeddings", json={"dicomweb_uri": dicomweb}, headers=auth, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
@@ -764,6 +792,48 @@ def test_emitted_config_app_has_auth_off_and_answers_overload_with_503(stack, op
     assert shed and any(r[0] == 200 for r in results)
     assert all(r[2] == "1" for r in shed)
     assert np.median([r[3] for r in shed]) < 2.0  # refused at once, not after queueing
+
+
+def _metrics_ports(stack) -> list[int]:
+    """The Prometheus export port of each node of the stack's Ray (a second driver asks the cluster)."""
+    gcs = stack["gcs"]
+    code = (
+        f"import json, ray; ray.init(address={gcs!r}, logging_level='ERROR'); "
+        "print(json.dumps([n['MetricsExportPort'] for n in ray.nodes() if n['Alive']]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_open_app_scores_each_image_out_of_distribution_and_exports_it(stack, open_app):
+    """serve.ood.reference=<the embed output>: each answer carries the OOD score against it, and Ray's
+    Prometheus export has the score histogram and the threshold."""
+    scores = []
+    for rel in ("dicom/p01/0004_dx.dcm", "photos/derm_0000.png"):
+        r = _upload(stack, rel, base=open_app, headers={})
+        assert r.status_code == 200, r.text
+        ood = r.json()["ood"]
+        assert set(ood) == {"score", "threshold", "alarm"}
+        assert 0.0 <= ood["score"] <= 2.0 and ood["threshold"] > 0 and ood["alarm"] == (ood["score"] > ood["threshold"])
+        scores.append(ood["score"])
+    # the main app has no reference: no score
+    assert "ood" not in _upload(stack, "photos/derm_0000.png").json()
+    ports = _metrics_ports(stack)
+    deadline, text = time.time() + 45, ""
+    while time.time() < deadline:  # the metrics agent exports every few seconds
+        text = ""
+        for port in ports:
+            try:
+                text += requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.RequestException:
+                pass
+        if "medray_ood_score_bucket" in text and "medray_ood_threshold" in text:
+            break
+        time.sleep(1.0)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_medray_ood_score_count")]
+    assert lines and sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 2, text[-3000:]
+    assert any(ln.startswith("ray_medray_ood_threshold") for ln in text.splitlines())
 
 
 def test_audio_and_text_inputs_are_routed_to_their_encoders(stack, open_app):

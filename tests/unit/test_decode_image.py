@@ -190,3 +190,35 @@ def test_detect_format_raw_dataset_name_hint() -> None:
     assert detect_format(raw, "export/IM0001.dcm") == "dicom"
     # (0008,0005) first is plausible without a hint.
     assert detect_format(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100") == "dicom"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_embedded_icc_profile_is_converted_to_srgb(fmt: str) -> None:
+    from PIL import ImageCms
+
+    from medray.testing.dicom_objects import linear_rgb_profile
+
+    ramp = np.linspace(0, 255, 32).round().astype(np.uint8)
+    pixels = np.stack([np.tile(ramp, (8, 1)), np.tile(ramp[::-1], (8, 1)), np.full((8, 32), 128, np.uint8)], -1)
+    profile = linear_rgb_profile()
+    tagged, plain = BytesIO(), BytesIO()
+    Image.fromarray(pixels).save(tagged, format=fmt, icc_profile=profile, **({"quality": 100} if fmt == "JPEG" else {}))
+    Image.fromarray(pixels).save(plain, format=fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    managed, unmanaged = decode_image(tagged.getvalue()), decode_image(plain.getvalue())
+    assert managed.metadata["icc_profile"] is True and "icc_profile" not in unmanaged.metadata
+    # what littlecms gives a colour-managed viewer: linear light -> sRGB brightens the mid-tones
+    transform = ImageCms.buildTransform(
+        ImageCms.ImageCmsProfile(BytesIO(profile)), ImageCms.createProfile("sRGB"), "RGB", "RGB"
+    )
+    want = np.asarray(ImageCms.applyTransform(Image.fromarray(unmanaged.frames[0].image), transform))
+    np.testing.assert_array_equal(managed.frames[0].image, want)
+    assert managed.frames[0].image[0, 0, 2] > 180  # 128 linear is about 188 in sRGB
+
+
+def test_a_damaged_icc_profile_leaves_the_pixels_as_stored() -> None:
+    pixels = np.full((4, 4, 3), (200, 30, 60), np.uint8)
+    buf = BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", icc_profile=b"not a profile" * 10)
+    out = decode_image(buf.getvalue())
+    np.testing.assert_array_equal(out.frames[0].image, pixels)
+    assert "icc_profile" not in out.metadata

@@ -132,6 +132,30 @@ def test_an_enhanced_object_that_is_no_regular_stack_says_why(phantom) -> None:
         assemble_enhanced(ds)
 
 
+def test_stacks_and_echoes_marked_in_one_object_are_one_volume_each(phantom) -> None:
+    from medray.platform.decoders.series import assemble_enhanced_stacks
+
+    a, b = ct_series(phantom, seed=4), ct_series(phantom + 50, seed=5)
+    two_stacks = enhanced_from_series(a + b, seed=1, stack_ids=["1"] * 12 + ["2"] * 12)
+    stacks = assemble_enhanced_stacks(two_stacks)
+    assert sorted((s.stack_id, len(s.frames)) for s, _ in stacks) == [("1", 12), ("2", 12)]
+    by_id = {s.stack_id: v for s, v in stacks}
+    np.testing.assert_array_equal(by_id["1"].values, assemble_series(a).values)
+    np.testing.assert_array_equal(by_id["2"].values, assemble_series(b).values)
+    with pytest.raises(SeriesError, match="holds 2 stacks"):
+        assemble_enhanced(two_stacks)
+    mr = [phantom + 1100, phantom + 1400]
+    echoes = enhanced_from_series(
+        ct_series(mr[0], seed=6, modality="MR") + ct_series(mr[1], seed=7, modality="MR"),
+        echo_times=[12.0] * 12 + [96.5] * 12,
+    )
+    got = {s.echo_time_ms: (s.describe(), v) for s, v in assemble_enhanced_stacks(echoes)}
+    assert sorted(got) == [12.0, 96.5]
+    assert got[96.5][0] == {"stack_id": "1", "temporal_position": None, "echo_time_ms": 96.5, "frames": 12}
+    np.testing.assert_array_equal(got[12.0][1].values, mr[0])
+    np.testing.assert_array_equal(got[96.5][1].values, mr[1])
+
+
 # ---------------------------------------------------------------- routes: volume, frames, endpoints
 
 
@@ -226,6 +250,26 @@ def test_an_image_endpoint_serves_an_enhanced_objects_frames(phantom, encoders) 
     data = enhanced_from_series(ct_series(phantom, seed=6))
     served = decode_input({"data": data}, DecodeSettings(max_frames=100), create_preprocessor(encoders["image"]))
     assert served.pixels.shape[0] == 12 and served.frames == list(range(12))
+
+
+def test_in_volume_mode_each_stack_of_an_object_is_an_item_of_its_record(phantom, encoders) -> None:
+    from medray.encoders import create_preprocessor
+    from medray.platform.formats.registry import PrepareContext
+    from medray.platform.formats.volume import prepare_volume
+
+    a, b = ct_series(phantom, seed=4), ct_series(phantom + 50, seed=5)
+    data = enhanced_from_series(a + b, seed=1, shuffle=False, stack_ids=["1"] * 12 + ["2"] * 12)
+    (row,) = _decode([data], encoder_spec=encoders["volume"], series={"mode": "volume"})
+    assert (row["status"], row["route"], row["frames"]) == ("ok", "volume", [0, 1]), row
+    options = SeriesOptions(mode="volume")
+    ctx = PrepareContext(route="volume", preprocessors={"volume": create_preprocessor(encoders["volume"])})
+    want = [prepare_volume(assemble_series(f, options, salt="s"), options, ctx, mode="volume") for f in (a, b)]
+    np.testing.assert_array_equal(_pixels(row), np.concatenate([w.inputs for w in want]))
+    segments = json.loads(row["segments"])  # one object, one series key: that of the object
+    assert len({s.pop("series_key") for s in segments}) == 1
+    assert segments == [{k: v for k, v in s.items() if k != "series_key"} for w in want for s in w.segments]
+    stacks = json.loads(row["metadata"])["stacks"]
+    assert [(s["stack_id"], s["frames"]) for s in stacks] == [("1", 12), ("2", 12)]
 
 
 def test_an_enhanced_object_of_a_modality_series_do_not_list_is_skipped(phantom, encoders) -> None:

@@ -34,7 +34,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_encoder_preset_composes_and_validates(compose_embed, preset):
-    generic = ("hf_image", "timm_image", "hf_audio", "hf_text", "torchvision_video")
+    generic = ("hf_image", "timm_image", "hf_audio", "hf_text", "torchvision_video", "siglip", "open_clip")
     extra = ["encoder.checkpoint=/models/x"] if preset in generic else []
     cfg = compose_embed(f"encoder={preset}", *extra)
     job = EmbedJob(cfg)
@@ -95,3 +95,11 @@ def test_bad_watch_settings_name_their_key(compose_embed, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         EmbedJob(compose_embed(web, "watch=true", override))
     EmbedJob(compose_embed(web, "watch=true"))  # the defaults validate (nothing is contacted yet)
+
+
+def test_an_image_text_encoder_embeds_text_itself(compose_embed):
+    job = EmbedJob(compose_embed("encoder=medsiglip_448"))
+    assert job.routes == {"image", "text"}
+    with pytest.raises(ConfigError, match="already embeds text") as info:
+        EmbedJob(compose_embed("encoder=medsiglip_448", "+encoders.text=biomedbert"))
+    assert info.value.key == "encoders.text"

@@ -317,7 +317,8 @@ def test_list_encoders_and_families() -> None:
     everything = list_encoders()
     for name in ("rad_dino", "phikon", "vit_base", "timm_vit_small", "demo_tiny_vit", "timm_image"):
         assert name in everything
-    assert list_families() == ["hf_audio", "hf_image", "hf_text", "timm_image", "torchvision_video"]
+    families = ["hf_audio", "hf_image", "hf_text", "open_clip", "siglip", "timm_image", "torchvision_video"]
+    assert list_families() == families
 
 
 def test_duplicate_family_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

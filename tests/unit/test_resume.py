@@ -70,3 +70,24 @@ def test_read_stage_skips_a_rows_own_finished_members(tmp_path) -> None:
     )
     out = read_batch(table, StageOptions())
     assert out.column("member").to_pylist() == ["m2.txt"] and DONE_IDS not in out.column_names
+
+
+def test_the_listing_is_one_arrow_table_in_listing_order_with_each_rows_own_finished_ids(tmp_path) -> None:
+    from medray.pipeline.resume import anti_join_table, listing_table
+
+    out = str(tmp_path / "out")
+    rows = [{"uri": f"/in/{k:03d}.zip", "member": ARCHIVE_MEMBER_PENDING} for k in range(50)]
+    rows += [{"uri": f"/in/{k:03d}.png", "member": ""} for k in range(50)]
+    finished = [{"record_id": record_id(f"/in/{k:03d}.png"), "uri": f"/in/{k:03d}.png"} for k in range(0, 50, 2)]
+    members = [{"record_id": record_id(f"/in/{k:03d}.zip", "m.dcm"), "uri": f"/in/{k:03d}.zip"} for k in (7, 3)]
+    _write(out, "embeddings", finished + members)
+    table = listing_table(iter(rows), chunk=16)  # several chunks
+    assert table.num_rows == 100 and table.column_names == ["uri", "member"]
+    left = anti_join_table(table, done_index(out, None))
+    want = [r for r in rows if not (r["uri"].endswith(".png") and int(r["uri"][4:7]) % 2 == 0)]
+    assert left.column("uri").to_pylist() == [r["uri"] for r in want]  # the listing's order is kept
+    ids = dict(zip(left.column("uri").to_pylist(), left.column(DONE_IDS).to_pylist()))
+    assert ids["/in/007.zip"] == [members[0]["record_id"]] and ids["/in/003.zip"] == [members[1]["record_id"]]
+    assert sum(len(v) for v in ids.values()) == 2  # never the whole finished set
+    assert anti_join_table(table, done_index(str(tmp_path / "fresh"), None)).equals(table)
+    assert listing_table(iter([])).num_rows == 0

@@ -55,8 +55,9 @@ from typing import Any
 import numpy as np
 
 from medray.platform.decoders.base import DecodeLimits
-from medray.platform.dicomweb import dicomweb_client, is_dicomweb, parse_location
-from medray.platform.errors import DecodeError, LimitExceeded, RecordError, SkipRecord
+from medray.platform.decoders.image import srgb_transform
+from medray.platform.dicomweb import SCHEME_PREFIX, dicomweb_client, is_dicomweb, parse_location
+from medray.platform.errors import DecodeError, LimitExceeded, ReadError, RecordError, SkipRecord
 from medray.platform.storage import open_fs, unstrip
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "open_dicom_wsi",
     "sniff_dicomweb_wsi",
     "is_dicomweb_wsi",
+    "read_dicomweb_wsi_patches",
 ]
 
 #: VL Whole Slide Microscopy Image Storage.
@@ -543,14 +545,7 @@ class DicomWsiSlide:
 
 def _icc_transform(icc: bytes) -> Any:
     """A Pillow transform from the slide's ICC profile to sRGB (``None`` when the profile is unusable)."""
-    from PIL import ImageCms
-
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        dst = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-        return ImageCms.buildTransform(src, dst, "RGB", "RGB")
-    except Exception:  # noqa: BLE001 - a broken profile: the pixels are used as stored (as viewers do)
-        return None
+    return srgb_transform(icc)
 
 
 # --------------------------------------------------------------------------- DICOMweb
@@ -578,7 +573,11 @@ class _WebInstance:
 @functools.lru_cache(maxsize=256)
 def _series_instances(base: str, study: str, series: str) -> tuple[_WebInstance, ...]:
     """Every instance of a series with its SOP class, image type and matrix size (one QIDO-RS search)."""
-    client = dicomweb_client(base)
+    return _search_series(dicomweb_client(base), study, series)
+
+
+def _search_series(client: Any, study: str, series: str) -> tuple[_WebInstance, ...]:
+    """:func:`_series_instances` with a given client (a caller's credential: never cached)."""
     fields = ["00080016", "00080008", "00480006", "00480007"]
     out = []
     for entry in client.search_for_instances(study, series, fields=fields):
@@ -649,10 +648,17 @@ def sniff_dicomweb_wsi(uri: str, limits: DecodeLimits = DecodeLimits()) -> Dicom
             "overviews carry burned-in identifiers); the slide is embedded from its base level",
             stage="read",
         )
+    return _web_slide(uri, dicomweb_client(loc.base), series, base, limits)
+
+
+def _web_slide(
+    uri: str, client: Any, series: list[_WebInstance], base: _WebInstance, limits: DecodeLimits
+) -> DicomWsiSlide:
+    """The slide of a DICOMweb series whose base level is ``base``, read through ``client``."""
     from pydicom import Dataset
     from pydicom.uid import UID
 
-    client = dicomweb_client(loc.base)
+    loc = parse_location(uri)
     files = []
     for x in sorted(series, key=lambda x: (x.sop != base.sop, -x.width * x.height, x.sop)):
         try:
@@ -682,6 +688,91 @@ def sniff_dicomweb_wsi(uri: str, limits: DecodeLimits = DecodeLimits()) -> Dicom
         )
 
     return DicomWsiSlide(files, opener=opener)
+
+
+def read_dicomweb_wsi_patches(
+    uri: str,
+    patches: list[tuple[int, int, int, int]],
+    *,
+    credential: str | None = None,
+    limits: DecodeLimits = DecodeLimits(),
+) -> list[np.ndarray] | None:
+    """Rectangles of a DICOMweb whole-slide instance, read tile by tile; ``None`` when it is no WSI instance.
+
+    HAI-DEF's ``patch_coordinates_list`` on a slide: each ``(x, y, width,
+    height)`` is in the pixel matrix of the instance the URI names (one
+    pyramid level); only the frames under each patch are fetched (WADO-RS
+    frame retrieval through wsidicom), never the level whole. ICC profiles are
+    applied as for embedding.
+
+    Args:
+        uri: ``[dicomweb+]http(s)://<service>/studies/<uid>/series/<uid>/instances/<uid>``.
+        patches: rectangles in that instance's pixels.
+        credential: a caller's bearer token for these requests only (never
+            cached, never logged); ``None``/``application_default``: the
+            process's credentials (``MEDRAY_DICOMWEB_*``).
+        limits: a patch over ``limits.max_pixels`` is refused before it is read.
+
+    Returns:
+        One ``uint8`` RGB array ``(height, width, 3)`` per patch, or ``None``
+        when the instance is not a whole-slide image (the caller fetches it whole).
+
+    Raises:
+        DecodeError: a patch outside the instance's matrix, the slide unreadable.
+        LimitExceeded: a patch over ``limits.max_pixels``.
+    """
+    uri = uri if is_dicomweb(uri) else SCHEME_PREFIX + uri  # HAI-DEF sends http(s):// URIs
+    loc = parse_location(uri)
+    if not (loc.study and loc.series and loc.sop):
+        return None
+    own_client = credential not in (None, "", "application_default")
+    client = _caller_client(loc.base, str(credential)) if own_client else dicomweb_client(loc.base)
+    try:
+        series_all = (
+            _search_series(client, loc.study, loc.series)
+            if own_client
+            else _series_instances(loc.base, loc.study, loc.series)
+        )
+    except Exception as err:  # noqa: BLE001 - server messages may quote UIDs: the class and status only
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        raise ReadError(
+            f"cannot search the instance's series on the DICOMweb service ({type(err).__name__}"
+            f"{f' {status}' if status else ''})"
+        ) from None
+    series = [x for x in series_all if x.sop_class == WSI_SOP_CLASS]
+    own = next((x for x in series if x.sop == loc.sop), None)
+    if own is None:
+        return None
+    for x, y, w, h in patches:
+        if w * h * 3 > limits.max_pixels:
+            raise LimitExceeded(f"a {w}x{h} patch is over max_pixels = {limits.max_pixels:.3g}")
+        if x < 0 or y < 0 or x + w > own.width or y + h > own.height:
+            raise DecodeError(f"patch ({x}, {y}, {w}, {h}) lies outside the {own.width}x{own.height} image")
+    volumes = [x for x in series if x.image_type == "VOLUME"] or series
+    base = min(volumes, key=lambda x: (-x.width * x.height, x.sop))
+    slide = _web_slide(uri, client, series, base, limits)
+    try:
+        dims = slide.level_dimensions
+        level = next((i for i, d in enumerate(dims) if tuple(d) == (own.width, own.height)), None)
+        if level is None:
+            raise DecodeError("the instance is not one of its slide's pyramid levels (a label or overview image)")
+        down = slide.level_downsamples[level]
+        return [
+            np.asarray(slide.read_region((round(x * down), round(y * down)), level, (w, h), as_array=True))
+            for x, y, w, h in patches
+        ]
+    finally:
+        slide.close()
+
+
+def _caller_client(base: str, credential: str) -> Any:
+    """A DICOMweb client with a caller's bearer token, for one request (not cached)."""
+    import requests
+    from dicomweb_client import DICOMwebClient
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {credential}"
+    return DICOMwebClient(url=base, session=session, timeout=(10, 120))
 
 
 def _web_client_class() -> type:

@@ -3,7 +3,9 @@
 Pillow reads the header lazily, so the size limits are checked before any
 pixel is decoded. EXIF orientation is applied (a phone photo shows upright, as
 in any viewer), transparency is composited on white, 16-bit grayscale is
-scaled by its bit depth, and EXIF never reaches the metadata.
+scaled by its bit depth, an embedded ICC profile (a phone's Display P3, a
+scanner's Adobe RGB) is converted to sRGB as a colour-managed viewer shows it,
+and EXIF never reaches the metadata.
 
 Example:
     >>> import io
@@ -17,16 +19,19 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
 from io import BytesIO
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from medray.platform.decoders.base import Decoded, DecodedFrame, DecodeLimits, check_size
 from medray.platform.errors import DecodeError, LimitExceeded, UnsupportedFormat
 
-__all__ = ["decode_image"]
+__all__ = ["decode_image", "srgb_transform"]
 
 # Only these plugins may open input: others (EPS runs Ghostscript, for one)
 # are attack surface a photo pipeline does not need. The JPEG opener also
@@ -76,6 +81,51 @@ def _scaled_gray(image: Image.Image) -> np.ndarray:
     return np.clip(gray, 0, 255).astype(np.uint8)
 
 
+_PROFILES: dict[str, bytes] = {}
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_transform(digest: str, mode: str) -> Any:
+    src = ImageCms.ImageCmsProfile(BytesIO(_PROFILES[digest]))
+    dst = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return ImageCms.buildTransform(src, dst, mode, "RGB")
+
+
+def srgb_transform(icc: bytes, mode: str = "RGB") -> Any | None:
+    """A Pillow colour transform from an ICC profile to sRGB, or ``None`` when the profile is unusable.
+
+    Transforms are cached by the profile's hash: the photos of one camera or
+    scanner share one. A broken profile leaves the pixels as stored, as viewers do.
+    """
+    digest = hashlib.sha256(icc).hexdigest()
+    _PROFILES.setdefault(digest, bytes(icc))
+    try:
+        return _cached_transform(digest, mode)
+    except Exception:  # noqa: BLE001 - ImageCms raises PyCMSError, OSError...: use the pixels as stored
+        return None
+
+
+def _to_srgb(image: Image.Image) -> tuple[Image.Image, bool]:
+    """Apply the image's embedded ICC profile (RGB and CMYK images); ``(image, applied)``."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image, False
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    source = image.convert("RGB") if image.mode == "RGBA" else image
+    transform = srgb_transform(icc, source.mode)
+    if transform is None:
+        return image, False
+    try:
+        out = ImageCms.applyTransform(source, transform)
+    except Exception:  # noqa: BLE001 - a profile that does not fit the pixels: use them as stored
+        return image, False
+    if out is None:
+        return image, False
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out, True
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
     """Any Pillow mode -> uint8 ``(H, W, 3)`` as a viewer shows it."""
     mode = image.mode
@@ -103,7 +153,8 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> Decod
     Returns:
         A :class:`Decoded` with ``kind="image"``, ``modality="photo"``, one
         frame, metadata ``{width, height, mode, format}`` (size after EXIF
-        orientation, mode and format of the source) and no patient key.
+        orientation, mode and format of the source; ``icc_profile: True``
+        when an embedded profile was converted to sRGB) and no patient key.
 
     Raises:
         UnsupportedFormat: empty input or not a supported image format.
@@ -123,6 +174,7 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> Decod
         image = ImageOps.exif_transpose(image) or image
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture
         pass
+    image, icc_applied = _to_srgb(image)
     try:
         rgb = np.ascontiguousarray(_to_rgb(image))
     except Exception as exc:  # noqa: BLE001 - any failure of the conversion is a decode error
@@ -134,6 +186,12 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> Decod
         kind="image",
         modality="photo",
         frames=[DecodedFrame(image=rgb, frame=0)],
-        metadata={"width": width, "height": height, "mode": source_mode, "format": source_format},
+        metadata={
+            "width": width,
+            "height": height,
+            "mode": source_mode,
+            "format": source_format,
+            **({"icc_profile": True} if icc_applied else {}),
+        },
         patient_key=None,
     )

@@ -72,6 +72,9 @@ __all__ = [
     "is_enhanced_volume",
     "enhanced_frame_headers",
     "assemble_enhanced",
+    "assemble_enhanced_stacks",
+    "EnhancedStack",
+    "enhanced_stack_groups",
 ]
 
 SERIES_MODES = ("off", "slicewise", "volume")
@@ -842,17 +845,92 @@ def enhanced_frame_headers(ds: Any, *, salt: str = "", options: SeriesOptions | 
     return out
 
 
+@dataclass
+class EnhancedStack:
+    """One stack of an enhanced object: its frames (0-based, as stored) and what sets it apart.
+
+    Attributes:
+        frames: the stored frame indices of this stack.
+        stack_id: Frame Content's Stack ID (``""`` when absent).
+        temporal_position: Frame Content's Temporal Position Index, or ``None``.
+        echo_time_ms: MR Echo's Effective Echo Time, or ``None``.
+    """
+
+    frames: list[int]
+    stack_id: str = ""
+    temporal_position: int | None = None
+    echo_time_ms: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe provenance: ``{stack_id, temporal_position, echo_time_ms, frames}`` (no UIDs, no PHI)."""
+        return {
+            "stack_id": self.stack_id,
+            "temporal_position": self.temporal_position,
+            "echo_time_ms": self.echo_time_ms,
+            "frames": len(self.frames),
+        }
+
+
+def enhanced_stack_groups(ds: Any) -> list[EnhancedStack]:
+    """The frames of an enhanced object grouped into stacks, in order of first appearance.
+
+    Frames belong to one stack when they share Frame Content's Stack ID and
+    Temporal Position Index and MR Echo's Effective Echo Time (per frame or
+    shared): several stacks, time points or echoes stored in one object
+    (multi-echo MR, a perfusion series, two stacks of one localiser) each
+    become their own volume. An object that marks none of them is one stack.
+    """
+    frames = _int(ds.get("NumberOfFrames") or 1) or 1
+    groups: dict[tuple[str, int | None, float | None], list[int]] = {}
+    for i in range(frames):
+        stack = _functional(ds, i, "FrameContentSequence", "StackID")
+        temporal = _functional(ds, i, "FrameContentSequence", "TemporalPositionIndex")
+        echo = _functional(ds, i, "MREchoSequence", "EffectiveEchoTime")
+        key = (
+            str(stack or "").strip(),
+            _int(temporal) if temporal not in (None, "") else None,
+            round(float(echo), 4) if echo not in (None, "") else None,
+        )
+        groups.setdefault(key, []).append(i)
+    return [
+        EnhancedStack(frames=idx, stack_id=k[0], temporal_position=k[1], echo_time_ms=k[2]) for k, idx in groups.items()
+    ]
+
+
 def assemble_enhanced(
     data: bytes | Any, options: SeriesOptions | None = None, *, salt: str = "", limits: Any = None
 ) -> Volume:
-    """An Enhanced CT/MR multi-frame object as one :class:`Volume`, as its classic series would be.
+    """An Enhanced CT/MR multi-frame object of one stack as one :class:`Volume`, as its classic series would be.
 
-    The frames are checked and ordered along the slice normal from the
-    functional groups (:func:`enhanced_frame_headers`, :func:`plan_series`),
-    each converted with its own rescale (Pixel Value Transformation, per frame
-    or shared: HU for CT), then turned to the patient axes and resampled like a
-    classic series (:func:`assemble_series`): the same voxels give the same
-    volume in either form.
+    See :func:`assemble_enhanced_stacks`, which this calls; an object of several
+    stacks, echoes or time points is refused here (it is several volumes).
+
+    Raises:
+        SeriesError, LimitExceeded: as :func:`assemble_enhanced_stacks`, and an
+            object of more than one stack.
+        DecodeError: the frames cannot be decoded.
+    """
+    stacks = assemble_enhanced_stacks(data, options, salt=salt, limits=limits)
+    if len(stacks) > 1:
+        raise SeriesError(
+            f"enhanced object holds {len(stacks)} stacks, echoes or time points: several volumes, "
+            "not one (assemble_enhanced_stacks gives each)"
+        )
+    return stacks[0][1]
+
+
+def assemble_enhanced_stacks(
+    data: bytes | Any, options: SeriesOptions | None = None, *, salt: str = "", limits: Any = None
+) -> list[tuple[EnhancedStack, Volume]]:
+    """An Enhanced CT/MR multi-frame object as one :class:`Volume` per stack, as its classic series would be.
+
+    The frames are grouped into stacks (:func:`enhanced_stack_groups`: Stack
+    ID, temporal position, echo time), and each stack's frames are checked and
+    ordered along the slice normal from the functional groups
+    (:func:`enhanced_frame_headers`, :func:`plan_series`), each converted with
+    its own rescale (Pixel Value Transformation, per frame or shared: HU for
+    CT), then turned to the patient axes and resampled like a classic series
+    (:func:`assemble_series`): the same voxels give the same volume in either form.
 
     Args:
         data: the object's bytes (Part-10) or a pydicom ``Dataset`` with pixel data.
@@ -861,8 +939,9 @@ def assemble_enhanced(
         limits: :class:`~medray.platform.decoders.DecodeLimits`, checked before the frames are decoded.
 
     Raises:
-        SeriesError, LimitExceeded: not an enhanced CT/MR object, not one regular
-            stack (e.g. several stacks or echoes in one object), or over a limit.
+        SeriesError, LimitExceeded: not an enhanced CT/MR object, a stack that is
+            no regular stack (e.g. frames at one position that nothing marks as
+            different stacks), or over a limit.
         DecodeError: the frames cannot be decoded.
     """
     from pydicom.dataset import Dataset
@@ -878,18 +957,31 @@ def assemble_enhanced(
         if not photometric.startswith("MONOCHROME"):
             raise SeriesError(f"an enhanced CT/MR volume must be MONOCHROME, got {photometric}")
         headers = enhanced_frame_headers(ds, salt=salt, options=options)
-    try:
-        plan = plan_series(headers, options)
-    except SeriesError as err:
-        hint = (
-            "; several stacks, echoes or time points in one object are not one volume"
-            if str(err).startswith("duplicate slice positions")
-            else ""
-        )
-        raise SeriesError(f"enhanced object of {len(headers)} frames: {err}{hint}") from None
+        stacks = enhanced_stack_groups(ds)
+    plans = []
+    for n, stack in enumerate(stacks):
+        subset = [headers[i] for i in stack.frames]
+        try:
+            plans.append((stack, subset, plan_series(subset, options)))
+        except SeriesError as err:
+            where = f"stack {n + 1} of {len(stacks)} ({len(subset)} frames)" if len(stacks) > 1 else ""
+            hint = (
+                "; several stacks, echoes or time points in one object are not one volume, and nothing "
+                "(Stack ID, Temporal Position Index, Effective Echo Time) tells them apart"
+                if str(err).startswith("duplicate slice positions")
+                else ""
+            )
+            raise SeriesError(
+                f"enhanced object of {len(headers)} frames{': ' + where if where else ''}: {err}{hint}"
+            ) from None
     with guarded("could not decode the enhanced object's frames"):
-        stored = np.asarray(ds.pixel_array).reshape(count, plan.shape[1], plan.shape[2])
-        values = np.empty(plan.shape, dtype=np.float32)
-        for z, k in enumerate(plan.order):
-            values[z] = apply_modality_lut(stored[k], frame_view(ds, k))
-    return _volume(values, plan, headers[plan.order[0]])
+        rows, columns = plans[0][2].shape[1], plans[0][2].shape[2]
+        stored = np.asarray(ds.pixel_array).reshape(count, rows, columns)
+        out = []
+        for stack, subset, plan in plans:
+            values = np.empty(plan.shape, dtype=np.float32)
+            for z, k in enumerate(plan.order):
+                frame = subset[k].index
+                values[z] = apply_modality_lut(stored[frame], frame_view(ds, frame))
+            out.append((stack, _volume(values, plan, subset[plan.order[0]])))
+    return out

@@ -19,11 +19,18 @@ from __future__ import annotations
 import io
 import time
 
+import numpy as np
+
 from medray.platform.decoders import DICOM_EXTENSIONS, decode_dicom, is_image_signature, is_raw_dataset
 from medray.platform.decoders.audio import is_audio
 from medray.platform.decoders.base import Decoded, check_size
 from medray.platform.decoders.dicom import check_burned_in, guarded, read_dataset
-from medray.platform.decoders.series import ENHANCED_SOP_CLASSES, SeriesOptions, assemble_enhanced, is_enhanced_volume
+from medray.platform.decoders.series import (
+    ENHANCED_SOP_CLASSES,
+    SeriesOptions,
+    assemble_enhanced_stacks,
+    is_enhanced_volume,
+)
 from medray.platform.decoders.text import is_structured_report, sr_text
 from medray.platform.deid import extract_metadata, patient_key
 from medray.platform.errors import DecodeError, RecordError, SkipRecord
@@ -179,11 +186,23 @@ def _prepare_enhanced(data: bytes, ctx: PrepareContext, t0: float) -> Prepared:
             f"an enhanced {modality or 'multi-frame'} object, a modality series.modalities does not list "
             f"({', '.join(series.modalities)}): add it to embed the object as a volume",
         )
-    volume = assemble_enhanced(ds, series, salt=ctx.salt, limits=ctx.limits)
+    stacks = assemble_enhanced_stacks(ds, series, salt=ctx.salt, limits=ctx.limits)
     decode_s = time.perf_counter() - t0
-    prepared = prepare_volume(volume, series, ctx, mode="volume")
-    prepared.decode_s = decode_s
-    return prepared
+    if len(stacks) == 1:
+        prepared = prepare_volume(stacks[0][1], series, ctx, mode="volume")
+        prepared.decode_s = decode_s
+        return prepared
+    # several stacks, echoes or time points: one volume each, item k (the row's `frame`) = stack k
+    parts = [prepare_volume(volume, series, ctx, mode="volume") for _, volume in stacks]
+    first = parts[0]
+    first.metadata["stacks"] = [
+        {**stack.describe(), "series": part.metadata.get("series")} for (stack, _), part in zip(stacks, parts)
+    ]
+    first.inputs = np.ascontiguousarray(np.concatenate([part.inputs for part in parts]), dtype=np.float32)
+    first.segments = [seg for part in parts for seg in part.segments or []]
+    first.items = list(range(len(parts)))
+    first.decode_s = decode_s
+    return first
 
 
 def _sr(data: bytes, salt: str) -> tuple[str, str, str | None, dict]:
