@@ -458,8 +458,8 @@ class EncoderDeployment:
         Returns:
             ``{"embeddings": float32 (F, dim), "frames", "modality", "encoder", "batch_size",
             "replica", "timings"}`` (``timings``: ``decode_s``, ``gate_s``, ``batch_wait_s``,
-            ``forward_s``, ``replica_s``; audio and text add ``segments`` and, when pooling,
-            ``pooled``), or ``{"error": {"class", "stage", "message"}}``.
+            ``forward_s``, ``ood_s`` (``serve.ood`` on), ``replica_s``; audio and text add
+            ``segments`` and, when pooling, ``pooled``), or ``{"error": {"class", "stage", "message"}}``.
         """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -509,7 +509,6 @@ class EncoderDeployment:
                 "gate_s": t2 - t1,  # waiting for the model to finish the previous batch
                 "batch_wait_s": max(0.0, started - t2),  # in the @serve.batch queue
                 "forward_s": max(r[3] for r in results),  # the batch's forward pass (model thread)
-                "replica_s": time.perf_counter() - t0,
             },
         }
         if decoded.segments is not None:
@@ -518,7 +517,10 @@ class EncoderDeployment:
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
         if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
             record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
+            t3 = time.perf_counter()
             out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
+            out["timings"]["ood_s"] = time.perf_counter() - t3
+        out["timings"]["replica_s"] = time.perf_counter() - t0
         return out
 
     async def embed_texts(self, texts: list[str]) -> dict:

@@ -422,7 +422,8 @@ class Timeline:
     milliseconds, ``total`` last. Stages (``docs/serve.md``, "Where the time goes"): ``read``,
     ``parse``, ``route``, ``handle`` (the awaited handle call: ``hop`` + ``replica``), ``hop``
     (the call's transport both ways: router, Ray, pickling), ``replica`` (on the encoder, which is
-    ``decode`` + ``gate`` + ``batch`` + ``forward`` + the rest), ``serialize`` (answer to JSON bytes).
+    ``decode`` + ``gate`` + ``batch`` + ``forward`` + ``ood`` (when ``serve.ood`` is on) + the
+    rest), ``serialize`` (answer to JSON bytes).
     """
 
     __slots__ = ("start", "last", "stages")
@@ -464,6 +465,7 @@ _REPLICA_STAGES = (
     ("gate_s", "gate"),
     ("batch_wait_s", "batch"),
     ("forward_s", "forward"),
+    ("ood_s", "ood"),
     ("replica_s", "replica"),
 )
 
@@ -703,8 +705,9 @@ class Ingress:
     async def zero_shot(self, request: Request) -> JSONResponse:
         """Scores of each label for the input, from an image-text encoder (see :mod:`medray.serve.zeroshot`)."""
 
-        async def work() -> dict:
+        async def work(tl: Timeline) -> dict:
             body = await read_body(request, self._settings.max_body_bytes)
+            tl.mark("read")
             ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             query = {k: request.query_params.getlist(k) for k in ("labels", "prompts")}
             doc = None
@@ -719,9 +722,12 @@ class Ingress:
                 raise ApiError(422, "invalid_request", str(err)) from None
             encoder = self._encoders.get("image", self._encoder)
             prompts = [p for row in expand_prompts(labels, templates) for p in row]
+            tl.mark("parse")
             image, text = await asyncio.gather(
                 self._call(encoder.embed.remote(payload)), self._call(encoder.embed_texts.remote(prompts))
             )
+            tl.mark("handle")
+            tl.add_replica(image.get("timings"))
             try:
                 return zero_shot_answer(image, text["embeddings"], labels, templates)
             except ZeroShotRequestError as err:
