@@ -191,7 +191,8 @@ def decode_input(
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
-    if payload.get("patches") and payload.get("dicomweb_uri") is not None and modality == "image":
+    image_endpoint = "image" in ((modality,) if isinstance(modality, str) else tuple(modality))
+    if payload.get("patches") and payload.get("dicomweb_uri") is not None and image_endpoint:
         slide = _slide_patches_input(payload, settings, preprocessor)
         if slide is not None:  # a whole-slide instance: only the frames under the patches are fetched
             return slide
