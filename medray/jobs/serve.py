@@ -249,7 +249,7 @@ class ServeJob:
         """Start the application on Ray and block until Ctrl-C / SIGTERM."""
         from ray import serve
 
-        from medray.serve.app import ServeArgs, build_app  # lazy: imports ray
+        from medray.serve.app import ServeArgs, build_app, direct_ingress_urls  # lazy: imports ray
 
         c, s = self.cfg, self.cfg.serve
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
@@ -283,6 +283,10 @@ class ServeJob:
                 f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops",
                 flush=True,
             )
+            direct = direct_ingress_urls(s.name, s.http.host, s.http.port) if s.throughput_optimized else []
+            if direct:  # the faster path: no proxy hop (docs/serve.md, "Where the time goes")
+                prefix = s.route_prefix.rstrip("/")
+                print(f"medray serve: direct ingress at {', '.join(u + prefix for u in direct)}", flush=True)
             while not stop.wait(1.0):
                 pass
             print("medray serve: stopping (in-flight requests finish first)", flush=True)

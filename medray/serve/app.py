@@ -39,7 +39,7 @@ from medray.serve.heads import HeadsDeployment
 from medray.serve.ingress import Ingress, IngressSettings
 from medray.serve.search import SearchDeployment
 
-__all__ = ["ServeArgs", "build_app"]
+__all__ = ["ServeArgs", "build_app", "direct_ingress_urls"]
 
 
 class ServeArgs(BaseModel):
@@ -224,3 +224,40 @@ def build_app(args: ServeArgs) -> Application:
         )
         .bind(encoders, head_app, ingress_settings, search_app)
     )
+
+
+def direct_ingress_urls(app_name: str, host: str, proxy_port: int) -> list[str]:
+    """The ingress replicas' own HTTP addresses of an application, under Ray Serve's direct ingress.
+
+    With ``serve.throughput_optimized=true`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) each ingress
+    replica also serves HTTP on its own port (30000-31000): a client or load balancer sending
+    there skips the proxy and its body call back (about 10 ms of a request on a 2-core machine;
+    docs/serve.md "Where the time goes"). The proxy's port keeps answering too.
+
+    Args:
+        app_name: the application (``serve.name``).
+        host: the host clients use for this node (Serve's HTTP host).
+        proxy_port: the proxy's port, which is not a direct address.
+
+    Returns:
+        ``["http://host:port", ...]`` (add the route prefix), or ``[]`` when direct ingress is off
+        or this Ray does not tell.
+    """
+    import ray
+
+    try:
+        from ray.serve.context import _get_global_client  # Ray's own client: no public getter in 2.60
+
+        client = _get_global_client()
+        if client is None:
+            return []
+        groups = ray.get(client._controller.get_target_groups.remote(app_name), timeout=10)
+    except Exception:  # noqa: BLE001 - another Ray version, or no such app: the proxy is the address
+        return []
+    return [
+        f"http://{host}:{t.port}"
+        for g in groups
+        if str(g.protocol).upper().endswith("HTTP")
+        for t in g.targets
+        if t.port != proxy_port
+    ]

@@ -191,7 +191,8 @@ def decode_input(
         RecordError: unreadable, undecodable, of another modality or over a
             limit; the message carries no PHI.
     """
-    if payload.get("patches") and payload.get("dicomweb_uri") is not None and modality == "image":
+    image_endpoint = "image" in ((modality,) if isinstance(modality, str) else tuple(modality))
+    if payload.get("patches") and payload.get("dicomweb_uri") is not None and image_endpoint:
         slide = _slide_patches_input(payload, settings, preprocessor)
         if slide is not None:  # a whole-slide instance: only the frames under the patches are fetched
             return slide
@@ -416,6 +417,8 @@ class EncoderDeployment:
         )
         self._batches = 0
         self._frames = 0
+        self._decoding = 0  # requests in the decode pool now (the adaptive batch wait reads it)
+        self._batch_wait_s = 0.005  # the configured wait; reconfigure() sets it
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
         # handed to the model (and parks it until the model is free), so under load batches
         # would only hold what arrives within batch_wait_timeout_s. Frames wait here instead
@@ -431,7 +434,8 @@ class EncoderDeployment:
         if "max_batch_size" in config:
             batching.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
-            batching.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+            self._batch_wait_s = float(config["batch_wait_timeout_s"])
+            batching.set_batch_wait_timeout_s(self._batch_wait_s)
 
     async def describe(self) -> dict:
         """What identifies this encoder's output (name, dim, weights and preprocessing hashes)."""
@@ -454,11 +458,13 @@ class EncoderDeployment:
 
         Returns:
             ``{"embeddings": float32 (F, dim), "frames", "modality", "encoder", "batch_size",
-            "replica", "timings"}`` (audio and text add ``segments`` and, when pooling,
-            ``pooled``), or ``{"error": {"class", "stage", "message"}}``.
+            "replica", "timings"}`` (``timings``: ``decode_s``, ``gate_s``, ``batch_wait_s``,
+            ``forward_s``, ``ood_s`` (``serve.ood`` on), ``replica_s``; audio and text add
+            ``segments`` and, when pooling, ``pooled``), or ``{"error": {"class", "stage", "message"}}``.
         """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        self._decoding += 1
         try:
             decoded = await loop.run_in_executor(
                 self._decode_pool,
@@ -470,11 +476,19 @@ class EncoderDeployment:
             out = error_result(err)
             log.info("input refused: %s (%s)", out["error"]["class"], out["error"]["stage"])
             return out
+        finally:
+            self._decoding -= 1
         t1 = time.perf_counter()
         if self._model_idle is None:
             self._model_idle = asyncio.Event()
             self._model_idle.set()
         await self._model_idle.wait()
+        t2 = time.perf_counter()
+        # Adaptive batch wait: wait for companions only while other requests are still being
+        # decoded on this replica; with none, the batch starts at once (no idle wait at low load).
+        cast(_BatchParams, self._embed_frames).set_batch_wait_timeout_s(
+            self._batch_wait_s if self._decoding > 0 else 0.0
+        )
         results = await asyncio.gather(*(self._embed_frames(frame) for frame in decoded.pixels))
         for res in results:
             if isinstance(res[0], BaseException):
@@ -482,6 +496,7 @@ class EncoderDeployment:
                 log.warning("encode failed: %s", out["error"]["message"])
                 return out
         emb = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
+        started = max(r[2] for r in results)
         out = {
             "embeddings": emb,
             "frames": decoded.frames,
@@ -489,7 +504,13 @@ class EncoderDeployment:
             "encoder": dict(self._ident),
             "batch_size": max(r[1] for r in results),
             "replica": self._replica,
-            "timings": {"decode_s": t1 - t0, "embed_s": time.perf_counter() - t1},
+            # the request's timeline on this replica (seconds; see docs/serve.md "Where the time goes")
+            "timings": {
+                "decode_s": t1 - t0,  # thread-pool queue + decode + preprocess
+                "gate_s": t2 - t1,  # waiting for the model to finish the previous batch
+                "batch_wait_s": max(0.0, started - t2),  # in the @serve.batch queue
+                "forward_s": max(r[3] for r in results),  # the batch's forward pass (model thread)
+            },
         }
         if decoded.segments is not None:
             out["segments"] = decoded.segments
@@ -497,7 +518,10 @@ class EncoderDeployment:
                 out["pooled"] = {"embedding": emb.mean(axis=0), **pooled_segment(decoded.segments)}
         if self._ood is not None:  # the record's embedding, as `medray drift` scores a stored record
             record = out["pooled"]["embedding"] if out.get("pooled") else emb.mean(axis=0)
+            t3 = time.perf_counter()
             out["ood"] = await loop.run_in_executor(self._decode_pool, self._ood.observe, record)
+            out["timings"]["ood_s"] = time.perf_counter() - t3
+        out["timings"]["replica_s"] = time.perf_counter() - t0
         return out
 
     async def embed_texts(self, texts: list[str]) -> dict:
@@ -523,21 +547,27 @@ class EncoderDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:
-        """One forward pass over frames from many requests: ``[(embedding | error, batch size)]``."""
+        """One forward pass over frames from many requests.
+
+        Returns:
+            ``[(embedding | error, batch size, batch start (perf_counter), forward seconds)]``.
+        """
         n = len(frames)
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         if self._model_idle is not None:
             self._model_idle.clear()
         try:
             try:
                 emb = await loop.run_in_executor(self._model_pool, self._forward, np.stack(frames))
-                out = [(emb[i], n) for i in range(n)]
+                forward = time.perf_counter() - started
+                out = [(emb[i], n, started, forward) for i in range(n)]
             except Exception:  # noqa: BLE001 - isolate a poison frame instead of failing the whole batch
                 out = []
                 for frame in frames:
                     try:
                         one = await loop.run_in_executor(self._model_pool, self._forward, frame[None])
-                        out.append((one[0], n))
+                        out.append((one[0], n, started, time.perf_counter() - started))
                     except Exception as err:  # noqa: BLE001
                         out.append(
                             (
@@ -545,6 +575,8 @@ class EncoderDeployment:
                                 if isinstance(err, RecordError)
                                 else EncodeError(f"model failed ({type(err).__name__})"),
                                 n,
+                                started,
+                                0.0,
                             )
                         )
         finally:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -66,6 +67,7 @@ __all__ = [
     "parse_input",
     "load_token",
     "check_bearer",
+    "Timeline",
 ]
 
 log = logging.getLogger("ray.serve.medray.ingress")  # a "ray.serve" child: lines carry the request id
@@ -421,6 +423,63 @@ def _request_id(request: Request) -> str:
         return ""
 
 
+class Timeline:
+    """One request's stages on the ingress, as ``time.perf_counter`` deltas, sent as ``Server-Timing``.
+
+    Cheap (a dict of floats, no extra request): :meth:`mark` closes the stage that ran since the
+    previous mark; :meth:`add` records a duration measured elsewhere (the encoder replica's
+    ``timings``). :meth:`header` gives the standard ``Server-Timing`` value, durations in
+    milliseconds, ``total`` last. Stages (``docs/serve.md``, "Where the time goes"): ``read``,
+    ``parse``, ``route``, ``handle`` (the awaited handle call: ``hop`` + ``replica``), ``hop``
+    (the call's transport both ways: router, Ray, pickling), ``replica`` (on the encoder, which is
+    ``decode`` + ``gate`` + ``batch`` + ``forward`` + ``ood`` (when ``serve.ood`` is on) + the
+    rest), ``serialize`` (answer to JSON bytes).
+    """
+
+    __slots__ = ("start", "last", "stages")
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        """Close ``stage``: the time since the previous mark (or the start) is added to it."""
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Record a duration measured elsewhere (it does not move the clock)."""
+        self.stages[stage] = self.stages.get(stage, 0.0) + float(seconds)
+
+    def add_replica(self, timings: Any) -> None:
+        """The encoder replica's ``timings`` (seconds) of a handle call, and the hop around it."""
+        if not isinstance(timings, dict):
+            return
+        for key, stage in _REPLICA_STAGES:
+            if isinstance(timings.get(key), (int, float)):
+                self.add(stage, timings[key])
+        if "replica" in self.stages and "handle" in self.stages:
+            self.stages["hop"] = max(0.0, self.stages["handle"] - self.stages["replica"])
+
+    def header(self) -> str:
+        """The ``Server-Timing`` header value: ``read;dur=0.05, ..., total;dur=12.3`` (ms)."""
+        parts = [f"{k};dur={1000 * v:.2f}" for k, v in self.stages.items()]
+        parts.append(f"total;dur={1000 * (time.perf_counter() - self.start):.2f}")
+        return ", ".join(parts)
+
+
+#: The encoder's ``timings`` keys and their Server-Timing names.
+_REPLICA_STAGES = (
+    ("decode_s", "decode"),
+    ("gate_s", "gate"),
+    ("batch_wait_s", "batch"),
+    ("forward_s", "forward"),
+    ("ood_s", "ood"),
+    ("replica_s", "replica"),
+)
+
+
 def error_response(err: ApiError, request_id: str = "") -> JSONResponse:
     """The JSON answer for an :class:`ApiError`."""
     # The Serve proxy adds the X-Request-ID header to every response itself.
@@ -457,19 +516,29 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(err, _request_id(request))
 
 
-def header_bytes(request: Request) -> int:
-    """Bytes of the request's header names and values."""
-    return sum(len(k) + len(v) for k, v in request.headers.raw)
+class _HeaderLimit:
+    """431 for headers over ``serve.limits.max_header_bytes`` (uvicorn in Serve's proxy sets no such limit).
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` (BaseHTTPMiddleware) wraps
+    every request and answer in extra tasks and streams, a measurable cost per request.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # the app serving this request (Starlette puts it in the scope): Serve runs a copy of `api`
+        limit = getattr(getattr(scope.get("app", api), "state", None), "max_header_bytes", None)
+        if scope["type"] == "http" and limit is not None:
+            if sum(len(k) + len(v) for k, v in scope.get("headers") or ()) > limit:
+                msg = f"request headers are over serve.limits.max_header_bytes={limit}"
+                err = ApiError(431, "headers_too_large", msg)
+                await error_response(err, _request_id(Request(scope)))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-@api.middleware("http")
-async def _header_limit(request: Request, call_next: Any) -> Any:
-    """431 for headers over ``serve.limits.max_header_bytes`` (uvicorn in Serve's proxy sets no such limit)."""
-    limit = getattr(request.app.state, "max_header_bytes", None)
-    if limit is not None and header_bytes(request) > limit:
-        err = ApiError(431, "headers_too_large", f"request headers are over serve.limits.max_header_bytes={limit}")
-        return error_response(err, _request_id(request))
-    return await call_next(request)
+api.add_middleware(_HeaderLimit)
 
 
 def _segment_entry(frame: int, emb: Any, seg: dict | None) -> dict:
@@ -516,6 +585,12 @@ def _prediction_body(res: dict) -> dict:
     }
 
 
+_OK = {"status": "ok"}
+#: How long /v1/models reuses the encoders' identities (a redeploy restarts the ingress too; this
+#: bounds staleness otherwise) instead of one handle call per listing.
+_DESCRIBE_TTL_S = 5.0
+
+
 @serve.ingress(api)
 class Ingress:
     """Serve deployment body of the ingress.
@@ -547,6 +622,7 @@ class Ingress:
         self._settings = settings
         self._head_ids = set(settings.heads)
         self._token = load_token(settings)
+        self._described: tuple[float, dict] | None = None  # (when, {modality: describe()}) for /v1/models
         api.state.max_header_bytes = settings.max_header_bytes  # read by the header-limit middleware
         from ray.serve.metrics import Counter
 
@@ -558,27 +634,35 @@ class Ingress:
         )
 
     async def _answer(self, request: Request, route: str, work) -> JSONResponse:
-        rid = _request_id(request)
+        tl = Timeline()
         try:
             check_bearer(request.headers.get("authorization"), self._token)
-            body = await asyncio.wait_for(work(), timeout=self._settings.request_timeout_s)
+            body = await asyncio.wait_for(work(tl), timeout=self._settings.request_timeout_s)
             resp = JSONResponse(body)
+            tl.mark("serialize")  # since the handle returned: the answer's body, then its JSON
         except asyncio.CancelledError:  # the client went away; Serve cancels the work downstream
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
             err = error_for_exception(exc)
             if err.status >= 500:
                 log.warning("%s -> %d %s (%s)", route, err.status, err.code, type(exc).__name__)
-            resp = error_response(err, rid)
+            resp = error_response(err, _request_id(request))
+        resp.headers["server-timing"] = tl.header()
         self._requests.inc(tags={"route": route, "code": str(resp.status_code)})  # Serve logs the access line
         return resp
 
-    async def _payload(self, request: Request) -> dict:
+    async def _payload(self, request: Request, tl: Timeline) -> dict:
         body = await read_body(request, self._settings.max_body_bytes)
-        return await parse_input(request.headers.get("content-type", ""), body, self._settings)
+        tl.mark("read")
+        payload = await parse_input(request.headers.get("content-type", ""), body, self._settings)
+        tl.mark("parse")
+        return payload
 
-    async def _call(self, response: Any) -> dict:
+    async def _call(self, response: Any, tl: Timeline | None = None) -> dict:
         result = await response
+        if tl is not None:
+            tl.mark("handle")
+            tl.add_replica(result.get("timings") if isinstance(result, dict) else None)
         err = error_for_result(result)
         if err is not None:
             raise err
@@ -617,10 +701,11 @@ class Ingress:
     async def embeddings(self, request: Request) -> JSONResponse:
         """Embeddings of the input, one per frame, with the encoder's name and weights hash."""
 
-        async def work() -> dict:
-            payload = await self._payload(request)
+        async def work(tl: Timeline) -> dict:
+            payload = await self._payload(request, tl)
             encoder = await self._route(payload)
-            return _embedding_body(await self._call(encoder.embed.remote(payload)))
+            tl.mark("route")
+            return _embedding_body(await self._call(encoder.embed.remote(payload), tl))
 
         return await self._answer(request, "embeddings", work)
 
@@ -632,8 +717,9 @@ class Ingress:
     async def zero_shot(self, request: Request) -> JSONResponse:
         """Scores of each label for the input, from an image-text encoder (see :mod:`medray.serve.zeroshot`)."""
 
-        async def work() -> dict:
+        async def work(tl: Timeline) -> dict:
             body = await read_body(request, self._settings.max_body_bytes)
+            tl.mark("read")
             ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             query = {k: request.query_params.getlist(k) for k in ("labels", "prompts")}
             doc = None
@@ -648,9 +734,12 @@ class Ingress:
                 raise ApiError(422, "invalid_request", str(err)) from None
             encoder = self._encoders.get("image", self._encoder)
             prompts = [p for row in expand_prompts(labels, templates) for p in row]
+            tl.mark("parse")
             image, text = await asyncio.gather(
                 self._call(encoder.embed.remote(payload)), self._call(encoder.embed_texts.remote(prompts))
             )
+            tl.mark("handle")
+            tl.add_replica(image.get("timings"))
             try:
                 return zero_shot_answer(image, text["embeddings"], labels, templates)
             except ZeroShotRequestError as err:
@@ -662,12 +751,13 @@ class Ingress:
     async def predict(self, head: str, request: Request) -> JSONResponse:
         """Probabilities of the head's labels for each frame, and the head's model card id."""
 
-        async def work() -> dict:
+        async def work(tl: Timeline) -> dict:
             if self._heads is None or head not in self._head_ids:
                 raise ApiError(404, "unknown_head", f"no head named {head!r}; GET /v1/models lists them")
-            payload = await self._payload(request)
+            payload = await self._payload(request, tl)
             handle = self._heads.options(multiplexed_model_id=head)
-            return _prediction_body(await self._call(handle.predict.remote(payload)))
+            tl.mark("route")
+            return _prediction_body(await self._call(handle.predict.remote(payload), tl))
 
         return await self._answer(request, "predict", work)
 
@@ -688,11 +778,18 @@ class Ingress:
 
     @api.get("/v1/models", summary="The encoders and the heads served")
     async def models(self, request: Request) -> JSONResponse:
-        """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids."""
+        """The served encoders (name, dim, hashes; ``encoder`` is the primary one) and the head ids.
 
-        async def work() -> dict:
-            described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
-            by_modality = dict(zip(self._encoders, described))
+        The encoders' identities are asked at most every 5 s (``readyz`` asks every time).
+        """
+
+        async def work(tl: Timeline) -> dict:
+            now = time.monotonic()
+            if self._described is None or now - self._described[0] > _DESCRIBE_TTL_S:
+                described = await asyncio.gather(*(h.describe.remote() for h in self._encoders.values()))
+                self._described = (now, dict(zip(self._encoders, described)))
+                tl.mark("handle")
+            by_modality = self._described[1]
             return {
                 "encoder": by_modality[self._settings.primary],
                 "encoders": by_modality,
@@ -702,9 +799,9 @@ class Ingress:
         return await self._answer(request, "models", work)
 
     @api.get("/healthz", summary="Liveness")
-    async def healthz(self) -> dict:
-        """200 while the ingress runs."""
-        return {"status": "ok"}
+    async def healthz(self) -> JSONResponse:
+        """200 while the ingress runs (answered here: no other deployment is asked)."""
+        return JSONResponse(_OK)
 
     @api.get("/readyz", summary="Readiness: every encoder (and the heads deployment) answers")
     async def readyz(self) -> JSONResponse:
@@ -750,8 +847,9 @@ class Ingress:
             return instance_error(err.code, err.message)
 
     async def _haidef_predict(self, request: Request) -> JSONResponse:
-        async def work() -> dict:
+        async def work(tl: Timeline) -> dict:
             body = await read_body(request, self._settings.max_body_bytes)
+            tl.mark("read")
             doc = await _load_json(body, self._settings)
             try:
                 parsed = parse_instances(
@@ -759,7 +857,9 @@ class Ingress:
                 )
             except InstanceError as err:
                 raise ApiError(413 if err.code == "too_large" else 400, err.code, str(err)) from None
+            tl.mark("parse")
             answers = await asyncio.gather(*(self._haidef_instance(p) for p in parsed))
+            tl.mark("handle")
             return {"predictions": list(answers)}
 
         return await self._answer(request, "haidef_predict", work)

@@ -535,12 +535,18 @@ def test_concurrent_requests_are_batched(stack):
             stack["url"] + "/v1/embeddings", files={"file": ("a.png", data)}, headers=stack["auth"], timeout=TIMEOUT
         )
         assert r.status_code == 200, r.text
-        return r.json()["batch_size"]
+        return r.json()["batch_size"], r.headers.get("Server-Timing", "")
 
     with cf.ThreadPoolExecutor(16) as ex:
-        sizes = list(ex.map(one, range(48)))
+        answers = list(ex.map(one, range(48)))
+    sizes = [size for size, _ in answers]
     assert max(sizes) > 1, sizes
     assert max(sizes) <= 8  # serve.encoder.max_batch_size
+    # every answer carries its timeline: the ingress's stages, the replica's, and the total last
+    for _, timing in answers:
+        stages = dict(part.split(";dur=") for part in timing.split(", "))
+        assert {"read", "parse", "handle", "hop", "decode", "batch", "forward", "serialize"} <= set(stages), timing
+        assert list(stages)[-1] == "total" and float(stages["total"]) >= float(stages["forward"]) > 0
 
 
 # ------------------------------------------------------------------------------ heads

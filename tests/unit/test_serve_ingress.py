@@ -336,3 +336,51 @@ def test_an_unexpected_failure_is_a_503_not_a_500():
 
     err = error_for_exception(KeyError("patient-name"))
     assert err.status == 503 and "patient-name" not in err.message and err.headers.get("Retry-After")
+
+
+def test_timeline_gives_a_server_timing_header_with_the_replica_stages_and_the_hop():
+    from medray.serve.ingress import Timeline
+
+    tl = Timeline()
+    tl.mark("read")
+    tl.add("handle", 0.010)
+    tl.add_replica({"decode_s": 0.002, "gate_s": 0.0, "batch_wait_s": 0.001, "forward_s": 0.005, "replica_s": 0.009})
+    tl.add_replica(None)  # a result without timings (heads, errors) adds nothing
+    header = tl.header()
+    stages = dict(part.split(";dur=") for part in header.split(", "))
+    assert list(stages)[-1] == "total"
+    assert {"read", "handle", "decode", "gate", "batch", "forward", "replica", "hop"} <= set(stages)
+    assert float(stages["hop"]) == pytest.approx(1.0)  # 10 ms handle - 9 ms on the replica
+    assert float(stages["forward"]) == pytest.approx(5.0)
+    assert all(float(v) >= 0 for v in stages.values())
+
+
+def test_header_limit_middleware_answers_431_before_the_app_runs():
+    from medray.serve.ingress import api
+
+    sent: list = []
+    ran: list = []
+
+    async def app(scope, receive, send):  # the wrapped app: must not run for oversized headers
+        ran.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware = next(m.cls for m in api.user_middleware if m.cls.__name__ == "_HeaderLimit")(app)  # type: ignore[attr-defined]
+    api.state.max_header_bytes = 100
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [(b"x-padding", b"a" * 200)]}
+    asyncio.run(middleware(scope, receive, send))
+    assert sent[0]["status"] == 431 and ran == []
+    assert json.loads(sent[1]["body"])["code"] == "headers_too_large"
+
+    class Served:  # Serve runs a copy of `api`: the limit is read from the app in the scope
+        class state:
+            max_header_bytes = 1000
+
+    sent.clear()
+    asyncio.run(middleware({**scope, "app": Served()}, receive, send))  # 209 bytes: under this app's limit
+    assert sent == [] and ran == ["/healthz"]
