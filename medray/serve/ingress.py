@@ -767,12 +767,13 @@ class Ingress:
     async def search(self, request: Request) -> JSONResponse:
         """Top k stored records with provenance and distance (``k``, filters: body or query parameters)."""
 
-        async def work() -> dict:
+        async def work(tl: Timeline) -> dict:
             if self._search is None:
                 raise ApiError(404, "search_disabled", _SEARCH_DISABLED)
             body = await read_body(request, self._settings.max_body_bytes)
+            tl.mark("read")
             ctype = request.headers.get("content-type", "")
-            return await self._call(self._search.search.remote(ctype, body, dict(request.query_params)))
+            return await self._call(self._search.search.remote(ctype, body, dict(request.query_params)), tl)
 
         return await self._answer(request, "search", work)
 
