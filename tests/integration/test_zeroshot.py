@@ -101,3 +101,66 @@ def test_embed_images_and_text_then_zeroshot_with_labels(s3, tmp_path: Path) -> 
                             scale=enc.logit_scale, bias=enc.logit_bias, score="sigmoid")  # fmt: skip
     for j, label in enumerate(LABELS):
         np.testing.assert_allclose(pred[f"p_{label}"], want[:, j], atol=1e-5)
+
+    # the same checkpoint behind `medray serve`, with an index of this output: /v1/zero_shot gives the job's
+    # scores for an image, /v1/search finds a report by its text, HAI-DEF answers carry temperature and bias
+    proc = _run(home, "index", f"embeddings={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_served(home, ckpt, out, fs, bucket, images, dict(zip(pred["uri"], want)))
+
+
+def _check_served(home: Path, ckpt: str, out: str, fs, bucket: str, images: dict, want: dict) -> None:
+    import base64
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.update({"MEDRAY_HOME": str(home), "MEDRAY_CACHE_DIR": str(home / "cache"), "MEDRAY_PATIENT_SALT": "s",
+                "WANDB_MODE": "offline", "MEDRAY_PROGRESS": "0", "RAY_AUTH_MODE": "disabled"})  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    log_path = home / "serve.log"
+    args = [MEDRAY, "serve", "encoder=siglip", f"encoder.checkpoint={ckpt}", f"serve.http.port={port}",
+            "ray.num_cpus=2", f"serve.search.index={out}/index", "serve.name=zs",
+            "serve.encoder.autoscaling.max_replicas=1", "serve.ingress.autoscaling.max_replicas=1"]  # fmt: skip
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while "ready at" not in log_path.read_text(errors="replace"):
+            assert server.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        uri = next(iter(want))
+        data = fs.cat(uri[5:])
+        query = [("labels", label) for label in LABELS] + [("prompts", p) for p in PROMPTS]
+        r = requests.post(url + "/v1/zero_shot", params=query, files={"file": ("x.png", data)}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["score"] == "sigmoid" and got["model_temperature"] == pytest.approx(10.0)
+        np.testing.assert_allclose([got["scores"][label] for label in LABELS], want[uri], atol=1e-5)
+        r = requests.post(url + "/v1/search", json={"text": "no finding", "k": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        top = r.json()["hits"][0]
+        assert top["uri"].endswith("/zs/in/r2.txt") and top["distance"] < 1e-3, r.json()
+        r = requests.post(url + "/v1/search", json={"bytes_b64": base64.b64encode(data).decode(), "k": 1}, timeout=60)
+        assert r.status_code == 200 and r.json()["hits"][0]["uri"] == uri, r.text
+        body = {"instances": [{"image": {"input_bytes": base64.b64encode(data).decode()}}, {"text": "effusion"}]}
+        r = requests.post(url + "/predict", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        image_pred, text_pred = r.json()["predictions"]
+        np.testing.assert_allclose(image_pred["embedding"], images[uri], atol=1e-5)
+        assert image_pred["model_temperature"] == pytest.approx(10.0) and "model_bias" in image_pred
+        assert text_pred["input_type"] == "text" and len(text_pred["embedding"]) == len(images[uri])
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
