@@ -56,7 +56,7 @@ class IndexConf:
     dtype: str = "f16"
     connectivity: int = 16
     expansion_add: int = 128
-    expansion_search: int = 64
+    expansion_search: int = 128
     threads: int = 0
     study_column: Optional[str] = "study"
     site_column: Optional[str] = "site"

@@ -354,7 +354,7 @@ def build_index(
     dtype: str = "f16",
     connectivity: int = 16,
     expansion_add: int = 128,
-    expansion_search: int = 64,
+    expansion_search: int = 128,
     threads: int = 0,
 ) -> VectorIndex:
     """Build an HNSW index of ``x`` (one row per record) with its metadata.
