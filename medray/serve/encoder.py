@@ -280,13 +280,7 @@ def _slide_patches_input(
         raise ReadError(f"cannot read the slide's patches ({type(err).__name__})") from None
     if crops is None:
         return None
-    try:
-        pixels = preprocessor.preprocess(crops)
-    except RecordError:
-        raise
-    except Exception as err:  # noqa: BLE001 - processors raise anything; the class name is the message
-        raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
-    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), "SM")
+    return _crops_input(crops, preprocessor, "SM")
 
 
 def _patches_input(
@@ -306,13 +300,18 @@ def _patches_input(
         if x < 0 or y < 0 or w < 1 or h < 1 or x + w > width or y + h > height:
             raise DecodeError(f"patch ({x}, {y}, {w}, {h}) lies outside the {width}x{height} image")
         crops.append(np.ascontiguousarray(frame[y : y + h, x : x + w]))
+    return _crops_input(crops, preprocessor, decoded.modality)
+
+
+def _crops_input(crops: list[np.ndarray], preprocessor: Any, modality: str) -> DecodedInput:
+    """Patches through the encoder's preprocessing, one item each."""
     try:
         pixels = preprocessor.preprocess(crops)
     except RecordError:
         raise
     except Exception as err:  # noqa: BLE001 - processors raise anything; the class name is the message
         raise RecordError(f"preprocessing failed ({type(err).__name__})", stage="preprocess") from None
-    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), decoded.modality)
+    return DecodedInput(np.ascontiguousarray(pixels, dtype=np.float32), list(range(len(crops))), modality)
 
 
 #: What a route's items are called in a limit error, and how to need fewer.
