@@ -127,16 +127,6 @@ class ImageTextEncoder(Encoder):
             raise EncodeError(f"expected pixel values (N, C, H, W) or token ids and mask (N, 2, L), got {batch.shape}")
         return self._run(batch)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        if batch.shape[0] == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self._forward(x)
-        return out.float().cpu().numpy()
-
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts with the text tower (prompts, captions).
 

@@ -210,10 +210,14 @@ class Encoder(Preprocessor):
         Raises:
             EncodeError: The batch does not have the expected shape.
         """
-        import torch
-
         batch = np.asarray(pixel_values, dtype=self.input_dtype)
         self._check_input(batch)
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """The model on a checked batch: ``(N, dim)`` float32, under inference mode (and autocast where asked)."""
+        import torch
+
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)

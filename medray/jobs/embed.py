@@ -909,6 +909,10 @@ def _steady_rate(parts: list) -> float | None:
     return records / (t1 - t0) if t1 > t0 else None
 
 
+#: Names that may be whole-slide images (lower case): the slide formats' extensions and TIFF.
+_SLIDE_NAMES = tuple(e.lower() for e in (*SLIDE_EXTENSIONS, ".tif", ".tiff"))
+
+
 def may_hold_slides(uris: Iterable[str]) -> bool:
     """Whether whole-slide images may be among the inputs, by name (TIFF and slide-format extensions).
 
@@ -916,15 +920,13 @@ def may_hold_slides(uris: Iterable[str]) -> bool:
     spread over many tasks); a slide with another name is still found by its
     content and tiled, by the task that reads it.
     """
-    exts = (*SLIDE_EXTENSIONS, ".tif", ".tiff")
-    return any(str(u).lower().endswith(exts) for u in uris)
+    return any(str(u).lower().endswith(_SLIDE_NAMES) for u in uris)
 
 
 def _table_may_hold_slides(table: pa.Table) -> bool:
     """:func:`may_hold_slides` over a listing table's ``uri`` column (vectorised)."""
-    exts = tuple(e.lower() for e in (*SLIDE_EXTENSIONS, ".tif", ".tiff"))
     lower = pc.utf8_lower(table.column("uri"))
-    return any(pc.any(pc.ends_with(lower, e)).as_py() for e in exts)
+    return any(pc.any(pc.ends_with(lower, e)).as_py() for e in _SLIDE_NAMES)
 
 
 def _manifest_may_hold_slides(uri: str, options: Any, rows: int = 10_000) -> bool:

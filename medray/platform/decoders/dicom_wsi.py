@@ -599,6 +599,12 @@ def _search_series(client: Any, study: str, series: str) -> tuple[_WebInstance, 
     return tuple(out)
 
 
+def _base_level(series: list[_WebInstance]) -> _WebInstance:
+    """A DICOMweb slide's base level: its largest ``VOLUME`` instance (ties: the smallest UID)."""
+    volumes = [x for x in series if x.image_type == "VOLUME"] or series
+    return min(volumes, key=lambda x: (-x.width * x.height, x.sop))
+
+
 def is_dicomweb_wsi(uri: str) -> bool:
     """True when a DICOMweb instance URI is a whole-slide image instance (its series is searched once per process).
 
@@ -633,8 +639,7 @@ def sniff_dicomweb_wsi(uri: str, limits: DecodeLimits = DecodeLimits()) -> Dicom
     own = next((x for x in series if x.sop == loc.sop), None)
     if own is None:
         return None
-    volumes = [x for x in series if x.image_type == "VOLUME"] or series
-    base = min(volumes, key=lambda x: (-x.width * x.height, x.sop))
+    base = _base_level(series)
     if base.sop != own.sop:
         if own.image_type in ("VOLUME", "THUMBNAIL"):
             raise SkipRecord(
@@ -748,8 +753,7 @@ def read_dicomweb_wsi_patches(
             raise LimitExceeded(f"a {w}x{h} patch is over max_pixels = {limits.max_pixels:.3g}")
         if x < 0 or y < 0 or x + w > own.width or y + h > own.height:
             raise DecodeError(f"patch ({x}, {y}, {w}, {h}) lies outside the {own.width}x{own.height} image")
-    volumes = [x for x in series if x.image_type == "VOLUME"] or series
-    base = min(volumes, key=lambda x: (-x.width * x.height, x.sop))
+    base = _base_level(series)
     slide = _web_slide(uri, client, series, base, limits)
     try:
         dims = slide.level_dimensions
