@@ -288,12 +288,17 @@ def _wait(url: str, timeout: float = 180) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+#: serve.encoder.engine of every deployed encoder (--engine)
+ENGINE = "auto"
+
+
 def _args(name: str, encoder: dict, port: int, batch: int, wait_s: float, threads: int, **more) -> dict:
     fixed = {"min_replicas": 1, "max_replicas": 1}
     enc = {
         "num_cpus": threads,  # = torch threads: Ray sets OMP_NUM_THREADS from it, as a user's replica gets
         "num_gpus": 0,
         "torch_threads": threads,
+        "engine": ENGINE,
         "decode_threads": 2,
         "max_batch_size": batch,
         "batch_wait_timeout_s": wait_s,
@@ -416,6 +421,12 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=16, help="closed-loop concurrency of the autoscaling burst")
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each encoder")
+    ap.add_argument(
+        "--engine",
+        choices=("auto", "thread", "process"),
+        default="auto",
+        help="serve.encoder.engine: the model in a thread of the replica or in its child process",
+    )
     ap.add_argument("--quick", action="store_true", help="1 s x 1 round, c=1,8, rate 5: a smoke run")
     ap.add_argument(
         "--throughput-optimized",
@@ -430,6 +441,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
+    global ENGINE
+    ENGINE = args.engine
     if args.quick:
         args.seconds, args.rounds, args.warmup, args.concurrency, args.rates = 1.0, 1, 0.5, "1,8", "5"
     if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
@@ -445,6 +458,7 @@ def main() -> None:
     from ray import serve
 
     from medray.encoders import build_tiny_checkpoint
+    from medray.serve.engine import choose_engine
 
     t_all = time.perf_counter()
     loads = [os.getloadavg()[0]]
@@ -598,6 +612,8 @@ def main() -> None:
             "warmup_s": args.warmup,
             "encoder_replicas": 1,
             "torch_threads": args.threads,
+            "engine": args.engine,
+            "engine_resolved": choose_engine(args.engine, "cpu", args.threads),
             "encoder_num_cpus": args.threads,
             "ray_num_cpus": ray_cpus,
             "throughput_optimized": bool(args.throughput_optimized),

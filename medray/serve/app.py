@@ -155,6 +155,7 @@ def build_app(args: ServeArgs) -> Application:
                 device=enc.device,
                 dtype=enc.dtype,
                 torch_threads=enc.torch_threads,
+                engine=enc.engine,
                 decode_threads=enc.decode_threads,
                 num_cpus=enc.num_cpus,
                 # the live OOD score: against a reference of the primary encoder's embeddings

@@ -119,6 +119,7 @@ class EncoderDeploymentConf(DeploymentConf):
     device: str = "auto"
     dtype: str = "auto"
     torch_threads: Optional[int] = None
+    engine: str = "auto"
     decode_threads: int = 2
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
@@ -363,6 +364,8 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         )
     if enc.torch_threads is not None and not (isinstance(enc.torch_threads, int) and enc.torch_threads >= 1):
         raise ConfigError("serve.encoder.torch_threads", f"must be null or an int >= 1, got {enc.torch_threads!r}")
+    if enc.engine not in ("auto", "thread", "process"):
+        raise ConfigError("serve.encoder.engine", f"must be auto, thread or process, got {enc.engine!r}")
     if enc.device not in ("auto", "cpu") and not str(enc.device).startswith("cuda"):
         raise ConfigError("serve.encoder.device", f"must be auto, cpu or cuda[:N], got {enc.device!r}")
     if enc.dtype not in ("auto", "float32", "bfloat16", "float16"):

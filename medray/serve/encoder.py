@@ -29,7 +29,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 from ray import serve
 
-from medray.encoders import create_encoder, family_modalities, get_spec
+from medray.encoders import family_modalities, get_spec
 from medray.pipeline.options import StageOptions, decode_options
 from medray.pipeline.stages import format_options
 from medray.platform.decoders import DecodeLimits, check_size
@@ -39,6 +39,7 @@ from medray.platform.errors import DecodeError, EncodeError, LimitExceeded, Read
 from medray.platform.formats import PrepareContext, detect, pooled_segment, prepare_record
 from medray.platform.storage import open_fs, read_bytes
 from medray.serve.config import uri_allowed
+from medray.serve.engine import choose_engine, create_runner
 from medray.serve.ood import OODMonitor
 
 __all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
@@ -387,18 +388,24 @@ class EncoderDeployment:
         decode_threads: int = 2,
         num_cpus: float = 1.0,
         ood: Mapping[str, Any] | None = None,
+        engine: str = "auto",
     ) -> None:
         import torch
 
         threads = torch_threads or max(1, int(round(num_cpus)))
-        torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         spec = get_spec(dict(encoder))
         self._modality = family_modalities(spec.family)  # an image-text encoder: image and text
-        self._encoder = create_encoder(spec, device=device, dtype=dtype)
+        self._engine = choose_engine(engine, device, threads)
+        # In `process` mode no thread of this process runs a multi-threaded region (see engine.py).
+        model_threads = threads if self._engine == "thread" else 1
+        torch.set_num_threads(model_threads)
+        self._runner, self._preprocessor = create_runner(
+            dict(encoder), engine=self._engine, device=device, dtype=dtype, threads=threads
+        )
         self._settings = settings
-        self._ident = {k: v for k, v in self._encoder.describe().items() if k != "checkpoint"}
+        self._ident = {k: v for k, v in self._runner.describe().items() if k != "checkpoint"}
         self._ident["device"] = device
         self._replica = replica_tag()
         self._ood = OODMonitor.from_conf(ood, settings.storage_options, encoder=self._ident)
@@ -412,7 +419,7 @@ class EncoderDeployment:
             initargs=(1,),
         )
         self._model_pool = ThreadPoolExecutor(
-            1, thread_name_prefix="medray-model", initializer=torch.set_num_threads, initargs=(threads,)
+            1, thread_name_prefix="medray-model", initializer=torch.set_num_threads, initargs=(model_threads,)
         )
         self._batches = 0
         self._frames = 0
@@ -424,7 +431,12 @@ class EncoderDeployment:
         # while the model works, then enter the batch queue together: batches grow with load.
         self._model_idle: asyncio.Event | None = None
         log.info(
-            "encoder %s ready on %s (dim %d, %d torch threads)", self._ident["name"], device, self._encoder.dim, threads
+            "encoder %s ready on %s (dim %d, %d torch threads, %s engine)",
+            self._ident["name"],
+            device,
+            self._runner.dim,
+            threads,
+            self._engine,
         )
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
@@ -468,7 +480,7 @@ class EncoderDeployment:
             decoded = await loop.run_in_executor(
                 self._decode_pool,
                 functools.partial(
-                    decode_input, payload, self._settings, self._encoder, salt=self._salt, modality=self._modality
+                    decode_input, payload, self._settings, self._preprocessor, salt=self._salt, modality=self._modality
                 ),
             )
         except Exception as err:  # noqa: BLE001 - bad input is an answer, not a crash
@@ -530,14 +542,13 @@ class EncoderDeployment:
             ``{"embeddings": float32 (N, dim), "encoder"}``, or ``{"error": {...}}``
             when the encoder has no text tower in its images' space.
         """
-        embed_text = getattr(self._encoder, "embed_text", None)
-        if embed_text is None:
+        if "text" not in self._modality or "image" not in self._modality:
             return error_result(
                 UnsupportedFormat(f"encoder {self._ident['name']} is not an image-text encoder: it embeds no prompts")
             )
         loop = asyncio.get_running_loop()
         try:
-            emb = await loop.run_in_executor(self._model_pool, embed_text, list(texts))
+            emb = await loop.run_in_executor(self._model_pool, self._runner.embed_text, list(texts))
         except Exception as err:  # noqa: BLE001 - a bad prompt is an answer, not a crash
             return error_result(
                 err if isinstance(err, RecordError) else EncodeError(f"model failed ({type(err).__name__})")
@@ -586,7 +597,7 @@ class EncoderDeployment:
         return out
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        emb = self._encoder.embed(batch)
+        emb = self._runner.embed(batch)
         if not np.all(np.isfinite(emb)):
             raise EncodeError("model produced non-finite values")
         return emb
@@ -595,8 +606,13 @@ class EncoderDeployment:
         """Serve's health check: the pools must still accept work."""
         if self._model_pool._shutdown or self._decode_pool._shutdown:  # noqa: SLF001
             raise RuntimeError("encoder replica is shutting down")
+        if not self._runner.alive():
+            raise RuntimeError("the encoder's model process has exited")
 
     def __del__(self) -> None:
         for pool in (getattr(self, "_decode_pool", None), getattr(self, "_model_pool", None)):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()

@@ -179,6 +179,7 @@ def stack(s3, tmp_path_factory):
         "serve.heads.autoscaling.max_replicas=1",
         "serve.encoder.max_batch_size=8",
         "serve.encoder.batch_wait_timeout_s=0.02",
+        "serve.encoder.engine=process",  # the model in a child process of each replica (the open app: in a thread)
         "serve.encoder.autoscaling.min_replicas=1",
         "serve.encoder.autoscaling.max_replicas=2",
         "serve.encoder.autoscaling.target_ongoing_requests=2",
