@@ -190,15 +190,15 @@ def _child_main(conn: Any, spec: dict, device: str, dtype: str, threads: int) ->
 class ProcessRunner:
     """The encoder in a spawned child process whose initial thread runs every call.
 
+    The child starts loading at once; :meth:`wait_ready` waits for it (:func:`create_runner` builds
+    the replica's preprocessing in between, so the two overlap).
+
     Args:
         spec: the encoder spec (as a dict).
         device: ``cpu`` or ``cuda[:N]`` (the child sees the replica's devices).
         dtype: as :func:`~medray.encoders.create_encoder`.
         threads: the child's torch threads.
-        start_timeout_s: how long the model may take to load.
-
-    Raises:
-        RuntimeError: the child could not load the model (its error class and message).
+        start_timeout_s: how long the model may take to load (:meth:`wait_ready`).
     """
 
     def __init__(
@@ -219,9 +219,21 @@ class ProcessRunner:
         # the spec over the socket, not argv: its storage options may hold credentials
         self._conn.send({"spec": dict(spec), "device": device, "dtype": dtype, "threads": int(threads)})
         self._lock = threading.Lock()  # one call at a time on the pipe
-        if not self._conn.poll(start_timeout_s):
+        self._start_timeout_s = start_timeout_s
+        self._ident: dict = {}
+        self.dim = 0
+
+    def wait_ready(self) -> ProcessRunner:
+        """Wait until the child has loaded the model (the replica builds its preprocessing meanwhile).
+
+        Raises:
+            RuntimeError: the child could not load the model, exited, or took over ``start_timeout_s``.
+        """
+        if self._ident:
+            return self
+        if not self._conn.poll(self._start_timeout_s):
             self.close()
-            raise RuntimeError(f"the model process did not load the encoder within {start_timeout_s:g} s")
+            raise RuntimeError(f"the model process did not load the encoder within {self._start_timeout_s:g} s")
         try:
             msg = self._conn.recv()
         except EOFError:
@@ -233,6 +245,7 @@ class ProcessRunner:
             raise RuntimeError(f"the model process could not load the encoder: {msg[1]}: {msg[2]}")
         _, self._ident, self.dim = msg
         log.info("model process %d serves %s", self._proc.pid, self._ident.get("name"))
+        return self
 
     @property
     def pid(self) -> int | None:
@@ -305,8 +318,13 @@ def create_runner(
     from medray.encoders import create_encoder, create_preprocessor, get_spec
 
     if engine == "process":
-        runner = ProcessRunner(spec, device=device, dtype=dtype, threads=threads)
-        return runner, create_preprocessor(get_spec(dict(spec)))
+        runner = ProcessRunner(spec, device=device, dtype=dtype, threads=threads)  # loads in the background
+        try:
+            preprocessor = create_preprocessor(get_spec(dict(spec)))
+        except BaseException:
+            runner.close()
+            raise
+        return runner.wait_ready(), preprocessor
     if engine != "thread":
         raise ValueError(f"engine must be thread or process, got {engine!r}")
     encoder = create_encoder(get_spec(dict(spec)), device=device, dtype=dtype)
