@@ -4,7 +4,11 @@ Measured side by side in one run, on one Ray:
 
 * ``/on`` (dynamic batching, ``max_batch_size=32``) and ``/off`` (``max_batch_size=1``; same
   code path), each one encoder replica of a random ViT-Tiny-sized model (hidden 192, 12 layers,
-  224 px, patch 16), posted the same 224x224 PNG;
+  224 px, patch 16), posted the same 224x224 PNG; ``--topology`` (default ``auto``: one encoder,
+  no heads, so the encoder runs inside the ingress's replica);
+* ``/offsplit`` (``--split-baseline``, on unless ``--topology split``): ``/off`` as a split app
+  (ingress and encoder deployments, one handle hop per request), at concurrency 1 in the same
+  rounds, so the hop's share is measured side by side;
 * the same work in this process (decode + preprocess + embed with the same functions), in
   alternating segments: the latency Serve adds is the HTTP p50 minus this one;
 * a closed loop (C workers, each sending its next request when its answer arrives) at each
@@ -295,6 +299,8 @@ def _wait(url: str, timeout: float = 180) -> None:
 
 #: serve.encoder.engine of every deployed encoder (--engine)
 ENGINE = "auto"
+#: serve.topology of every deployed app (--topology); the split baseline overrides it
+TOPOLOGY = "auto"
 
 
 def _args(name: str, encoder: dict, port: int, batch: int, wait_s: float, threads: int, **more) -> dict:
@@ -311,10 +317,12 @@ def _args(name: str, encoder: dict, port: int, batch: int, wait_s: float, thread
         "max_queued_requests": 512,
         "autoscaling": more.pop("autoscaling", fixed),
     }
+    topology = more.pop("topology", TOPOLOGY)
     return {
         "encoder": encoder,
         **more,
         "serve": {
+            "topology": topology,
             "name": name,
             "route_prefix": f"/{name}",
             "http": {"port": port},
@@ -432,6 +440,18 @@ def main() -> None:
         default="auto",
         help="serve.encoder.engine: the model in a thread of the replica or in its child process",
     )
+    ap.add_argument(
+        "--topology",
+        choices=("auto", "split", "fused"),
+        default="auto",
+        help="serve.topology of the measured apps (auto: fused, one encoder and no heads)",
+    )
+    ap.add_argument(
+        "--split-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure /off as a split app (ingress + encoder) at concurrency 1, interleaved",
+    )
     ap.add_argument("--quick", action="store_true", help="1 s x 1 round, c=1,8, rate 5: a smoke run")
     ap.add_argument(
         "--throughput-optimized",
@@ -446,8 +466,9 @@ def main() -> None:
     )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
-    global ENGINE
-    ENGINE = args.engine
+    global ENGINE, TOPOLOGY
+    ENGINE, TOPOLOGY = args.engine, args.topology
+    split_baseline = args.split_baseline and args.topology != "split"
     if args.quick:
         args.seconds, args.rounds, args.warmup, args.concurrency, args.rates = 1.0, 1, 0.5, "1,8", "5"
     if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
@@ -457,7 +478,7 @@ def main() -> None:
     extra = [m for m in args.modalities.split(",") if m in ("audio", "text")]
     modes = {"batched": ("on", 32), "unbatched": ("off", 1)}
     # logical CPUs: every replica gets what a user's would; the client and Serve share the real cores
-    ray_cpus = (2 + len(extra) + (2 if args.autoscale else 0)) * args.threads + 3
+    ray_cpus = (2 + len(extra) + (2 if args.autoscale else 0) + split_baseline) * args.threads + 3
 
     import ray
     from ray import serve
@@ -492,24 +513,29 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
         image_spec = {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True}
-        base = {name: url for name in ("on", "off", "av")}
+        base = {name: url for name in ("on", "off", "av", "offsplit")}
         closed: dict = {(m, c): [] for m in modes for c in levels}
         opened: dict = {r: [] for r in rates}
         other: dict = {m: [] for m in extra}
         inproc: dict = {m: [] for m in local}
         inproc_rounds: list[list[float]] = []
+        split: list[dict] = []  # /offsplit at c=1
         model_rounds: list[dict] = []
         probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress; encoder identity cached 5 s)": []}
         autoscale: dict = {}
         try:
             for name, batch in modes.values():
                 _deploy(url, name, _args(name, image_spec, port, batch, args.batch_wait_s, args.threads))
+            if split_baseline:
+                split_args = _args("offsplit", image_spec, port, 1, args.batch_wait_s, args.threads, topology="split")
+                _deploy(url, "offsplit", split_args)
             if extra:
                 first = {"family": f"hf_{extra[0]}", "name": f"tiny_{extra[0]}", "checkpoint": more[extra[0]]}
                 encoders = {m: {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]} for m in extra[1:]}
                 _deploy(url, "av", _args("av", first, port, 32, args.batch_wait_s, args.threads, encoders=encoders))
             if args.direct and args.throughput_optimized:
-                base = {name: _direct_url(name, url) if name != "av" or extra else url for name in base}
+                deployed = {"on", "off"} | ({"av"} if extra else set()) | ({"offsplit"} if split_baseline else set())
+                base = {name: _direct_url(name, url) if name in deployed else url for name in base}
                 print(f"direct ingress: {base}", flush=True)
             for r in range(args.rounds):
                 for c in levels:
@@ -526,6 +552,11 @@ def main() -> None:
                         )
                         closed[(mode, c)].append(seg)
                         print(f"round {r} {mode} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
+                    if c == 1 and split_baseline:
+                        split_url = f"{base['offsplit']}/offsplit/v1/embeddings"
+                        seg = asyncio.run(_closed_loop(split_url, inputs["image"][1], 1, args.seconds, args.warmup))
+                        split.append(seg)
+                        print(f"round {r} split unbatched c=1: p50 {1000 * _pct(seg['lat'], 50):.1f} ms", flush=True)
                 on_url, av_url = f"{base['on']}/on/v1/embeddings", f"{base['av']}/av/v1/embeddings"
                 for rate in rates:
                     seg = asyncio.run(_open_loop(on_url, inputs["image"][1], rate, args.seconds, args.arrival, r))
@@ -537,8 +568,8 @@ def main() -> None:
                 model_rounds.append(local["image"].model_batching_speedup())
                 loads.append(os.getloadavg()[0])
             if args.autoscale:
-                for name in ("off", "av"):  # idle, but their replicas would hold the CPUs the new one needs
-                    if name != "av" or extra:
+                for name in ("off", "av", "offsplit"):  # idle, but their replicas would hold the CPUs the new one needs
+                    if (name != "av" or extra) and (name != "offsplit" or split_baseline):
                         serve.delete(name)
                 autoscale = _autoscale_reaction(url, ckpt, port, args.threads, args.burst)
                 print(f"autoscale: {autoscale['seconds_to_second_running_replica']} s", flush=True)
@@ -584,6 +615,14 @@ def main() -> None:
             summary["serve_added_ms_p50_unbatched_per_round"]
         )
         summary["probes_p50_ms"] = {k: 1000 * _pct(v, 50) for k, v in probes.items()}
+        if split:  # the same unbatched request through a split app (ingress -> encoder handle hop)
+            pooled = _pool(split, "concurrency", 1)
+            summary["split_unbatched_c1"] = {
+                "p50_ms": pooled["p50_ms"],
+                "serve_added_ms_p50": pooled["p50_ms"] - p50,
+                "stages_p50_ms": pooled["stages_p50_ms"],
+                "added_per_round_ms": [1000 * _pct(g["lat"], 50) - i for g, i in zip(split, local_p50)],
+            }
         # where a request's time goes at concurrency 1 (Server-Timing, p50 of each stage)
         summary["stages_p50_ms_at_1"] = {mode: level(mode, 1)["stages_p50_ms"] for mode in modes}
         # the model alone in this process, beside the replica's "forward" stage (same input, same threads)
@@ -620,6 +659,8 @@ def main() -> None:
             "torch_threads": args.threads,
             "engine": args.engine,
             "engine_resolved": choose_engine(args.engine, "cpu", args.threads),
+            "topology": args.topology,
+            "split_baseline": split_baseline,
             "encoder_num_cpus": args.threads,
             "ray_num_cpus": ray_cpus,
             "throughput_optimized": bool(args.throughput_optimized),

@@ -8,9 +8,11 @@ One builder for every way of running it::
     # KubeRay: the same applications: block under RayService.spec.serveConfigV2
 
 The graph: ``Ingress`` (FastAPI) -> ``Encoder`` (batched) and ``Heads``
-(multiplexed, which asks ``Encoder`` for embeddings). Autoscaling, admission
-limits, graceful shutdown and resources of each deployment come from
-``args.serve``.
+(multiplexed, which asks ``Encoder`` for embeddings). With one encoder and no
+heads or search, ``serve.topology=auto`` fuses them: one deployment, named
+``Encoder``, whose replicas answer HTTP and run the encoder themselves (no
+hop per request). Autoscaling, admission limits, graceful shutdown and
+resources of each deployment come from ``args.serve``.
 """
 
 # No `from __future__ import annotations` here: Ray Serve reads build_app's
@@ -26,6 +28,7 @@ from ray.serve import Application, Deployment
 from medray.config import DecodeConf, EncoderConf, StorageConf
 from medray.encoders import family_modalities, family_modality
 from medray.platform.decoders.audio import AudioOptions
+from medray.platform.errors import ConfigError
 from medray.platform.formats import TextOptions
 from medray.serve.config import (
     DeploymentConf,
@@ -34,7 +37,7 @@ from medray.serve.config import (
     max_ongoing_for,
     resolve_heads,
 )
-from medray.serve.encoder import DecodeSettings, EncoderDeployment
+from medray.serve.encoder import DecodeSettings, EncoderDeployment, InReplicaEncoder
 from medray.serve.heads import HeadsDeployment
 from medray.serve.ingress import Ingress, IngressSettings
 from medray.serve.search import SearchDeployment
@@ -140,27 +143,32 @@ def build_app(args: ServeArgs) -> Application:
     gpus = _encoder_gpus(enc.num_gpus)
     primary = _modality(args.encoder)
     specs = {primary: args.encoder, **{m: e for m, e in args.encoders.items() if m != primary}}
-    encoders = {}
+    fused = _fused(s, specs, heads)
+    user_config = {"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s}
+    encoders: dict[str, Any] = {}
     for modality, spec in specs.items():
+        encoder_args = (dataclasses.asdict(spec), settings)
+        encoder_kwargs = {
+            "device": enc.device,
+            "dtype": enc.dtype,
+            "torch_threads": enc.torch_threads,
+            "engine": enc.engine,
+            "decode_threads": enc.decode_threads,
+            "num_cpus": enc.num_cpus,
+            # the live OOD score: against a reference of the primary encoder's embeddings
+            "ood": dataclasses.asdict(s.ood) if modality == primary and s.ood.reference else None,
+        }
+        if fused:  # built by the ingress in its own replicas (see _fused)
+            encoders[modality] = InReplicaEncoder(*encoder_args, **encoder_kwargs)
+            continue
         encoders[modality] = (
             _deployment(EncoderDeployment)
             .options(
                 name="Encoder" if modality == primary else f"Encoder_{modality}",
-                user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+                user_config=user_config,
                 **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
             )
-            .bind(
-                dataclasses.asdict(spec),
-                settings,
-                device=enc.device,
-                dtype=enc.dtype,
-                torch_threads=enc.torch_threads,
-                engine=enc.engine,
-                decode_threads=enc.decode_threads,
-                num_cpus=enc.num_cpus,
-                # the live OOD score: against a reference of the primary encoder's embeddings
-                ood=dataclasses.asdict(s.ood) if modality == primary and s.ood.reference else None,
-            )
+            .bind(*encoder_args, **encoder_kwargs)
         )
     for modality in family_modalities(args.encoder.family)[1:]:  # an image-text encoder answers text too
         encoders.setdefault(modality, encoders[primary])
@@ -217,14 +225,40 @@ def build_app(args: ServeArgs) -> Application:
                 expansion_search=s.search.expansion_search,
             )
         )
-    return (
-        _deployment(Ingress)
-        .options(
-            name="Ingress",
+    if fused:  # one deployment: the ingress's routes and the encoder, sized and scaled as the encoder
+        ingress_options = {
+            "name": "Encoder",
+            "user_config": user_config,
+            **_deployment_options(enc, s, max_ongoing=max_ongoing_for(enc), num_gpus=gpus),
+        }
+    else:
+        ingress_options = {
+            "name": "Ingress",
             **_deployment_options(ing, s, max_ongoing=ing.max_ongoing_requests or 256),
+        }
+    return _deployment(Ingress).options(**ingress_options).bind(encoders, head_app, ingress_settings, search_app)
+
+
+def _fused(s: ServeOptions, specs: dict[str, EncoderConf], heads: dict) -> bool:
+    """Whether the encoder runs inside the ingress's replicas (``serve.topology``).
+
+    ``fused`` takes the ingress -> encoder hop out of every request: the ingress's replicas
+    build the encoder themselves and the app scales as the encoder does (its resources,
+    ``max_ongoing_requests`` and autoscaling; ``serve.ingress.*`` is not used). It needs one
+    encoder and no heads or search (those deployments call the encoder through its handle).
+    ``auto`` picks it exactly then.
+
+    Raises:
+        ConfigError: ``fused`` was asked for an app that cannot be fused.
+    """
+    fusable = len(specs) == 1 and not heads and not s.search.index
+    if s.topology == "fused" and not fusable:
+        raise ConfigError(
+            "serve.topology",
+            "fused runs one encoder inside the ingress and needs no heads, no serve.search.index and no "
+            "encoders.<modality>; set serve.topology=split (or auto) for this app",
         )
-        .bind(encoders, head_app, ingress_settings, search_app)
-    )
+    return s.topology == "fused" or (s.topology == "auto" and fusable)
 
 
 def direct_ingress_urls(app_name: str, host: str, proxy_port: int) -> list[str]:

@@ -23,6 +23,7 @@ from medray.platform.storage import open_fs
 from medray.serve.ood import OODConf, check_ood
 
 __all__ = [
+    "TOPOLOGIES",
     "AutoscalingConf",
     "DeploymentConf",
     "EncoderDeploymentConf",
@@ -54,6 +55,11 @@ IMPORT_PATH = "medray.serve.app:build_app"
 _URI_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 #: Web sources a request may name (DICOMweb instances, images on a web server), under an allowed prefix too.
 _WEB_SCHEMES = ("https://", "http://", "dicomweb+https://", "dicomweb+http://")
+#: ``serve.topology``: ``split`` runs the ingress and each encoder as their own deployments (an
+#: ingress -> encoder handle call per request); ``fused`` runs the one encoder inside the ingress's
+#: replicas (no hop; the app scales as the encoder); ``auto``: fused when the app serves one encoder
+#: and no heads or search, split otherwise.
+TOPOLOGIES = ("auto", "split", "fused")
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential")
 
 
@@ -255,6 +261,7 @@ class ServeOptions:
     autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
     ood: OODConf = field(default_factory=OODConf)
     throughput_optimized: bool = False
+    topology: str = "auto"
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 30.0
     health_check_period_s: float = 10.0
@@ -366,6 +373,8 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         raise ConfigError("serve.encoder.torch_threads", f"must be null or an int >= 1, got {enc.torch_threads!r}")
     if enc.engine not in ("auto", "thread", "process"):
         raise ConfigError("serve.encoder.engine", f"must be auto, thread or process, got {enc.engine!r}")
+    if serve.topology not in TOPOLOGIES:
+        raise ConfigError("serve.topology", f"must be {', '.join(TOPOLOGIES)}, got {serve.topology!r}")
     if enc.device not in ("auto", "cpu") and not str(enc.device).startswith("cuda"):
         raise ConfigError("serve.encoder.device", f"must be auto, cpu or cuda[:N], got {enc.device!r}")
     if enc.dtype not in ("auto", "float32", "bfloat16", "float16"):

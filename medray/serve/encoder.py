@@ -42,7 +42,7 @@ from medray.serve.config import uri_allowed
 from medray.serve.engine import choose_engine, create_runner
 from medray.serve.ood import OODMonitor
 
-__all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "replica_tag"]
+__all__ = ["DecodeSettings", "DecodedInput", "decode_input", "EncoderDeployment", "InReplicaEncoder", "replica_tag"]
 
 log = logging.getLogger("ray.serve.medray.encoder")  # a "ray.serve" child: lines carry the request id
 
@@ -616,3 +616,48 @@ class EncoderDeployment:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.close()
+
+
+class _LocalMethod:
+    """``handle.method`` of an :class:`InReplicaEncoder`: ``.remote(...)`` is the awaitable call."""
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+
+class InReplicaEncoder:
+    """An encoder that runs inside the calling replica, called like its deployment's handle.
+
+    ``serve.topology=fused``: the ingress builds the encoder in its own replica (:meth:`start`) and
+    calls ``encoder.embed.remote(payload)`` as it would call the ``Encoder`` deployment's handle, minus
+    the hop (a router decision, an actor call each way, pickling the bytes in and the array out).
+    The object holds only the constructor's arguments until :meth:`start`, so it travels as a bind
+    argument; decoding, batching and the model engine are the deployment's own.
+
+    Args:
+        args, kwargs: what :class:`EncoderDeployment` takes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+        self._kwargs = kwargs
+        self._deployment: EncoderDeployment | None = None
+
+    def start(self) -> EncoderDeployment:
+        """Build the encoder in this process (once); returns it."""
+        if self._deployment is None:
+            self._deployment = EncoderDeployment(*self._args, **self._kwargs)
+        return self._deployment
+
+    def __getstate__(self) -> dict:
+        return {"_args": self._args, "_kwargs": self._kwargs, "_deployment": None}
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._deployment is None:
+            raise RuntimeError("InReplicaEncoder.start() was not called")
+        return _LocalMethod(getattr(self._deployment, name))

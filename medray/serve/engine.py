@@ -125,13 +125,16 @@ def _no_text_tower(ident: Mapping[str, Any]) -> RecordError:
 # -- the child process ------------------------------------------------------------------------
 
 
-def _send_array(conn: Any, arr: np.ndarray) -> None:
+def _send_array(conn: Any, arr: np.ndarray, op: str = "array") -> None:
+    """One array frame, both ways: the header ``(op, dtype, shape)`` (``embed`` a call, ``array`` an
+    answer), then the raw buffer."""
     arr = np.ascontiguousarray(arr)
-    conn.send(("array", str(arr.dtype), arr.shape))
+    conn.send((op, str(arr.dtype), arr.shape))
     conn.send_bytes(arr.data.cast("B") if arr.size else b"")
 
 
 def _recv_array(conn: Any, header: tuple) -> np.ndarray:
+    """The array whose header :func:`_send_array` sent (and this side has read)."""
     _, dtype, shape = header
     out = np.empty(shape, dtype=np.dtype(dtype))  # received in place: writable, one copy
     if out.size:
@@ -176,7 +179,7 @@ def _child_main(conn: Any, spec: dict, device: str, dtype: str, threads: int) ->
             return
         try:
             if op == "embed":
-                out = runner.embed(_recv_array(conn, msg[1]))
+                out = runner.embed(_recv_array(conn, msg))
             elif op == "embed_text":
                 out = runner.embed_text(list(msg[1]))
             else:
@@ -270,13 +273,7 @@ class ProcessRunner:
                 raise RuntimeError(f"the model process exited (exit code {self._proc.poll()})") from None
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        arr = np.ascontiguousarray(batch)
-
-        def send() -> None:
-            self._conn.send(("embed", ("array", str(arr.dtype), arr.shape)))
-            self._conn.send_bytes(arr.data.cast("B") if arr.size else b"")
-
-        return self._call(send)
+        return self._call(lambda: _send_array(self._conn, batch, "embed"))
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         return self._call(lambda: self._conn.send(("embed_text", [str(t) for t in texts])))

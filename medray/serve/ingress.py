@@ -600,7 +600,9 @@ class Ingress:
     extension); content no served encoder embeds is a 415.
 
     Args:
-        encoder: handle of the encoder deployment, or ``{modality: handle}``.
+        encoder: handle of the encoder deployment, or ``{modality: handle}``; with
+            ``serve.topology=fused`` an :class:`~medray.serve.encoder.InReplicaEncoder`, built
+            in this replica and called like the handle.
         heads: handle of the heads deployment (``None`` when no heads are configured).
         settings: limits, auth and the head ids.
         search: handle of the search deployment (``None`` when ``serve.search.index`` is null).
@@ -615,7 +617,13 @@ class Ingress:
             predict_route=os.environ.get("AIP_PREDICT_ROUTE") or settings.predict_route,
             health_route=os.environ.get("AIP_HEALTH_ROUTE") or settings.health_route,
         )
+        from medray.serve.encoder import InReplicaEncoder
+
         self._encoders = dict(encoder) if isinstance(encoder, dict) else {settings.primary: encoder}
+        # serve.topology=fused: the encoder runs in this replica and is called like its handle
+        self._local = list({id(e): e for e in self._encoders.values() if isinstance(e, InReplicaEncoder)}.values())
+        for local in self._local:
+            local.start()
         self._encoder = self._encoders[settings.primary]
         self._heads = heads
         self._search = search
@@ -632,6 +640,16 @@ class Ingress:
             # ray.serve.metrics annotates tag_keys as Tuple[str] (one key); it takes any number
             tag_keys=cast("tuple[str]", ("route", "code")),
         )
+
+    def reconfigure(self, config: dict) -> None:
+        """``user_config``: the batch knobs of an encoder running in this replica (``serve.topology=fused``)."""
+        for local in self._local:
+            local.start().reconfigure(config)
+
+    def check_health(self) -> None:
+        """Serve's health check: an encoder running in this replica must be healthy too."""
+        for local in self._local:
+            local.start().check_health()
 
     async def _answer(self, request: Request, route: str, work) -> JSONResponse:
         tl = Timeline()

@@ -52,6 +52,7 @@ BIN = Path(sys.executable).parent
 TOKEN = "test-token-" + uuid.uuid4().hex
 APP = "mrt" + uuid.uuid4().hex[:6]  # unique: replica processes are found by this name
 OPEN_APP = APP + "open"
+FUSED_APP = APP + "fused"
 TIMEOUT = 30  # client timeout: nothing may hang past it
 
 
@@ -284,12 +285,37 @@ def stack(s3, tmp_path_factory):
             timeout=120,
         )
         assert emit.returncode == 0, emit.stderr[-3000:]
+        # a third app: one encoder, no heads or search, so serve.topology=auto fuses the encoder into the ingress
+        fused_cfg = root / "fused.yaml"
+        emit = subprocess.run(
+            [
+                str(BIN / "medray"),
+                "serve",
+                *common,
+                f"serve.name={FUSED_APP}",
+                "serve.route_prefix=/fused",
+                f"emit_config={fused_cfg}",
+                "serve.encoder.num_cpus=0.5",
+                "serve.encoder.max_batch_size=4",
+                "serve.encoder.autoscaling.max_replicas=1",
+                "serve.limits.max_body_bytes=1048576",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert emit.returncode == 0, emit.stderr[-3000:]
+        both = yaml.safe_load(cfg.read_text())  # one `serve run` file with both apps (a second would replace the first)
+        both["applications"] += yaml.safe_load(fused_cfg.read_text())["applications"]
+        apps_cfg = root / "apps.yaml"
+        apps_cfg.write_text(yaml.safe_dump(both))
         gcs = _wait_ready(proc, log_path, 240)
         print(f"medray serve ready: {time.time() - t0:.1f}s")
         # 3. the emitted config, deployed next to it as `serve deploy` would (auth off, tight admission);
         #    tests that use it wait for it (open_app), the others run meanwhile
         deploy = subprocess.run(
-            [str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(cfg)],
+            [str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(apps_cfg)],
             env=env,
             capture_output=True,
             text=True,
@@ -299,6 +325,8 @@ def stack(s3, tmp_path_factory):
         yield {
             "url": url,
             "open": url + "/open",
+            "fused": url + "/fused",
+            "fused_config": fused_cfg,
             "auth": {"Authorization": f"Bearer {TOKEN}"},
             "inputs": inputs,
             "reference": reference,
@@ -781,6 +809,74 @@ def test_bad_inputs_answer_with_their_codes_and_the_replica_stays_healthy(stack)
     if len(replica_pids(APP, "Encoder")) == 1:
         assert after.json()["replica"] == before
     assert requests.get(url + "/readyz", timeout=TIMEOUT).status_code == 200
+
+
+@pytest.fixture
+def fused_app(stack) -> str:
+    """The one-encoder application (serve.topology=auto: fused) deployed beside the open app, once ready."""
+    _wait_http(stack["fused"] + "/readyz", 180)
+    return stack["fused"]
+
+
+def _timing(r: requests.Response) -> dict[str, float]:
+    """The answer's Server-Timing header as {stage: ms}."""
+    out = {}
+    for part in r.headers["server-timing"].split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_fused_app_answers_from_one_deployment_as_medray_embed_writes(stack, fused_app):
+    """One encoder and no heads: the emitted app is one deployment (`Encoder`) whose replica answers HTTP and
+    runs the encoder itself; its embeddings equal `medray embed`'s, its limits and errors are the split app's."""
+    app = yaml.safe_load(stack["fused_config"].read_text())["applications"][0]
+    assert app["args"]["serve"]["topology"] == "auto"
+    assert replica_pids(FUSED_APP, "Encoder") and not replica_pids(FUSED_APP, "Ingress")
+    ref = stack["reference"]
+    for rel in ("dicom/p01/0004_dx.dcm", "photos/derm_0000.png"):
+        r = _upload(stack, rel, base=fused_app, headers={})
+        assert r.status_code == 200, r.text
+        got, want = _embeddings(r.json()), {f: e for (p, f), e in ref.items() if p == rel}
+        assert set(got) == set(want)
+        for frame, emb in want.items():
+            np.testing.assert_allclose(got[frame], emb, atol=1e-5, rtol=0, err_msg=rel)
+        stages = _timing(r)
+        # the encoder's stages come from this same call; no handle hop between ingress and encoder
+        assert {"read", "decode", "forward", "replica", "handle", "hop"} <= set(stages), stages
+        assert stages["hop"] < 5.0 and stages["handle"] >= stages["forward"], stages
+    assert requests.get(fused_app + "/healthz", timeout=TIMEOUT).status_code == 200
+    ready = requests.get(fused_app + "/readyz", timeout=TIMEOUT).json()
+    assert ready["status"] == "ready" and ready["heads"] is False
+    models = requests.get(fused_app + "/v1/models", timeout=TIMEOUT).json()
+    assert models["encoder"]["weights_hash"] == stack["weights_hash"] and models["heads"] == []
+    # concurrent requests share forward passes, up to the configured batch (user_config reached the
+    # encoder inside the ingress's replica: serve.encoder.max_batch_size=4)
+    data = (stack["inputs"] / "photos/derm_0000.png").read_bytes()
+
+    def one(_):
+        return requests.post(fused_app + "/v1/embeddings", files={"file": ("a.png", data)}, timeout=TIMEOUT).json()
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        sizes = [b["batch_size"] for b in ex.map(one, range(16))]
+    assert max(sizes) > 1 and max(sizes) <= 4, sizes
+    # limits and errors answer as in the split app; the replica keeps serving
+    r = requests.post(
+        fused_app + "/v1/embeddings",
+        data=b"\x00" * (2 << 20),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=TIMEOUT,
+    )
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    hostile = {k: Path(stack["info"]["out_dir"]) / v for k, v in stack["info"]["hostile"].items()}
+    for name, status, code in (("truncated", 422, "undecodable"), ("not_dicom", 415, "unsupported_media")):
+        r = requests.post(
+            fused_app + "/v1/embeddings", files={"file": (f"{name}.dcm", hostile[name].read_bytes())}, timeout=TIMEOUT
+        )
+        assert (r.status_code, r.json()["code"]) == (status, code), (name, r.text)
+    r = requests.post(fused_app + "/v1/predict/probe0", files={"file": ("a.png", data)}, timeout=TIMEOUT)
+    assert r.status_code == 404, r.text
+    assert _upload(stack, "photos/derm_0000.png", base=fused_app, headers={}).status_code == 200
 
 
 def test_emitted_config_app_has_auth_off_and_answers_overload_with_503(stack, open_app):

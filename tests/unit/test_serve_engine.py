@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medray.encoders import build_tiny_checkpoint
-from medray.platform.errors import EncodeError
+from medray.platform.errors import ConfigError, EncodeError
 from medray.serve.engine import ThreadRunner, choose_engine, create_runner, usable_cpus
 
 
@@ -76,8 +76,28 @@ def test_a_dead_model_process_fails_its_calls_and_the_health_check_sees_it(sigli
 
 
 @pytest.mark.slow  # spawns a model process (torch import, ~5 s)
-def test_a_model_that_cannot_load_names_its_error(tmp_path) -> None:
+def test_weights_the_model_process_cannot_load_are_its_named_error(siglip_spec: dict, tmp_path) -> None:
+    """The replica's preprocessing loads, the child's weights do not: the child's error class comes back."""
+    import shutil
+    from pathlib import Path
+
+    ckpt = Path(shutil.copytree(siglip_spec["checkpoint"], tmp_path / "ckpt"))
+    weights = [p for p in ckpt.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert weights
+    for p in weights:
+        p.write_bytes(b"not a weights file")
+    with pytest.raises(RuntimeError, match=r"the model process could not load the encoder: \w+Error"):
+        create_runner({**siglip_spec, "checkpoint": str(ckpt)}, engine="process", device="cpu", dtype="auto", threads=1)
+
+
+@pytest.mark.slow  # spawns a model process (torch import, ~5 s)
+def test_a_checkpoint_without_preprocessing_is_refused_in_the_replica_and_the_child_is_stopped(tmp_path) -> None:
+    import subprocess
+
     bad = {"name": "broken", "family": "hf_image", "checkpoint": str(tmp_path), "untrained": True}
-    with pytest.raises(Exception) as info:
+    before = subprocess.run(["pgrep", "-f", "medray.serve.engine"], capture_output=True, text=True).stdout.split()
+    with pytest.raises(ConfigError) as info:
         create_runner(bad, engine="process", device="cpu", dtype="auto", threads=1)
-    assert "encoder" in str(info.value) or "checkpoint" in str(info.value)
+    assert info.value.key == "encoder.checkpoint" and "preprocessor_config.json" in str(info.value)
+    after = subprocess.run(["pgrep", "-f", "medray.serve.engine"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)  # no model process left behind
