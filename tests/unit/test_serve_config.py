@@ -18,6 +18,7 @@ from medray.serve.config import (
     deploy_config,
     max_ongoing_for,
     resolve_heads,
+    serve_env_flags,
     uri_allowed,
 )
 
@@ -79,6 +80,9 @@ def test_serve_presets_compose_and_validate(compose_serve, preset):
         ("heads=3", "heads"),
         ("encoder.modality=text", "encoder.modality"),  # hf_image embeds images
         ("encoder.modality=slide", "encoder"),
+        ("serve.proxy=nginx", "serve.proxy"),
+        ("serve.topology=mesh", "serve.topology"),
+        ("serve.drain_period_s=-1", "serve.drain_period_s"),
     ],
 )
 def test_bad_values_name_the_key(compose_serve, override, key):
@@ -165,6 +169,9 @@ def test_emitted_config_is_a_valid_serve_deploy_config(compose_serve, tmp_path, 
     assert main(cfg) == 0
     text = path.read_text()
     assert "hunter2" not in text and text.startswith("# Ray Serve config for medray")
+    # the default proxy needs a flag in the cluster's environment: the file says so
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1 (serve.proxy=haproxy)" in text.split("\nproxy_location")[0]
+    assert "RAY_SERVE_HAPROXY_TUNE_BUFSIZE=32768" in text.split("\nproxy_location")[0]
     config = yaml.safe_load(text)
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
@@ -226,3 +233,18 @@ def test_job_module_imports_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_serve_env_flags_follow_the_proxy_and_throughput_settings():
+    from medray.serve.config import LimitsConf
+
+    flags = serve_env_flags(ServeOptions())
+    assert flags["RAY_SERVE_ENABLE_HA_PROXY"][0] == "1"
+    assert flags["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"][0] == "32768"  # room for the 16 KiB header limit
+    big = serve_env_flags(ServeOptions(limits=LimitsConf(max_header_bytes=65536)))
+    assert big["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"][0] == "131072"
+    assert serve_env_flags(ServeOptions(proxy="ray")) == {}
+    assert flags["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"][0] == "3"
+    assert set(serve_env_flags(ServeOptions(proxy="ray", throughput_optimized=True))) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+    }
