@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medray-installed
 
-.PHONY: setup system-deps demo lint test test-fast bench bench-modalities clean
+.PHONY: setup system-deps demo lint test test-fast bench bench-modalities proto clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ system-deps:
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest tests -q --timeout=900 --durations=25
+
+# medray/serve/proto/*_pb2.py(i) from the .proto, with the protoc of the grpcio that ray[serve] pins
+# (in a throwaway venv: grpcio-tools is not a dependency of medray)
+proto: $(STAMP)
+	$(PY) -m venv /tmp/medray-protoc
+	/tmp/medray-protoc/bin/pip install -q "grpcio-tools==$$($(BIN)/python -c 'import grpc; print(grpc.__version__)')"
+	/tmp/medray-protoc/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. medray/serve/proto/embeddings.proto
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"

@@ -43,6 +43,7 @@ from medray.serve.config import (
     ServeJobConf,
     check_options,
     deploy_config,
+    grpc_options,
     read_model_card,
     resolve_heads,
     serve_env_flags,
@@ -285,7 +286,7 @@ class ServeJob:
             if s.http.request_timeout_s is not None:
                 http["request_timeout_s"] = s.http.request_timeout_s
             logging_config = {"encoding": s.log_encoding.upper(), "log_level": s.log_level.upper()}
-            serve.start(http_options=http, logging_config=logging_config)
+            serve.start(http_options=http, grpc_options=grpc_options(s), logging_config=logging_config)
             app = build_app(ServeArgs.model_validate(self.args()))
             serve.run(app, name=s.name, route_prefix=s.route_prefix, logging_config=logging_config)
             url = f"http://{s.http.host}:{s.http.port}{s.route_prefix.rstrip('/')}"
@@ -297,6 +298,12 @@ class ServeJob:
                 f"ray {ray.get_runtime_context().gcs_address}; Ctrl-C stops",
                 flush=True,
             )
+            if s.grpc.enabled:
+                print(
+                    f"medray serve: gRPC medray.v1.Embeddings at {s.http.host}:{s.grpc.port} "
+                    f"(metadata application={s.name})",
+                    flush=True,
+                )
             direct = direct_ingress_urls(s.name, s.http.host, s.http.port) if s.throughput_optimized else []
             if direct:  # the faster path: no proxy hop (docs/serve.md, "Where the time goes")
                 prefix = s.route_prefix.rstrip("/")

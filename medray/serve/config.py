@@ -30,6 +30,8 @@ __all__ = [
     "EncoderDeploymentConf",
     "HeadsDeploymentConf",
     "HttpConf",
+    "GrpcConf",
+    "grpc_options",
     "LimitsConf",
     "InputsConf",
     "HaidefConf",
@@ -187,6 +189,14 @@ class HttpConf:
 
 
 @dataclass
+class GrpcConf:
+    """``medray.v1.Embeddings`` over gRPC beside HTTP (:mod:`medray.serve.grpc_api`)."""
+
+    enabled: bool = False
+    port: int = 9000
+
+
+@dataclass
 class LimitsConf:
     """Per-request limits enforced by the ingress.
 
@@ -257,6 +267,7 @@ class ServeOptions:
     name: str = "medray"
     route_prefix: str = "/"
     http: HttpConf = field(default_factory=HttpConf)
+    grpc: GrpcConf = field(default_factory=GrpcConf)
     ingress: IngressConf = field(default_factory=IngressConf)
     encoder: EncoderDeploymentConf = field(default_factory=EncoderDeploymentConf)
     heads: HeadsDeploymentConf = field(default_factory=HeadsDeploymentConf)
@@ -304,6 +315,16 @@ def apply_autoscaling_shorthand(serve: ServeOptions) -> None:
             setattr(serve.encoder.autoscaling, key, value)
 
 
+def grpc_options(serve: ServeOptions) -> dict | None:
+    """``serve.start(grpc_options=...)`` / the deploy config's ``grpc_options``: ``None`` when off."""
+    if not serve.grpc.enabled:
+        return None
+    return {
+        "port": int(serve.grpc.port),
+        "grpc_servicer_functions": ["medray.serve.grpc_api.add_EmbeddingsServicer_to_server"],
+    }
+
+
 def serve_env_flags(serve: ServeOptions) -> dict[str, tuple[str, str]]:
     """The Ray Serve environment the ``serve:`` section asks for: ``{variable: (value, why)}``.
 
@@ -326,6 +347,9 @@ def serve_env_flags(serve: ServeOptions) -> dict[str, tuple[str, str]]:
         bufsize = max(32768, 2 * int(serve.limits.max_header_bytes))
         flags["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = (str(bufsize), "headers up to serve.limits.max_header_bytes")
         flags["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = (f"{serve.drain_period_s:g}", "serve.drain_period_s")
+    if serve.grpc.enabled:  # gRPC refuses a larger message before buffering it (Ray's default: 2 GiB)
+        size = int(serve.limits.max_body_bytes) + (1 << 20)
+        flags["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = (str(size), "serve.limits.max_body_bytes over gRPC")
     return flags
 
 
@@ -385,6 +409,10 @@ def check_options(serve: ServeOptions, decode: DecodeConf, encoder: EncoderConf)
         raise ConfigError("serve.http.port", f"must be a TCP port, got {serve.http.port!r}")
     if serve.http.request_timeout_s is not None:
         _positive("serve.http.request_timeout_s", serve.http.request_timeout_s)
+    if serve.grpc.enabled and not (isinstance(serve.grpc.port, int) and 0 < serve.grpc.port < 65536):
+        raise ConfigError("serve.grpc.port", f"must be a TCP port, got {serve.grpc.port!r}")
+    if serve.grpc.enabled and serve.grpc.port == serve.http.port:
+        raise ConfigError("serve.grpc.port", f"must differ from serve.http.port ({serve.http.port})")
     apply_autoscaling_shorthand(serve)
     check_ood(serve.ood)
     for name in ("ingress", "encoder", "heads", "search"):
@@ -588,9 +616,11 @@ def deploy_config(args: Mapping[str, Any], serve: ServeOptions) -> dict:
     http = {"host": serve.http.host, "port": serve.http.port, "keep_alive_timeout_s": serve.http.keep_alive_timeout_s}
     if serve.http.request_timeout_s is not None:
         http["request_timeout_s"] = serve.http.request_timeout_s
+    grpc = grpc_options(serve)
     return {
         "proxy_location": "EveryNode",
         "http_options": http,
+        **({"grpc_options": grpc} if grpc else {}),
         "logging_config": {
             "encoding": serve.log_encoding.upper(),
             "log_level": serve.log_level.upper(),

@@ -727,6 +727,52 @@ class Ingress:
 
         return await self._answer(request, "embeddings", work)
 
+    async def Embed(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - the RPC's name
+        """gRPC ``medray.v1.Embeddings/Embed`` (``serve.grpc.enabled``): ``POST /v1/embeddings`` in protobuf.
+
+        The same limits, auth (``authorization: Bearer`` metadata), routing and encoder call; an
+        error is the call's gRPC status with ``"<code>: <message>"`` as details (see
+        :mod:`medray.serve.grpc_api`).
+        """
+        from medray.serve.grpc_api import embed_response, grpc_status
+        from medray.serve.proto import embeddings_pb2 as pb
+
+        async def work() -> dict:
+            payload = await self._grpc_payload(request)
+            encoder = await self._route(payload)
+            return _embedding_body(await self._call(encoder.embed.remote(payload)))
+
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+            check_bearer(metadata.get("authorization"), self._token)
+            answer = embed_response(await asyncio.wait_for(work(), timeout=self._settings.request_timeout_s))
+            code = "200"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the call's status
+            err = error_for_exception(exc)
+            if err.status >= 500:
+                log.warning("grpc Embed -> %d %s (%s)", err.status, err.code, type(exc).__name__)
+            if grpc_context is not None:
+                grpc_context.set_code(grpc_status(err.status))
+                grpc_context.set_details(f"{err.code}: {err.message}")
+            answer, code = pb.EmbedResponse(), str(err.status)
+        self._requests.inc(tags={"route": "grpc_embed", "code": code})
+        return answer
+
+    async def _grpc_payload(self, request: Any) -> dict:
+        """The encoder payload of an ``EmbedRequest``: its bytes, or its URI (checked as over HTTP)."""
+        data, uri = bytes(request.data), str(request.uri)
+        if bool(data) == bool(uri):
+            raise ApiError(422, "invalid_request", "EmbedRequest must hold exactly one of data or uri")
+        if uri:
+            return await _payload_of({"uri": uri}, self._settings)
+        if len(data) > self._settings.max_body_bytes:
+            raise ApiError(
+                413, "too_large", f"input is over serve.limits.max_body_bytes={self._settings.max_body_bytes}"
+            )
+        return {"data": data, "name": str(request.name)}
+
     @api.post(
         "/v1/zero_shot",
         openapi_extra=_BODY_DOC,

@@ -164,7 +164,7 @@ def stack(s3, tmp_path_factory):
     env.update({"AIP_PREDICT_ROUTE": "/vertex/predict", "AIP_HEALTH_ROUTE": "/vertex/health"})
 
     # 2. `medray serve` (auth on, the heads, one refused at load; fast autoscaling), started first
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     log_path = root / "serve.log"
     common = [f"encoder.checkpoint={ckpt}", "encoder=hf_image", f"serve.http.port={port}", "ray.num_cpus=8"]
     args = [
@@ -180,6 +180,8 @@ def stack(s3, tmp_path_factory):
         "serve.heads.autoscaling.max_replicas=1",
         "serve.encoder.max_batch_size=8",
         "serve.encoder.batch_wait_timeout_s=0.02",
+        "serve.grpc.enabled=true",
+        f"serve.grpc.port={grpc_port}",
         "serve.encoder.engine=process",  # the model in a child process of each replica (the open app: in a thread)
         "serve.encoder.autoscaling.min_replicas=1",
         "serve.encoder.autoscaling.max_replicas=2",
@@ -324,6 +326,7 @@ def stack(s3, tmp_path_factory):
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         yield {
             "url": url,
+            "grpc": f"127.0.0.1:{grpc_port}",
             "open": url + "/open",
             "fused": url + "/fused",
             "fused_config": fused_cfg,
@@ -468,6 +471,62 @@ def test_embeddings_equal_what_medray_embed_writes(stack):
     )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(_embeddings(r.json())[0], ref[("photos/derm_0000.png", 0)], atol=1e-5, rtol=0)
+
+
+def test_grpc_embed_answers_as_medray_embed_writes_with_http_limits_and_auth(stack):
+    """medray.v1.Embeddings/Embed on Serve's gRPC port: the vectors `medray embed` writes; auth, URI
+    prefixes, size limits and bad inputs answer with gRPC status codes carrying the HTTP answer's code."""
+    import grpc
+
+    from medray.serve.grpc_api import EmbeddingsStub
+    from medray.serve.proto.embeddings_pb2 import EmbedRequest
+
+    ref, inputs = stack["reference"], stack["inputs"]
+    meta = [("application", APP), ("authorization", stack["auth"]["Authorization"])]
+    with grpc.insecure_channel(stack["grpc"]) as channel:
+        stub = EmbeddingsStub(channel)
+        for rel in ("dicom/p01/0004_dx.dcm", "photos/derm_0000.png"):
+            data = (inputs / rel).read_bytes()
+            answer = stub.Embed(EmbedRequest(data=data, name=Path(rel).name), metadata=meta, timeout=TIMEOUT)
+            assert answer.encoder == "hf_image" and answer.weights_hash == stack["weights_hash"] and answer.dim == 32
+            got = {e.frame: np.asarray(e.values, "f4") for e in answer.embeddings}
+            want = {f: e for (p, f), e in ref.items() if p == rel}
+            assert set(got) == set(want), rel
+            for frame, emb in want.items():
+                np.testing.assert_allclose(got[frame], emb, atol=1e-5, rtol=0, err_msg=rel)
+        # an allowed object-storage URI instead of bytes
+        uri = f"s3://{stack['s3'].bucket}/serve/inputs/derm_0000.png"
+        answer = stub.Embed(EmbedRequest(uri=uri), metadata=meta, timeout=TIMEOUT)
+        np.testing.assert_allclose(answer.embeddings[0].values, ref[("photos/derm_0000.png", 0)], atol=1e-5, rtol=0)
+
+        hostile = {k: Path(stack["info"]["out_dir"]) / v for k, v in stack["info"]["hostile"].items()}
+        cases = [
+            (EmbedRequest(data=b"x"), [("application", APP)], grpc.StatusCode.UNAUTHENTICATED, "unauthorized"),
+            (
+                EmbedRequest(data=hostile["truncated"].read_bytes(), name="t.dcm"),
+                meta,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "undecodable",
+            ),
+            (EmbedRequest(uri="s3://elsewhere/x.png"), meta, grpc.StatusCode.PERMISSION_DENIED, "uri_not_allowed"),
+            (EmbedRequest(data=b"x", uri=uri), meta, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request"),
+            # over serve.limits.max_body_bytes (4 MiB), under gRPC's message limit (sized 1 MiB above it)
+            (EmbedRequest(data=b"\x00" * (4 << 20) + b"\x00"), meta, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+        ]
+        sentinels = stack["info"]["phi"]["sentinels"]
+        for request, metadata, status, code in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Embed(request, metadata=metadata, timeout=TIMEOUT)
+            assert info.value.code() == status, (code, info.value.code(), info.value.details())
+            assert info.value.details().startswith(code + ":"), info.value.details()
+            assert not any(s in info.value.details() for s in sentinels)
+        # well over gRPC's message limit: refused by gRPC itself, before the app
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Embed(EmbedRequest(data=b"\x00" * (6 << 20)), metadata=meta, timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # the service keeps answering
+        answer = stub.Embed(EmbedRequest(uri=uri), metadata=meta, timeout=TIMEOUT)
+        assert len(answer.embeddings) == 1
 
 
 def _instance_uri(stack, path: Path) -> str:
