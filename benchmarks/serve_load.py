@@ -6,6 +6,8 @@ Measured side by side in one run, on one Ray:
   code path), each one encoder replica of a random ViT-Tiny-sized model (hidden 192, 12 layers,
   224 px, patch 16), posted the same 224x224 PNG; ``--topology`` (default ``auto``: one encoder,
   no heads, so the encoder runs inside the ingress's replica);
+* ``/off`` over gRPC (``--grpc``, on by default): ``medray.v1.Embeddings/Embed`` at concurrency 1
+  in the same rounds, beside the HTTP figures;
 * ``/offsplit`` (``--split-baseline``, on unless ``--topology split``): ``/off`` as a split app
   (ingress and encoder deployments, one handle hop per request), at concurrency 1 in the same
   rounds, so the hop's share is measured side by side;
@@ -232,6 +234,28 @@ async def _open_loop(url: str, req: dict, rate: float, seconds: float, arrival: 
         await asyncio.gather(*(one(session, t0 + float(o)) for o in offsets))
     out["seconds"] = max(seconds, float(offsets[-1]))
     return out
+
+
+def _grpc_lat(target: str, app: str, data: bytes, seconds: float, warmup: float) -> list[float]:
+    """Sequential ``medray.v1.Embeddings/Embed`` calls for ``seconds`` (after ``warmup``); their latencies."""
+    import grpc
+
+    from medray.serve.grpc_api import EmbeddingsStub
+    from medray.serve.proto.embeddings_pb2 import EmbedRequest
+
+    request, meta = EmbedRequest(data=data, name="x.png"), [("application", app)]
+    lat: list[float] = []
+    with grpc.insecure_channel(target) as channel:
+        stub = EmbeddingsStub(channel)
+        t_warm = time.perf_counter() + warmup
+        while time.perf_counter() < t_warm:
+            stub.Embed(request, metadata=meta, timeout=120)
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            stub.Embed(request, metadata=meta, timeout=120)
+            lat.append(time.perf_counter() - t0)
+    return lat
 
 
 async def _get_lat(url: str, seconds: float) -> list[float]:
@@ -471,6 +495,12 @@ def main() -> None:
         help="serve.proxy: HAProxy on the HTTP port forwarding to the ingress replicas' own ports (default, "
         "as medray serve), or Ray Serve's Python proxy actor",
     )
+    ap.add_argument(
+        "--grpc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure /off over gRPC (medray.v1.Embeddings/Embed) at concurrency 1, interleaved",
+    )
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args()
     global ENGINE, TOPOLOGY
@@ -521,7 +551,18 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            grpc_port = s.getsockname()[1]
+        grpc = {
+            "port": grpc_port,
+            "grpc_servicer_functions": ["medray.serve.grpc_api.add_EmbeddingsServicer_to_server"],
+        }
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            grpc_options=grpc if args.grpc else None,
+            logging_config={"log_level": "WARNING"},
+        )
         url = f"http://127.0.0.1:{port}"
         image_spec = {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True}
         base = {name: url for name in ("on", "off", "av", "offsplit")}
@@ -531,6 +572,7 @@ def main() -> None:
         inproc: dict = {m: [] for m in local}
         inproc_rounds: list[list[float]] = []
         split: list[dict] = []  # /offsplit at c=1
+        grpc_rounds: list[list[float]] = []  # /off over gRPC at c=1
         model_rounds: list[dict] = []
         probes: dict = {"healthz (proxy + ingress)": [], "v1/models (proxy + ingress; encoder identity cached 5 s)": []}
         autoscale: dict = {}
@@ -563,6 +605,12 @@ def main() -> None:
                         )
                         closed[(mode, c)].append(seg)
                         print(f"round {r} {mode} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
+                    if c == 1 and args.grpc:
+                        target = f"127.0.0.1:{grpc_port}"
+                        grpc_rounds.append(_grpc_lat(target, "off", png, args.seconds, args.warmup))
+                        print(
+                            f"round {r} grpc unbatched c=1: p50 {1000 * _pct(grpc_rounds[-1], 50):.1f} ms", flush=True
+                        )
                     if c == 1 and split_baseline:
                         split_url = f"{base['offsplit']}/offsplit/v1/embeddings"
                         seg = asyncio.run(_closed_loop(split_url, inputs["image"][1], 1, args.seconds, args.warmup))
@@ -626,6 +674,14 @@ def main() -> None:
             summary["serve_added_ms_p50_unbatched_per_round"]
         )
         summary["probes_p50_ms"] = {k: 1000 * _pct(v, 50) for k, v in probes.items()}
+        if grpc_rounds:  # the same unbatched request over gRPC (medray.v1.Embeddings/Embed)
+            g50 = [1000 * _pct(lat, 50) for lat in grpc_rounds]
+            summary["grpc_unbatched_c1"] = {
+                "p50_ms": 1000 * _pct([x for lat in grpc_rounds for x in lat], 50),
+                "p99_ms": 1000 * _pct([x for lat in grpc_rounds for x in lat], 99),
+                "serve_added_ms_p50": 1000 * _pct([x for lat in grpc_rounds for x in lat], 50) - p50,
+                "added_per_round_ms": [g - i for g, i in zip(g50, local_p50)],
+            }
         if split:  # the same unbatched request through a split app (ingress -> encoder handle hop)
             pooled = _pool(split, "concurrency", 1)
             summary["split_unbatched_c1"] = {
@@ -672,6 +728,7 @@ def main() -> None:
             "engine_resolved": choose_engine(args.engine, "cpu", args.threads),
             "topology": args.topology,
             "proxy": args.proxy,
+            "grpc": bool(args.grpc),
             "split_baseline": split_baseline,
             "encoder_num_cpus": args.threads,
             "ray_num_cpus": ray_cpus,
