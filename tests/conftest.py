@@ -3,11 +3,15 @@
 Layout (add new fixtures in their own section):
 
 * markers: ``slow``, ``integration``, ``gpu``;
+* Ray Train's poll interval: ``ray_train_poll`` (autouse, session);
+* DeepSpeed: ``deepspeed_warm`` (its CPU comm op built once per session, before any timed run);
 * object storage: ``s3`` (one SeaweedFS S3 server per session, AWS_* env set).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +31,54 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+# --------------------------------------------------------------------------
+# Ray Train's poll interval
+# --------------------------------------------------------------------------
+RAY_TRAIN_POLL_S = "0.5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_train_poll() -> Iterator[None]:
+    """``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` for the session (and the CLIs it starts).
+
+    Ray Train's controller polls its workers every 2 s by default, and a worker's
+    ``ray.train.report`` waits until the previous report was collected (a queue of
+    one): every epoch of the tests' tiny fine-tunes, which train in well under a
+    second, took 2 s, and the end of training and a dead worker were noticed up to
+    2 s late. Only the cadence changes; what Ray Train does is the same.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_S)
+        yield
+
+
+# --------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------
+WARM_DEEPSPEED = """
+import os
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29613", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+m = torch.nn.Linear(4, 2)
+cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+       "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=cfg,
+                                  dist_init_required=False)
+"""
+
+
+@pytest.fixture(scope="session")
+def deepspeed_warm() -> None:
+    """Build DeepSpeed's CPU comm op once (about 40-100 s the first time on a machine, then cached).
+
+    Session-scoped: every module that fine-tunes asks for it, and it runs once.
+    """
+    proc = subprocess.run([sys.executable, "-c", WARM_DEEPSPEED], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from omegaconf import MISSING
 
 from medray.config import StorageConf
 from medray.jobs import JobInfo
+from medray.platform.runtime import connected_address
 
 __all__ = ["JOB", "EvaluateConf", "main", "register", "run_evaluate"]
 
@@ -123,7 +124,11 @@ def _embed(c: Any, card: Any, output: str) -> str:
     cmd += [f"storage.options={json.dumps(dict(c.storage.options))}"] if c.storage.options else []
     source = "the artifact's backbone" if card.backbone_included else checkpoint
     print(f"medray evaluate: embedding {c.data.test} with {name} ({source})", flush=True)
-    proc = subprocess.run(cmd, check=False)
+    # Called from a job that is on Ray already (finetune's test split): the child joins that Ray
+    # rather than starting a second local one beside it.
+    address = connected_address()
+    env = dict(os.environ, RAY_ADDRESS=address) if address else None
+    proc = subprocess.run(cmd, check=False, env=env)
     if proc.returncode != 0:
         raise ConfigError("data.test", f"`medray embed` of the manifest failed (exit {proc.returncode}); see above")
     return target

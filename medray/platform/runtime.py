@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["Background", "Stopwatch", "cluster_gpus", "init_ray", "process_start", "progress_mode"]
+__all__ = [
+    "Background",
+    "Stopwatch",
+    "cluster_gpus",
+    "connected_address",
+    "init_ray",
+    "process_start",
+    "progress_mode",
+]
 
 T = TypeVar("T")
 
@@ -63,6 +71,27 @@ def init_ray(
     # task that keeps crashing its worker process (e.g. a native decoder fault).
     ctx.max_errored_blocks = max_errored_blocks
     return ray
+
+
+def connected_address() -> str | None:
+    """The GCS address of the Ray this process is connected to; ``None`` when it is not (or via Ray Client).
+
+    A job that runs another ``medray`` job as a child process passes it as
+    ``RAY_ADDRESS``, so the child joins this Ray instead of starting a second
+    local one beside it (:func:`init_ray` with ``address=None``).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        from ray.util.client import ray as client
+
+        if client.is_connected():  # a ray:// address: this machine is no node of that cluster
+            return None
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - no address to pass on: the child starts its own, as before
+        return None
+    return str(address) if address else None
 
 
 def _isatty(stream: Any) -> bool:

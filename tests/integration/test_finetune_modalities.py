@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_finetune import deepspeed_warm, run_medray  # noqa: F401 - same directory; the fixture is used
+from test_finetune import run_medray  # same directory (pytest rootdir-relative import)
 
 from medray.encoders import build_tiny_checkpoint, hash_directory
 from medray.testing.samples_modalities import BROKEN_AUDIO, generate_modality_training_samples
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, deepspeed_warm):  # noqa: F811
+def records(tmp_path_factory, deepspeed_warm):
     root = tmp_path_factory.mktemp("ftmod")
     home = root / "home"
     data = home / "samples" / "records"
