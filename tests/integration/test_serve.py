@@ -225,7 +225,7 @@ def stack(s3, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         # 1. meanwhile, the reference: what `medray embed` writes for the same files and checkpoint
-        embed = subprocess.run(
+        _run_ok(
             [
                 str(BIN / "medray"),
                 "embed",
@@ -236,28 +236,22 @@ def stack(s3, tmp_path_factory):
                 "ray.num_cpus=2",
                 "tracking.enabled=false",
             ],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=300,
         )
-        assert embed.returncode == 0, embed.stderr[-3000:]
         rows = pq.read_table(root / "emb" / "embeddings").to_pylist()
         reference = {
             (Path(r["uri"]).relative_to(inputs).as_posix(), r["frame"]): np.asarray(r["embedding"], "f4") for r in rows
         }
         print(f"medray embed: {time.time() - t0:.1f}s")
         # the search index of the reference embeddings, served by the emitted app (/open/v1/search)
-        index = subprocess.run(
+        _run_ok(
             [str(BIN / "medray"), "index", f"embeddings={root / 'emb'}"],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=120,
         )
-        assert index.returncode == 0, index.stderr[-3000:]
         print(f"medray index: {time.time() - t0:.1f}s")
-        emit = subprocess.run(
+        _run_ok(
             [
                 str(BIN / "medray"),
                 "serve",
@@ -281,15 +275,12 @@ def stack(s3, tmp_path_factory):
                 "serve.encoder.autoscaling.max_replicas=1",
                 "serve.ingress.autoscaling.max_replicas=1",
             ],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=120,
         )
-        assert emit.returncode == 0, emit.stderr[-3000:]
         # a third app: one encoder, no heads or search, so serve.topology=auto fuses the encoder into the ingress
         fused_cfg = root / "fused.yaml"
-        emit = subprocess.run(
+        _run_ok(
             [
                 str(BIN / "medray"),
                 "serve",
@@ -302,12 +293,9 @@ def stack(s3, tmp_path_factory):
                 "serve.encoder.autoscaling.max_replicas=1",
                 "serve.limits.max_body_bytes=1048576",
             ],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=120,
         )
-        assert emit.returncode == 0, emit.stderr[-3000:]
         both = yaml.safe_load(cfg.read_text())  # one `serve run` file with both apps (a second would replace the first)
         both["applications"] += yaml.safe_load(fused_cfg.read_text())["applications"]
         apps_cfg = root / "apps.yaml"
@@ -316,14 +304,11 @@ def stack(s3, tmp_path_factory):
         print(f"medray serve ready: {time.time() - t0:.1f}s")
         # 3. the emitted config, deployed next to it as `serve deploy` would (auth off, tight admission);
         #    tests that use it wait for it (open_app), the others run meanwhile
-        deploy = subprocess.run(
+        _run_ok(
             [str(BIN / "serve"), "run", "--non-blocking", "--address", gcs, str(apps_cfg)],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=120,
         )
-        assert deploy.returncode == 0, deploy.stderr[-3000:]
         yield {
             "url": url,
             "grpc": f"127.0.0.1:{grpc_port}",
@@ -356,6 +341,13 @@ def stack(s3, tmp_path_factory):
         _stop(proc)
         log.close()
         print(f"medray serve stopped: {time.time() - t0:.1f}s (exit {proc.returncode})")
+
+
+def _run_ok(args: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a CLI (`medray ...`, `serve ...`) to its end; fail the test with its stderr when it fails."""
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
@@ -1156,14 +1148,9 @@ def test_redeploy_under_load_finishes_in_flight_requests(stack, open_app, tmp_pa
     thread.start()
     try:
         time.sleep(1.0)
-        deploy = subprocess.run(
-            [str(BIN / "serve"), "run", "--non-blocking", "--address", stack["gcs"], str(changed)],
-            env=stack["env"],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        _run_ok(
+            [str(BIN / "serve"), "run", "--non-blocking", "--address", stack["gcs"], str(changed)], stack["env"], 120
         )
-        assert deploy.returncode == 0, deploy.stderr[-3000:]
         deadline = time.time() + 90
         while time.time() < deadline:
             now = replica_pids(OPEN_APP, "Encoder")
