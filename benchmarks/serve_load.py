@@ -18,8 +18,9 @@ Measured side by side in one run, on one Ray:
   gaps, latency from each request's scheduled send time, so queueing shows);
 * the per-stage breakdown of every answer's ``Server-Timing`` header (p50 per stage; ``proxy``
   is the client's latency minus the ingress's ``total``: proxy, loopback and the client);
-* ``/av`` (``--modalities``): tiny audio and text encoders behind one ingress (inputs routed
-  by content), WAV and report posts, beside their in-process figures;
+* ``/audio`` and ``/text`` (``--modalities``): a tiny wav2vec2 and a tiny BERT, each its own app
+  (one encoder, so fused as a user's would be; batched), WAV and report posts at every
+  ``--concurrency`` and open-loop ``--av-rates``, beside their in-process figures;
 * ``/as`` (``--autoscale``): the autoscaler's reaction time from a burst to a second ready
   replica.
 
@@ -451,7 +452,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--concurrency", default="1,8,32,128", help="closed-loop levels")
-    ap.add_argument("--rates", default="5,10,15", help="open-loop arrival rates, requests/s (empty: none)")
+    ap.add_argument("--rates", default="5,15,30", help="open-loop arrival rates, requests/s (empty: none)")
+    ap.add_argument(
+        "--av-rates", default="50,150,300", help="open-loop arrival rates of the audio and text apps, requests/s"
+    )
     ap.add_argument("--arrival", choices=("poisson", "uniform"), default="poisson")
     ap.add_argument("--modalities", default="image,audio,text", help="image is always measured")
     ap.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True)
@@ -508,6 +512,7 @@ def main() -> None:
     split_baseline = args.split_baseline and args.topology != "split"
     if args.quick:
         args.seconds, args.rounds, args.warmup, args.concurrency, args.rates = 1.0, 1, 0.5, "1,8", "5"
+        args.av_rates = "20"
     if args.throughput_optimized:  # read by every Serve process at import: set before Ray starts them
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     from medray.serve.config import ServeOptions, serve_env_flags
@@ -516,6 +521,7 @@ def main() -> None:
         os.environ[variable] = value  # as `medray serve` does for the Ray it starts
     levels = [int(c) for c in args.concurrency.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
+    av_rates = [float(r) for r in args.av_rates.split(",") if r]
     extra = [m for m in args.modalities.split(",") if m in ("audio", "text")]
     modes = {"batched": ("on", 32), "unbatched": ("off", 1)}
     # logical CPUs: every replica gets what a user's would; the client and Serve share the real cores
@@ -565,10 +571,11 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         image_spec = {"name": "vit_tiny_224", "family": "hf_image", "checkpoint": ckpt, "untrained": True}
-        base = {name: url for name in ("on", "off", "av", "offsplit")}
+        base = {name: url for name in ("on", "off", "offsplit", *extra)}
         closed: dict = {(m, c): [] for m in modes for c in levels}
         opened: dict = {r: [] for r in rates}
-        other: dict = {m: [] for m in extra}
+        other: dict = {(m, c): [] for m in extra for c in levels}  # closed loop per modality and level
+        other_open: dict = {(m, r): [] for m in extra for r in av_rates}
         inproc: dict = {m: [] for m in local}
         inproc_rounds: list[list[float]] = []
         split: list[dict] = []  # /offsplit at c=1
@@ -582,12 +589,11 @@ def main() -> None:
             if split_baseline:
                 split_args = _args("offsplit", image_spec, port, 1, args.batch_wait_s, args.threads, topology="split")
                 _deploy(url, "offsplit", split_args)
-            if extra:
-                first = {"family": f"hf_{extra[0]}", "name": f"tiny_{extra[0]}", "checkpoint": more[extra[0]]}
-                encoders = {m: {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]} for m in extra[1:]}
-                _deploy(url, "av", _args("av", first, port, 32, args.batch_wait_s, args.threads, encoders=encoders))
+            for m in extra:
+                spec = {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]}
+                _deploy(url, m, _args(m, spec, port, 32, args.batch_wait_s, args.threads))
             if args.direct and args.throughput_optimized:
-                deployed = {"on", "off"} | ({"av"} if extra else set()) | ({"offsplit"} if split_baseline else set())
+                deployed = {"on", "off", *extra} | ({"offsplit"} if split_baseline else set())
                 base = {name: _direct_url(name, url) if name in deployed else url for name in base}
                 print(f"direct ingress: {base}", flush=True)
             for r in range(args.rounds):
@@ -616,20 +622,29 @@ def main() -> None:
                         seg = asyncio.run(_closed_loop(split_url, inputs["image"][1], 1, args.seconds, args.warmup))
                         split.append(seg)
                         print(f"round {r} split unbatched c=1: p50 {1000 * _pct(seg['lat'], 50):.1f} ms", flush=True)
-                on_url, av_url = f"{base['on']}/on/v1/embeddings", f"{base['av']}/av/v1/embeddings"
+                on_url = f"{base['on']}/on/v1/embeddings"
                 for rate in rates:
                     seg = asyncio.run(_open_loop(on_url, inputs["image"][1], rate, args.seconds, args.arrival, r))
                     opened[rate].append(seg)
                     print(f"round {r} open loop {rate:g}/s: p50 {1000 * _pct(seg['lat'], 50):.0f} ms", flush=True)
                 for m in extra:
                     inproc[m] += local[m].segment(inputs[m][0], args.seconds)
-                    other[m].append(asyncio.run(_closed_loop(av_url, inputs[m][1], 1, args.seconds, args.warmup)))
+                    m_url = f"{base[m]}/{m}/v1/embeddings"
+                    for c in levels:
+                        seg = asyncio.run(_closed_loop(m_url, inputs[m][1], c, args.seconds, args.warmup))
+                        other[(m, c)].append(seg)
+                        print(f"round {r} {m} c={c}: {len(seg['lat']) / args.seconds:.1f} req/s", flush=True)
+                    for rate in av_rates:
+                        seg = asyncio.run(_open_loop(m_url, inputs[m][1], rate, args.seconds, args.arrival, r))
+                        other_open[(m, rate)].append(seg)
+                        m50 = 1000 * _pct(seg["lat"], 50)
+                        print(f"round {r} {m} open loop {rate:g}/s: p50 {m50:.0f} ms", flush=True)
                 model_rounds.append(local["image"].model_batching_speedup())
                 loads.append(os.getloadavg()[0])
             if args.autoscale:
-                for name in ("off", "av", "offsplit"):  # idle, but their replicas would hold the CPUs the new one needs
-                    if (name != "av" or extra) and (name != "offsplit" or split_baseline):
-                        serve.delete(name)
+                # idle, but their replicas would hold the CPUs the new one needs
+                for name in ("off", *extra, *(["offsplit"] if split_baseline else [])):
+                    serve.delete(name)
                 autoscale = _autoscale_reaction(url, ckpt, port, args.threads, args.burst)
                 print(f"autoscale: {autoscale['seconds_to_second_running_replica']} s", flush=True)
         finally:
@@ -700,13 +715,20 @@ def main() -> None:
         **{
             m: {
                 "in_process_p50_ms": 1000 * _pct(inproc[m], 50),
-                "http_c1": _pool(other[m], "concurrency", 1),
+                "max_batch_size": 32,
+                "levels": [_pool(other[(m, c)], "concurrency", c) for c in levels],
+                "open_loop": {
+                    "arrival": args.arrival,
+                    "rates": [_pool(other_open[(m, r)], "rate", r) for r in av_rates],
+                },
             }
             for m in extra
         },
     }
     for m in extra:
-        modalities[m]["serve_added_ms_p50"] = modalities[m]["http_c1"]["p50_ms"] - modalities[m]["in_process_p50_ms"]
+        if 1 in levels:
+            c1 = next(p for p in modalities[m]["levels"] if p["concurrency"] == 1)
+            modalities[m]["serve_added_ms_p50"] = c1["p50_ms"] - modalities[m]["in_process_p50_ms"]
     if 1 in levels:
         modalities["image"]["serve_added_ms_p50"] = summary["serve_added_ms_p50_batched"]
     result = {
@@ -714,8 +736,8 @@ def main() -> None:
         "inputs": {
             "model": "ViT (hidden 192, 12 layers, 3 heads, patch 16) random weights, 224 px",
             "image": "224x224 RGB PNG",
-            "audio": "2 s 16 kHz WAV (two 1 s windows), tiny wav2vec2" if "audio" in extra else None,
-            "text": f"{len(_REPORT)}-character report, tiny BERT" if "text" in extra else None,
+            "audio": "2 s 16 kHz WAV (two 1 s windows), tiny wav2vec2, its own app" if "audio" in extra else None,
+            "text": f"{len(_REPORT)}-character report, tiny BERT, its own app" if "text" in extra else None,
             "payload_bytes": len(png),
             "route": "POST /v1/embeddings",
             "client": "aiohttp closed and open loop, same machine",

@@ -54,8 +54,6 @@ class _BatchParams(Protocol):
 
     def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
 
-    def get_max_batch_size(self) -> int: ...
-
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -424,7 +422,10 @@ class EncoderDeployment:
         self._batches = 0
         self._frames = 0
         self._decoding = 0  # requests in the decode pool now (the adaptive batch wait reads it)
+        self._ready = 0  # decoded requests not yet handed to the model (direct or batch queue)
+        self._inflight = 0  # requests handed to the model (direct or batch queue) and not yet answered
         self._batch_wait_s = 0.005  # the configured wait; reconfigure() sets it
+        self._max_batch = 16  # the configured batch (the @serve.batch default); reconfigure() sets it
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
         # handed to the model (and parks it until the model is free), so under load batches
         # would only hold what arrives within batch_wait_timeout_s. Frames wait here instead
@@ -443,7 +444,8 @@ class EncoderDeployment:
         """Apply ``user_config``: ``max_batch_size``, ``batch_wait_timeout_s``."""
         batching = cast(_BatchParams, self._embed_frames)
         if "max_batch_size" in config:
-            batching.set_max_batch_size(int(config["max_batch_size"]))
+            self._max_batch = int(config["max_batch_size"])
+            batching.set_max_batch_size(self._max_batch)
         if "batch_wait_timeout_s" in config:
             self._batch_wait_s = float(config["batch_wait_timeout_s"])
             batching.set_batch_wait_timeout_s(self._batch_wait_s)
@@ -458,7 +460,7 @@ class EncoderDeployment:
             "replica": self._replica,
             "batches": self._batches,
             "frames": self._frames,
-            "max_batch_size": cast(_BatchParams, self._embed_frames).get_max_batch_size(),
+            "max_batch_size": self._max_batch,
         }
 
     async def embed(self, payload: dict) -> dict:
@@ -493,14 +495,29 @@ class EncoderDeployment:
         if self._model_idle is None:
             self._model_idle = asyncio.Event()
             self._model_idle.set()
-        await self._model_idle.wait()
+        self._ready += 1
+        try:
+            await self._model_idle.wait()
+        finally:
+            self._ready -= 1
         t2 = time.perf_counter()
-        # Adaptive batch wait: wait for companions only while other requests are still being
-        # decoded on this replica; with none, the batch starts at once (no idle wait at low load).
-        cast(_BatchParams, self._embed_frames).set_batch_wait_timeout_s(
-            self._batch_wait_s if self._decoding > 0 else 0.0
-        )
-        results = await asyncio.gather(*(self._embed_frames(frame) for frame in decoded.pixels))
+        frames = list(decoded.pixels)
+        alone = self._alone() and len(frames) <= self._max_batch
+        self._inflight += 1
+        try:
+            if alone:
+                # Nothing else to batch with (no other request decoding, waiting, queued or running):
+                # the frames are one batch already, so they skip the batch queue and its wait.
+                results = await self._run_batch(frames)
+            else:
+                # Adaptive batch wait: wait for companions only while other requests are still being
+                # decoded on this replica; with none, the batch starts at once (no idle wait at low load).
+                cast(_BatchParams, self._embed_frames).set_batch_wait_timeout_s(
+                    self._batch_wait_s if self._decoding > 0 else 0.0
+                )
+                results = await asyncio.gather(*(self._embed_frames(frame) for frame in frames))
+        finally:
+            self._inflight -= 1
         for res in results:
             if isinstance(res[0], BaseException):
                 out = error_result(res[0])
@@ -555,9 +572,22 @@ class EncoderDeployment:
             )
         return {"embeddings": np.asarray(emb, dtype=np.float32), "encoder": dict(self._ident)}
 
+    def _alone(self) -> bool:
+        """True when no other request on this replica could join a batch now."""
+        idle = self._model_idle is not None and self._model_idle.is_set()
+        return idle and self._decoding == 0 and self._ready == 0 and self._inflight == 0
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_frames(self, frames: list) -> list:
-        """One forward pass over frames from many requests.
+        """One forward pass over frames from many requests (the batch queue's side).
+
+        Returns:
+            ``[(embedding | error, batch size, batch start (perf_counter), forward seconds)]``.
+        """
+        return await self._run_batch(frames)
+
+    async def _run_batch(self, frames: list) -> list:
+        """One forward pass over ``frames``; a frame the model cannot take fails alone.
 
         Returns:
             ``[(embedding | error, batch size, batch start (perf_counter), forward seconds)]``.
