@@ -52,8 +52,6 @@ class _BatchParams(Protocol):
 
     def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
 
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
-
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -424,6 +422,7 @@ class EncoderDeployment:
         self._decoding = 0  # requests in the decode pool now (the adaptive batch wait reads it)
         self._ready = 0  # decoded requests not yet handed to the model (direct or batch queue)
         self._inflight = 0  # requests handed to the model (direct or batch queue) and not yet answered
+        self._decoded: asyncio.Event | None = None  # set when a request finishes decoding (see _gate)
         self._batch_wait_s = 0.005  # the configured wait; reconfigure() sets it
         self._max_batch = 16  # the configured batch (the @serve.batch default); reconfigure() sets it
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
@@ -446,9 +445,8 @@ class EncoderDeployment:
         if "max_batch_size" in config:
             self._max_batch = int(config["max_batch_size"])
             batching.set_max_batch_size(self._max_batch)
-        if "batch_wait_timeout_s" in config:
+        if "batch_wait_timeout_s" in config:  # read by _gate; the batch queue itself never waits
             self._batch_wait_s = float(config["batch_wait_timeout_s"])
-            batching.set_batch_wait_timeout_s(self._batch_wait_s)
 
     async def describe(self) -> dict:
         """What identifies this encoder's output (name, dim, weights and preprocessing hashes)."""
@@ -491,13 +489,13 @@ class EncoderDeployment:
             return out
         finally:
             self._decoding -= 1
+            if self._decoded is not None:  # wake the requests holding a batch open for this one
+                self._decoded.set()
+                self._decoded = None
         t1 = time.perf_counter()
-        if self._model_idle is None:
-            self._model_idle = asyncio.Event()
-            self._model_idle.set()
         self._ready += 1
         try:
-            await self._model_idle.wait()
+            await self._gate()
         finally:
             self._ready -= 1
         t2 = time.perf_counter()
@@ -507,14 +505,9 @@ class EncoderDeployment:
         try:
             if alone:
                 # Nothing else to batch with (no other request decoding, waiting, queued or running):
-                # the frames are one batch already, so they skip the batch queue and its wait.
+                # the frames are one batch already, so they skip the batch queue.
                 results = await self._run_batch(frames)
             else:
-                # Adaptive batch wait: wait for companions only while other requests are still being
-                # decoded on this replica; with none, the batch starts at once (no idle wait at low load).
-                cast(_BatchParams, self._embed_frames).set_batch_wait_timeout_s(
-                    self._batch_wait_s if self._decoding > 0 else 0.0
-                )
                 results = await asyncio.gather(*(self._embed_frames(frame) for frame in frames))
         finally:
             self._inflight -= 1
@@ -572,12 +565,36 @@ class EncoderDeployment:
             )
         return {"embeddings": np.asarray(emb, dtype=np.float32), "encoder": dict(self._ident)}
 
+    async def _gate(self) -> None:
+        """Wait until this request's frames may go to the model.
+
+        While the model runs, frames wait here (not in the batch queue), so everything that arrived
+        meanwhile forms the next batch. With the model idle, the batch is held open while other
+        requests are being decoded on this replica, as long as each finishes decoding within
+        ``batch_wait_timeout_s`` of the one before (so at most ``max_batch_size`` such gaps): a
+        burst's requests share one forward pass instead of splitting into a small batch and a large
+        one behind it. With nothing being decoded, nothing waits.
+        """
+        if self._model_idle is None:
+            self._model_idle = asyncio.Event()
+            self._model_idle.set()
+        while True:
+            await self._model_idle.wait()
+            if self._decoding == 0 or self._ready >= self._max_batch or self._batch_wait_s <= 0:
+                return
+            if self._decoded is None:
+                self._decoded = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._decoded.wait(), self._batch_wait_s)
+            except TimeoutError:
+                return
+
     def _alone(self) -> bool:
         """True when no other request on this replica could join a batch now."""
         idle = self._model_idle is not None and self._model_idle.is_set()
         return idle and self._decoding == 0 and self._ready == 0 and self._inflight == 0
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # the wait is _gate's
     async def _embed_frames(self, frames: list) -> list:
         """One forward pass over frames from many requests (the batch queue's side).
 

@@ -39,14 +39,13 @@ def _png(seed: int) -> bytes:
 
 def _queue_spy(encoder: EncoderDeployment, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Replace the replica's batch queue with one that runs each frame alone; returns its log."""
-    entered: list[int] = []
+    entered: list[int] = []  # requests still being decoded when each frame entered
 
     async def queued(frame: np.ndarray) -> tuple:
-        entered.append(1)
+        entered.append(encoder._decoding)
         await asyncio.sleep(0)
         return (await encoder._run_batch([frame]))[0]
 
-    queued.set_batch_wait_timeout_s = lambda seconds: None  # type: ignore[attr-defined]
     monkeypatch.setattr(encoder, "_embed_frames", queued)
     return entered
 
@@ -68,7 +67,10 @@ def test_a_lone_request_goes_straight_to_the_model(encoder: EncoderDeployment) -
     assert np.array_equal(again["embeddings"], out["embeddings"])
 
 
-def test_requests_in_company_join_the_batch_queue(encoder: EncoderDeployment, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_burst_enters_the_batch_queue_together_once_decoded(
+    encoder: EncoderDeployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.5})
     entered = _queue_spy(encoder, monkeypatch)
 
     async def burst() -> tuple[dict, list[dict], int, tuple]:
@@ -81,8 +83,9 @@ def test_requests_in_company_join_the_batch_queue(encoder: EncoderDeployment, mo
 
     lone, answers, n_lone, at_rest = asyncio.run(burst())
     assert n_lone == 0  # alone: straight to the model
-    # the first one decoded still had company decoding beside it: none of the six was alone
-    assert len(entered) == 6
+    # the first one decoded still had company decoding beside it: none of the six was alone, and
+    # the batch was held open until the last of them was decoded (one forward pass, not two)
+    assert entered == [0] * 6
     for a in answers:
         np.testing.assert_allclose(a["embeddings"], lone["embeddings"], atol=1e-6, rtol=0)
     # every counter is back at rest, so the next lone request takes the direct way again
