@@ -524,6 +524,7 @@ def main() -> None:
     av_rates = [float(r) for r in args.av_rates.split(",") if r]
     extra = [m for m in args.modalities.split(",") if m in ("audio", "text")]
     modes = {"batched": ("on", 32), "unbatched": ("off", 1)}
+    av_batch = 32  # max_batch_size of the audio and text apps
     # logical CPUs: every replica gets what a user's would; the client and Serve share the real cores
     ray_cpus = (2 + len(extra) + (2 if args.autoscale else 0) + split_baseline) * args.threads + 3
 
@@ -591,7 +592,7 @@ def main() -> None:
                 _deploy(url, "offsplit", split_args)
             for m in extra:
                 spec = {"family": f"hf_{m}", "name": f"tiny_{m}", "checkpoint": more[m]}
-                _deploy(url, m, _args(m, spec, port, 32, args.batch_wait_s, args.threads))
+                _deploy(url, m, _args(m, spec, port, av_batch, args.batch_wait_s, args.threads))
             if args.direct and args.throughput_optimized:
                 deployed = {"on", "off", *extra} | ({"offsplit"} if split_baseline else set())
                 base = {name: _direct_url(name, url) if name in deployed else url for name in base}
@@ -715,7 +716,7 @@ def main() -> None:
         **{
             m: {
                 "in_process_p50_ms": 1000 * _pct(inproc[m], 50),
-                "max_batch_size": 32,
+                "max_batch_size": av_batch,
                 "levels": [_pool(other[(m, c)], "concurrency", c) for c in levels],
                 "open_loop": {
                     "arrival": args.arrival,

@@ -53,6 +53,9 @@ class _BatchParams(Protocol):
     def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
 
 
+_MAX_BATCH = 16  # frames per forward pass until user_config says otherwise
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """How a request becomes frames; the ``decode:`` section plus serving limits."""
@@ -424,7 +427,7 @@ class EncoderDeployment:
         self._inflight = 0  # requests handed to the model (direct or batch queue) and not yet answered
         self._decoded: asyncio.Event | None = None  # set when a request finishes decoding (see _gate)
         self._batch_wait_s = 0.005  # the configured wait; reconfigure() sets it
-        self._max_batch = 16  # the configured batch (the @serve.batch default); reconfigure() sets it
+        self._max_batch = _MAX_BATCH  # the configured batch; reconfigure() sets it
         # Open while no batch runs. Ray Serve 2.60 forms the next batch as soon as one is
         # handed to the model (and parks it until the model is free), so under load batches
         # would only hold what arrives within batch_wait_timeout_s. Frames wait here instead
@@ -590,11 +593,11 @@ class EncoderDeployment:
                 return
 
     def _alone(self) -> bool:
-        """True when no other request on this replica could join a batch now."""
-        idle = self._model_idle is not None and self._model_idle.is_set()
-        return idle and self._decoding == 0 and self._ready == 0 and self._inflight == 0
+        """True when no other request on this replica could join a batch now (and so the model is idle:
+        only requests in flight run it)."""
+        return self._decoding == 0 and self._ready == 0 and self._inflight == 0
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # the wait is _gate's
+    @serve.batch(max_batch_size=_MAX_BATCH, batch_wait_timeout_s=0.0)  # the wait is _gate's
     async def _embed_frames(self, frames: list) -> list:
         """One forward pass over frames from many requests (the batch queue's side).
 

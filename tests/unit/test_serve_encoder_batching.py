@@ -96,16 +96,29 @@ def test_a_cancelled_request_leaves_the_counters_at_rest(
     encoder: EncoderDeployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered = _queue_spy(encoder, monkeypatch)
+    queued = encoder._embed_frames
+    release = asyncio.Event()
+    waiting: list[np.ndarray] = []
 
-    async def cancel_mid_burst() -> tuple[tuple, int, dict, int]:
+    async def held(frame: np.ndarray) -> tuple:  # the batch queue holds every frame until released
+        waiting.append(frame)
+        await release.wait()
+        return await queued(frame)
+
+    monkeypatch.setattr(encoder, "_embed_frames", held)
+
+    async def cancel_in_the_queue() -> tuple[tuple, int, dict, int]:
         tasks = [asyncio.create_task(encoder.embed({"data": _png(2), "name": "a.png"})) for _ in range(4)]
-        await asyncio.sleep(0.001)
+        while len(waiting) < 4:  # all four decoded and waiting in the batch queue
+            await asyncio.sleep(0.005)
         tasks[0].cancel()
+        await asyncio.sleep(0)
+        release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         at_rest = (encoder._decoding, encoder._ready, encoder._inflight)
         n = len(entered)
         return at_rest, n, await encoder.embed({"data": _png(2), "name": "a.png"}), len(entered)
 
-    at_rest, n, out, n_after = asyncio.run(cancel_mid_burst())
+    at_rest, n, out, n_after = asyncio.run(cancel_in_the_queue())
     assert at_rest == (0, 0, 0)
     assert "error" not in out and n_after == n  # alone again: straight to the model
